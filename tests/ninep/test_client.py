@@ -1,0 +1,577 @@
+"""ninep.client against real 9P servers on loopback.
+
+- py9p's server (PyPI p9fs, ``python -m py9p``, a local-directory server) in a
+  child process, speaking 9P2000 and 9P2000.u: attach, walk, read, write,
+  readdir, stat, errors and version downgrade.
+- A deliberately slow server written here with the codec, to pin down the
+  client side of flush(5): a cancelled read sends Tflush, the cancellation
+  completes only after Rflush, the tag is not reused before Rflush, a reply
+  that beats the Rflush is dropped, and many requests can be in flight.
+- Our own server (ninep.server with LocalFS) in all three dialects.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import trio
+
+from ninep import messages as m
+from ninep.client import Client, errno_for_ename, open_client, split_path
+from ninep.codec import FrameReader, decode, encode
+from ninep.errors import FsError
+from ninep.fs import SetAttr
+from ninep.messages import Dialect
+from ninep.qid import QTDIR, QTFILE, Qid
+
+# --------------------------------------------------------------------------
+# py9p's server in a child process
+# --------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Py9pServer:
+    """``python -m py9p -w [-D]`` serving ``root`` on 127.0.0.1 (stopped in a finally)."""
+
+    def __init__(self, root: Path, dotu: bool):
+        self.root = root
+        self.port = _free_port()
+        args = [sys.executable, "-m", "py9p", "-w", "-a", "127.0.0.1", "-p", str(self.port), "-r", str(root)]
+        if dotu:
+            args.append("-D")
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                break
+            except OSError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    self.stop()
+                    raise RuntimeError(f"py9p server did not start: {self.proc.stderr.read()!r}")
+                time.sleep(0.05)
+
+    @property
+    def addr(self) -> str:
+        return f"tcp!127.0.0.1!{self.port}"
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        self.proc.stderr.close()
+
+
+def _populate(root: Path) -> None:
+    (root / "hello.txt").write_bytes(b"hello, world\n")
+    (root / "sub").mkdir()
+    (root / "sub" / "inner.txt").write_bytes(b"inner")
+    os.chmod(root / "hello.txt", 0o644)
+
+
+@pytest.fixture(params=[False, True], ids=["9P2000", "9P2000.u"])
+def py9p(request, tmp_path):
+    """A py9p server over a populated temporary directory: yields (server, dialect)."""
+    root = tmp_path / "root"
+    root.mkdir()
+    _populate(root)
+    server = Py9pServer(root, dotu=request.param)
+    try:
+        yield server, (Dialect.U if request.param else Dialect.P2000)
+    finally:
+        server.stop()
+
+
+async def test_py9p_version_downgrade(tmp_path):
+    """py9p answers 9P2000.u only to a .u request on a -D server, else 9P2000."""
+    root = tmp_path / "r"
+    root.mkdir()
+    for dotu, ask, want in [
+        (False, Dialect.L, Dialect.P2000),
+        (True, Dialect.L, Dialect.P2000),
+        (True, Dialect.U, Dialect.U),
+        (False, Dialect.U, Dialect.P2000),
+        (True, Dialect.P2000, Dialect.P2000),
+    ]:
+        server = Py9pServer(root, dotu)
+        try:
+            async with Client.connect(server.addr, version=ask, msize=65560) as c:
+                assert c.dialect is want
+                assert c.msize == 8192  # py9p's fixed msize, below what we asked
+                assert await c.listdir("/") == []
+        finally:
+            server.stop()
+
+
+async def test_py9p_attach_walk_read(py9p):
+    server, dialect = py9p
+    async with open_client(server.addr, version=dialect) as c:
+        assert c.dialect is dialect
+        root = await c.attach("tester")
+        assert root.qid.is_dir
+        f = await root.walk("sub", "inner.txt")
+        assert f.fid != root.fid and f.qid.type == QTFILE
+        await f.open(os.O_RDONLY)
+        assert f.iounit == 8192 - m.IOHDRSZ
+        assert await f.read(0, 100) == b"inner"
+        assert await f.read(2, 2) == b"ne"
+        assert await f.read(5, 10) == b""
+        await f.clunk()
+        await f.clunk()  # twice is a no-op
+        with pytest.raises(FsError) as ei:
+            await f.read(0, 1)
+        assert ei.value.errno == errno.EBADF
+        clone = await root.walk()
+        assert clone.qid == root.qid and clone.fid != root.fid
+        up = await (await root.walk("sub")).walk("..", "hello.txt")
+        await up.open()
+        assert await up.read_all() == b"hello, world\n"
+        assert await c.read_file("/hello.txt") == b"hello, world\n"
+        assert await c.read_file("sub//inner.txt") == b"inner"
+
+
+async def test_py9p_walk_errors_and_long_walks(py9p):
+    server, dialect = py9p
+    deep = server.root.joinpath(*[f"d{i}" for i in range(20)])
+    deep.mkdir(parents=True)
+    (deep / "leaf").write_bytes(b"deep")
+    async with open_client(server.addr, version=dialect) as c:
+        root = await c.attach()
+        names = [f"d{i}" for i in range(20)] + ["leaf"]
+        leaf = await root.walk(*names)  # 21 names: two Twalks
+        await leaf.open()
+        assert await leaf.read_all() == b"deep"
+        assert await c.read_file("/".join(names)) == b"deep"
+        for path in ["nope", "sub/nope", "sub/nope/deeper", "/".join(names[:17] + ["x"])]:
+            with pytest.raises(FsError) as ei:
+                await c.walk(path)
+            assert ei.value.errno == errno.ENOENT, path
+        with pytest.raises(FsError) as ei:
+            await root.walk("a/b")
+        assert ei.value.errno == errno.EINVAL
+        # Fid numbers of failed walks are given back: the pool stays small.
+        f = await root.walk("sub")
+        assert f.fid < 10
+
+
+async def test_py9p_write(py9p):
+    server, dialect = py9p
+    async with open_client(server.addr, version=dialect) as c:
+        big = bytes(range(256)) * 100  # 25600 bytes: several Twrites at msize 8192
+        assert await c.write_file("new.bin", big) == len(big)
+        assert (server.root / "new.bin").read_bytes() == big
+        assert await c.read_file("new.bin") == big
+        await c.write_file("hello.txt", b"bye")  # existing file: truncated
+        assert (server.root / "hello.txt").read_bytes() == b"bye"
+        root = await c.attach()
+        sub = await root.walk("sub")
+        f = await sub.create("made.txt", os.O_WRONLY, 0o600)
+        assert sub.qid.is_dir and not f.qid.is_dir
+        assert await f.write(0, b"abcdef") == 6
+        assert await f.write(3, b"XY") == 2
+        assert await f.write(0, b"") == 0
+        await f.clunk()
+        assert (server.root / "sub" / "made.txt").read_bytes() == b"abcXYf"
+        w = await sub.walk("inner.txt")
+        await w.open(os.O_WRONLY)
+        await w.write(5, b"!")
+        await w.clunk()
+        assert (server.root / "sub" / "inner.txt").read_bytes() == b"inner!"
+
+
+async def test_py9p_readdir_and_mkdir(py9p):
+    server, dialect = py9p
+    many = server.root / "many"
+    many.mkdir()
+    names = {f"file-with-a-rather-long-name-{i:04d}" for i in range(300)}  # > one 8 KiB Tread of stats
+    for n in names:
+        (many / n).write_bytes(b"")
+    async with open_client(server.addr, version=dialect) as c:
+        assert sorted(await c.listdir("")) == ["hello.txt", "many", "sub"]
+        assert set(await c.listdir("many")) == names
+        root = await c.attach()
+        entries = {e.name: e for e in await root.readdir()}
+        assert stat.S_ISDIR(entries["sub"].mode) and entries["sub"].qid.type & QTDIR
+        assert stat.S_ISREG(entries["hello.txt"].mode) and entries["hello.txt"].dtype == 8
+        qid = await c.mkdir("sub/newdir", 0o750)
+        assert qid.is_dir
+        assert (server.root / "sub" / "newdir").is_dir()
+        assert sorted(await c.listdir("sub")) == ["inner.txt", "newdir"]
+        with pytest.raises(FsError) as ei:
+            await c.mkdir("sub/newdir")
+        assert ei.value.errno == errno.EEXIST  # .u: Rerror errno; 9P2000: "File exists" mapped
+
+
+async def test_py9p_stat_and_remove(py9p):
+    server, dialect = py9p
+    async with open_client(server.addr, version=dialect) as c:
+        a = await c.stat("hello.txt")
+        st = os.stat(server.root / "hello.txt")
+        assert a.mode == stat.S_IFREG | 0o644
+        assert a.size == 13
+        assert a.mtime_ns == int(st.st_mtime) * 1_000_000_000
+        assert a.qid.type == QTFILE
+        if dialect is Dialect.U:
+            assert (a.uid, a.gid) == (st.st_uid, st.st_gid)
+        d = await c.stat("sub")
+        assert stat.S_ISDIR(d.mode) and d.qid.is_dir
+        root = await c.attach()
+        with pytest.raises(FsError) as ei:
+            await root.statfs()
+        assert ei.value.errno == errno.ENOSYS
+        await c.remove("sub/inner.txt")
+        assert not (server.root / "sub" / "inner.txt").exists()
+        with pytest.raises(FsError) as ei:
+            await c.stat("sub/inner.txt")
+        assert ei.value.errno == errno.ENOENT
+        sub = await root.walk("sub")
+        await sub.remove()
+        assert not (server.root / "sub").exists()
+
+
+async def test_py9p_concurrent_requests(py9p):
+    """Many tasks share one connection; each gets its own answer."""
+    server, dialect = py9p
+    for i in range(20):
+        (server.root / f"f{i}").write_bytes(f"content {i}".encode() * (i + 1))
+    results: dict[int, bytes] = {}
+    async with open_client(server.addr, version=dialect) as c:
+
+        async def one(i: int) -> None:
+            results[i] = await c.read_file(f"f{i}")
+
+        async with trio.open_nursery() as n:
+            for i in range(20):
+                n.start_soon(one, i)
+    assert results == {i: f"content {i}".encode() * (i + 1) for i in range(20)}
+
+
+# --------------------------------------------------------------------------
+# A slow server built from the codec: flush(5) seen from the client
+# --------------------------------------------------------------------------
+
+HOLD = 1_000_000  #: Treads at this offset are never answered on their own.
+
+
+class SlowServer:
+    """A 9P2000.L server of one file, ``x``, whose reads answer with their
+    offset as ASCII after ``delay(offset)`` seconds.  Treads at offset HOLD
+    and Twalks of the single name ``hold`` are only ended by a Tflush.
+
+    ``log`` holds every message received.  Flush behaviour: Rflush waits for
+    ``flush_gate`` (if set); with ``late_reply`` the flushed read's Rread is
+    sent before the Rflush; with ``reply_after_flush`` after it (a bug);
+    ``answer_flush=False`` never answers Tflush.
+    """
+
+    def __init__(self, *, version_reply: str | None = None, msize_reply: int | None = None):
+        self.log: list[m.Message] = []
+        self.version_reply = version_reply
+        self.msize_reply = msize_reply
+        self.delay = lambda offset: 0.0
+        self.flush_gate: trio.Event | None = None
+        self.late_reply = False
+        self.reply_after_flush = False
+        self.answer_flush = True
+        self.flush_seen = trio.Event()
+        self.rflush_sent = trio.Event()
+        self.in_flight = 0
+        self.max_in_flight = 0
+        self._reads: dict[int, tuple[trio.CancelScope, m.Tread]] = {}
+
+    async def serve(self, stream: trio.abc.Stream) -> None:
+        lock = trio.Lock()
+        dialect = Dialect.L
+
+        async def send(msg: m.Message) -> None:
+            async with lock:
+                await stream.send_all(encode(msg, dialect))
+
+        async def read(msg: m.Tread, scope: trio.CancelScope) -> None:
+            self.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
+            try:
+                with scope:
+                    if msg.offset == HOLD:
+                        await trio.sleep_forever()
+                    await trio.sleep(self.delay(msg.offset))
+                    await send(m.Rread(msg.tag, str(msg.offset).encode()))
+            finally:
+                self.in_flight -= 1
+                self._reads.pop(msg.tag, None)
+
+        async def hold(msg: m.Message, scope: trio.CancelScope) -> None:
+            try:
+                with scope:
+                    await trio.sleep_forever()
+            finally:
+                self._reads.pop(msg.tag, None)
+
+        def late(msg: m.Message) -> m.Message:
+            if isinstance(msg, m.Twalk):
+                return m.Rwalk(msg.tag, (Qid(QTFILE, 0, 3),))
+            return m.Rread(msg.tag, b"late")
+
+        async def flush(msg: m.Tflush) -> None:
+            self.flush_seen.set()
+            if not self.answer_flush:
+                return
+            if self.flush_gate is not None:
+                await self.flush_gate.wait()
+            held = self._reads.get(msg.oldtag)
+            if held is not None:
+                held[0].cancel()
+                if self.late_reply:
+                    await send(late(held[1]))
+            await send(m.Rflush(msg.tag))
+            self.rflush_sent.set()
+            if self.reply_after_flush:
+                await send(m.Rread(msg.oldtag, b"too late"))
+
+        reader = FrameReader(1 << 20)
+        async with trio.open_nursery() as nursery:
+            while True:
+                data = await stream.receive_some(65536)
+                if not data:
+                    nursery.cancel_scope.cancel()
+                    return
+                reader.feed(data)
+                for frame in reader.frames():
+                    msg = decode(frame, dialect)
+                    self.log.append(msg)
+                    if isinstance(msg, m.Tversion):
+                        await send(
+                            m.Rversion(
+                                m.NOTAG,
+                                self.msize_reply or min(msg.msize, 8192),
+                                self.version_reply or msg.version,
+                            )
+                        )
+                    elif isinstance(msg, m.Tattach):
+                        await send(m.Rattach(msg.tag, Qid(QTDIR, 0, 1)))
+                    elif isinstance(msg, m.Twalk) and msg.wnames == ("hold",):
+                        scope = trio.CancelScope()
+                        self._reads[msg.tag] = (scope, msg)
+                        nursery.start_soon(hold, msg, scope)
+                    elif isinstance(msg, m.Twalk):
+                        await send(m.Rwalk(msg.tag, tuple(Qid(QTFILE, 0, 2) for _ in msg.wnames)))
+                    elif isinstance(msg, m.Tlopen):
+                        await send(m.Rlopen(msg.tag, Qid(QTFILE, 0, 2), 0))
+                    elif isinstance(msg, m.Tclunk):
+                        await send(m.Rclunk(msg.tag))
+                    elif isinstance(msg, m.Tread):
+                        scope = trio.CancelScope()
+                        self._reads[msg.tag] = (scope, msg)
+                        nursery.start_soon(read, msg, scope)
+                    elif isinstance(msg, m.Tflush):
+                        nursery.start_soon(flush, msg)
+                    else:
+                        await send(m.Rlerror(msg.tag, errno.ENOSYS))
+
+    def sent(self, cls: type) -> list:
+        return [x for x in self.log if isinstance(x, cls)]
+
+
+@pytest.fixture
+async def slow(nursery):
+    """A SlowServer on a loopback port: yields (server, dialstring)."""
+    server = SlowServer()
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listeners[0].socket.getsockname()[1]
+    serve_scope = trio.CancelScope()
+
+    async def run() -> None:
+        with serve_scope:
+            await trio.serve_listeners(server.serve, listeners)
+
+    nursery.start_soon(run)
+    try:
+        yield server, f"tcp!127.0.0.1!{port}"
+    finally:
+        serve_scope.cancel()
+
+
+async def _open_x(c: Client):
+    root = await c.attach()
+    f = await root.walk("x")
+    await f.open(os.O_RDONLY)
+    return f
+
+
+async def test_concurrent_outstanding_requests(slow):
+    server, addr = slow
+    server.delay = lambda offset: (40 - offset) * 0.005  # later requests answer first
+    async with open_client(addr) as c:
+        f = await _open_x(c)
+        got: dict[int, bytes] = {}
+
+        async def one(i: int) -> None:
+            got[i] = await f.read(i, 100)
+
+        async with trio.open_nursery() as n:
+            for i in range(40):
+                n.start_soon(one, i)
+        assert got == {i: str(i).encode() for i in range(40)}
+        assert server.max_in_flight > 20
+        tags = [x.tag for x in server.sent(m.Tread)]
+        assert len(set(tags)) > 20 and m.NOTAG not in tags
+
+
+async def test_cancel_sends_tflush_and_waits_for_rflush(slow):
+    server, addr = slow
+    server.flush_gate = trio.Event()
+    async with open_client(addr) as c:
+        f = await _open_x(c)
+        done = trio.Event()
+        scope = trio.CancelScope()
+        outcome = []
+
+        async def held_read() -> None:
+            with scope:
+                await f.read(HOLD, 10)
+            outcome.append(scope.cancelled_caught)
+            done.set()
+
+        async with trio.open_nursery() as n:
+            n.start_soon(held_read)
+            while not server.sent(m.Tread):
+                await trio.sleep(0.01)
+            (held,) = server.sent(m.Tread)
+            scope.cancel()
+            with trio.fail_after(5):
+                await server.flush_seen.wait()
+            (tflush,) = server.sent(m.Tflush)
+            assert tflush.oldtag == held.tag and tflush.tag != held.tag
+            # The cancellation waits for Rflush ...
+            await trio.sleep(0.1)
+            assert not done.is_set()
+            # ... and meanwhile new requests get other tags.
+            assert await f.read(7, 10) == b"7"
+            assert server.sent(m.Tread)[-1].tag not in (held.tag, tflush.tag)
+            server.flush_gate.set()
+            with trio.fail_after(5):
+                await done.wait()
+        assert outcome == [True]
+        # After Rflush the old tag is free again (lowest free tag first).
+        assert await f.read(8, 10) == b"8"
+        assert server.sent(m.Tread)[-1].tag == held.tag
+        assert not c.closed
+
+
+async def test_reply_before_rflush_is_dropped(slow):
+    server, addr = slow
+    server.late_reply = True
+    async with open_client(addr) as c:
+        f = await _open_x(c)
+        with trio.move_on_after(0.1) as scope:
+            await f.read(HOLD, 10)
+        assert scope.cancelled_caught
+        assert server.rflush_sent.is_set()
+        assert len(server.sent(m.Tflush)) == 1
+        # The late Rread was consumed: the connection is still in step.
+        assert await f.read(3, 10) == b"3"
+        assert not c.closed
+
+
+async def test_reply_after_rflush_kills_the_connection(slow):
+    server, addr = slow
+    server.reply_after_flush = True
+    async with open_client(addr) as c:
+        f = await _open_x(c)
+        with trio.move_on_after(0.1):
+            await f.read(HOLD, 10)
+        with trio.fail_after(5):
+            while not c.closed:
+                await trio.sleep(0.01)
+        with pytest.raises(FsError) as ei:
+            await f.read(0, 10)
+        assert ei.value.errno == errno.EIO
+
+
+async def test_flush_timeout_gives_up_on_a_silent_server(slow):
+    server, addr = slow
+    server.answer_flush = False
+    async with open_client(addr, flush_timeout=0.2) as c:
+        f = await _open_x(c)
+        with trio.fail_after(5):
+            with trio.move_on_after(0.1) as scope:
+                await f.read(HOLD, 10)
+        assert scope.cancelled_caught and c.closed
+
+
+async def test_cancelled_walks_give_back_their_fids(slow):
+    """flush(5): a Twalk whose Rwalk beat the Rflush made a fid; the client
+    clunks it.  A walk flushed without reply made none; its number is reused."""
+    server, addr = slow
+    async with open_client(addr) as c:
+        root = await c.attach()
+        with trio.move_on_after(0.1):
+            await root.walk("hold")
+        (held,) = [w for w in server.sent(m.Twalk) if w.wnames == ("hold",)]
+        assert server.sent(m.Tflush)[-1].oldtag == held.tag
+        assert not server.sent(m.Tclunk)
+        f = await root.walk("x")
+        assert f.fid == held.newfid  # never created, so given back
+        server.late_reply = True
+        with trio.move_on_after(0.1):
+            await root.walk("hold")
+        held2 = [w for w in server.sent(m.Twalk) if w.wnames == ("hold",)][-1]
+        with trio.fail_after(5):
+            while not server.sent(m.Tclunk):
+                await trio.sleep(0.01)
+        assert [x.fid for x in server.sent(m.Tclunk)] == [held2.newfid]
+        # Cancelled before anything was sent: the number comes straight back.
+        with trio.CancelScope() as scope:
+            scope.cancel()
+            await root.walk("x")
+        g = await root.walk("x")
+        assert g.fid not in (root.fid, f.fid)
+        assert not c.closed
+
+
+async def test_version_refusals(slow):
+    server, addr = slow
+    for reply, msize, word in [
+        ("unknown", None, "no version we know"),
+        ("9P2000.L", None, "newer"),
+        ("9P2000", 1 << 20, "msize"),
+    ]:
+        server.version_reply, server.msize_reply = reply, msize
+        ask = Dialect.U if word == "newer" else Dialect.L
+        with pytest.raises(FsError) as ei:
+            async with open_client(addr, version=ask):
+                pass
+        assert ei.value.errno == errno.EREMOTEIO and word in ei.value.message
+
+
+async def test_body_exceptions_are_not_wrapped(slow):
+    _, addr = slow
+    with pytest.raises(FsError) as ei:
+        async with open_client(addr) as c:
+            await (await c.attach()).statfs()  # SlowServer answers ENOSYS
+    assert ei.value.errno == errno.ENOSYS
+
+
+def test_errno_for_ename():
+    assert errno_for_ename("file not found") == errno.ENOENT
+    assert errno_for_ename("No such file or directory") == errno.ENOENT
+    assert errno_for_ename("'/a/b': file does not exist") == errno.ENOENT
+    assert errno_for_ename("permission denied") == errno.EACCES
+    assert errno_for_ename("File exists") == errno.EEXIST
+    assert errno_for_ename("read-only file server") == errno.EROFS
+    assert errno_for_ename("walk in non-directory") == errno.ENOTDIR
+    assert errno_for_ename("the moon is made of cheese") == errno.EIO
+    assert split_path("/a//b/./c/") == ["a", "b", "c"] and split_path("/") == []
