@@ -476,8 +476,9 @@ class FrameReader:
                 raise ProtocolError(f"frame size {size} exceeds the limit {self.max_size}")
             if have < size:
                 return
-            with memoryview(buf) as mv:
-                frame = mv[:size].tobytes()
+            # Release both views before resizing buf (bytearray refuses while exported).
+            with memoryview(buf) as mv, mv[:size] as view:
+                frame = view.tobytes()
             del buf[:size]
             yield frame
 
