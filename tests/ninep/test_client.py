@@ -575,3 +575,153 @@ def test_errno_for_ename():
     assert errno_for_ename("walk in non-directory") == errno.ENOTDIR
     assert errno_for_ename("the moon is made of cheese") == errno.EIO
     assert split_path("/a//b/./c/") == ["a", "b", "c"] and split_path("/") == []
+
+
+# --------------------------------------------------------------------------
+# Our own server (ninep.server) in all three dialects
+# --------------------------------------------------------------------------
+
+ALL_DIALECTS = pytest.mark.parametrize("dialect", [Dialect.P2000, Dialect.U, Dialect.L], ids=lambda d: d.value)
+
+
+@pytest.fixture
+async def local(tmp_path):
+    """ninep.server serving a LocalFS over a populated directory: yields (root path, dialstring)."""
+    from ninep.localfs import LocalFS
+
+    from .wire import serving
+
+    root = tmp_path / "root"
+    root.mkdir()
+    _populate(root)
+    fs = LocalFS(root)
+    try:
+        async with serving(fs, msize=16384 + m.IOHDRSZ) as (_, addr):
+            yield root, addr
+    finally:
+        await fs.close()
+
+
+@ALL_DIALECTS
+async def test_server_roundtrip(local, dialect):
+    root_path, addr = local
+    async with open_client(addr, version=dialect, msize=65560) as c:
+        assert c.dialect is dialect and c.msize == 16384 + m.IOHDRSZ
+        assert await c.read_file("hello.txt") == b"hello, world\n"
+        big = os.urandom(100_000)  # several Twrites and Treads at this msize
+        await c.write_file("sub/big", big)
+        assert (root_path / "sub" / "big").read_bytes() == big
+        assert await c.read_file("sub/big") == big
+        await c.write_file("hello.txt", b"short")
+        assert (root_path / "hello.txt").read_bytes() == b"short"
+        assert sorted(await c.listdir("/")) == ["hello.txt", "sub"]
+        assert sorted(await c.listdir("sub")) == ["big", "inner.txt"]
+        a = await c.stat("sub/big")
+        st = os.stat(root_path / "sub" / "big")
+        assert a.size == len(big) and a.mode == st.st_mode
+        assert a.mtime_ns // 1_000_000_000 == int(st.st_mtime)
+        if dialect is not Dialect.P2000:
+            assert (a.uid, a.gid) == (st.st_uid, st.st_gid)
+        qid = await c.mkdir("sub/d", 0o700)
+        assert qid.is_dir and stat.S_IMODE(os.stat(root_path / "sub" / "d").st_mode) == 0o700
+        with pytest.raises(FsError) as ei:
+            await c.mkdir("sub/d")
+        assert ei.value.errno == errno.EEXIST
+        with pytest.raises(FsError) as ei:
+            await c.read_file("sub/none")
+        assert ei.value.errno == errno.ENOENT
+        with pytest.raises(FsError) as ei:
+            await c.remove("sub")
+        assert ei.value.errno == errno.ENOTEMPTY
+        await c.remove("sub/d")
+        assert not (root_path / "sub" / "d").exists()
+
+
+@ALL_DIALECTS
+async def test_server_fid_operations(local, dialect):
+    root_path, addr = local
+    deep = root_path.joinpath(*["n"] * 18)
+    deep.mkdir(parents=True)
+    (deep / "leaf").write_bytes(b"leaf")
+    async with open_client(addr, version=dialect) as c:
+        root = await c.attach("root")
+        leaf = await root.walk(*["n"] * 18, "leaf")
+        await leaf.open()
+        assert await leaf.read(0, 100) == b"leaf"
+        await leaf.clunk()
+        sub = await root.walk("sub")
+        f = await sub.create("made", os.O_RDWR, 0o640)
+        assert await f.write(0, b"0123456789") == 10
+        assert await f.read(2, 3) == b"234"
+        await f.setattr(SetAttr(size=4))
+        await f.clunk()
+        assert (root_path / "sub" / "made").read_bytes() == b"0123"
+        g = await sub.walk("made")
+        await g.setattr(SetAttr(mode=0o600, mtime_ns=1_000_000_000 * 1_600_000_000))
+        st = os.stat(root_path / "sub" / "made")
+        assert stat.S_IMODE(st.st_mode) == 0o600 and int(st.st_mtime) == 1_600_000_000
+        a = await g.getattr()
+        assert a.mode == stat.S_IFREG | 0o600 and a.size == 4
+        await g.clunk()
+        entries = {e.name: e for e in await sub.readdir()}
+        assert set(entries) == {"inner.txt", "made"}
+        assert stat.S_ISREG(entries["made"].mode) and entries["made"].qid.path == st.st_ino
+        if dialect is Dialect.L:
+            sfs = await root.statfs()
+            assert sfs.bsize > 0 and sfs.namelen > 0
+            await sub.unlinkat("made")
+            os.symlink("inner.txt", root_path / "sub" / "ln")
+            ln = await sub.walk("ln")
+            assert await ln.readlink() == "inner.txt"
+        else:
+            await sub.unlinkat("made")
+        assert not (root_path / "sub" / "made").exists()
+        await sub.clunk()
+        await root.clunk()
+
+
+@ALL_DIALECTS
+async def test_server_blocking_read_flushed(dialect):
+    """A read blocked in the server (MemFS /wait) is flushed by cancelling the
+    caller; the server's waiter goes away and the connection stays usable."""
+    from ninep.memfs import MemFS
+
+    from .wire import serving
+
+    fs = MemFS()
+    async with serving(fs) as (_, addr), open_client(addr, version=dialect) as c:
+        w = await (await c.attach()).walk("wait", "k")
+        await w.open(os.O_RDONLY)
+        with trio.move_on_after(0.2) as scope:
+            await w.read(0, 100)
+        assert scope.cancelled_caught
+        assert fs.waiters == 0 and not c.closed
+        got = []
+
+        async def reader() -> None:
+            got.append(await c.read_file("wait/k"))
+
+        async with trio.open_nursery() as n:
+            n.start_soon(reader)
+            with trio.fail_after(5):
+                while fs.waiters == 0:
+                    await trio.sleep(0.01)
+            await c.write_file("wait/k", b"value")
+        assert got == [b"value"]
+
+
+@ALL_DIALECTS
+async def test_server_many_concurrent_clients_and_requests(local, dialect):
+    root_path, addr = local
+    for i in range(30):
+        (root_path / f"f{i}").write_bytes(str(i).encode() * 1000)
+    results = {}
+    async with open_client(addr, version=dialect) as c1, open_client(addr, version=dialect) as c2:
+
+        async def one(c: Client, i: int) -> None:
+            results[i] = await c.read_file(f"f{i}")
+
+        async with trio.open_nursery() as n:
+            for i in range(30):
+                n.start_soon(one, c1 if i % 2 else c2, i)
+    assert results == {i: str(i).encode() * 1000 for i in range(30)}
