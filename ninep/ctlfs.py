@@ -78,23 +78,16 @@ class CtlNode(Node):
         self.mode = mode
         self._qid = Qid(qid_type_for_mode(mode), 0, path)
 
+        t = fs.started_ns
+        self._attr = Attr(qid=self._qid, mode=mode, size=0, nlink=1, atime_ns=t, mtime_ns=t, ctime_ns=t,
+                          uname="root", gname="root", muid="root")
+
     def qid(self) -> Qid:
         return self._qid
 
     async def getattr(self) -> Attr:
-        t = self.fs.started_ns
-        return Attr(
-            qid=self._qid,
-            mode=self.mode,
-            size=0,
-            nlink=1,
-            atime_ns=t,
-            mtime_ns=t,
-            ctime_ns=t,
-            uname="root",
-            gname="root",
-            muid="root",
-        )
+        """Fixed attributes: owner root, size 0, times of the tree's creation."""
+        return self._attr
 
 
 class CtlFile(CtlNode):

@@ -23,7 +23,9 @@ Identity
 another filesystem mounted inside the root), ``qid.version`` the low 32 bits of
 the modification time in ns, so Linux's cache notices changed files.  A node is
 a path below the root; renames update the paths of live nodes below the moved
-name, so fids stay valid across ``mv`` as they do with diod.
+name, so fids stay valid across ``mv`` as they do with diod.  Names are ``str``
+in Python's file-name convention (undecodable bytes as surrogate escapes, like
+``os.listdir``), so the codec must encode them with ``surrogateescape``.
 
 Blocking: metadata system calls are fast and run inline on the event loop;
 reads and writes of more than :data:`INLINE_IO_LIMIT` bytes, ``fsync`` and
@@ -135,6 +137,7 @@ class LocalFS(FileSystem):
         self._as_root = os.geteuid() == 0
         # live nodes by path parts, so that rename can move them
         self._live: dict[tuple[str, ...], weakref.WeakSet[LocalNode]] = {}
+        self._live_min = self._live_limit = 4096
 
     # -- plumbing ---------------------------------------------------------
 
@@ -175,8 +178,20 @@ class LocalFS(FileSystem):
     def node(self, parts: tuple[str, ...], st: os.stat_result) -> LocalNode:
         """The node for ``root/parts…`` with its current lstat ``st``."""
         n = LocalNode(self, parts, st)
-        self._live.setdefault(parts, weakref.WeakSet()).add(n)
+        live = self._live
+        bucket = live.get(parts)
+        if bucket is None:
+            if len(live) >= self._live_limit:
+                self._prune()
+            bucket = live[parts] = weakref.WeakSet()
+        bucket.add(n)
         return n
+
+    def _prune(self) -> None:
+        """Forget paths with no live node; amortised O(1) per node made."""
+        for p in [p for p, s in self._live.items() if not s]:
+            del self._live[p]
+        self._live_limit = max(self._live_min, 2 * len(self._live))
 
     def moved(self, old: tuple[str, ...], new: tuple[str, ...]) -> None:
         """After a rename of ``old`` to ``new``: repoint live nodes at or below ``old``."""
@@ -188,10 +203,6 @@ class LocalFS(FileSystem):
             for n in list(nodes):
                 n.parts = dest
                 bucket.add(n)
-        # drop empty buckets now and then so the map does not grow forever
-        if len(self._live) > 4096:
-            for p in [p for p, s in self._live.items() if not s]:
-                del self._live[p]
 
     # -- FileSystem -------------------------------------------------------
 

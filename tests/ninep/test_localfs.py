@@ -260,3 +260,27 @@ async def test_symlinks_do_not_escape(tree, tmp_path):
         await (await r.walk("sub")).setattr(SetAttr(mode=0o777))
     assert ei.value.errno == errno.EOPNOTSUPP
     assert stat.S_IMODE(os.stat(secret).st_mode) != 0o777
+
+
+async def test_prune_keeps_live_nodes(tree):
+    fs, root = tree
+    r = await fs.attach("u", "")
+    keep = await r.walk("a.txt")
+    fs._live_min = fs._live_limit = 3
+    for i in range(20):
+        (root / f"f{i}").write_bytes(b"")
+        await r.walk(f"f{i}")  # dropped at once
+    assert len(fs._live) < 10
+    await r.rename("a.txt", r, "b.txt")
+    assert keep.parts == ("b.txt",)
+
+
+async def test_undecodable_names_round_trip(tree):
+    fs, root = tree
+    (root / os.fsdecode(b"bad\xffname")).write_bytes(b"ok")
+    r = await fs.attach("u", "")
+    d = await r.open(os.O_RDONLY)
+    names = [e.name for e in await d.readdir()]
+    assert "bad\udcffname" in names
+    f = await (await r.walk("bad\udcffname")).open(os.O_RDONLY)
+    assert await f.read(0, 10) == b"ok"
