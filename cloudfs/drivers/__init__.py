@@ -1,0 +1,1 @@
+"""Compute drivers: the backends that run the processes' VMs."""

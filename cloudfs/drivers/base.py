@@ -1,0 +1,106 @@
+"""The compute driver interface: what the reconciler asks a cloud to do.
+
+All methods are async and must not block the trio loop.  Errors:
+:class:`DriverError` (the backend refused or failed; the message is shown in
+the process's ``status`` as its error), :class:`NotFound` (no such server,
+image, flavor or network).  ``delete``, ``stop`` and ``start`` are idempotent:
+deleting a server that is gone, stopping a stopped one, are not errors.
+
+The semantics follow OpenStack Nova's server actions (create, delete, stop,
+start, rebuild) and Glance/Neutron listings.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+
+
+class DriverError(Exception):
+    """The backend failed; ``str(e)`` is a message for the user."""
+
+
+class NotFound(DriverError):
+    """No such server, image, flavor or network."""
+
+
+@dataclass(frozen=True)
+class Image:
+    """An image: ``size`` in bytes, ``created`` ISO 8601 UTC."""
+
+    id: str
+    name: str
+    status: str
+    size: int
+    disk_format: str
+    checksum: str
+    created: str
+
+
+@dataclass(frozen=True)
+class Network:
+    """A network: ``cidr`` like ``10.0.0.0/24``; status ``active`` …"""
+
+    id: str
+    name: str
+    cidr: str
+    status: str
+
+
+@dataclass(frozen=True)
+class Server:
+    """A VM as the backend sees it: ``status`` is ``running``, ``stopped`` or
+    ``error``; ``addresses`` IPv4 addresses as text."""
+
+    id: str
+    name: str
+    status: str
+    host: str
+    addresses: tuple[str, ...] = field(default=())
+
+
+class ComputeDriver(abc.ABC):
+    """A compute backend.  One instance may be shared by several daemons
+    (it stands for one cloud)."""
+
+    @abc.abstractmethod
+    async def create(self, name: str, image: str, flavor: str, networks: list[str], userdata: bytes) -> Server:
+        """Boot a server; returns it running.  NotFound for an unknown
+        image/flavor/network, DriverError if the boot fails."""
+
+    @abc.abstractmethod
+    async def rebuild(self, server_id: str, image: str, userdata: bytes) -> Server:
+        """Rebuild in place from ``image`` keeping id and addresses (Nova rebuild)."""
+
+    @abc.abstractmethod
+    async def delete(self, server_id: str) -> None:
+        """Terminate and remove; no error if already gone."""
+
+    @abc.abstractmethod
+    async def stop(self, server_id: str) -> Server:
+        """Power off (Nova os-stop); NotFound if it does not exist."""
+
+    @abc.abstractmethod
+    async def start(self, server_id: str) -> Server:
+        """Power on (Nova os-start); NotFound if it does not exist."""
+
+    @abc.abstractmethod
+    async def status(self, server_id: str) -> Server:
+        """The server now; NotFound if it does not exist."""
+
+    @abc.abstractmethod
+    async def list_images(self) -> list[Image]:
+        """Images that ``create`` accepts, by name."""
+
+    @abc.abstractmethod
+    async def list_flavors(self) -> list[str]:
+        """Flavor names that ``create`` accepts; the first is the default."""
+
+    @abc.abstractmethod
+    async def list_networks(self) -> list[Network]:
+        """Networks; the first is the default for processes that name none."""
+
+    @abc.abstractmethod
+    async def create_network(self, name: str, cidr: str | None = None) -> Network:
+        """Create a network (``cidr`` None: the driver picks a free /24).
+        DriverError if the name is taken."""

@@ -1,0 +1,144 @@
+"""The fake compute driver: records state, runs nothing (like Nova's fake
+driver).  For namespace tests and scale benchmarks.
+
+It offers images ``tiny`` and ``alpine``, flavors ``m1.tiny`` (default) and
+``m1.small``, and the network ``user`` (10.0.0.0/24).  ``calls`` records every
+mutating call as ``(method, server_id_or_name)``.  ``fail_next(method, msg)``
+makes the next call of that method raise DriverError(msg) (for error-state tests).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import itertools
+import uuid
+
+import trio
+
+from .base import ComputeDriver, DriverError, Image, Network, NotFound, Server
+
+
+class FakeDriver(ComputeDriver):
+    """An in-memory cloud.  Share one instance between daemons of one test."""
+
+    def __init__(self, host: str = "fake-host"):
+        self.host = host
+        self.images = {
+            "tiny": Image("img-tiny-0001", "tiny", "active", 16_338_944, "qcow2",
+                          "ee1eca47dc88f4879d8a229cc70a07c6", "2026-01-01T00:00:00Z"),
+            "alpine": Image("img-alpine-0002", "alpine", "active", 52_428_800, "qcow2",
+                            "0b8f7a1c2d3e4f5061728394a5b6c7d8", "2026-01-02T00:00:00Z"),
+        }
+        self.flavors = ["m1.tiny", "m1.small"]
+        self.networks: dict[str, Network] = {
+            "user": Network("net-user-0001", "user", "10.0.0.0/24", "active"),
+        }
+        self.servers: dict[str, Server] = {}
+        self.userdata: dict[str, bytes] = {}
+        self.calls: list[tuple[str, str]] = []
+        self._failures: dict[str, str] = {}
+        self._addr = {n: itertools.count(10) for n in self.networks}
+        self._subnet = itertools.count(1)
+
+    def fail_next(self, method: str, message: str) -> None:
+        """Make the next call of ``method`` fail with DriverError(message)."""
+        self._failures[method] = message
+
+    def _maybe_fail(self, method: str) -> None:
+        msg = self._failures.pop(method, None)
+        if msg is not None:
+            raise DriverError(msg)
+
+    async def create(self, name, image, flavor, networks, userdata):
+        await trio.lowlevel.checkpoint()
+        self._maybe_fail("create")
+        if image not in self.images:
+            raise NotFound(f"no image {image!r}")
+        if flavor not in self.flavors:
+            raise NotFound(f"no flavor {flavor!r}")
+        addrs = []
+        for n in networks:
+            net = self.networks.get(n)
+            if net is None:
+                raise NotFound(f"no network {n!r}")
+            base = ipaddress.ip_network(net.cidr)
+            addrs.append(str(base.network_address + next(self._addr[n])))
+        sid = uuid.uuid4().hex
+        s = Server(sid, name, "running", self.host, tuple(addrs))
+        self.servers[sid] = s
+        self.userdata[sid] = bytes(userdata)
+        self.calls.append(("create", sid))
+        return s
+
+    def _get(self, sid: str) -> Server:
+        s = self.servers.get(sid)
+        if s is None:
+            raise NotFound(f"no server {sid}")
+        return s
+
+    async def rebuild(self, server_id, image, userdata):
+        await trio.lowlevel.checkpoint()
+        self._maybe_fail("rebuild")
+        s = self._get(server_id)
+        if image not in self.images:
+            raise NotFound(f"no image {image!r}")
+        s = Server(s.id, s.name, "running", s.host, s.addresses)
+        self.servers[server_id] = s
+        self.userdata[server_id] = bytes(userdata)
+        self.calls.append(("rebuild", server_id))
+        return s
+
+    async def delete(self, server_id):
+        await trio.lowlevel.checkpoint()
+        self._maybe_fail("delete")
+        self.servers.pop(server_id, None)
+        self.userdata.pop(server_id, None)
+        self.calls.append(("delete", server_id))
+
+    async def _power(self, server_id: str, status: str, method: str) -> Server:
+        await trio.lowlevel.checkpoint()
+        self._maybe_fail(method)
+        s = self._get(server_id)
+        s = Server(s.id, s.name, status, s.host, s.addresses)
+        self.servers[server_id] = s
+        self.calls.append((method, server_id))
+        return s
+
+    async def stop(self, server_id):
+        return await self._power(server_id, "stopped", "stop")
+
+    async def start(self, server_id):
+        return await self._power(server_id, "running", "start")
+
+    async def status(self, server_id):
+        await trio.lowlevel.checkpoint()
+        return self._get(server_id)
+
+    async def list_images(self):
+        await trio.lowlevel.checkpoint()
+        return list(self.images.values())
+
+    async def list_flavors(self):
+        await trio.lowlevel.checkpoint()
+        return list(self.flavors)
+
+    async def list_networks(self):
+        await trio.lowlevel.checkpoint()
+        return list(self.networks.values())
+
+    async def create_network(self, name, cidr=None):
+        await trio.lowlevel.checkpoint()
+        self._maybe_fail("create_network")
+        if name in self.networks:
+            raise DriverError(f"network {name!r} exists")
+        if cidr is None:
+            cidr = f"10.{next(self._subnet)}.0.0/24"
+        try:
+            ipaddress.ip_network(cidr)
+        except ValueError:
+            raise DriverError(f"bad cidr {cidr!r}") from None
+        net = Network(f"net-{uuid.uuid4().hex[:12]}", name, cidr, "active")
+        self.networks[name] = net
+        self._addr[name] = itertools.count(10)
+        self.calls.append(("create_network", name))
+        return net

@@ -1,0 +1,146 @@
+"""The open files of cloudfs: one class per kind of synthetic file.
+
+Content files are :class:`ninep.fs.SnapshotFile` subclasses: a read at offset
+0 produces the content (possibly blocking), later offsets page through that
+snapshot, so ``cat`` works over v9fs and FUSE direct I/O.  Blocking produce
+methods honour O_NONBLOCK (EAGAIN) and are cancel-safe (ZooKeeper watch
+registrations are removed when a read is cancelled).
+
+Semantics of each file: docs/namespace.md; the table of kinds: cloudfs.tree.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING
+
+from ninep.fs import DirEntry, OpenFile, SnapshotFile
+
+from . import ctl
+
+if TYPE_CHECKING:
+    from .namespace import CloudFS
+
+
+class DirFile(OpenFile):
+    """An open directory; ``lister()`` gives the entries of one readdir."""
+
+    def __init__(self, lister: Callable[[], Awaitable[Sequence[DirEntry]]], flags: int = os.O_RDONLY):
+        super().__init__(flags)
+        self._lister = lister
+
+    async def readdir(self) -> Sequence[DirEntry]:
+        return await self._lister()
+
+
+class CtlFile(OpenFile):
+    """``/proc/<pid>/ctl``: each write is one command (cloudfs.ctl.parse);
+    a read on the same open then returns the command's result once (for
+    ``fork`` the child pid and a newline; empty for the others), then EOF.
+    Errors: EINVAL (bad command, with message), ENOENT, EPERM, ESRCH."""
+
+    def __init__(self, fs: "CloudFS", pid: int, flags: int):
+        super().__init__(flags)
+        self.fs = fs
+        self.pid = pid
+        self.result: bytes | None = None
+
+    async def write(self, offset: int, data: bytes) -> int:
+        cmd = ctl.parse(data)
+        self.result = None
+        self.result = await self.fs.run_ctl(self.pid, cmd)
+        return len(data)
+
+    async def read(self, offset: int, count: int) -> bytes:
+        if self.result is None:
+            return b""
+        chunk = self.result[offset : offset + count]
+        if not chunk:
+            self.result = None
+        return chunk
+
+
+class StatusFile(SnapshotFile):
+    """``/proc/<pid>/status``: Process.status_text() of the record now."""
+
+    def __init__(self, fs: "CloudFS", pid: int, flags: int):
+        super().__init__(flags)
+        self.fs, self.pid = fs, pid
+
+    async def produce(self) -> bytes:
+        rec, _ = await self.fs.table.require(self.pid)
+        return rec.status_text().encode()
+
+
+class ChildrenFile(SnapshotFile):
+    """``/proc/<pid>/children``: child pids, one per line, ascending."""
+
+    def __init__(self, fs: "CloudFS", pid: int, flags: int):
+        super().__init__(flags)
+        self.fs, self.pid = fs, pid
+
+    async def produce(self) -> bytes:
+        return "".join(f"{k}\n" for k in await self.fs.table.kids(self.pid)).encode()
+
+
+class UserdataFile(SnapshotFile):
+    """``/proc/<pid>/userdata``: the bytes; a write at offset 0 replaces,
+    later offsets extend (EFBIG above cloudfs.znodes.USERDATA_MAX)."""
+
+    def __init__(self, fs: "CloudFS", pid: int, flags: int):
+        super().__init__(flags)
+        self.fs, self.pid = fs, pid
+
+    async def produce(self) -> bytes:
+        return await self.fs.table.get_userdata(self.pid)
+
+    async def write(self, offset: int, data: bytes) -> int:
+        self.snapshot = None
+        return await self.fs.table.write_userdata(self.pid, offset, data)
+
+
+class EnvKeyFile(SnapshotFile):
+    """``/proc/<pid>/env/<key>``: reading blocks until the key is set (by any
+    daemon; woken by a ZooKeeper watch), EAGAIN with O_NONBLOCK; a write at
+    offset 0 sets the value, later offsets extend it."""
+
+    def __init__(self, fs: "CloudFS", pid: int, key: str, flags: int):
+        super().__init__(flags)
+        self.fs, self.pid, self.key = fs, pid, key
+
+    async def produce(self) -> bytes:
+        return await self.fs.table.env_wait(self.pid, self.key, self.nonblocking)
+
+    async def write(self, offset: int, data: bytes) -> int:
+        self.snapshot = None
+        return await self.fs.table.env_write(self.pid, self.key, offset, data)
+
+
+class WaitFile(SnapshotFile):
+    """``/proc/<pid>/wait``: each read at offset 0 blocks until a child has
+    ended and consumes the oldest record: ``<pid> <name> <state> <message>\\n``."""
+
+    def __init__(self, fs: "CloudFS", pid: int, flags: int):
+        super().__init__(flags)
+        self.fs, self.pid = fs, pid
+
+    async def produce(self) -> bytes:
+        rec = await self.fs.table.wait_next(self.pid, self.nonblocking)
+        return rec.line().encode()
+
+
+class InfoFile(SnapshotFile):
+    """A read-only ``key value`` file made by ``producer()`` (images, networks)."""
+
+    def __init__(self, producer: Callable[[], Awaitable[bytes]], flags: int):
+        super().__init__(flags)
+        self._producer = producer
+
+    async def produce(self) -> bytes:
+        return await self._producer()
+
+
+def kv_text(rows: Sequence[tuple[str, object]]) -> bytes:
+    """``key value\\n`` lines; empty values are ``-``."""
+    return "".join(f"{k} {v if v not in (None, '') else '-'}\n" for k, v in rows).encode()

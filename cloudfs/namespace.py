@@ -1,0 +1,124 @@
+"""CloudFS: the cloudfs tree as a :class:`ninep.fs.FileSystem`.
+
+``attach(uname, aname)`` gives the root of a view: ``aname`` ``""`` or ``"/"``
+is the operator's view (no ``/proc/self``); ``"proc/<pid>"`` is the view of
+process <pid> (``/proc/self`` walks to it; ENOENT if there is no such
+process).  :meth:`CloudFS.view_for` does the same from Python.  Full identity
+and credentials come later; ``uname`` is not checked yet.
+
+Run one CloudFS per daemon; several daemons on one ZooKeeper root see one
+tree.  :func:`open_cloudfs` is the usual way to get one (it connects the
+store, creates the layout, runs the reconciler, and cleans up).
+"""
+
+from __future__ import annotations
+
+import errno
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import trio
+
+from ninep.errors import FsError
+from ninep.fs import FileSystem, Node
+
+from .ctl import Command
+from .drivers.base import ComputeDriver
+from .nodes import RootNode, View
+from .proctable import ProcTable
+from .reconciler import Reconciler
+from .store import Store
+from .znodes import Layout
+
+DEFAULT_ROOT = "/cloudfs/default"
+
+
+class CloudFS(FileSystem):
+    """The served tree of one deployment.
+
+    ``store`` a started :class:`Store`; ``driver`` the compute driver;
+    ``root`` the deployment's znode (``/cloudfs/<deployment>``);
+    ``daemon_id`` this daemon's unique name (owner znodes).
+    Call :meth:`start` before serving.
+    """
+
+    def __init__(self, store: Store, driver: ComputeDriver, root: str = DEFAULT_ROOT,
+                 daemon_id: str | None = None):
+        self.store = store
+        self.driver = driver
+        self.layout = Layout(root)
+        self.table = ProcTable(store, self.layout, driver)
+        self.daemon_id = daemon_id or f"cloudfs-{uuid.uuid4().hex[:12]}"
+        self.reconciler = Reconciler(self.table, self.daemon_id)
+        self.started_ns = time.time_ns()
+        self._cancel: trio.CancelScope | None = None
+
+    async def start(self, nursery: trio.Nursery) -> None:
+        """Create the znode layout if missing and run the reconciler in ``nursery``."""
+        await self.table.init_layout()
+
+        async def run(task_status=trio.TASK_STATUS_IGNORED):
+            with trio.CancelScope() as cs:
+                self._cancel = cs
+                await self.reconciler.run(task_status=task_status)
+
+        await nursery.start(run)
+
+    def view_for(self, pid: int | None) -> Node:
+        """The root as process ``pid`` sees it (None: the operator)."""
+        return RootNode(View(self, pid))
+
+    async def attach(self, uname: str, aname: str, n_uname: int | None = None) -> Node:
+        name = aname.strip("/")
+        if name == "":
+            return self.view_for(None)
+        parts = name.split("/")
+        if len(parts) == 2 and parts[0] == "proc" and parts[1].isdigit():
+            pid = int(parts[1])
+            if not await self.table.exists(pid):
+                raise FsError(errno.ENOENT, f"no process {pid} to attach as")
+            return self.view_for(pid)
+        raise FsError(errno.ENOENT, f"unknown aname {aname!r}: use '' or 'proc/<pid>'")
+
+    async def run_ctl(self, pid: int, cmd: Command) -> bytes:
+        """Carry out a parsed ctl command on ``pid``; the bytes a read of the
+        same open ctl returns (fork: ``b"<pid>\\n"``)."""
+        if cmd.verb == "fork":
+            return f"{await self.table.fork(pid, cmd.name)}\n".encode()
+        if cmd.verb == "exec":
+            await self.table.exec(pid, cmd)
+        elif cmd.verb == "kill":
+            await self.table.kill(pid)
+        elif cmd.verb == "stop":
+            await self.table.set_power(pid, "stopped")
+        elif cmd.verb == "start":
+            await self.table.set_power(pid, "running")
+        return b""
+
+    async def close(self) -> None:
+        """Stop the reconciler (the store is closed by whoever opened it)."""
+        if self._cancel is not None:
+            self._cancel.cancel()
+
+
+@asynccontextmanager
+async def open_cloudfs(hosts: str, driver: ComputeDriver, root: str = DEFAULT_ROOT, *,
+                       daemon_id: str | None = None, **store_options) -> AsyncIterator[CloudFS]:
+    """Connect to ZooKeeper at ``hosts``, start a CloudFS on ``root`` and
+    yield it; on exit stop the reconciler and close the session.
+    ``store_options`` go to :class:`Store` (timeouts)."""
+    store = Store(hosts, **store_options)
+    await store.start()
+    try:
+        async with trio.open_nursery() as nursery:
+            fs = CloudFS(store, driver, root, daemon_id)
+            await fs.start(nursery)
+            try:
+                yield fs
+            finally:
+                await fs.close()
+                nursery.cancel_scope.cancel()
+    finally:
+        await store.close()

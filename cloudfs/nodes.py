@@ -1,0 +1,317 @@
+"""The nodes (files and directories) of the cloudfs tree.
+
+Each class serves one kind of cloudfs.tree.TREE; its mode and qid come from
+that table.  Nodes of a process check that the process still exists
+(ENOENT once it has ended).  A node belongs to a :class:`View` (who attached),
+which is how ``/proc/self`` resolves.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from ninep.errors import FsError
+from ninep.fs import Attr, DirEntry, Node, OpenFile
+from ninep.qid import Qid
+
+from . import tree
+from .drivers.base import DriverError
+from .files import (
+    ChildrenFile, CtlFile, DirFile, EnvKeyFile, InfoFile, StatusFile, UserdataFile, WaitFile, kv_text,
+)
+
+if TYPE_CHECKING:
+    from .namespace import CloudFS
+
+
+@dataclass(frozen=True)
+class View:
+    """Who a root was attached for: ``self_pid`` is the process ``/proc/self``
+    walks to, None for the operator (then ``self`` is ENOENT)."""
+
+    fs: "CloudFS"
+    self_pid: int | None = None
+
+
+def _check_access(mode: int, flags: int) -> None:
+    acc = flags & os.O_ACCMODE
+    if stat.S_ISDIR(mode) and acc != os.O_RDONLY:
+        raise FsError(errno.EISDIR, "is a directory")
+    if acc in (os.O_RDONLY, os.O_RDWR) and not mode & 0o444:
+        raise FsError(errno.EACCES, "file is write-only")
+    if acc in (os.O_WRONLY, os.O_RDWR) and not mode & 0o222:
+        raise FsError(errno.EACCES, "file is read-only")
+
+
+def valid_key(name: str) -> None:
+    """Env keys: 1–255 bytes, no '/', NUL or control characters.
+    Raises FsError(EINVAL) or FsError(ENAMETOOLONG)."""
+    if not name or name in (".", ".."):
+        raise FsError(errno.EINVAL, "empty env key")
+    if len(name.encode()) > 255:
+        raise FsError(errno.ENAMETOOLONG, "env key longer than 255 bytes")
+    if any(c == "/" or ord(c) < 0x20 or ord(c) == 0x7F for c in name):
+        raise FsError(errno.EINVAL, f"bad env key {name!r}")
+
+
+class CNode(Node):
+    """Base: ``kind`` from cloudfs.tree; ``pid``/``key`` make the qid."""
+
+    kind = 0
+
+    def __init__(self, view: View, pid: int = 0, key: str = ""):
+        self.view = view
+        self.fs = view.fs
+        self.pid = pid
+        self.key = key
+
+    @property
+    def mode(self) -> int:
+        return tree.mode_of(self.kind)
+
+    def qid(self) -> Qid:
+        return tree.qid_of(self.kind, self.pid, self.key)
+
+    async def _alive(self) -> None:
+        if self.pid and not await self.fs.table.exists(self.pid):
+            raise FsError(errno.ENOENT, f"no process {self.pid}")
+
+    async def getattr(self) -> Attr:
+        await self._alive()
+        t = self.fs.started_ns
+        return Attr(qid=self.qid(), mode=self.mode, nlink=2 if stat.S_ISDIR(self.mode) else 1,
+                    atime_ns=t, mtime_ns=t, ctime_ns=t, uname="cloudfs", gname="cloudfs")
+
+    async def open(self, flags: int) -> OpenFile:
+        _check_access(self.mode, flags)
+        await self._alive()
+        return self._open(flags)
+
+    def _open(self, flags: int) -> OpenFile:
+        return DirFile(self._entries, flags)
+
+    async def _entries(self) -> list[DirEntry]:
+        return []
+
+    def _entry(self, name: str, node: "CNode") -> DirEntry:
+        return DirEntry(name, node.qid(), node.mode)
+
+
+class RootNode(CNode):
+    """``/``: proc, images, net."""
+
+    kind = tree.ROOT
+
+    async def walk(self, name: str) -> Node:
+        for n, kind in tree.ROOT_DIRS:
+            if n == name:
+                return _DIRS[kind](self.view)
+        raise FsError(errno.ENOENT, f"no {name!r} in /")
+
+    async def _entries(self) -> list[DirEntry]:
+        return [self._entry(n, _DIRS[k](self.view)) for n, k in tree.ROOT_DIRS]
+
+
+class ProcNode(CNode):
+    """``/proc``: a directory per live pid; ``self`` walks to the view's pid."""
+
+    kind = tree.PROC
+
+    async def walk(self, name: str) -> Node:
+        if name == "self":
+            if self.view.self_pid is None:
+                raise FsError(errno.ENOENT, "no /proc/self: attached as the operator")
+            pid = self.view.self_pid
+        elif name.isdigit() and not (len(name) > 1 and name[0] == "0"):
+            pid = int(name)
+        else:
+            raise FsError(errno.ENOENT, f"no process {name!r}")
+        node = PidNode(self.view, pid)
+        await node._alive()
+        return node
+
+    async def _entries(self) -> list[DirEntry]:
+        mode = tree.mode_of(tree.PID)
+        return [DirEntry(str(p), tree.qid_of(tree.PID, p), mode) for p in await self.fs.table.pids()]
+
+
+class PidNode(CNode):
+    """``/proc/<pid>``: ctl status children userdata env wait."""
+
+    kind = tree.PID
+
+    async def walk(self, name: str) -> Node:
+        for n, kind in tree.PID_FILES:
+            if n == name:
+                await self._alive()
+                return _PID_NODES[kind](self.view, self.pid)
+        raise FsError(errno.ENOENT, f"no {name!r} in /proc/{self.pid}")
+
+    async def _entries(self) -> list[DirEntry]:
+        return [self._entry(n, _PID_NODES[k](self.view, self.pid)) for n, k in tree.PID_FILES]
+
+
+class CtlNode(CNode):
+    kind = tree.CTL
+
+    def _open(self, flags: int) -> OpenFile:
+        return CtlFile(self.fs, self.pid, flags)
+
+
+class StatusNode(CNode):
+    kind = tree.STATUS
+
+    def _open(self, flags: int) -> OpenFile:
+        return StatusFile(self.fs, self.pid, flags)
+
+
+class ChildrenNode(CNode):
+    kind = tree.CHILDREN
+
+    def _open(self, flags: int) -> OpenFile:
+        return ChildrenFile(self.fs, self.pid, flags)
+
+
+class UserdataNode(CNode):
+    kind = tree.USERDATA
+
+    def _open(self, flags: int) -> OpenFile:
+        return UserdataFile(self.fs, self.pid, flags)
+
+
+class WaitNode(CNode):
+    kind = tree.WAIT
+
+    def _open(self, flags: int) -> OpenFile:
+        return WaitFile(self.fs, self.pid, flags)
+
+
+class EnvNode(CNode):
+    """``/proc/<pid>/env``: every valid name walks (set or not); ``create``
+    opens a key (the write sets it); ``unlink`` unsets (ENOENT if unset)."""
+
+    kind = tree.ENV
+
+    async def walk(self, name: str) -> Node:
+        valid_key(name)
+        await self._alive()
+        return EnvKeyNode(self.view, self.pid, name)
+
+    async def _entries(self) -> list[DirEntry]:
+        return [self._entry(k, EnvKeyNode(self.view, self.pid, k)) for k in await self.fs.table.env_keys(self.pid)]
+
+    async def create(self, name: str, mode: int, flags: int, uid: int, gid: int) -> tuple[Node, OpenFile]:
+        valid_key(name)
+        node = EnvKeyNode(self.view, self.pid, name)
+        return node, await node.open(flags)
+
+    async def unlink(self, name: str, is_dir: bool) -> None:
+        if is_dir:
+            raise FsError(errno.ENOTDIR, "env keys are files")
+        valid_key(name)
+        await self.fs.table.env_unset(self.pid, name)
+
+
+class EnvKeyNode(CNode):
+    kind = tree.ENVKEY
+
+    def _open(self, flags: int) -> OpenFile:
+        return EnvKeyFile(self.fs, self.pid, self.key, flags)
+
+
+class ImagesNode(CNode):
+    """``/images``: a file per image the driver offers."""
+
+    kind = tree.IMAGES
+
+    async def walk(self, name: str) -> Node:
+        if name not in {i.name for i in await self.fs.driver.list_images()}:
+            raise FsError(errno.ENOENT, f"no image {name!r}")
+        return ImageNode(self.view, 0, name)
+
+    async def _entries(self) -> list[DirEntry]:
+        return [self._entry(i.name, ImageNode(self.view, 0, i.name)) for i in await self.fs.driver.list_images()]
+
+
+class ImageNode(CNode):
+    """``/images/<name>``: id name status size disk_format checksum created."""
+
+    kind = tree.IMAGE
+
+    async def _alive(self) -> None:
+        await self._info()
+
+    async def _info(self) -> bytes:
+        for i in await self.fs.driver.list_images():
+            if i.name == self.key:
+                return kv_text([("id", i.id), ("name", i.name), ("status", i.status), ("size", i.size),
+                                ("disk_format", i.disk_format), ("checksum", i.checksum), ("created", i.created)])
+        raise FsError(errno.ENOENT, f"no image {self.key!r}")
+
+    def _open(self, flags: int) -> OpenFile:
+        return InfoFile(self._info, flags)
+
+
+class NetNode(CNode):
+    """``/net``: a file per network; creating ``/net/<name>`` (open with
+    O_CREAT, e.g. ``touch``) creates the network (the driver picks the cidr).
+    EEXIST if it exists, EINVAL for a bad name, EIO if the driver fails."""
+
+    kind = tree.NET
+
+    async def walk(self, name: str) -> Node:
+        if name not in {n.name for n in await self.fs.driver.list_networks()}:
+            raise FsError(errno.ENOENT, f"no network {name!r}")
+        return NetFileNode(self.view, 0, name)
+
+    async def _entries(self) -> list[DirEntry]:
+        return [self._entry(n.name, NetFileNode(self.view, 0, n.name)) for n in await self.fs.driver.list_networks()]
+
+    async def create(self, name: str, mode: int, flags: int, uid: int, gid: int) -> tuple[Node, OpenFile]:
+        from .ctl import valid_name
+
+        if not valid_name(name):
+            raise FsError(errno.EINVAL, f"bad network name {name!r} (letters, digits, '.', '_', '-')")
+        if name in {n.name for n in await self.fs.driver.list_networks()}:
+            raise FsError(errno.EEXIST, f"network {name!r} exists")
+        try:
+            await self.fs.driver.create_network(name)
+        except DriverError as e:
+            raise FsError(errno.EIO, f"cannot create network {name!r}: {e}") from e
+        node = NetFileNode(self.view, 0, name)
+        # The new file is read-only: the creating open reads, whatever its flags.
+        return node, node._open(os.O_RDONLY)
+
+
+class NetFileNode(CNode):
+    """``/net/<name>``: id name cidr status."""
+
+    kind = tree.NETFILE
+
+    async def _alive(self) -> None:
+        await self._info()
+
+    async def _info(self) -> bytes:
+        for n in await self.fs.driver.list_networks():
+            if n.name == self.key:
+                return kv_text([("id", n.id), ("name", n.name), ("cidr", n.cidr), ("status", n.status)])
+        raise FsError(errno.ENOENT, f"no network {self.key!r}")
+
+    def _open(self, flags: int) -> OpenFile:
+        return InfoFile(self._info, flags)
+
+    async def setattr(self, change) -> None:
+        if change.only_truncate_to_zero():  # `echo > /net/x` after create: nothing to truncate
+            return
+        await super().setattr(change)
+
+
+_DIRS = {tree.PROC: ProcNode, tree.IMAGES: ImagesNode, tree.NET: NetNode}
+_PID_NODES = {
+    tree.CTL: CtlNode, tree.STATUS: StatusNode, tree.CHILDREN: ChildrenNode,
+    tree.USERDATA: UserdataNode, tree.ENV: EnvNode, tree.WAIT: WaitNode,
+}

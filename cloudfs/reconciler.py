@@ -1,0 +1,199 @@
+"""The reconciler: brings the compute backend to the state recorded in
+ZooKeeper and writes the observed state back.
+
+Work items are znodes ``<root>/pending/<pid>-<seq>`` created (in the same
+multi) by every ctl command that needs the backend.  Each daemon runs one
+:class:`Reconciler`; it watches ``pending`` and ``owners``.  For a pid with
+work, a daemon acts only if it owns the pid: it holds the ephemeral znode
+``owners/<pid>`` (first come; kept for the process's life, so exactly one
+daemon acts per process).  When an owner's session ends its ephemeral znode
+vanishes, the ``owners`` watch fires, and another daemon takes the work over.
+
+Converging is idempotent (it reads the record and acts on the difference):
+
+- desired ``killed``: once it has no children, delete the VM, then remove the
+  process and leave a wait record with the parent (children first: the last
+  child's removal queues work for its killed parent);
+- ``image`` set and no VM, or ``gen`` ≠ ``built_gen``: create (or rebuild,
+  Nova-style) with the current user-data → ``running`` (driver failure →
+  state ``error`` with its message);
+- desired ``stopped``/``running`` vs state: stop/start.
+
+Work items seen before acting are deleted after; ones created meanwhile make
+it go round again.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+
+import trio
+
+from ninep.errors import FsError
+
+from .drivers.base import DriverError
+from .process import Process
+from .proctable import ProcTable
+from .store import NoNodeError, NodeExistsError
+
+log = logging.getLogger(__name__)
+
+
+class Reconciler:
+    """One daemon's reconciler.  ``daemon_id`` is this daemon's unique name
+    (stored in the owner znodes).  Run :meth:`run` in a nursery."""
+
+    def __init__(self, table: ProcTable, daemon_id: str):
+        self.table = table
+        self.store = table.store
+        self.layout = table.layout
+        self.driver = table.driver
+        self.daemon_id = daemon_id
+        self.active: set[int] = set()
+        self.owned: set[int] = set()
+        self.dirty: set[int] = set()
+        self.store.on_reconnect.append(self._reconnected)
+
+    def _reconnected(self, lost: bool) -> None:
+        if lost:  # ephemeral owner znodes died with the session
+            self.owned.clear()
+
+    async def run(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Watch for work forever (until cancelled)."""
+        L = self.layout
+        async with trio.open_nursery() as nursery:
+            task_status.started()
+            while True:
+                try:
+                    with self.store.watching(L.pending, L.owners) as ev:
+                        names = await self.store.children(L.pending, watch=True) or []
+                        await self.store.children(L.owners, watch=True)
+                        for pid in sorted({int(n.rsplit("-", 1)[0]) for n in names}):
+                            if pid in self.active:
+                                self.dirty.add(pid)
+                            else:
+                                self.active.add(pid)
+                                nursery.start_soon(self._handle, pid)
+                        await ev.wait()
+                except FsError as e:
+                    log.info("reconciler waiting for ZooKeeper: %s", e)
+                    with trio.move_on_after(5):
+                        await self.store.wait_connected()
+                    await trio.sleep(0.05)
+
+    async def _own(self, pid: int) -> bool:
+        if pid in self.owned:
+            return True
+        path = self.layout.owner(pid)
+        try:
+            await self.store.create(path, self.daemon_id.encode(), ephemeral=True)
+        except NodeExistsError:
+            got = await self.store.get(path)
+            if got is None or got[0] != self.daemon_id.encode() or got[1].ephemeralOwner != self.store.client.client_id[0]:
+                return False
+        except NoNodeError:
+            return False
+        self.owned.add(pid)
+        return True
+
+    async def _items(self, pid: int) -> list[str]:
+        names = await self.store.children(self.layout.pending) or []
+        return [n for n in names if n.rsplit("-", 1)[0] == str(pid)]
+
+    async def _handle(self, pid: int) -> None:
+        try:
+            while True:
+                self.dirty.discard(pid)
+                items = await self._items(pid)
+                if not items:
+                    if pid in self.dirty:
+                        continue
+                    return
+                if not await self._own(pid):
+                    return
+                r = await self.table.record(pid)
+                if r is not None:
+                    await self.converge(r[0])
+                for it in items:
+                    try:
+                        await self.store.delete(f"{self.layout.pending}/{it}")
+                    except NoNodeError:
+                        pass
+        except FsError as e:
+            log.info("reconciling %d stopped: %s", pid, e)
+        finally:
+            self.active.discard(pid)
+            self.dirty.discard(pid)
+
+    async def converge(self, rec: Process) -> None:
+        """Act once on the difference between ``rec`` and the backend."""
+        pid = rec.pid
+        if rec.desired == "killed":
+            if await self.table.kids(pid):
+                return  # children first; the last child's end queues us again
+            message = "killed"
+            if rec.vm:
+                try:
+                    await self.driver.delete(rec.vm)
+                except DriverError as e:
+                    message = f"killed; driver delete failed: {e}"
+            if await self.table.finalize(pid, "killed", message):
+                try:
+                    await self.store.delete(self.layout.owner(pid))
+                except NoNodeError:
+                    pass
+                self.owned.discard(pid)
+            return
+        if rec.image is None or rec.desired == "new":
+            return
+        if rec.vm is None or rec.built_gen != rec.gen:
+            gen = rec.gen
+            try:
+                userdata = await self.table.get_userdata(pid)
+                if rec.vm is None:
+                    server = await self.driver.create(rec.name, rec.image, rec.flavor or "", list(rec.networks), userdata)
+                else:
+                    server = await self.driver.rebuild(rec.vm, rec.image, userdata)
+            except DriverError as e:
+                msg = str(e) or type(e).__name__
+
+                def failed(r: Process) -> None:
+                    r.state, r.error, r.built_gen = "error", msg, max(r.built_gen, gen)
+
+                rec = await self.table.update(pid, failed)
+                return
+
+            def built(r: Process) -> None:
+                r.vm, r.host, r.addresses = server.id, server.host, list(server.addresses)
+                r.built_gen = max(r.built_gen, gen)
+                r.error = ""
+                if r.desired != "killed":
+                    r.state = "running"
+
+            rec = await self.table.update(pid, built)
+        if rec.vm is None or rec.state == "error":
+            return
+        try:
+            if rec.desired == "stopped" and rec.state != "stopped":
+                await self.driver.stop(rec.vm)
+                new_state = "stopped"
+            elif rec.desired == "running" and rec.state == "stopped":
+                await self.driver.start(rec.vm)
+                new_state = "running"
+            else:
+                return
+        except DriverError as e:
+            msg = str(e) or type(e).__name__
+
+            def failed2(r: Process) -> None:
+                r.state, r.error = "error", msg
+
+            await self.table.update(pid, failed2)
+            return
+
+        def powered(r: Process) -> None:
+            if r.state in ("running", "stopped"):
+                r.state = new_state
+
+        await self.table.update(pid, powered)

@@ -1,0 +1,408 @@
+"""The ZooKeeper store: kazoo driven from trio, without ever blocking the loop.
+
+Every operation uses kazoo's asynchronous API (``get_async`` …): the request is
+queued to kazoo's connection thread, and the completion callback (run on
+kazoo's completion thread) only hands a wake-up to trio through
+``TrioToken.run_sync_soon``.  This is cheaper than a worker thread per call
+(fork latency is a few ZooKeeper round trips) and lets a trio cancellation
+(Tflush, a dead reader) abandon the wait at once.  Each call has a deadline
+(``op_timeout`` seconds) after which it fails with EIO.
+
+Watches: :meth:`Store.wait_set` and :meth:`Store.wait_children` block until a
+znode exists / has children.  They register a trio Event in a registry keyed
+by znode path *before* arming a one-shot ZooKeeper watch; the watch callback
+only schedules ``_fire(path)`` in trio, which sets every Event of that path.
+Entries are removed in ``finally``, so a cancelled waiter leaves nothing
+behind (:meth:`Store.waiter_count` is 0 when no one waits).
+
+Connection states (kazoo's ``KazooState``):
+
+- SUSPENDED (connection dropped, session may survive): new operations wait
+  up to ``suspend_wait`` seconds for the connection, then fail with EAGAIN.
+  Nothing is cached, so nothing stale can be served.
+- LOST (session expired: watches and ephemeral znodes are gone): operations
+  fail with EIO until kazoo has a new session (it reconnects by itself).
+- CONNECTED again: every blocked waiter is woken to re-read and re-arm its
+  watch, and the ``on_reconnect`` callbacks run (the reconciler rescans).
+
+Errors: ZooKeeper's answers that callers act on (``NoNodeError``,
+``NodeExistsError``, ``BadVersionError``, ``NotEmptyError``) are raised as the
+kazoo exceptions; connection failures become ``FsError(EAGAIN)`` (connection
+loss, retry) or ``FsError(EIO)`` (session expired, closed, timeout).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import trio
+from kazoo.client import KazooClient, KazooState
+from kazoo.exceptions import (
+    BadVersionError,
+    ConnectionClosedError,
+    ConnectionLoss,
+    KazooException,
+    NoNodeError,
+    NodeExistsError,
+    NotEmptyError,
+    OperationTimeoutError,
+    RolledBackError,
+    SessionExpiredError,
+)
+from kazoo.protocol.states import ZnodeStat
+
+from ninep.errors import FsError
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "Store",
+    "NoNodeError",
+    "NodeExistsError",
+    "BadVersionError",
+    "NotEmptyError",
+    "ZnodeStat",
+    "txn_error",
+]
+
+#: kazoo exceptions that are answers about the data, passed to callers as is.
+_ANSWERS = (NoNodeError, NodeExistsError, BadVersionError, NotEmptyError)
+
+
+def txn_error(results: Sequence[Any]) -> Exception | None:
+    """The exception that made a ZooKeeper multi (transaction) fail, or None.
+
+    ``results`` is what ``TransactionRequest.commit`` returns: one entry per
+    operation, failed operations as exception instances (the others
+    ``RolledBackError``).
+    """
+    for r in results:
+        if isinstance(r, Exception) and not isinstance(r, RolledBackError):
+            return r
+    return None
+
+
+class Store:
+    """One kazoo session to ZooKeeper, used from trio.
+
+    ``hosts`` is a kazoo connection string (``"127.0.0.1:2181"``); loopback
+    only in tests.  ``session_timeout`` (s) is ZooKeeper's session timeout,
+    ``op_timeout`` (s) the deadline of one operation, ``suspend_wait`` (s) how
+    long an operation waits for a dropped connection before EAGAIN.
+
+    Use ``await store.start()`` inside ``trio.run`` (it captures the trio
+    token) and ``await store.close()`` at the end.
+    """
+
+    def __init__(
+        self,
+        hosts: str,
+        *,
+        session_timeout: float = 10.0,
+        op_timeout: float = 10.0,
+        suspend_wait: float = 2.0,
+    ):
+        self.hosts = hosts
+        self.op_timeout = op_timeout
+        self.suspend_wait = suspend_wait
+        self.client = KazooClient(
+            hosts=hosts,
+            timeout=session_timeout,
+            connection_retry={"max_tries": -1, "delay": 0.05, "backoff": 1.5, "max_delay": 0.5},
+        )
+        self._token: trio.lowlevel.TrioToken | None = None
+        self._state = KazooState.LOST
+        self._connected = trio.Event()
+        self._waiters: dict[str, set[trio.Event]] = {}
+        self.on_reconnect: list[Callable[[bool], None]] = []
+        #: how many times the session was lost (each LOST adds one)
+        self.sessions_lost = 0
+        self._was_lost = False
+
+    # -- lifecycle ------------------------------------------------------
+
+    async def start(self, timeout: float = 15.0) -> None:
+        """Connect (blocking kazoo ``start`` runs in a worker thread).
+
+        Raises FsError(EIO) when ZooKeeper does not answer within ``timeout`` s.
+        """
+        self._token = trio.lowlevel.current_trio_token()
+        self.client.add_listener(self._listener)
+        try:
+            await trio.to_thread.run_sync(self.client.start, timeout)
+        except Exception as e:  # kazoo raises its timeout as a plain exception
+            raise FsError(errno.EIO, f"cannot connect to ZooKeeper at {self.hosts}: {e}") from e
+        self._set_state(KazooState.CONNECTED)
+
+    async def close(self) -> None:
+        """Close the session (ephemeral znodes vanish) and stop kazoo's threads."""
+
+        def stop() -> None:
+            try:
+                self.client.stop()
+                self.client.close()
+            except Exception:  # closing must not raise
+                log.exception("closing kazoo")
+
+        self.client.remove_listener(self._listener)
+        await trio.to_thread.run_sync(stop)
+        self._fire_all()
+
+    # -- connection state -----------------------------------------------
+
+    def _listener(self, state: str) -> None:
+        # kazoo's connection thread: hand over, never block.
+        self._soon(self._set_state, state)
+
+    def _soon(self, fn: Callable[..., None], *args: Any) -> None:
+        try:
+            if self._token is not None:
+                self._token.run_sync_soon(fn, *args)
+        except trio.RunFinishedError:
+            pass
+
+    def _set_state(self, state: str) -> None:
+        old = self._state
+        self._state = state
+        if state == KazooState.CONNECTED:
+            if not self._connected.is_set():
+                self._connected.set()
+            if old != KazooState.CONNECTED:
+                lost = self._was_lost
+                self._was_lost = False
+                self._fire_all()
+                for cb in list(self.on_reconnect):
+                    try:
+                        cb(lost)
+                    except Exception:
+                        log.exception("on_reconnect callback")
+        else:
+            if state == KazooState.LOST:
+                if old != KazooState.LOST:
+                    self.sessions_lost += 1
+                self._was_lost = True
+            if self._connected.is_set():
+                self._connected = trio.Event()
+
+    @property
+    def state(self) -> str:
+        """``"CONNECTED"``, ``"SUSPENDED"`` or ``"LOST"`` as trio last saw it."""
+        return self._state
+
+    async def _ready(self) -> None:
+        if self._state == KazooState.CONNECTED:
+            return
+        with trio.move_on_after(self.suspend_wait):
+            await self._connected.wait()
+            return
+        if self._state == KazooState.LOST:
+            raise FsError(errno.EIO, "ZooKeeper session lost; reconnecting")
+        raise FsError(errno.EAGAIN, "ZooKeeper connection suspended; try again")
+
+    # -- operations -----------------------------------------------------
+
+    async def _call(self, method: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Run one kazoo ``*_async`` method and wait for its result in trio."""
+        await self._ready()
+        done = trio.Event()
+        result = method(*args, **kwargs)
+        result.rawlink(lambda _r: self._soon(done.set))
+        with trio.move_on_after(self.op_timeout):
+            await done.wait()
+        if not done.is_set():
+            raise FsError(errno.EIO, f"ZooKeeper did not answer within {self.op_timeout:g}s")
+        exc = result.exception
+        if exc is None:
+            return result.value
+        if isinstance(exc, _ANSWERS):
+            raise exc
+        if isinstance(exc, (ConnectionLoss, OperationTimeoutError)):
+            raise FsError(errno.EAGAIN, "ZooKeeper connection lost; try again") from exc
+        if isinstance(exc, (SessionExpiredError, ConnectionClosedError)):
+            raise FsError(errno.EIO, "ZooKeeper session lost") from exc
+        if isinstance(exc, KazooException):
+            raise FsError(errno.EIO, f"ZooKeeper error: {type(exc).__name__}") from exc
+        raise exc
+
+    async def get(self, path: str, watch: bool = False) -> tuple[bytes, ZnodeStat] | None:
+        """``(data, stat)`` of ``path``, or None if it does not exist."""
+        try:
+            return await self._call(self.client.get_async, path, self._watch if watch else None)
+        except NoNodeError:
+            return None
+
+    async def exists(self, path: str, watch: bool = False) -> ZnodeStat | None:
+        """The stat of ``path`` or None; ``watch`` arms a one-shot watch."""
+        return await self._call(self.client.exists_async, path, self._watch if watch else None)
+
+    async def children(self, path: str, watch: bool = False) -> list[str] | None:
+        """The child names of ``path`` (unsorted), or None if it does not exist."""
+        try:
+            return await self._call(self.client.get_children_async, path, self._watch if watch else None)
+        except NoNodeError:
+            return None
+
+    async def create(
+        self, path: str, data: bytes = b"", *, ephemeral: bool = False, sequence: bool = False,
+        makepath: bool = False,
+    ) -> str:
+        """Create ``path``; returns the created path (with sequence suffix).
+        NodeExistsError / NoNodeError (missing parent) as kazoo raises them."""
+        return await self._call(
+            self.client.create_async, path, data, None, ephemeral, sequence, makepath
+        )
+
+    async def set(self, path: str, data: bytes, version: int = -1) -> ZnodeStat:
+        """Replace ``path``'s data (BadVersionError if ``version`` != -1 and differs)."""
+        return await self._call(self.client.set_async, path, data, version)
+
+    async def delete(self, path: str, version: int = -1) -> None:
+        """Delete one znode (NoNodeError, NotEmptyError, BadVersionError)."""
+        await self._call(self.client.delete_async, path, version)
+
+    async def ensure_path(self, path: str) -> None:
+        """Create ``path`` and its missing parents (no error if it exists)."""
+        await self._call(self.client.ensure_path_async, path)
+
+    def transaction(self):
+        """A kazoo ``TransactionRequest``; add ops, then ``await store.commit(t)``."""
+        return self.client.transaction()
+
+    async def commit(self, txn) -> list[Any]:
+        """Commit a multi atomically; raises the failing op's exception
+        (NodeExistsError, BadVersionError …) if it was rolled back."""
+        results = await self._call(txn.commit_async)
+        err = txn_error(results)
+        if err is not None:
+            raise err
+        return results
+
+    async def many(self, method_name: str, args: Sequence[tuple]) -> list[Any]:
+        """Pipeline many calls of one kazoo ``*_async`` method; results (or the
+        exception instances) in order.  Used for bulk reads and loads."""
+        await self._ready()
+        method = getattr(self.client, method_name)
+        pending = [method(*a) for a in args]
+        remaining = len(pending)
+        done = trio.Event()
+
+        def one(_r: Any) -> None:
+            nonlocal remaining
+            remaining -= 1
+            if remaining == 0:
+                done.set()
+
+        if not pending:
+            return []
+        for r in pending:
+            r.rawlink(lambda r: self._soon(one, r))
+        with trio.move_on_after(self.op_timeout * 3):
+            await done.wait()
+        if not done.is_set():
+            raise FsError(errno.EIO, "ZooKeeper did not answer in time")
+        out = []
+        for r in pending:
+            exc = r.exception
+            if exc is not None and not isinstance(exc, _ANSWERS):
+                raise FsError(errno.EAGAIN, f"ZooKeeper failed: {type(exc).__name__}")
+            out.append(exc if exc is not None else r.value)
+        return out
+
+    # -- watches and blocking waits --------------------------------------
+
+    def _watch(self, event: Any) -> None:
+        # kazoo's event thread: hand over, never block.
+        self._soon(self._fire, event.path)
+
+    def _fire(self, path: str) -> None:
+        for ev in self._waiters.get(path, ()):
+            ev.set()
+
+    def _fire_all(self) -> None:
+        for evs in self._waiters.values():
+            for ev in evs:
+                ev.set()
+
+    def _register(self, path: str) -> trio.Event:
+        ev = trio.Event()
+        self._waiters.setdefault(path, set()).add(ev)
+        return ev
+
+    def _unregister(self, path: str, ev: trio.Event) -> None:
+        evs = self._waiters.get(path)
+        if evs is not None:
+            evs.discard(ev)
+            if not evs:
+                del self._waiters[path]
+
+    def waiter_count(self) -> int:
+        """How many blocked waits are registered now (0 when idle)."""
+        return sum(len(v) for v in self._waiters.values())
+
+    async def wait_set(self, path: str, nonblocking: bool = False) -> bytes:
+        """The data of ``path``, waiting until the znode exists.
+
+        Woken by an exists-watch on ``path`` (never by polling).  With
+        ``nonblocking`` a missing znode is FsError(EAGAIN).  Cancellation
+        leaves no waiter behind.
+        """
+        while True:
+            ev = self._register(path)
+            try:
+                if await self.exists(path, watch=True) is not None:
+                    got = await self.get(path)
+                    if got is not None:
+                        return got[0]
+                    continue
+                if nonblocking:
+                    raise FsError(errno.EAGAIN, "not set yet")
+                await ev.wait()
+            finally:
+                self._unregister(path, ev)
+
+    async def wait_children(self, path: str, nonblocking: bool = False) -> list[str]:
+        """The children of ``path`` once there is at least one (child watch).
+
+        FsError(ENOENT) if ``path`` does not exist; FsError(EAGAIN) with
+        ``nonblocking`` when there are none yet.
+        """
+        while True:
+            ev = self._register(path)
+            try:
+                names = await self.children(path, watch=True)
+                if names is None:
+                    raise FsError(errno.ENOENT, "no such file")
+                if names:
+                    return names
+                if nonblocking:
+                    raise FsError(errno.EAGAIN, "nothing to read yet")
+                await ev.wait()
+            finally:
+                self._unregister(path, ev)
+
+    @contextmanager
+    def watching(self, *paths: str) -> Iterator[trio.Event]:
+        """Register one Event for wake-ups on any of ``paths`` for the block.
+
+        Usage: inside the block, read with ``watch=True`` (arming ZooKeeper's
+        one-shot watch *after* registering, so no change is missed), act on
+        what was read, then ``await event.wait()``.  The event is also set on
+        reconnection.  The registration is removed on exit, even on cancel.
+        """
+        ev = trio.Event()
+        for p in paths:
+            self._waiters.setdefault(p, set()).add(ev)
+        try:
+            yield ev
+        finally:
+            for p in paths:
+                self._unregister(p, ev)
+
+    async def wait_connected(self) -> None:
+        """Return once the session is CONNECTED (at once if it is)."""
+        while self._state != KazooState.CONNECTED:
+            await self._connected.wait()

@@ -1,0 +1,82 @@
+"""The cloudfs tree written down as data: path patterns → kind, mode, doc.
+
+This table is the contract that docs/namespace.md mirrors (a test checks
+that every pattern here appears in the doc).  Like 9front's webfs(4), each
+file has one kind; the node classes in :mod:`cloudfs.nodes` take their mode
+from here, and qids are derived from (kind, pid, key):
+
+    qid.path = kind << 56 | (pid & 0xFFFFFF) << 32 | crc32(key)
+
+so a path is unique and stable for the life of the file (``key`` is the env
+key, image or network name; empty otherwise), qid.version is 0, size 0.
+"""
+
+from __future__ import annotations
+
+import stat
+import zlib
+from dataclasses import dataclass
+
+from ninep.fs import qid_type_for_mode
+from ninep.qid import Qid
+
+ROOT, PROC, PID, CTL, STATUS, CHILDREN, USERDATA, ENV, ENVKEY, WAIT, IMAGES, IMAGE, NET, NETFILE = range(1, 15)
+
+DIR = stat.S_IFDIR
+REG = stat.S_IFREG
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One row: ``pattern`` (``<pid>``, ``<key>``, ``<name>`` are variables),
+    ``kind`` (a small int, also the top byte of qid.path), full ``mode``."""
+
+    pattern: str
+    kind: int
+    mode: int
+    doc: str
+
+
+TREE: tuple[Entry, ...] = (
+    Entry("/", ROOT, DIR | 0o555, "the root: proc, images, net"),
+    Entry("/proc", PROC, DIR | 0o555, "one directory per live process, named by pid; 'self' walks to the attached process"),
+    Entry("/proc/<pid>", PID, DIR | 0o555, "a process: ctl status children userdata env wait"),
+    Entry("/proc/<pid>/ctl", CTL, REG | 0o660,
+          "write one command (fork [name=N] | exec <image> [flavor=F] [net=NET] [name=N] | kill | stop | start); "
+          "read back its result once (fork: the new pid), then EOF"),
+    Entry("/proc/<pid>/status", STATUS, REG | 0o444,
+          "key value lines: pid ppid name state desired image flavor networks host addresses created [error]"),
+    Entry("/proc/<pid>/children", CHILDREN, REG | 0o444, "child pids, one per line, ascending"),
+    Entry("/proc/<pid>/userdata", USERDATA, REG | 0o660, "the user-data; write replaces (at most 65536 bytes, else EFBIG)"),
+    Entry("/proc/<pid>/env", ENV, DIR | 0o777, "the key/value space; ls lists set keys, rm unsets"),
+    Entry("/proc/<pid>/env/<key>", ENVKEY, REG | 0o666,
+          "write sets; read blocks until set (O_NONBLOCK: EAGAIN); every name can be looked up"),
+    Entry("/proc/<pid>/wait", WAIT, REG | 0o444,
+          "each read blocks until a child ended, returns '<pid> <name> <state> <message>' and consumes it"),
+    Entry("/images", IMAGES, DIR | 0o555, "one file per image of the compute driver"),
+    Entry("/images/<name>", IMAGE, REG | 0o444, "key value lines: id name status size disk_format checksum created"),
+    Entry("/net", NET, DIR | 0o775, "one file per network; creating a file /net/<name> creates the network"),
+    Entry("/net/<name>", NETFILE, REG | 0o444, "key value lines: id name cidr status"),
+)
+
+BY_KIND: dict[int, Entry] = {e.kind: e for e in TREE}
+
+#: The files of a process directory, in listing order.
+PID_FILES: tuple[tuple[str, int], ...] = (
+    ("ctl", CTL), ("status", STATUS), ("children", CHILDREN),
+    ("userdata", USERDATA), ("env", ENV), ("wait", WAIT),
+)
+#: The root's directories, in listing order.
+ROOT_DIRS: tuple[tuple[str, int], ...] = (("proc", PROC), ("images", IMAGES), ("net", NET))
+
+
+def mode_of(kind: int) -> int:
+    """The full st_mode of files of ``kind``."""
+    return BY_KIND[kind].mode
+
+
+def qid_of(kind: int, pid: int = 0, key: str = "") -> Qid:
+    """The qid of the file of ``kind`` for ``pid`` and ``key`` (see module doc)."""
+    h = zlib.crc32(key.encode()) if key else 0
+    path = (kind << 56) | ((pid & 0xFFFFFF) << 32) | h
+    return Qid(qid_type_for_mode(mode_of(kind)), 0, path)

@@ -1,0 +1,67 @@
+"""Shell-like helpers for tests: path operations through the ninep.fs interface
+(what the 9P server and FUSE do for ``cat``, ``echo >``, ``ls``)."""
+
+from __future__ import annotations
+
+import os
+
+from ninep.fs import Node, SetAttr
+
+
+async def walk(root: Node, path: str) -> Node:
+    """Walk ``path`` (``/proc/1/ctl``) one element at a time from ``root``."""
+    node = root
+    for name in [p for p in path.split("/") if p]:
+        node = await node.walk(name)
+    return node
+
+
+async def cat(root: Node, path: str, flags: int = os.O_RDONLY, count: int = 8192) -> bytes:
+    """Read the whole file like v9fs does: until a read returns 0 bytes."""
+    f = await (await walk(root, path)).open(flags)
+    try:
+        out, off = b"", 0
+        while True:
+            chunk = await f.read(off, count)
+            if not chunk:
+                return out
+            out += chunk
+            off += len(chunk)
+    finally:
+        await f.release()
+
+
+async def echo(root: Node, path: str, data: bytes | str) -> int:
+    """``echo data > path``: open O_WRONLY|O_TRUNC (a truncate setattr), one write."""
+    if isinstance(data, str):
+        data = data.encode()
+    node = await walk(root, path)
+    await node.setattr(SetAttr(size=0))
+    f = await node.open(os.O_WRONLY | os.O_TRUNC)
+    try:
+        return await f.write(0, data)
+    finally:
+        await f.release()
+
+
+async def ls(root: Node, path: str) -> list[str]:
+    """Names of a directory's entries, in the order readdir gives them."""
+    f = await (await walk(root, path)).open(os.O_RDONLY)
+    try:
+        return [e.name for e in await f.readdir()]
+    finally:
+        await f.release()
+
+
+async def ctl(root: Node, pid: int | str, command: str) -> bytes:
+    """Write ``command`` to /proc/<pid>/ctl and read the result from the same open."""
+    f = await (await walk(root, f"/proc/{pid}/ctl")).open(os.O_RDWR)
+    try:
+        await f.write(0, command.encode() + b"\n")
+        out, off = b"", 0
+        while chunk := await f.read(off, 4096):
+            out += chunk
+            off += len(chunk)
+        return out
+    finally:
+        await f.release()
