@@ -404,6 +404,11 @@ class Client:
 
     # ---- the wire -----------------------------------------------------------
 
+    def _dead(self) -> FsError:
+        """A fresh FsError saying why the connection is unusable."""
+        b = self._broken
+        return FsError(b.errno, b.message) if b is not None else FsError(errno.EIO, "9P connection closed")
+
     def _fail(self, err: FsError) -> None:
         """Declare the connection dead: wake every waiter; later calls raise ``err``."""
         if self._broken is None:
@@ -419,7 +424,7 @@ class Client:
             raise FsError(errno.EMSGSIZE, f"{type(msg).__name__} of {len(frame)} bytes exceeds msize {self.msize}")
         async with self._send_lock:
             if self._broken is not None:
-                raise self._broken
+                raise self._dead()
             # A half-written frame would desynchronise the stream: finish it.
             with trio.CancelScope(shield=True):
                 try:
@@ -480,7 +485,7 @@ class Client:
         sending), so callers can undo side effects such as a fid a Twalk made.
         """
         if self._broken is not None:
-            raise self._broken
+            raise self._dead()
         try:
             tag = await self._tags.get()
         except trio.Cancelled:
@@ -510,7 +515,7 @@ class Client:
         self._tags.put(tag)
         reply = pending.reply
         if reply is None:
-            raise self._broken or FsError(errno.EIO, "9P connection closed")
+            raise self._dead()
         err = _reply_error(reply)
         if err is not None:
             raise err
@@ -653,6 +658,7 @@ class Client:
     async def listdir(self, path: str = "") -> list[str]:
         """The names in directory ``path`` (without ``.`` and ``..``), server order."""
         async with await self.walk(path) as d:
+            await d.open(os.O_RDONLY | os.O_DIRECTORY)
             return [e.name for e in await d.readdir()]
 
     async def stat(self, path: str) -> Attr:
@@ -971,7 +977,7 @@ class Fid:
         self._check()
         if not self.opened:
             async with await self.walk() as d:
-                await d.open(os.O_RDONLY | (os.O_DIRECTORY if self._dialect is Dialect.L else 0))
+                await d.open(os.O_RDONLY | os.O_DIRECTORY)
                 return await d.readdir()
         c = self.client
         chunk = self._chunk()

@@ -479,7 +479,8 @@ async def test_reply_before_rflush_is_dropped(slow):
         with trio.move_on_after(0.1) as scope:
             await f.read(HOLD, 10)
         assert scope.cancelled_caught
-        assert server.rflush_sent.is_set()
+        with trio.fail_after(5):
+            await server.rflush_sent.wait()
         assert len(server.sent(m.Tflush)) == 1
         # The late Rread was consumed: the connection is still in step.
         assert await f.read(3, 10) == b"3"
@@ -708,6 +709,19 @@ async def test_server_blocking_read_flushed(dialect):
                     await trio.sleep(0.01)
             await c.write_file("wait/k", b"value")
         assert got == [b"value"]
+
+
+async def test_connect_on_a_given_stream(local):
+    root_path, addr = local
+    _, host, port = addr.split("!")
+    stream = await trio.open_tcp_stream(host, int(port))
+    async with Client.connect(stream, version="9P2000.L") as c:
+        assert c.dialect is Dialect.L
+        with pytest.raises(FsError) as ei:
+            await c.listdir("hello.txt")
+        assert ei.value.errno == errno.ENOTDIR
+        root = await c.attach()
+        assert (await root.getattr()).qid.path == os.stat(root_path).st_ino
 
 
 @ALL_DIALECTS
