@@ -339,9 +339,10 @@ class Store:
             if not evs:
                 del self._waiters[path]
 
-    def waiter_count(self) -> int:
-        """How many blocked waits are registered now (0 when idle)."""
-        return sum(len(v) for v in self._waiters.values())
+    def waiter_count(self, under: str = "") -> int:
+        """How many waits are registered now on paths starting with ``under``
+        (0 when no read is blocked there)."""
+        return sum(len(v) for p, v in self._waiters.items() if p.startswith(under))
 
     async def wait_set(self, path: str, nonblocking: bool = False) -> bytes:
         """The data of ``path``, waiting until the znode exists.

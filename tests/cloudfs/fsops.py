@@ -65,3 +65,42 @@ async def ctl(root: Node, pid: int | str, command: str) -> bytes:
         return out
     finally:
         await f.release()
+
+
+async def status(root: Node, pid: int | str) -> dict[str, str]:
+    """/proc/<pid>/status as a dict."""
+    text = (await cat(root, f"/proc/{pid}/status")).decode()
+    return dict(line.split(" ", 1) for line in text.splitlines())
+
+
+async def eventually(check, timeout: float = 5.0, interval: float = 0.01):
+    """Await ``check()`` until it returns a truthy value (returned) or fail.
+    For asserting on the reconciler's asynchronous work in tests only."""
+    import trio
+
+    with trio.move_on_after(timeout):
+        while True:
+            v = await check()
+            if v:
+                return v
+            await trio.sleep(interval)
+    raise AssertionError(f"condition not met within {timeout}s")
+
+
+async def state_is(root: Node, pid: int, state: str, timeout: float = 5.0) -> dict[str, str]:
+    """Wait until /proc/<pid>/status says ``state``; returns the status."""
+
+    async def check():
+        st = await status(root, pid)
+        return st if st["state"] == state else None
+
+    return await eventually(check, timeout)
+
+
+async def vm(root: Node, image: str = "tiny", userdata: str = "#cloud-config\n") -> int:
+    """Start a VM the documented way: fork init, write userdata, exec; wait running."""
+    pid = int(await ctl(root, 1, "fork"))
+    await echo(root, f"/proc/{pid}/userdata", userdata)
+    await ctl(root, pid, f"exec {image}")
+    await state_is(root, pid, "running")
+    return pid
