@@ -28,8 +28,8 @@ from __future__ import annotations
 
 import errno
 import logging
-import math
 import os
+from collections import deque
 import stat as st
 import time
 from collections.abc import Callable
@@ -193,7 +193,12 @@ class Connection:
         self.peer = peer
         self.fids: dict[int, Fid | _Reserved] = {}
         self.pending: dict[int, _Request] = {}
-        self._send, self._recv = trio.open_memory_channel[bytes](math.inf)
+        self._outq: deque[bytes] = deque()
+        self._sending = False
+        # A socket's fd, for a first synchronous write of each reply (trio's
+        # send_all yields even when the kernel takes everything at once).
+        sock = getattr(stream, "socket", None)
+        self._fd: int | None = sock.fileno() if sock is not None else None
         self._nursery: trio.Nursery | None = None
         self.closed_reason: str | None = None
 
@@ -204,7 +209,6 @@ class Connection:
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
-                nursery.start_soon(self._guard, self._writer, nursery)
                 await self._guard(self._reader, nursery)
         finally:
             with trio.CancelScope(shield=True):
@@ -215,7 +219,7 @@ class Connection:
                     pass
 
     async def _guard(self, loop: Callable, nursery: trio.Nursery) -> None:
-        # Whatever ends the reader or the writer ends the connection, and only it.
+        # Whatever ends the reader or a send ends the connection, and only it.
         try:
             await loop()
         except ProtocolError as e:
@@ -244,24 +248,38 @@ class Connection:
                     trace_log.debug("%s <- %r", self.peer, msg)
                 await self._dispatch(msg, reader)
 
-    async def _writer(self) -> None:
-        send_all = self.stream.send_all
-        recv = self._recv
-        while True:
-            buf = await recv.receive()
-            # Coalesce whatever else is queued into one write.
-            try:
-                more = [buf]
-                while True:
-                    more.append(recv.receive_nowait())
-            except trio.WouldBlock:
-                pass
-            await send_all(b"".join(more) if len(more) > 1 else buf)
-
     def _queue(self, msg: Any) -> None:
-        if self.trace:
-            trace_log.debug("%s -> %r", self.peer, msg)
-        self._send.send_nowait(encode(msg, self.dialect or Dialect.P2000))
+        """Append a reply to the output queue (in order); :meth:`_transmit` sends it."""
+        self._outq.append(self._encode(msg))
+
+    async def _transmit(self) -> None:
+        """Send everything queued.  One task at a time is the sender: a task
+        that finds another one sending leaves its reply to it, so replies go
+        out in queue order, coalesced, without a writer task hop per reply.
+        Runs outside any request's cancel scope (a Tflush never cuts a reply in
+        half); a broken stream ends the connection."""
+        if self._sending:
+            return
+        self._sending = True
+        try:
+            q = self._outq
+            while q:
+                buf = q.popleft() if len(q) == 1 else b"".join([q.popleft() for _ in range(len(q))])
+                sent = 0
+                if self._fd is not None:
+                    try:
+                        sent = os.write(self._fd, buf)
+                    except BlockingIOError:
+                        pass
+                if sent < len(buf):
+                    await self.stream.send_all(memoryview(buf)[sent:])
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
+            self.closed_reason = self.closed_reason or f"connection lost: {e!r}"
+            self._outq.clear()
+            if self._nursery is not None:
+                self._nursery.cancel_scope.cancel()
+        finally:
+            self._sending = False
 
     # -- dispatch ---------------------------------------------------------
 
@@ -269,6 +287,7 @@ class Connection:
         tag = msg.tag
         if type(msg) is m.Tversion:
             await self._version(msg, reader)
+            await self._transmit()
             return
         name = type(msg).__name__
         if name[0] != "T":
@@ -277,11 +296,13 @@ class Connection:
             raise _protocol(f"tag {tag} reused while outstanding")
         if self.dialect is None:
             self._queue(m.Rerror(tag=tag, ename="Tversion first", errno=errno.EPROTO))
+            await self._transmit()
             return
         handler = _HANDLERS.get(type(msg))
         allowed = _DIALECT_OF.get(type(msg))
         if handler is None or (allowed is not None and self.dialect not in allowed):
             self._queue(self._error(tag, FsError(errno.EOPNOTSUPP, f"{name} not supported on {self.dialect.value}")))
+            await self._transmit()
             return
         # Synchronous fid checks: a newfid must be free (or equal fid, for Twalk).
         newfid = _newfid_of(msg)
@@ -295,7 +316,7 @@ class Connection:
         self._nursery.start_soon(self._run_request, handler, msg, req, newfid)
 
     async def _run_request(self, handler: Callable, msg: Any, req: _Request, newfid: int | None) -> None:
-        reply = None
+        frame = None
         try:
             with req.scope:
                 try:
@@ -305,15 +326,30 @@ class Connection:
                 except Exception as e:  # file code bug: answer EIO, keep serving
                     log.exception("9P %s: %r failed", self.peer, msg)
                     reply = self._error(msg.tag, FsError(errno.EIO, f"internal error: {type(e).__name__}"))
+                frame = self._encode(reply)
         finally:
             if newfid is not None and self.fids.get(newfid) is _RESERVED:
                 del self.fids[newfid]
             # Queue the reply (if any), then retire the tag, with no checkpoint in
             # between, so Tflush's Rflush can only be queued after it.
-            if reply is not None:
-                self._queue(reply)
+            if frame is not None:
+                self._outq.append(frame)
             del self.pending[msg.tag]
             req.done.set()
+        if frame is not None:
+            await self._transmit()
+
+    def _encode(self, reply: Any) -> bytes:
+        """Encode a reply; one that cannot be encoded (file code returned an
+        out-of-range value) becomes an EIO error, logged."""
+        if self.trace:
+            trace_log.debug("%s -> %r", self.peer, reply)
+        try:
+            return encode(reply, self.dialect or Dialect.P2000)
+        except (ValueError, TypeError, OverflowError) as e:
+            log.error("9P %s: cannot encode %r: %s", self.peer, reply, e)
+            return encode(self._error(reply.tag, FsError(errno.EIO, "reply not encodable")),
+                          self.dialect or Dialect.P2000)
 
     def _error(self, tag: int, e: FsError) -> Any:
         if self.dialect is Dialect.L:
