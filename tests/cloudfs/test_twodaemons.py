@@ -1,0 +1,110 @@
+"""Two daemons (two CloudFS instances, each with its own kazoo session) on one
+ZooKeeper root see one tree."""
+
+import os
+
+import trio
+
+from cloudfs.drivers.fake import FakeDriver
+from cloudfs.namespace import open_cloudfs
+from tests.cloudfs.fsops import cat, ctl, echo, ls, state_is, status, vm
+
+
+async def test_fork_on_one_listed_on_other(cfs, cfs2):
+    a, b = await cfs.attach("", ""), await cfs2.attach("", "")
+    pid = int(await ctl(a, 1, "fork name=x"))
+    assert str(pid) in await ls(b, "/proc")
+    assert (await status(b, pid))["name"] == "x"
+    assert await cat(b, "/proc/1/children") == f"{pid}\n".encode()
+
+
+async def test_concurrent_forks_get_unique_pids(cfs, cfs2):
+    roots = [await cfs.attach("", ""), await cfs2.attach("", "")]
+    pids = []
+
+    async def forker(root):
+        for _ in range(15):
+            pids.append(int(await ctl(root, 1, "fork")))
+
+    async with trio.open_nursery() as n:
+        for r in roots:
+            n.start_soon(forker, r)
+            n.start_soon(forker, r)
+    assert len(set(pids)) == 60
+    assert sorted(pids) == list(range(2, 62))
+    assert await ls(roots[1], "/proc") == [str(p) for p in range(1, 62)]
+
+
+async def test_blocked_env_read_released_by_other(cfs, cfs2):
+    a, b = await cfs.attach("", ""), await cfs2.attach("", "")
+    pid = int(await ctl(a, 1, "fork"))
+    got = []
+
+    async def reader():
+        got.append(await cat(a, f"/proc/{pid}/env/result"))
+
+    async with trio.open_nursery() as n:
+        n.start_soon(reader)
+        await trio.sleep(0.2)
+        assert got == []
+        await echo(b, f"/proc/{pid}/env/result", "done\n")
+    assert got == [b"done\n"]
+    assert cfs.store.waiter_count(cfs.layout.proc) == 0
+
+
+async def test_wait_on_one_released_by_kill_on_other(cfs, cfs2):
+    a, b = await cfs.attach("", ""), await cfs2.attach("", "")
+    p = await vm(a)
+    k = int(await ctl(a, p, "fork name=k"))
+    await state_is(b, k, "running")
+    got = []
+
+    async def waiter():
+        got.append(await cat(a, f"/proc/{p}/wait"))
+
+    async with trio.open_nursery() as n:
+        n.start_soon(waiter)
+        await trio.sleep(0.1)
+        await ctl(b, k, "kill")
+    assert got == [f"{k} k killed killed\n".encode()]
+
+
+async def test_exactly_one_daemon_acts(cfs, cfs2, driver):
+    a, b = await cfs.attach("", ""), await cfs2.attach("", "")
+    pids = [await vm(a if i % 2 else b) for i in range(6)]
+    creates = [c for c in driver.calls if c[0] == "create"]
+    assert len(creates) == 6 == len(driver.servers)
+    owners = {p: (await cfs.store.get(cfs.layout.owner(p)))[0] for p in pids}
+    assert set(owners.values()) <= {b"daemon-a", b"daemon-b"}
+
+
+async def test_owner_gone_other_takes_over(zookeeper, zk_root, driver, cfs):
+    root = await cfs.attach("", "")
+    async with open_cloudfs(zookeeper.hosts, driver, zk_root, daemon_id="short-lived") as other:
+        await other.close()  # its reconciler stops: it owns but will never act
+        oroot = await other.attach("", "")
+        pid = int(await ctl(oroot, 1, "fork"))
+        await other.store.create(other.layout.owner(pid), b"short-lived", ephemeral=True)
+        await ctl(oroot, pid, "exec tiny")
+        await trio.sleep(0.3)
+        assert (await status(root, pid))["state"] == "creating"  # daemon-a defers to the owner
+        assert not driver.servers
+    # the short-lived daemon's session closed: its owner znode is gone, daemon-a takes over
+    await state_is(root, pid, "running")
+    assert (await cfs.store.get(cfs.layout.owner(pid)))[0] == b"daemon-a"
+
+
+async def test_records_survive_new_instance(zookeeper, zk_root):
+    d = FakeDriver()
+    async with open_cloudfs(zookeeper.hosts, d, zk_root) as first:
+        r = await first.attach("", "")
+        pid = await vm(r, userdata="persist")
+        await echo(r, f"/proc/{pid}/env/k", "v")
+    async with open_cloudfs(zookeeper.hosts, d, zk_root) as second:
+        r = await second.attach("", "")
+        assert await ls(r, "/proc") == ["1", str(pid)]
+        st = await status(r, pid)
+        assert st["state"] == "running" and st["image"] == "tiny"
+        assert await cat(r, f"/proc/{pid}/userdata") == b"persist"
+        assert await cat(r, f"/proc/{pid}/env/k", os.O_RDONLY | os.O_NONBLOCK) == b"v"
+        assert int(await ctl(r, 1, "fork")) == pid + 1
