@@ -1,0 +1,122 @@
+"""ZooKeeper going away: a clear error (EAGAIN/EIO) or a wait, never a wrong
+answer, and recovery without restarting the CloudFS.  Each test has its own
+ZooKeeper server (``private_zookeeper``) to kill and restart."""
+
+import errno
+import os
+
+import pytest
+import trio
+from kazoo.client import KazooClient
+
+from cloudfs.drivers.fake import FakeDriver
+from cloudfs.namespace import open_cloudfs
+from ninep.errors import FsError
+from tests.cloudfs.fsops import cat, ctl, echo, eventually, ls, state_is, status
+
+OPTS = dict(session_timeout=4.0, op_timeout=3.0, suspend_wait=0.5)
+
+
+async def _recovered(root):
+    async def check():
+        try:
+            return await ls(root, "/proc")
+        except FsError as e:
+            assert e.errno in (errno.EAGAIN, errno.EIO)
+            return None
+
+    return await eventually(check, timeout=30, interval=0.2)
+
+
+async def test_server_down_errors_then_recovers(private_zookeeper):
+    zk = private_zookeeper
+    async with open_cloudfs(zk.hosts, FakeDriver(), "/cloudfs/t", **OPTS) as fs:
+        root = await fs.attach("", "")
+        pid = int(await ctl(root, 1, "fork"))
+        got = []
+
+        async def reader():
+            got.append(await cat(root, f"/proc/{pid}/env/k"))
+
+        async with trio.open_nursery() as n:
+            n.start_soon(reader)
+            await trio.sleep(0.2)
+            await trio.to_thread.run_sync(zk.stop)
+            with pytest.raises(FsError) as e:
+                with trio.fail_after(10):
+                    await status(root, pid)
+            assert e.value.errno in (errno.EAGAIN, errno.EIO)
+            with pytest.raises(FsError) as e:
+                await ctl(root, 1, "fork")
+            assert e.value.errno in (errno.EAGAIN, errno.EIO)
+            assert got == []  # the blocked read waits: no wrong answer
+            await trio.to_thread.run_sync(zk.start)
+            assert str(pid) in await _recovered(root)
+            assert got == []
+            await echo(root, f"/proc/{pid}/env/k", "after\n")
+        assert got == [b"after\n"]
+        assert int(await ctl(root, 1, "fork")) == pid + 1
+
+
+async def test_session_expiry_recovers(private_zookeeper):
+    zk = private_zookeeper
+    async with open_cloudfs(zk.hosts, FakeDriver(), "/cloudfs/t", **OPTS) as fs:
+        root = await fs.attach("", "")
+        pid = int(await ctl(root, 1, "fork"))
+        await ctl(root, pid, "exec tiny")
+        await state_is(root, pid, "running")
+        assert await fs.store.exists(fs.layout.owner(pid)) is not None
+        got = []
+
+        async def reader():
+            got.append(await cat(root, f"/proc/{pid}/env/k"))
+
+        async with trio.open_nursery() as n:
+            n.start_soon(reader)
+            await trio.sleep(0.2)
+            # expire the session: another client with the same id closes it
+            sid = fs.store.client.client_id
+
+            def expire():
+                k = KazooClient(zk.hosts, client_id=sid)
+                k.start(5)
+                k.stop()
+                k.close()
+
+            await trio.to_thread.run_sync(expire)
+            await eventually(lambda: _lost(fs), timeout=10)
+            await _recovered(root)
+            assert got == []
+            await echo(root, f"/proc/{pid}/env/k", "v")
+        assert got == [b"v"]
+        # the ephemeral owner died with the session; new work re-acquires it
+        await ctl(root, pid, "stop")
+        await state_is(root, pid, "stopped")
+        assert await fs.store.exists(fs.layout.owner(pid)) is not None
+
+
+async def _lost(fs):
+    return fs.store.sessions_lost >= 1
+
+
+async def test_nonblocking_read_during_outage_is_error(private_zookeeper):
+    zk = private_zookeeper
+    async with open_cloudfs(zk.hosts, FakeDriver(), "/cloudfs/t", **OPTS) as fs:
+        root = await fs.attach("", "")
+        node = await (await (await (await root.walk("proc")).walk("1")).walk("env")).walk("k")
+        await trio.to_thread.run_sync(zk.stop)
+        f = await _open_or_error(node)
+        if f is not None:
+            with pytest.raises(FsError) as e:
+                await f.read(0, 100)
+            assert e.value.errno in (errno.EAGAIN, errno.EIO)
+        await trio.to_thread.run_sync(zk.start)
+        await _recovered(root)
+
+
+async def _open_or_error(node):
+    try:
+        return await node.open(os.O_RDONLY | os.O_NONBLOCK)
+    except FsError as e:
+        assert e.errno in (errno.EAGAIN, errno.EIO)
+        return None
