@@ -38,6 +38,9 @@ class CtlFile(OpenFile):
     """``/proc/<pid>/ctl``: each write is one command (cloudfs.ctl.parse);
     a read on the same open then returns the command's result once (for
     ``fork`` the child pid and a newline; empty for the others), then EOF.
+    Reads ignore the offset (as Plan 9 ctl files do): after ``echo fork >&3``
+    the shell's file position is past the command, yet ``cat <&3`` must
+    still see the pid.
     Errors: EINVAL (bad command, with message), ENOENT, EPERM, ESRCH."""
 
     def __init__(self, fs: "CloudFS", pid: int, flags: int):
@@ -45,17 +48,20 @@ class CtlFile(OpenFile):
         self.fs = fs
         self.pid = pid
         self.result: bytes | None = None
+        self._pos = 0
 
     async def write(self, offset: int, data: bytes) -> int:
         cmd = ctl.parse(data)
         self.result = None
         self.result = await self.fs.run_ctl(self.pid, cmd)
+        self._pos = 0
         return len(data)
 
     async def read(self, offset: int, count: int) -> bytes:
         if self.result is None:
             return b""
-        chunk = self.result[offset : offset + count]
+        chunk = self.result[self._pos : self._pos + count]
+        self._pos += len(chunk)
         if not chunk:
             self.result = None
         return chunk

@@ -108,6 +108,11 @@ async def test_ctl_result_read_once_then_eof(root):
     assert out.endswith(b"\n") and int(out) > 1
     assert await f.read(len(out), 100) == b""
     assert await f.read(0, 100) == b""  # once
+    # reads ignore the offset: a shell reading at its position after the write
+    await f.write(0, b"fork\n")
+    out2 = await f.read(5, 1)
+    out2 += await f.read(6, 100)
+    assert int(out2) == int(out) + 1 and await f.read(7, 100) == b""
     await f.release()
 
 
