@@ -1,0 +1,170 @@
+"""An embedded ZooKeeper: Debian's ``zookeeper`` package run as a child process.
+
+``cloudfs up`` without ``--zookeeper`` starts one with its data under the state
+directory and stops it on exit; tests start throwaway ones on free ports.  The
+server listens on 127.0.0.1 only.  The child gets PR_SET_PDEATHSIG, so it dies
+with the process that started it, even on ``kill -9`` (the data directory
+survives, and the next start finds every record).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+JAVA_DIR = "/usr/share/java"
+#: The jars QuorumPeerMain needs (Debian's unversioned names).
+JARS = [
+    "zookeeper.jar", "zookeeper-jute.jar", "netty-handler.jar", "netty-transport.jar",
+    "netty-common.jar", "netty-buffer.jar", "netty-codec.jar", "netty-resolver.jar",
+    "netty-transport-native-epoll.jar", "netty-transport-native-unix-common.jar",
+    "slf4j-api.jar", "slf4j-nop.jar", "commons-cli.jar", "metrics-core.jar", "snappy-java.jar",
+]
+_PR_SET_PDEATHSIG = 1
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def answers(port: int) -> bool:
+    """True when a ZooKeeper on 127.0.0.1:``port`` answers the ``srvr`` word."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as s:
+            s.sendall(b"srvr")
+            s.settimeout(1.0)
+            return bool(s.recv(100))
+    except OSError:
+        return False
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    os.setsid()
+
+
+class ZooKeeperServer:
+    """One standalone ZooKeeper 3.8 server on ``127.0.0.1:port``.
+
+    ``data_dir`` holds zoo.cfg, the snapshots/logs and zookeeper.log (a
+    temporary directory when None, removed by :meth:`cleanup`).  ``hosts`` is
+    the kazoo connection string.  :meth:`start` blocks until the server answers
+    (RuntimeError after ``timeout`` seconds); :meth:`stop` stops it (SIGTERM,
+    or SIGKILL with ``kill=True``, like a crash: the data survives).
+    ``tick_ms`` is ZooKeeper's tickTime; sessions may last 2 to 120 ticks.
+    """
+
+    def __init__(self, port: int | None = None, data_dir: str | os.PathLike | None = None, *,
+                 tick_ms: int = 500):
+        self.port = port or free_port()
+        self._own_dir = data_dir is None
+        self.dir = Path(data_dir) if data_dir is not None else Path(tempfile.mkdtemp(prefix="cloudfs-zk-"))
+        self.tick_ms = tick_ms
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def hosts(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def log_path(self) -> Path:
+        return self.dir / "zookeeper.log"
+
+    def start(self, timeout: float = 30.0) -> None:
+        """Start the server and wait until it answers."""
+        self.launch()
+        self.wait_ready(timeout)
+
+    def launch(self) -> None:
+        """Start the server process without waiting.  Call it from the thread
+        that lives as long as the server should (the main thread): the server
+        gets SIGKILL when that thread ends (PR_SET_PDEATHSIG)."""
+        if shutil.which("java") is None:
+            raise RuntimeError("java not found: install Debian's zookeeper package (scripts/install-deps)")
+        (self.dir / "data").mkdir(parents=True, exist_ok=True)
+        cfg = self.dir / "zoo.cfg"
+        cfg.write_text(
+            f"tickTime={self.tick_ms}\n"
+            f"minSessionTimeout={2 * self.tick_ms}\n"
+            f"maxSessionTimeout={120 * self.tick_ms}\n"
+            f"dataDir={self.dir}/data\n"
+            f"clientPort={self.port}\n"
+            "clientPortAddress=127.0.0.1\n"
+            "admin.enableServer=false\n"
+            "maxClientCnxns=0\n"
+            "4lw.commands.whitelist=srvr,ruok\n"
+            "forceSync=no\n"
+        )
+        cp = ":".join(os.path.join(JAVA_DIR, j) for j in JARS) + ":/etc/zookeeper/conf"
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                ["java", "-Xmx512m", "-Dzookeeper.jmx.log4j.disable=true", "-cp", cp,
+                 "org.apache.zookeeper.server.quorum.QuorumPeerMain", str(cfg)],
+                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                preexec_fn=_die_with_parent,
+            )
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        """Block until the launched server answers; RuntimeError if it exits or
+        does not answer within ``timeout`` seconds (it is then killed)."""
+        assert self.proc is not None, "launch() first"
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"ZooKeeper exited with {self.proc.returncode}; see {self.log_path}")
+            if answers(self.port):
+                return
+            time.sleep(0.1)
+        self.stop(kill=True)
+        raise RuntimeError(f"ZooKeeper did not answer on {self.hosts} within {timeout}s; see {self.log_path}")
+
+    def stop(self, *, kill: bool = False) -> None:
+        """Stop the server (idempotent)."""
+        proc, self.proc = self.proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        os.killpg(proc.pid, signal.SIGKILL if kill else signal.SIGTERM)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+
+    def cleanup(self) -> None:
+        """Stop and remove the data directory (if this object made it)."""
+        self.stop(kill=True)
+        if self._own_dir:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def embedded(state_dir: Path) -> ZooKeeperServer:
+    """The ZooKeeperServer of a daemon's state directory: data in
+    ``state_dir/zookeeper``; the port is chosen once and kept in its ``port``
+    file, so a restarted daemon (and other daemons told ``--zookeeper``) find
+    it at the same address."""
+    d = state_dir / "zookeeper"
+    d.mkdir(parents=True, exist_ok=True)
+    port_file = d / "port"
+    port = None
+    if port_file.exists():
+        try:
+            port = int(port_file.read_text().strip())
+        except ValueError:
+            port = None
+    if port is None or answers(port):
+        # no port yet, or something else (a stale server of a crashed daemon
+        # that somehow survived) already answers there: take a fresh port
+        port = free_port()
+        port_file.write_text(f"{port}\n")
+    return ZooKeeperServer(port, d)
