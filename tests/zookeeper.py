@@ -42,14 +42,17 @@ def free_port() -> int:
 
 
 def _answers(port: int) -> bool:
-    """True when the server accepts a connection and answers a 4-letter-word
-    request or at least keeps the connection (``ruok`` may be disabled)."""
+    """True when the server serves clients: its ``srvr`` answer names its mode
+    (before that it says "not currently serving requests", and a client's
+    first connection would hang until its session timeout)."""
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=0.5) as s:
             s.sendall(b"srvr")
             s.settimeout(1.0)
-            data = s.recv(100)
-            return bool(data)
+            data = b""
+            while chunk := s.recv(4096):
+                data += chunk
+            return b"Mode:" in data
     except OSError:
         return False
 
