@@ -303,14 +303,16 @@ class ProcTable:
 
     async def env_wait(self, pid: int, key: str, nonblocking: bool) -> bytes:
         """The value of ``key``, blocking (ZooKeeper watch) until it is set.
-        EAGAIN when ``nonblocking`` and unset; ENOENT if no such process."""
-        if not await self.exists(pid):
-            raise _enoent(pid)
+        EAGAIN when ``nonblocking`` and unset; ENOENT if there is no such
+        process or it ends while the read waits."""
         try:
-            return await self.store.wait_set(self.layout.env_key(pid, key), nonblocking)
+            return await self.store.wait_set(self.layout.env_key(pid, key), nonblocking,
+                                             gone=self.layout.record(pid))
         except FsError as e:
             if e.errno == errno.EAGAIN and nonblocking:
                 raise FsError(errno.EAGAIN, f"env key {key!r} of process {pid} is not set") from None
+            if e.errno == errno.ENOENT:
+                raise _enoent(pid) from None
             raise
 
     async def env_write(self, pid: int, key: str, offset: int, data: bytes) -> int:

@@ -344,16 +344,20 @@ class Store:
         (0 when no read is blocked there)."""
         return sum(len(v) for p, v in self._waiters.items() if p.startswith(under))
 
-    async def wait_set(self, path: str, nonblocking: bool = False) -> bytes:
+    async def wait_set(self, path: str, nonblocking: bool = False, gone: str | None = None) -> bytes:
         """The data of ``path``, waiting until the znode exists.
 
         Woken by an exists-watch on ``path`` (never by polling).  With
-        ``nonblocking`` a missing znode is FsError(EAGAIN).  Cancellation
-        leaves no waiter behind.
+        ``nonblocking`` a missing znode is FsError(EAGAIN).  If ``gone`` is
+        given (e.g. the owning process's record) and it does not exist or
+        is deleted while waiting, FsError(ENOENT).  Cancellation leaves no
+        waiter behind.
         """
+        paths = (path,) if gone is None else (path, gone)
         while True:
-            ev = self._register(path)
-            try:
+            with self.watching(*paths) as ev:
+                if gone is not None and await self.exists(gone, watch=True) is None:
+                    raise FsError(errno.ENOENT, "no such file: its owner has ended")
                 if await self.exists(path, watch=True) is not None:
                     got = await self.get(path)
                     if got is not None:
@@ -362,8 +366,6 @@ class Store:
                 if nonblocking:
                     raise FsError(errno.EAGAIN, "not set yet")
                 await ev.wait()
-            finally:
-                self._unregister(path, ev)
 
     async def wait_children(self, path: str, nonblocking: bool = False) -> list[str]:
         """The children of ``path`` once there is at least one (child watch).

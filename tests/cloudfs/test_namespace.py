@@ -324,6 +324,23 @@ async def test_env_cancelled_read_leaves_no_waiter(root, cfs):
     assert cfs.store.waiter_count(cfs.layout.proc) == 0
 
 
+async def test_env_read_of_ended_process_enoent(root, cfs):
+    pid = int(await ctl(root, 1, "fork"))
+    got = []
+
+    async def reader():
+        with pytest.raises(FsError) as e:
+            await cat(root, f"/proc/{pid}/env/never")
+        got.append(e.value.errno)
+
+    async with trio.open_nursery() as n:
+        n.start_soon(reader)
+        await trio.sleep(0.2)
+        await ctl(root, pid, "kill")
+    assert got == [errno.ENOENT]
+    assert cfs.store.waiter_count(cfs.layout.proc) == 0
+
+
 async def test_env_value_bounded(root):
     await fails(errno.EFBIG, echo(root, "/proc/1/env/big", b"x" * (256 * 1024 + 1)))
 
