@@ -40,18 +40,19 @@ class CloudFS(FileSystem):
 
     ``store`` a started :class:`Store`; ``driver`` the compute driver;
     ``root`` the deployment's znode (``/cloudfs/<deployment>``);
-    ``daemon_id`` this daemon's unique name (owner znodes).
+    ``daemon_id`` this daemon's unique name (owner znodes);
+    ``resync_interval`` seconds between backend status syncs (None: never).
     Call :meth:`start` before serving.
     """
 
     def __init__(self, store: Store, driver: ComputeDriver, root: str = DEFAULT_ROOT,
-                 daemon_id: str | None = None):
+                 daemon_id: str | None = None, resync_interval: float | None = 10.0):
         self.store = store
         self.driver = driver
         self.layout = Layout(root)
         self.table = ProcTable(store, self.layout, driver)
         self.daemon_id = daemon_id or f"cloudfs-{uuid.uuid4().hex[:12]}"
-        self.reconciler = Reconciler(self.table, self.daemon_id)
+        self.reconciler = Reconciler(self.table, self.daemon_id, resync_interval)
         self.started_ns = time.time_ns()
         self._cancel: trio.CancelScope | None = None
 
@@ -105,7 +106,8 @@ class CloudFS(FileSystem):
 
 @asynccontextmanager
 async def open_cloudfs(hosts: str, driver: ComputeDriver, root: str = DEFAULT_ROOT, *,
-                       daemon_id: str | None = None, **store_options) -> AsyncIterator[CloudFS]:
+                       daemon_id: str | None = None, resync_interval: float | None = 10.0,
+                       **store_options) -> AsyncIterator[CloudFS]:
     """Connect to ZooKeeper at ``hosts``, start a CloudFS on ``root`` and
     yield it; on exit stop the reconciler and close the session.
     ``store_options`` go to :class:`Store` (timeouts)."""
@@ -113,7 +115,7 @@ async def open_cloudfs(hosts: str, driver: ComputeDriver, root: str = DEFAULT_RO
     await store.start()
     try:
         async with trio.open_nursery() as nursery:
-            fs = CloudFS(store, driver, root, daemon_id)
+            fs = CloudFS(store, driver, root, daemon_id, resync_interval)
             await fs.start(nursery)
             try:
                 yield fs

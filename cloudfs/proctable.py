@@ -353,10 +353,11 @@ class ProcTable:
 
     # -- ending a process (reconciler) ---------------------------------------
 
-    async def finalize(self, pid: int, state: str, message: str) -> bool:
+    async def finalize(self, pid: int, state: str, message: str, reparent: bool = False) -> bool:
         """Remove an ended process: its znodes go, a wait record goes to the
         parent, and a killed parent gets a work item (children first).
-        Returns False (nothing done) while it still has children."""
+        Returns False (nothing done) while it still has children, unless
+        ``reparent``: then its children become init's (as Unix orphans do)."""
         L = self.layout
         while True:
             r = await self.record(pid)
@@ -367,10 +368,19 @@ class ProcTable:
                 self.store.children(L.kids(pid)), self.store.children(L.env(pid)),
                 self.store.children(L.wait(pid)), self.store.children(L.pending),
             )
-            if kids:
+            if kids and not reparent:
                 return False
             parent = await self.record(rec.ppid)
             t = self.store.transaction()
+            for k in kids or ():
+                kr = await self.record(int(k))
+                if kr is None:
+                    continue
+                krec, kversion = kr
+                krec.ppid = INIT_PID
+                t.set_data(L.record(krec.pid), krec.to_json(), kversion)
+                t.delete(L.kid(pid, krec.pid))
+                t.create(L.kid(INIT_PID, krec.pid), b"")
             for k in envs or ():
                 t.delete(L.env_key(pid, k))
             for w in waits or ():

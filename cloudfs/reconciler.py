@@ -32,7 +32,7 @@ import trio
 
 from ninep.errors import FsError
 
-from .drivers.base import DriverError
+from .drivers.base import DriverError, NotFound
 from .process import Process
 from .proctable import ProcTable
 from .store import NoNodeError, NodeExistsError
@@ -44,7 +44,7 @@ class Reconciler:
     """One daemon's reconciler.  ``daemon_id`` is this daemon's unique name
     (stored in the owner znodes).  Run :meth:`run` in a nursery."""
 
-    def __init__(self, table: ProcTable, daemon_id: str):
+    def __init__(self, table: ProcTable, daemon_id: str, resync_interval: float | None = 10.0):
         self.table = table
         self.store = table.store
         self.layout = table.layout
@@ -53,6 +53,7 @@ class Reconciler:
         self.active: set[int] = set()
         self.owned: set[int] = set()
         self.dirty: set[int] = set()
+        self.resync_interval = resync_interval
         self.store.on_reconnect.append(self._reconnected)
 
     def _reconnected(self, lost: bool) -> None:
@@ -63,6 +64,8 @@ class Reconciler:
         """Watch for work forever (until cancelled)."""
         L = self.layout
         async with trio.open_nursery() as nursery:
+            if self.resync_interval:
+                nursery.start_soon(self._resync_loop)
             task_status.started()
             while True:
                 try:
@@ -81,6 +84,61 @@ class Reconciler:
                     with trio.move_on_after(5):
                         await self.store.wait_connected()
                     await trio.sleep(0.05)
+
+    async def _resync_loop(self) -> None:
+        while True:
+            await trio.sleep(self.resync_interval)
+            try:
+                await self.resync()
+            except FsError as e:
+                log.info("resync skipped: %s", e)
+
+    async def resync(self) -> None:
+        """Write the backend's view of this daemon's processes back (like
+        Nova's power-state sync; this polls the *driver*, never ZooKeeper):
+        a server that ended by itself or vanished makes its process
+        ``exited`` (children go to init, a wait record to the parent); a
+        power state changed outside cloudfs is recorded."""
+        for pid in sorted(self.owned):
+            if pid in self.active:
+                continue
+            r = await self.table.record(pid)
+            if r is None:
+                self.owned.discard(pid)
+                continue
+            rec = r[0]
+            if rec.vm is None or rec.desired == "killed" or rec.state not in ("running", "stopped"):
+                continue
+            try:
+                server = await self.driver.status(rec.vm)
+            except NotFound:
+                server = None
+            except DriverError as e:
+                log.info("status of %d: %s", pid, e)
+                continue
+            if server is None or server.status == "exited":
+                message = server.message if server is not None else "server vanished"
+                if server is not None:
+                    try:
+                        await self.driver.delete(rec.vm)
+                    except DriverError as e:
+                        log.info("deleting exited %d: %s", pid, e)
+                if await self.table.finalize(pid, "exited", message or "exited", reparent=True):
+                    try:
+                        await self.store.delete(self.layout.owner(pid))
+                    except NoNodeError:
+                        pass
+                    self.owned.discard(pid)
+            elif server.status != rec.state and server.status in ("running", "stopped", "error"):
+                observed, msg = server.status, server.message
+
+                def seen(r: Process) -> None:
+                    if r.state in ("running", "stopped"):
+                        r.state = observed
+                        if observed == "error":
+                            r.error = msg or "the backend reports an error"
+
+                await self.table.update(pid, seen)
 
     async def _own(self, pid: int) -> bool:
         if pid in self.owned:

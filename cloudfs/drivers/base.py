@@ -49,14 +49,16 @@ class Network:
 
 @dataclass(frozen=True)
 class Server:
-    """A VM as the backend sees it: ``status`` is ``running``, ``stopped`` or
-    ``error``; ``addresses`` IPv4 addresses as text."""
+    """A VM as the backend sees it: ``status`` is ``running``, ``stopped``,
+    ``exited`` (it shut itself down) or ``error``; ``addresses`` IPv4
+    addresses as text; ``message`` why it exited or failed."""
 
     id: str
     name: str
     status: str
     host: str
     addresses: tuple[str, ...] = field(default=())
+    message: str = ""
 
 
 class ComputeDriver(abc.ABC):

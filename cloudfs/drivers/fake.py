@@ -2,7 +2,8 @@
 driver).  For namespace tests and scale benchmarks.
 
 It offers images ``tiny`` and ``alpine``, flavors ``m1.tiny`` (default) and
-``m1.small``, and the network ``user`` (10.0.0.0/24).  ``calls`` records every
+``m1.small``, and the network ``user`` (10.0.0.0/24).  ``exit(id, msg)`` makes
+a server end by itself.  ``calls`` records every
 mutating call as ``(method, server_id_or_name)``.  ``fail_next(method, msg)``
 makes the next call of that method raise DriverError(msg) (for error-state tests).
 """
@@ -39,6 +40,12 @@ class FakeDriver(ComputeDriver):
         self._failures: dict[str, str] = {}
         self._addr = {n: itertools.count(10) for n in self.networks}
         self._subnet = itertools.count(1)
+
+    def exit(self, server_id: str, message: str = "exited") -> None:
+        """Make a server end by itself (status ``exited``), as a guest's
+        poweroff would; the reconciler's resync notices it."""
+        s = self._get(server_id)
+        self.servers[server_id] = Server(s.id, s.name, "exited", s.host, s.addresses, message)
 
     def fail_next(self, method: str, message: str) -> None:
         """Make the next call of ``method`` fail with DriverError(message)."""

@@ -1,0 +1,72 @@
+"""cloudfs.reconciler: converging is idempotent; resync writes the backend's
+view back (exited servers, power changes made outside cloudfs)."""
+
+import trio
+
+from tests.cloudfs.fsops import cat, ctl, ls, state_is, status, vm
+
+
+async def test_converge_twice_is_a_no_op(cfs):
+    root = await cfs.attach("", "")
+    pid = await vm(root)
+    before = list(cfs.driver.calls)
+    rec, _ = await cfs.table.require(pid)
+    await cfs.reconciler.converge(rec)
+    await cfs.reconciler.converge(rec)
+    assert cfs.driver.calls == before
+    assert (await status(root, pid))["state"] == "running"
+
+
+async def test_rebuild_failure_is_error_state(cfs):
+    root = await cfs.attach("", "")
+    pid = await vm(root)
+    cfs.driver.fail_next("rebuild", "image is corrupt")
+    await ctl(root, pid, "exec alpine")
+    st = await state_is(root, pid, "error")
+    assert st["error"] == "image is corrupt"
+    await ctl(root, pid, "kill")  # an errored process can still be killed
+    assert await cat(root, "/proc/1/wait") == f"{pid} p{pid} killed killed\n".encode()
+
+
+async def test_stop_failure_is_error_state(cfs):
+    root = await cfs.attach("", "")
+    pid = await vm(root)
+    cfs.driver.fail_next("stop", "hypervisor busy")
+    await ctl(root, pid, "stop")
+    assert (await state_is(root, pid, "error"))["error"] == "hypervisor busy"
+
+
+async def test_resync_exited_server_reparents_children(cfs):
+    root = await cfs.attach("", "")
+    p = await vm(root)
+    k = int(await ctl(root, p, "fork name=kid"))
+    await state_is(root, k, "running")
+    sid = (await cfs.table.require(p))[0].vm
+    cfs.driver.exit(sid, "guest powered off")
+    await cfs.reconciler.resync()
+    assert await cat(root, "/proc/1/wait") == f"{p} p{p} exited guest powered off\n".encode()
+    assert await ls(root, "/proc") == ["1", str(k)]
+    assert (await status(root, k))["ppid"] == "1"
+    assert await cat(root, "/proc/1/children") == f"{k}\n".encode()
+    assert sid not in cfs.driver.servers
+
+
+async def test_resync_records_outside_power_change(cfs):
+    root = await cfs.attach("", "")
+    pid = await vm(root)
+    sid = (await cfs.table.require(pid))[0].vm
+    await cfs.driver.stop(sid)  # stopped behind cloudfs's back
+    await cfs.reconciler.resync()
+    assert (await status(root, pid))["state"] == "stopped"
+
+
+async def test_resync_runs_periodically(zookeeper, zk_root, driver):
+    from cloudfs.namespace import open_cloudfs
+
+    async with open_cloudfs(zookeeper.hosts, driver, zk_root, resync_interval=0.1) as fs:
+        root = await fs.attach("", "")
+        pid = await vm(root)
+        driver.servers.pop((await fs.table.require(pid))[0].vm)  # vanished
+        with trio.fail_after(5):
+            line = await cat(root, "/proc/1/wait")
+        assert line == f"{pid} p{pid} exited server vanished\n".encode()
