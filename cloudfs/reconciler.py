@@ -25,7 +25,6 @@ it go round again.
 
 from __future__ import annotations
 
-import errno
 import logging
 
 import trio
