@@ -177,10 +177,17 @@ class ChildrenNode(CNode):
 
 
 class UserdataNode(CNode):
+    """``/proc/<pid>/userdata``; truncating to 0 (``: > userdata``) clears it."""
+
     kind = tree.USERDATA
 
     def _open(self, flags: int) -> OpenFile:
         return UserdataFile(self.fs, self.pid, flags)
+
+    async def setattr(self, change) -> None:
+        await super().setattr(change)
+        if change.size == 0:
+            await self.fs.table.write_userdata(self.pid, 0, b"")
 
 
 class WaitNode(CNode):

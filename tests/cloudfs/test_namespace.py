@@ -257,6 +257,8 @@ async def test_userdata_write_replaces_and_is_bounded(root):
     await fails(errno.EFBIG, f.write(60000, b"c" * 10000), "65536")
     await f.release()
     assert await cat(root, f"/proc/{pid}/userdata") == b"a" * 40000 + b"b" * 20000
+    await (await walk(root, f"/proc/{pid}/userdata")).setattr(SetAttr(size=0))
+    assert await cat(root, f"/proc/{pid}/userdata") == b""
 
 
 async def test_status_paged_by_v9fs(root):
