@@ -438,7 +438,8 @@ def build_tiny(cache_dir: Path, progress: Callable[[str], object] = print) -> Ti
     files are fetched with ``apt-get download`` into ``cache_dir/debs``,
     unpacked with ``dpkg -x`` into a temporary directory under ``cache_dir``
     (nothing is installed on the host), and ``cache_dir/tiny-<id>/vmlinuz`` and
-    ``initramfs.cpio.gz`` are written.  If apt's lists are missing,
+    ``initramfs.cpio.gz`` are written (older ``tiny-*`` directories are
+    removed).  If apt's lists are missing,
     ``apt-get update`` runs once (needs root); if apt cannot resolve the
     packages at all, an existing cached image is returned as is.
 
@@ -553,6 +554,10 @@ def _build_tiny_locked(cache_dir: Path, progress: Callable[[str], object]) -> Ti
     tmp_manifest = manifest_path.with_suffix(".tmp")
     tmp_manifest.write_text(json.dumps(manifest, indent=2) + "\n")
     os.replace(tmp_manifest, manifest_path)
+    for stale in cache_dir.glob("tiny-*"):
+        if stale.is_dir() and stale.name != image_id:
+            progress(f"guestimage: removing stale {stale.name}")
+            shutil.rmtree(stale, ignore_errors=True)
     progress(f"guestimage: built {image_id} ({size} bytes, kernel {release})")
     return TinyImage(kernel=kernel_out, initramfs=initrd_out, name="tiny", id=image_id,
                      checksum=checksum, size=size, kernel_release=release,

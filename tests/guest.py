@@ -311,12 +311,14 @@ class Guest:
 
     # -- commands ----------------------------------------------------------
 
-    def begin(self, cmd: str) -> Pending:
+    def begin(self, cmd: str, tty_stdin: bool = False) -> Pending:
         """Send ``cmd`` to the guest shell to run in the foreground; don't wait.
 
         ``cmd`` is sh(1p) text, possibly several lines (each under 4000 bytes:
         the tty's canonical-mode line limit); it runs in the shell itself, so
-        ``cd`` and variables persist.  Returns a :class:`Pending`; only one may
+        ``cd`` and variables persist.  Its stdin is /dev/null unless
+        ``tty_stdin`` is true: then it reads the serial line, and the test
+        feeds it with :meth:`send`.  Returns a :class:`Pending`; only one may
         be outstanding.  Raises GuestError if another command is pending or a
         line is too long.
         """
@@ -331,7 +333,8 @@ class Guest:
         # One compound command: the shell parses it entirely before running it,
         # so ^C's input flush cannot drop the end marker.  The markers are built
         # by printf so the command text never contains them literally.
-        wrapped = (f"printf '__CFS_%s_B__\\n' {token}; {{ {cmd}\n}}; "
+        redirect = "" if tty_stdin else " </dev/null"
+        wrapped = (f"printf '__CFS_%s_B__\\n' {token}; {{ {cmd}\n}}{redirect}; "
                    f"printf '\\n__CFS_%s_E__ %d\\n' {token} \"$?\"\n")
         self._pending = Pending(self, token)
         self._write(wrapped.encode())
@@ -375,8 +378,12 @@ class Guest:
             return p.wait(timeout)
         except GuestTimeout:
             self.interrupt()
-            with contextlib.suppress(GuestError):
+            try:
                 p.wait(10)
+            except GuestError:
+                # Give up on this command; its unique end marker is ignored if it comes.
+                if self._pending is p:
+                    self._pending = None
             raise
 
     def check(self, cmd: str, timeout: float = 30.0) -> str:
@@ -397,6 +404,13 @@ class Guest:
         log = f"/tmp/cloudfs-job{next(self._jobs)}.log"
         out = self.check(f"( {cmd}\n) >{log} 2>&1 </dev/null & echo $!")
         return BackgroundJob(pid=int(out.strip().splitlines()[-1]), log=log)
+
+    def send(self, data: str | bytes) -> None:
+        """Write ``data`` raw to the serial line (input for a ``tty_stdin`` command).
+
+        The tty is in canonical mode: a program sees a line when ``\\n`` is sent.
+        """
+        self._write(data.encode() if isinstance(data, str) else data)
 
     def interrupt(self) -> None:
         """Send ^C (byte 0x03) on the serial line: SIGINT to the foreground command."""

@@ -261,3 +261,21 @@ def test_tcp_forward_mode_and_factory_cleanup(guest_factory):
             assert conn.recv(100) == b"via-chardev\n"
     g.close()
     assert g.proc.poll() is not None
+
+
+def test_tty_stdin_and_send(guest):
+    p = guest.begin("read -r line && echo got:$line", tty_stdin=True)
+    guest.wait_started(p, 10)
+    guest.send("typed text\n")
+    assert p.wait(10) == (0, "got:typed text\n")
+    # Without tty_stdin a stdin reader sees EOF instead of eating protocol lines.
+    assert guest.run("cat; echo done", 10) == (0, "done\n")
+
+
+async def test_usable_from_trio(guest):
+    import trio
+    assert await guest.arun("echo from-trio", 10) == (0, "from-trio\n")
+    p = guest.begin("sleep 100")
+    await trio.to_thread.run_sync(guest.wait_started, p, 10)
+    guest.interrupt()
+    assert (await guest.await_pending(p, 10))[0] == 130
