@@ -162,12 +162,14 @@ class CtlDir(CtlNode):
         self.children: dict[str, CtlFile] = {}
 
     async def walk(self, name: str) -> Node:
+        """The ctl file ``name``; ENOENT if there is none."""
         try:
             return self.children[name]
         except KeyError:
             raise FsError(errno.ENOENT, f"no file {name!r} in ctl") from None
 
     async def open(self, flags: int) -> OpenFile:
+        """Read-only (EISDIR otherwise); readdir lists the files in creation order."""
         if flags & os.O_ACCMODE != os.O_RDONLY:
             raise FsError(errno.EISDIR, "is a directory")
         return _DirOpen(self, flags)

@@ -207,6 +207,7 @@ class LocalFS(FileSystem):
     # -- FileSystem -------------------------------------------------------
 
     async def attach(self, uname: str, aname: str, n_uname: int | None = None) -> Node:
+        """The directory named by ``aname`` (see the class doc)."""
         if aname == "":
             parts: tuple[str, ...] = ()
         else:
@@ -227,6 +228,7 @@ class LocalFS(FileSystem):
         return self.node(tuple(parts), st)
 
     async def close(self) -> None:
+        """Close the root descriptor (it reopens if the tree is used again)."""
         if self._root_fd is not None:
             os.close(self._root_fd)
             self._root_fd = None
@@ -301,6 +303,7 @@ class LocalNode(Node):
     # -- Node -------------------------------------------------------------
 
     def qid(self) -> Qid:
+        """The qid from the last lstat of this node (walk, getattr, open…)."""
         return self._qid
 
     async def getattr(self) -> Attr:
@@ -333,6 +336,8 @@ class LocalNode(Node):
         )
 
     async def walk(self, name: str) -> Node:
+        """fstatat(AT_SYMLINK_NOFOLLOW) of ``name``: ENOENT if absent or not
+        one plain element, ENOTDIR on a file or link."""
         _check_name(name)
         if not stat.S_ISDIR(self._mode):
             raise FsError(errno.ENOTDIR, "not a directory")
@@ -403,6 +408,7 @@ class LocalNode(Node):
         return node, LocalFile(self.fs, node.parts, fd, flags & ~(os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC))
 
     async def mkdir(self, name: str, mode: int, uid: int, gid: int) -> Node:
+        """mkdirat(2) with ``mode & 0o7777`` (less the umask); EEXIST if present."""
         _check_name(name, errno.EINVAL)
         with self._dir() as dfd:
             with _errors():
@@ -411,6 +417,7 @@ class LocalNode(Node):
             return self._child(dfd, name)
 
     async def symlink(self, name: str, target: str, uid: int, gid: int) -> Node:
+        """symlinkat(2); ``target`` is stored as given (clients resolve it)."""
         _check_name(name, errno.EINVAL)
         with self._dir() as dfd:
             with _errors():
@@ -440,6 +447,7 @@ class LocalNode(Node):
             os.link(tname, name, src_dir_fd=tdfd, dst_dir_fd=dfd, follow_symlinks=False)
 
     async def unlink(self, name: str, is_dir: bool) -> None:
+        """unlinkat(2), with AT_REMOVEDIR when ``is_dir`` (ENOTEMPTY, ENOTDIR…)."""
         _check_name(name)
         with self._dir() as dfd, _errors():
             if is_dir:
@@ -462,6 +470,7 @@ class LocalNode(Node):
         self.fs.moved(old, new)
 
     async def readlink(self) -> str:
+        """readlinkat(2); EINVAL when the node is not a link."""
         with self._at() as (dfd, name), _errors():
             return os.readlink(name, dir_fd=dfd)
 
@@ -502,6 +511,7 @@ class LocalFile(OpenFile):
         return self.fd
 
     async def read(self, offset: int, count: int) -> bytes:
+        """pread(2): at most ``count`` bytes at ``offset``; EISDIR on a directory."""
         fd = self._fd()
         if self.is_dir:
             raise FsError(errno.EISDIR, "is a directory")
@@ -509,6 +519,7 @@ class LocalFile(OpenFile):
             return await _maybe_thread(count, os.pread, fd, count, offset)
 
     async def write(self, offset: int, data: bytes) -> int:
+        """pwrite(2); EBADF when opened read-only; never returns 0 for data."""
         fd = self._fd()
         with _errors():
             n = await _maybe_thread(len(data), os.pwrite, fd, data, offset)
@@ -517,6 +528,7 @@ class LocalFile(OpenFile):
         return n
 
     async def readdir(self) -> Sequence[DirEntry]:
+        """All entries but ``.``/``..``, each with its lstat qid and mode (in a thread)."""
         fd = self._fd()
         if not self.is_dir:
             raise FsError(errno.ENOTDIR, "not a directory")
@@ -538,11 +550,13 @@ class LocalFile(OpenFile):
             return await trio.to_thread.run_sync(listing)
 
     async def fsync(self) -> None:
+        """fsync(2) in a thread."""
         fd = self._fd()
         with _errors():
             await trio.to_thread.run_sync(os.fsync, fd)
 
     async def release(self) -> None:
+        """Close the descriptor (once; never raises)."""
         fd, self.fd = self.fd, None
         if fd is not None:
             try:
