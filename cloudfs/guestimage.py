@@ -401,15 +401,6 @@ def _download(pkg: str, version: str, debdir: Path, progress: Callable[[str], ob
     return debs[-1]
 
 
-def _sha256_files(*paths: Path) -> str:
-    h = hashlib.sha256()
-    for p in paths:
-        with open(p, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-    return h.hexdigest()
-
-
 def _image_from_manifest(cache_dir: Path, m: dict) -> TinyImage | None:
     """The TinyImage a manifest describes, or None if its files are gone or changed."""
     try:

@@ -39,7 +39,6 @@ import os
 import re
 import secrets
 import shlex
-import shutil
 import subprocess
 import sys
 import threading
@@ -50,7 +49,8 @@ from typing import Iterator, Mapping
 
 from cloudfs.guestimage import TinyImage
 
-__all__ = ["Guest", "GuestError", "GuestTimeout", "Pending", "BackgroundJob", "booted_guest"]
+__all__ = ["Guest", "GuestError", "GuestTimeout", "Pending", "BackgroundJob", "booted_guest",
+           "GUEST_FWD_ADDR"]
 
 #: The guest-side address that guestfwd rules listen on.
 GUEST_FWD_ADDR = "10.0.2.100"
@@ -90,6 +90,8 @@ class Pending:
         self._guest = guest
         self.token = token
         self.result: tuple[int, str] | None = None
+        self._begun = False  # start marker seen
+        self._start = 0  # console offset where the command's output starts
 
     def wait(self, timeout: float) -> tuple[int, str]:
         """Wait up to ``timeout`` seconds for the command; return ``(status, output)``.
@@ -342,29 +344,28 @@ class Guest:
 
     def _wait_end(self, pending: Pending, timeout: float) -> tuple[int, str]:
         tok = pending.token.encode()
-        begin = re.compile(rb"__CFS_" + tok + rb"_B__\n")
         end = re.compile(rb"\n__CFS_" + tok + rb"_E__ (\d+)\n")
         deadline = time.monotonic() + timeout
-        if not getattr(pending, "_begun", False):
-            m = self._wait_for(begin, timeout, f"start of command {pending.token}")
-            pending._begun = True  # type: ignore[attr-defined]
-            pending._start = m.end()  # type: ignore[attr-defined]
+        self.wait_started(pending, timeout)
         m = self._wait_for(end, max(0.0, deadline - time.monotonic()),
                            f"end of command {pending.token}")
         with self._cond:
-            out = bytes(self._buf[pending._start:m.start()])  # type: ignore[attr-defined]
+            out = bytes(self._buf[pending._start:m.start()])
         if self._pending is pending:
             self._pending = None
         return int(m.group(1)), out.decode(errors="replace")
 
     def wait_started(self, pending: Pending, timeout: float = 30.0) -> None:
-        """Wait until the shell has begun running ``pending`` (its start marker printed)."""
-        if not getattr(pending, "_begun", False):
+        """Wait until the shell has begun running ``pending`` (its start marker printed).
+
+        Raises GuestTimeout after ``timeout`` seconds, GuestError if QEMU or the shell died.
+        """
+        if not pending._begun:
             tok = pending.token.encode()
             m = self._wait_for(re.compile(rb"__CFS_" + tok + rb"_B__\n"), timeout,
                                f"start of command {pending.token}")
-            pending._begun = True  # type: ignore[attr-defined]
-            pending._start = m.end()  # type: ignore[attr-defined]
+            pending._begun = True
+            pending._start = m.end()
 
     def run(self, cmd: str, timeout: float = 30.0) -> tuple[int, str]:
         """Run ``cmd`` in the guest shell; return ``(exit status, stdout+stderr)``.
@@ -476,7 +477,3 @@ def booted_guest(image: TinyImage, console_log: Path, **kwargs) -> Iterator[Gues
     finally:
         g.close()
 
-
-def qemu_available() -> bool:
-    """True if ``qemu-system-x86_64`` is on PATH."""
-    return shutil.which("qemu-system-x86_64") is not None

@@ -19,7 +19,7 @@ import time
 import pytest
 
 from cloudfs.guestimage import append_files, build_tiny, write_cpio
-from tests.guest import Guest, GuestTimeout, booted_guest
+from tests.guest import Guest, GuestError, GuestTimeout, booted_guest
 from tests.guestfixtures import CACHE_DIR, guest_factory, tiny_image  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.guest
@@ -189,6 +189,18 @@ def test_ctrl_c_interrupts_foreground(guest):
     assert status == 130  # 128 + SIGINT
     assert time.monotonic() - t0 < 3
     assert guest.run("echo still here", 10) == (0, "still here\n")
+
+
+def test_shell_exit_is_reported_and_recovered(guest):
+    with pytest.raises(GuestError, match="shell exited"):
+        guest.run("exit 3", 10)
+    # The next command waits for /init's new shell and re-arms the SIGINT trap.
+    assert guest.run("echo back", 30) == (0, "back\n")
+    p = guest.begin("sleep 100")
+    guest.wait_started(p, 10)
+    time.sleep(0.3)
+    guest.interrupt()
+    assert p.wait(10)[0] == 130
 
 
 def test_run_timeout_interrupts(guest):
