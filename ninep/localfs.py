@@ -83,6 +83,11 @@ def _errors() -> Iterator[None]:
         raise _oserror(e) from None
 
 
+def _is_stream(mode: int) -> bool:
+    """Fifos, sockets and character devices: no offsets, may not be ready."""
+    return stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode) or stat.S_ISCHR(mode)
+
+
 def _check_name(name: str, err: int = errno.ENOENT) -> None:
     """Refuse names that are not one plain path element (with errno ``err``)."""
     if not name or name in (".", "..") or "/" in name or "\0" in name:
@@ -346,10 +351,15 @@ class LocalNode(Node):
 
     async def open(self, flags: int) -> OpenFile:
         """openat(2) with the flags in OPEN_FLAGS_KEPT, never following a link
-        (ELOOP on a link), EISDIR when writing a directory."""
+        (ELOOP on a link), EISDIR when writing a directory.
+
+        The descriptor is always opened O_NONBLOCK so that opening a fifo never
+        stalls the event loop: a fifo opened for reading with no writer reads as
+        end of file, one opened for writing with no reader fails with ENXIO
+        (open(2)'s non-blocking fifo rules)."""
         flags &= OPEN_FLAGS_KEPT
         with self._at() as (dfd, name), _errors():
-            fd = os.open(name, flags | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
+            fd = os.open(name, flags | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
         try:
             st = os.fstat(fd)
         except OSError as e:
@@ -357,7 +367,8 @@ class LocalNode(Node):
             raise _oserror(e) from None
         self._qid = self.fs.qid_for(st)
         self._mode = st.st_mode
-        return LocalFile(self.fs, self.parts, fd, flags, is_dir=stat.S_ISDIR(st.st_mode))
+        return LocalFile(self.fs, self.parts, fd, flags, is_dir=stat.S_ISDIR(st.st_mode),
+                         stream=_is_stream(st.st_mode))
 
     async def setattr(self, change: SetAttr) -> None:
         """chmod, chown, truncate and utimes, in that order (like diod's
@@ -496,14 +507,21 @@ class LocalFile(OpenFile):
     Reads and writes above INLINE_IO_LIMIT bytes run in a worker thread.  With
     O_APPEND, Linux's pwrite(2) appends whatever the offset.  Directories list
     through os.scandir; entries that vanish while being listed are skipped.
+
+    ``stream`` files (fifos, character devices) ignore offsets and use
+    read(2)/write(2) on the non-blocking descriptor; when no data is ready they
+    wait in trio (``wait_readable``/``wait_writable``, so a flush cancels the
+    wait) unless the client opened with O_NONBLOCK, which gets EAGAIN.
     """
 
-    def __init__(self, fs: LocalFS, parts: tuple[str, ...], fd: int, flags: int, *, is_dir: bool = False):
+    def __init__(self, fs: LocalFS, parts: tuple[str, ...], fd: int, flags: int, *,
+                 is_dir: bool = False, stream: bool = False):
         super().__init__(flags)
         self.fs = fs
         self.parts = parts
         self.fd: int | None = fd
         self.is_dir = is_dir
+        self.stream = stream
 
     def _fd(self) -> int:
         if self.fd is None:
@@ -515,17 +533,39 @@ class LocalFile(OpenFile):
         fd = self._fd()
         if self.is_dir:
             raise FsError(errno.EISDIR, "is a directory")
+        if self.stream:
+            return await self._stream_io(os.read, trio.lowlevel.wait_readable, fd, count)
         with _errors():
             return await _maybe_thread(count, os.pread, fd, count, offset)
 
     async def write(self, offset: int, data: bytes) -> int:
         """pwrite(2); EBADF when opened read-only; never returns 0 for data."""
         fd = self._fd()
-        with _errors():
-            n = await _maybe_thread(len(data), os.pwrite, fd, data, offset)
+        if self.stream:
+            n = await self._stream_io(os.write, trio.lowlevel.wait_writable, fd, data)
+        else:
+            with _errors():
+                n = await _maybe_thread(len(data), os.pwrite, fd, data, offset)
         if n == 0 and data:
             raise FsError(errno.ENOSPC, "no space left on device")
         return n
+
+    async def _stream_io(self, op: Callable, wait: Callable, fd: int, arg):
+        """``op(fd, arg)`` on a non-blocking descriptor, waiting until it is ready."""
+        while True:
+            try:
+                return op(fd, arg)
+            except BlockingIOError:
+                if self.nonblocking:
+                    raise FsError(errno.EAGAIN, "no data ready") from None
+            except OSError as e:
+                raise _oserror(e) from None
+            try:
+                await wait(fd)
+            except trio.ClosedResourceError:
+                raise FsError(errno.EBADF, "file released while waiting") from None
+            if self.fd != fd:
+                raise FsError(errno.EBADF, "file released")
 
     async def readdir(self) -> Sequence[DirEntry]:
         """All entries but ``.``/``..``, each with its lstat qid and mode (in a thread)."""
@@ -559,6 +599,8 @@ class LocalFile(OpenFile):
         """Close the descriptor (once; never raises)."""
         fd, self.fd = self.fd, None
         if fd is not None:
+            if self.stream:
+                trio.lowlevel.notify_closing(fd)
             try:
                 os.close(fd)
             except OSError:

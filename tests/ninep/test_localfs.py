@@ -284,3 +284,42 @@ async def test_undecodable_names_round_trip(tree):
     assert "bad\udcffname" in names
     f = await (await r.walk("bad\udcffname")).open(os.O_RDONLY)
     assert await f.read(0, 10) == b"ok"
+
+
+async def test_fifo_never_blocks_the_loop(tree):
+    import trio
+
+    fs, root = tree
+    r = await fs.attach("u", "")
+    await r.mknod("fifo", stat.S_IFIFO | 0o600, 0, 0, 0)
+    node = await r.walk("fifo")
+    with pytest.raises(FsError) as ei:  # no reader yet: ENXIO rather than a stalled loop
+        await node.open(os.O_WRONLY)
+    assert ei.value.errno == errno.ENXIO
+    rd = await node.open(os.O_RDONLY)
+    wr = await node.open(os.O_WRONLY)
+    got = []
+
+    async def reader():
+        got.append(await rd.read(12345, 100))  # offsets are ignored on a fifo
+
+    async with trio.open_nursery() as n:
+        n.start_soon(reader)
+        await trio.sleep(0.05)
+        assert got == []  # waiting in trio, not in a blocking read(2)
+        assert await wr.write(7, b"ping") == 4
+    assert got == [b"ping"]
+    nb = await node.open(os.O_RDONLY | os.O_NONBLOCK)
+    with pytest.raises(FsError) as ei:
+        await nb.read(0, 10)
+    assert ei.value.errno == errno.EAGAIN
+    # a read waiting when the fid is clunked ends instead of hanging
+    async with trio.open_nursery() as n:
+        async def waiting():
+            with pytest.raises(FsError):
+                await rd.read(0, 10)
+        n.start_soon(waiting)
+        await trio.sleep(0.05)
+        await rd.release()
+    for f in (wr, nb):
+        await f.release()
