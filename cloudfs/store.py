@@ -356,15 +356,17 @@ class Store:
         paths = (path,) if gone is None else (path, gone)
         while True:
             with self.watching(*paths) as ev:
+                # Fast path first: after a wake-up one round trip answers.
+                got = await self.get(path)
+                if got is not None:
+                    return got[0]
                 if gone is not None and await self.exists(gone, watch=True) is None:
                     raise FsError(errno.ENOENT, "no such file: its owner has ended")
-                if await self.exists(path, watch=True) is not None:
-                    got = await self.get(path)
-                    if got is not None:
-                        return got[0]
-                    continue
                 if nonblocking:
                     raise FsError(errno.EAGAIN, "not set yet")
+                # Arm the watch; a create since the get shows up here.
+                if await self.exists(path, watch=True) is not None:
+                    continue
                 await ev.wait()
 
     async def wait_children(self, path: str, nonblocking: bool = False) -> list[str]:
