@@ -67,7 +67,7 @@ def _short(where: str, field: str) -> ProtocolError:
 def _pack_strs(strs: Sequence[str]) -> bytes:
     parts = [_U16.pack(len(strs))]
     for s in strs:
-        b = s.encode("utf-8")
+        b = s.encode("utf-8", "surrogateescape")
         parts.append(_U16.pack(len(b)))
         parts.append(b)
     return b"".join(parts)
@@ -83,7 +83,7 @@ def _read_strs(b, o: int, n: int, count: int, where: str, field: str) -> tuple[t
         e = o + ln
         if e > n:
             raise _short(where, field)
-        out.append(str(b[o:e], "utf-8"))
+        out.append(str(b[o:e], "utf-8", "surrogateescape"))
         o = e
     return tuple(out), o
 
@@ -108,7 +108,7 @@ def _pack_stat(st: Stat, u: bool) -> bytes:
     names = [st.name, st.uid, st.gid, st.muid]
     if u:
         names.append(st.extension)
-    enc = [s.encode("utf-8") for s in names]
+    enc = [s.encode("utf-8", "surrogateescape") for s in names]
     size = 39 + sum(2 + len(e) for e in enc) + (12 if u else 0)
     q = st.qid
     parts = [
@@ -151,7 +151,7 @@ def _read_stat(b, o: int, end: int, u: bool, where: str) -> tuple[Stat, int]:
         e = p + ln
         if e > lim:
             raise _short(where, "stat string")
-        strs.append(str(b[p:e], "utf-8"))
+        strs.append(str(b[p:e], "utf-8", "surrogateescape"))
         p = e
     if u:
         if p + 12 > lim:
@@ -233,7 +233,7 @@ def _gen_encoder(cls: type[Message], dialect: Dialect):
             fmt += "BIQ"
             exprs += [f"{v}.type", f"{v}.version", f"{v}.path"]
         elif kind == "s":
-            pre.append(f"{v} = m.{name}.encode('utf-8')")
+            pre.append(f"{v} = m.{name}.encode('utf-8', 'surrogateescape')")
             fmt += "H"
             exprs.append(f"len({v})")
             var(v)
@@ -325,7 +325,7 @@ def _gen_decoder(cls: type[Message], dialect: Dialect):
             final.append(f"{v} = Qid({v}t, {v}v, {v}p)")
         elif kind in ("s", "data"):
             add("H" if kind == "s" else "I", [f"{v}n"], name)
-            conv = f"str(b[o:e], 'utf-8')" if kind == "s" else "bytes(b[o:e])"
+            conv = f"str(b[o:e], 'utf-8', 'surrogateescape')" if kind == "s" else "bytes(b[o:e])"
             post += [
                 f"e = o + {v}n",
                 f"if e > n: raise _short({where!r}, {name!r})",
@@ -414,8 +414,10 @@ def decode(frame: bytes | bytearray | memoryview, dialect: Dialect) -> Message:
 
     Raises :class:`ProtocolError` (and nothing else, whatever the bytes) when
     the size field differs from ``len(frame)``, the type is unknown, a field,
-    string, count or stat runs past the end, bytes trail the last field, or a
-    string is not UTF-8.  ``ValueError`` only for an unknown ``dialect``.
+    string, count or stat runs past the end, or bytes trail the last field.
+    Strings that are not UTF-8 (Linux file names are bytes) decode with
+    surrogateescape, as os.fsdecode does, and encode back byte for byte.
+    ``ValueError`` only for an unknown ``dialect``.
     """
     n = len(frame)
     if n < HEADER_SIZE:
@@ -433,8 +435,6 @@ def decode(frame: bytes | bytearray | memoryview, dialect: Dialect) -> Message:
         return dec(frame, tag, n)
     except ProtocolError:
         raise
-    except UnicodeDecodeError:
-        raise ProtocolError(f"{MESSAGE_TYPES[typ].__name__}: string is not valid UTF-8") from None
     except Exception as e:  # belt and braces: bad bytes must only ever give ProtocolError
         raise ProtocolError(f"{MESSAGE_TYPES[typ].__name__}: malformed ({e})") from e
 
@@ -493,7 +493,7 @@ def pack_dirent(qid: Qid, offset: int, dtype: int, name: str) -> bytes:
     ``offset`` (u64) is the opaque cookie of the *next* entry; ``dtype`` (u8)
     is the Linux DT_* type.  Raises ``ValueError`` when a value does not fit.
     """
-    nb = name.encode("utf-8")
+    nb = name.encode("utf-8", "surrogateescape")
     try:
         return _DIRENT.pack(qid.type, qid.version, qid.path, offset, dtype, len(nb)) + nb
     except struct.error as e:
@@ -503,24 +503,21 @@ def pack_dirent(qid: Qid, offset: int, dtype: int, name: str) -> bytes:
 def unpack_dirents(data: bytes | bytearray | memoryview) -> list[tuple[Qid, int, int, str]]:
     """Parse Rreaddir data into ``(qid, offset, dtype, name)`` tuples.
 
-    Raises :class:`ProtocolError` for a truncated entry or a name that is not UTF-8.
+    Raises :class:`ProtocolError` for a truncated entry.
     """
     out = []
     n = len(data)
     o = 0
-    try:
-        while o < n:
-            if o + _DIRENT.size > n:
-                raise ProtocolError("readdir data: truncated entry")
-            qt, qv, qp, off, dtype, ln = _DIRENT.unpack_from(data, o)
-            o += _DIRENT.size
-            e = o + ln
-            if e > n:
-                raise ProtocolError("readdir data: truncated name")
-            out.append((Qid(qt, qv, qp), off, dtype, str(data[o:e], "utf-8")))
-            o = e
-    except UnicodeDecodeError:
-        raise ProtocolError("readdir data: name is not valid UTF-8") from None
+    while o < n:
+        if o + _DIRENT.size > n:
+            raise ProtocolError("readdir data: truncated entry")
+        qt, qv, qp, off, dtype, ln = _DIRENT.unpack_from(data, o)
+        o += _DIRENT.size
+        e = o + ln
+        if e > n:
+            raise ProtocolError("readdir data: truncated name")
+        out.append((Qid(qt, qv, qp), off, dtype, str(data[o:e], "utf-8", "surrogateescape")))
+        o = e
     return out
 
 
@@ -540,16 +537,13 @@ def unpack_stats(data: bytes | bytearray | memoryview, dialect: Dialect) -> list
     """Parse a 9P2000/.u directory read (concatenated stat(5) records) into Stats.
 
     Raises :class:`ProtocolError` for a truncated record, a size[2] that does not
-    match its contents, or a string that is not UTF-8.
+    match its contents.
     """
     u = _is_u(dialect)
     n = len(data)
     o = 0
     out = []
-    try:
-        while o < n:
-            st, o = _read_stat(data, o, n, u, "stat data")
-            out.append(st)
-    except UnicodeDecodeError:
-        raise ProtocolError("stat data: string is not valid UTF-8") from None
+    while o < n:
+        st, o = _read_stat(data, o, n, u, "stat data")
+        out.append(st)
     return out

@@ -476,8 +476,10 @@ async def _flush(c: Connection, msg: m.Tflush):
 async def _walk(c: Connection, msg: m.Twalk):
     f = c.fid(msg.fid)
     names = msg.wnames
-    if f.is_open:
-        raise FsError(errno.EBADF, "cannot walk from an open fid")
+    if f.is_open and msg.newfid == msg.fid:
+        # walk(5) forbids walking open fids; like diod (and diodls -l) we allow
+        # it into a new fid, which starts unopened.
+        raise FsError(errno.EBADF, "cannot walk an open fid onto itself")
     if len(names) > m.MAXWELEM:
         raise FsError(errno.EINVAL, f"too many names in walk ({len(names)} > {m.MAXWELEM})")
     node, path = f.node, f.path

@@ -8,6 +8,8 @@ an independent 9P implementation.
 
 from __future__ import annotations
 
+import os
+
 import io
 import struct
 
@@ -330,15 +332,16 @@ def test_unknown_types_are_rejected(dialect):
                 decode(bytes([7, 0, 0, 0, t, 0, 0]), dialect)
 
 
-def test_invalid_utf8_is_rejected():
-    frame = with_size(bytes.fromhex("00000000" "64" "ffff" "00200000" "0200" "c328"))
-    with pytest.raises(ProtocolError, match="UTF-8"):
-        decode(frame, Dialect.L)
+def test_non_utf8_names_round_trip_as_surrogate_escapes():
+    """Linux file names are bytes: a name that is not UTF-8 must not break the
+    connection, and must come back byte for byte (os.fsdecode's convention)."""
     walk = with_size(bytes.fromhex("00000000" "6e" "0100" "01000000" "02000000" "0100" "0100" "ff"))
-    with pytest.raises(ProtocolError, match="UTF-8"):
-        decode(walk, Dialect.L)
-    with pytest.raises(ProtocolError, match="UTF-8"):
-        unpack_dirents(pack_dirent(Qid(0, 0, 1), 1, 8, "x")[:-1] + b"\xff")
+    msg = decode(walk, Dialect.L)
+    assert msg.wnames == ("\udcff",) and msg.wnames[0] == os.fsdecode(b"\xff")
+    assert encode(msg, Dialect.L) == walk
+    ent = pack_dirent(Qid(0, 0, 1), 1, 8, os.fsdecode(b"caf\xe9"))
+    assert ent.endswith(b"caf\xe9")
+    assert unpack_dirents(ent)[0][3] == os.fsdecode(b"caf\xe9")
 
 
 def test_counts_beyond_the_frame_are_rejected():

@@ -119,6 +119,14 @@ def test_diodls_export(served, export):
     assert bad.returncode != 0 and "No such file or directory" in bad.stderr
 
 
+def test_diodls_long_walks_from_the_open_directory(served, export):
+    # diodls -l walks each entry from the open directory fid (allowed into a new fid)
+    out = ok(served.run("diodls", "-l", "-a", str(export)))
+    lines = {line.split()[-1]: line for line in out.splitlines()}
+    assert set(lines) == {"hello.txt", "sub"}
+    assert lines["sub"].startswith("d") and " 13 " in lines["hello.txt"]
+
+
 def test_diodcat(served, export):
     assert ok(served.run("diodcat", "version")) == "cloudfs-ninep-0.1.0\n"
     assert ok(served.run("diodcat", "exports")) == f"{export} - - -\nctl - - -\n"

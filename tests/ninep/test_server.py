@@ -140,9 +140,12 @@ async def test_server_checks_fids_and_modes_before_file_code(memfs):
         assert await w.rpc(m.Tread(tag=1, fid=77, offset=0, count=10)) == m.Rlerror(tag=1, ecode=errno.EBADF)
         r = await w.rpc(m.Tlcreate(tag=1, fid=1, name="f", flags=os.O_WRONLY, mode=0o644, gid=0))
         assert isinstance(r, m.Rlcreate)
-        # fid 1 is now the open file: reading a write-only fid fails, walking an open fid fails.
+        # fid 1 is now the open file: reading a write-only fid fails; walking an
+        # open fid onto itself fails, into a new (unopened) fid works (as diod).
         assert await w.rpc(m.Tread(tag=1, fid=1, offset=0, count=10)) == m.Rlerror(tag=1, ecode=errno.EBADF)
-        assert (await _walk(w, 1, 5)).ecode == errno.EBADF
+        assert (await _walk(w, 1, 1)).ecode == errno.EBADF
+        assert isinstance(await _walk(w, 1, 5), m.Rwalk)
+        assert await w.rpc(m.Tread(tag=1, fid=5, offset=0, count=10)) == m.Rlerror(tag=1, ecode=errno.EBADF)
         await w.attach(fid=2)
         await _walk(w, 2, 3, "f")
         assert await w.rpc(m.Tread(tag=1, fid=3, offset=0, count=10)) == m.Rlerror(tag=1, ecode=errno.EBADF)
