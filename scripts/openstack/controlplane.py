@@ -1,0 +1,788 @@
+#!/usr/bin/python3
+"""A minimal OpenStack (Zed, Debian 12 packages) on 127.0.0.1, for cloudfs's
+integration tests and for trying ``cloudfs up --driver openstack`` locally.
+
+Usage (as root, with Debian's own ``/usr/bin/python3``)::
+
+    controlplane.py install            # apt-get the packages (idempotent)
+    controlplane.py start STATE_DIR    # start, wait until ready, write clouds.yaml
+    controlplane.py up STATE_DIR       # install + start
+    controlplane.py stop STATE_DIR     # stop everything started from STATE_DIR
+    controlplane.py status STATE_DIR   # which services run (exit 1 if one is down)
+
+Services: MariaDB (unix socket only), RabbitMQ (127.0.0.1:5672, epmd on
+127.0.0.1), keystone, placement and nova-api under uwsgi, glance-api,
+neutron-server (ML2, openvswitch mechanism driver, vxlan tenant networks, one
+agent row for the compute host inserted by us), nova-conductor,
+nova-scheduler and a nova-compute run from python3-nova's ``nova.cmd.compute``
+with ``compute_driver = fake.FakeDriver`` (Nova's in-tree fake hypervisor: the
+API, scheduler, placement, Neutron port binding and the server state machine
+are real; no VM runs).
+
+Everything lives under STATE_DIR (configs in ``etc/``, logs in ``log/``, pid
+files in ``run/``, databases, keys); ``start`` on a STATE_DIR that already has
+data restarts on it without re-initialising, and ``start`` on a running one
+only checks readiness.  Ready means: a compute-service heartbeat newer than
+this start, its resource provider in placement, its host mapped to cell1 and
+the APIs answering.  The cloud ``cloudfs`` is written to
+``STATE_DIR/clouds.yaml`` (admin in project admin), with image ``tiny``,
+flavors ``m1.tiny`` (default) and ``m1.small``, and network ``user``
+(10.0.0.0/24).
+
+Facts this follows (measured on 2 cores): MariaDB not sqlite (concurrent
+deletes, neutron migrations); uwsgi needs ``--need-app`` and ``Connection:
+close``; conductor consuming before nova-compute starts; a fresh heartbeat
+before the first boot; stopping neutron means its workers (each service runs
+in its own process group and is stopped as a group) and RabbitMQ means
+``epmd -kill`` too.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+PACKAGES = [
+    "keystone", "glance-api", "placement-api", "nova-api", "nova-conductor",
+    "nova-scheduler", "python3-nova", "neutron-api", "neutron-rpc-server",
+    "rabbitmq-server", "mariadb-server", "python3-pymysql",
+]
+
+HOST = "cloudfs-compute"      # the nova-compute service's host name
+PASSWORD = "cloudfs-secret"    # admin and database password (loopback only)
+REGION = "RegionOne"
+PORTS = {"keystone": 5000, "glance": 9292, "placement": 8778, "nova": 8774,
+         "neutron": 9696, "rabbit": 5672, "rabbit_dist": 25672}
+DATABASES = ["keystone", "glance", "placement", "nova_api", "nova", "nova_cell0", "neutron"]
+# Services in start order; each runs in its own process group.
+SERVICES = ["mariadb", "rabbitmq", "keystone", "placement", "glance", "neutron",
+            "nova-api", "nova-conductor", "nova-scheduler", "nova-compute"]
+READY_TIMEOUT = 240.0
+
+
+def log(msg: str) -> None:
+    print(f"[controlplane {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+class Failed(Exception):
+    """A step failed; the message says which and where its log is."""
+
+
+# ---------------------------------------------------------------- install
+
+def installed(pkg: str) -> bool:
+    r = subprocess.run(["dpkg-query", "-W", "-f=${Status}", pkg], capture_output=True, text=True)
+    return "install ok installed" in r.stdout
+
+
+def install() -> None:
+    """apt-get the Debian 12 (Zed) packages not yet installed (no recommends;
+    the image's policy-rc.d keeps their postinst scripts from starting services)."""
+    missing = [p for p in PACKAGES if not installed(p)]
+    if not missing:
+        return
+    log(f"apt-get install {' '.join(missing)}")
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    t0 = time.monotonic()
+    subprocess.run(["apt-get", "update", "-qq"], check=True, env=env)
+    r = subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", *missing],
+                       env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if r.returncode != 0:
+        sys.stderr.write(r.stdout[-5000:])
+        raise Failed(f"apt-get install failed ({r.returncode})")
+    log(f"installed in {time.monotonic() - t0:.0f}s")
+
+
+# ---------------------------------------------------------------- layout
+
+class Layout:
+    """Paths under the state directory."""
+
+    def __init__(self, state: str):
+        self.root = os.path.abspath(state)
+        self.etc = f"{self.root}/etc"
+        self.log = f"{self.root}/log"
+        self.run = f"{self.root}/run"
+        self.stamps = f"{self.root}/stamps"
+        self.mysql = f"{self.root}/mysql"
+        self.sock = f"{self.run}/mysql.sock"
+        self.rabbit = f"{self.root}/rabbitmq"
+        self.keystone = f"{self.root}/keystone"
+        self.glance = f"{self.root}/glance"
+        self.nova = f"{self.root}/nova"
+        self.neutron = f"{self.root}/neutron"
+        self.locks = f"{self.root}/locks"
+        self.clouds = f"{self.root}/clouds.yaml"
+
+    def makedirs(self) -> None:
+        for d in (self.etc, self.log, self.run, self.stamps, self.rabbit, self.locks,
+                  f"{self.keystone}/fernet-keys", f"{self.keystone}/credential-keys",
+                  f"{self.glance}/images", f"{self.glance}/staging", f"{self.glance}/tasks",
+                  f"{self.nova}/instances", self.neutron,
+                  *(f"{self.etc}/{p}" for p in ("keystone", "glance", "placement", "nova", "neutron", "rabbitmq"))):
+            os.makedirs(d, exist_ok=True)
+
+    def pidfile(self, name: str) -> str:
+        return f"{self.run}/{name}.pid"
+
+    def stamp(self, name: str) -> str:
+        return f"{self.stamps}/{name}"
+
+    def db(self, name: str) -> str:
+        return f"mysql+pymysql://cloudfs:{PASSWORD}@localhost/{name}?unix_socket={self.sock}&charset=utf8"
+
+
+# ---------------------------------------------------------------- configs
+
+def ini(sections: dict[str, dict[str, object]]) -> str:
+    out = []
+    for sec, kv in sections.items():
+        out.append(f"[{sec}]")
+        out.extend(f"{k} = {v}" for k, v in kv.items())
+        out.append("")
+    return "\n".join(out)
+
+
+def authtoken(L: Layout) -> dict[str, object]:
+    ks = f"http://127.0.0.1:{PORTS['keystone']}"
+    return {"www_authenticate_uri": f"{ks}/v3", "auth_url": f"{ks}/v3", "auth_type": "password",
+            "project_domain_name": "Default", "user_domain_name": "Default",
+            "project_name": "admin", "username": "admin", "password": PASSWORD,
+            "region_name": REGION}
+
+
+def service_auth(L: Layout) -> dict[str, object]:
+    a = authtoken(L)
+    return {k: a[k] for k in ("auth_url", "auth_type", "project_domain_name", "user_domain_name",
+                              "project_name", "username", "password", "region_name")}
+
+
+def write_configs(L: Layout) -> None:
+    transport = f"rabbit://guest:guest@127.0.0.1:{PORTS['rabbit']}/"
+    common = {"debug": "false", "use_stderr": "true", "transport_url": transport}
+    msg = {"driver": "noop"}
+    files = {}
+    files["keystone/keystone.conf"] = ini({
+        "DEFAULT": {"debug": "false", "use_stderr": "true"},
+        "database": {"connection": L.db("keystone")},
+        "token": {"provider": "fernet", "expiration": 86400},
+        "fernet_tokens": {"key_repository": f"{L.keystone}/fernet-keys"},
+        "fernet_receipts": {"key_repository": f"{L.keystone}/fernet-keys"},
+        "credential": {"key_repository": f"{L.keystone}/credential-keys"},
+        "cache": {"enabled": "false"},
+    })
+    files["placement/placement.conf"] = ini({
+        "DEFAULT": {"debug": "false", "use_stderr": "true"},
+        "api": {"auth_strategy": "keystone"},
+        "placement_database": {"connection": L.db("placement")},
+        "keystone_authtoken": authtoken(L),
+    })
+    files["glance/glance-api.conf"] = ini({
+        "DEFAULT": {"debug": "false", "use_stderr": "true", "bind_host": "127.0.0.1",
+                    "bind_port": PORTS["glance"], "workers": 1, "enabled_backends": "local:file",
+                    "image_cache_dir": f"{L.glance}/cache", "show_image_direct_url": "false"},
+        "database": {"connection": L.db("glance")},
+        "glance_store": {"default_backend": "local"},
+        "local": {"filesystem_store_datadir": f"{L.glance}/images"},
+        "os_glance_staging_store": {"filesystem_store_datadir": f"{L.glance}/staging"},
+        "os_glance_tasks_store": {"filesystem_store_datadir": f"{L.glance}/tasks"},
+        "keystone_authtoken": authtoken(L),
+        "paste_deploy": {"flavor": "keystone", "config_file": "/etc/glance/glance-api-paste.ini"},
+        "oslo_concurrency": {"lock_path": L.locks},
+        "oslo_messaging_notifications": msg,
+    })
+    files["neutron/neutron.conf"] = ini({
+        "DEFAULT": {**common, "bind_host": "127.0.0.1", "bind_port": PORTS["neutron"],
+                    "core_plugin": "ml2", "service_plugins": "", "auth_strategy": "keystone",
+                    "allow_overlapping_ips": "true", "api_workers": 1, "rpc_workers": 1,
+                    "rpc_state_report_workers": 0,
+                    "api_paste_config": "/etc/neutron/api-paste.ini", "state_path": L.neutron,
+                    "notify_nova_on_port_status_changes": "false",
+                    "notify_nova_on_port_data_changes": "false",
+                    "dhcp_agent_notification": "false",
+                    # our one agent row never reports; keep it alive
+                    "agent_down_time": 100000000},
+        "database": {"connection": L.db("neutron"), "max_pool_size": 20, "max_overflow": 40},
+        "keystone_authtoken": authtoken(L),
+        "oslo_concurrency": {"lock_path": L.locks},
+        "oslo_messaging_notifications": msg,
+        "quotas": {"quota_network": -1, "quota_subnet": -1, "quota_port": -1},
+    })
+    files["neutron/ml2_conf.ini"] = ini({
+        "ml2": {"type_drivers": "flat,vlan,vxlan", "tenant_network_types": "vxlan",
+                "mechanism_drivers": "openvswitch", "extension_drivers": "port_security"},
+        "ml2_type_vxlan": {"vni_ranges": "1:100000"},
+    })
+    files["nova/nova.conf"] = ini({
+        "DEFAULT": {**common, "host": HOST, "my_ip": "127.0.0.1", "state_path": L.nova,
+                    "instances_path": f"{L.nova}/instances", "compute_driver": "fake.FakeDriver",
+                    "report_interval": 2, "service_down_time": 60,
+                    "vif_plugging_is_fatal": "false", "vif_plugging_timeout": 0,
+                    "heal_instance_info_cache_interval": -1},
+        "api": {"auth_strategy": "keystone"},
+        "api_database": {"connection": L.db("nova_api"), "max_pool_size": 10, "max_overflow": 40},
+        "database": {"connection": L.db("nova"), "max_pool_size": 10, "max_overflow": 40},
+        "keystone_authtoken": authtoken(L),
+        "placement": service_auth(L),
+        "neutron": service_auth(L),
+        "glance": {"region_name": REGION},
+        "conductor": {"workers": 1},
+        "scheduler": {"workers": 1},
+        "quota": {"instances": -1, "cores": -1, "ram": -1},
+        "oslo_concurrency": {"lock_path": L.locks},
+        "oslo_messaging_notifications": msg,
+        "notifications": {"notification_format": "unversioned"},
+        "vnc": {"enabled": "false"},
+        "wsgi": {"api_paste_config": f"{L.etc}/nova/api-paste.ini"},
+    })
+    files["rabbitmq/rabbitmq.conf"] = "\n".join([
+        f"listeners.tcp.default = 127.0.0.1:{PORTS['rabbit']}",
+        "loopback_users.guest = true",
+        "disk_free_limit.absolute = 50MB",
+        "log.console = false",
+        "",
+    ])
+    files["rabbitmq/enabled_plugins"] = "[].\n"
+    files["rabbitmq/rabbitmq-env.conf"] = ""
+    for rel, text in files.items():
+        path = f"{L.etc}/{rel}"
+        with open(path + ".tmp", "w") as f:
+            f.write(text)
+        os.replace(path + ".tmp", path)
+    shutil.copyfile("/etc/nova/api-paste.ini", f"{L.etc}/nova/api-paste.ini")
+
+
+# ---------------------------------------------------------------- processes
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie is not alive
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def read_pid(L: Layout, name: str) -> int | None:
+    try:
+        with open(L.pidfile(name)) as f:
+            pid = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    return pid if alive(pid) else None
+
+
+def spawn(L: Layout, name: str, argv: list[str], env: dict[str, str] | None = None) -> int:
+    """Start ``argv`` as a new session (its own process group, so stopping
+    the group stops its workers), output appended to ``log/NAME.log``."""
+    full_env = dict(os.environ)
+    for k in list(full_env):
+        if k.startswith("OS_") or k.startswith("RABBITMQ_") or k.startswith("ERL_"):
+            del full_env[k]
+    full_env.update(env or {})
+    with open(f"{L.log}/{name}.log", "ab") as out:
+        out.write(f"\n==== {datetime.datetime.now().isoformat()} {' '.join(argv)}\n".encode())
+        out.flush()
+        p = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                             env=full_env, cwd=L.root, start_new_session=True)
+    with open(L.pidfile(name), "w") as f:
+        f.write(f"{p.pid}\n")
+    return p.pid
+
+
+def check_alive(L: Layout, name: str) -> None:
+    if read_pid(L, name) is None:
+        raise Failed(f"{name} exited; see {L.log}/{name}.log:\n{tail(f'{L.log}/{name}.log')}")
+
+
+def tail(path: str, n: int = 25) -> str:
+    try:
+        with open(path, errors="replace") as f:
+            return "".join(f.readlines()[-n:])
+    except OSError:
+        return ""
+
+
+def wait_until(what: str, pred, timeout: float, L: Layout | None = None, watch: list[str] = ()) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if pred():
+                return
+        except Exception as e:  # not ready yet
+            last = e
+        else:
+            last = None
+        if L is not None:
+            for name in watch:
+                check_alive(L, name)
+        if time.monotonic() > deadline:
+            raise Failed(f"timed out after {timeout:.0f}s waiting for {what}" + (f": {last}" if last else ""))
+        time.sleep(0.25)
+
+
+def port_open(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def http_ok(url: str) -> bool:
+    import urllib.request
+    import urllib.error
+    try:
+        with urllib.request.urlopen(url, timeout=5) as r:
+            return r.status < 500
+    except urllib.error.HTTPError as e:
+        return e.code < 500
+    except OSError:
+        return False
+
+
+def run(L: Layout, name: str, argv: list[str], env: dict[str, str] | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    """Run one setup command, output to ``log/setup-NAME.log``."""
+    full_env = dict(os.environ, **(env or {}))
+    with open(f"{L.log}/setup-{name}.log", "ab") as out:
+        r = subprocess.run(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=full_env)
+    if check and r.returncode != 0:
+        raise Failed(f"{' '.join(argv)} failed ({r.returncode}); see {L.log}/setup-{name}.log:\n"
+                     f"{tail(f'{L.log}/setup-{name}.log')}")
+    return r
+
+
+def rabbit_env(L: Layout) -> dict[str, str]:
+    return {
+        "HOME": L.rabbit,
+        "RABBITMQ_NODENAME": "cloudfs@localhost",
+        "RABBITMQ_NODE_IP_ADDRESS": "127.0.0.1",
+        "RABBITMQ_NODE_PORT": str(PORTS["rabbit"]),
+        "RABBITMQ_DIST_PORT": str(PORTS["rabbit_dist"]),
+        "ERL_EPMD_ADDRESS": "127.0.0.1",
+        "RABBITMQ_CONF_ENV_FILE": f"{L.etc}/rabbitmq/rabbitmq-env.conf",
+        "RABBITMQ_CONFIG_FILE": f"{L.etc}/rabbitmq/rabbitmq.conf",
+        "RABBITMQ_ENABLED_PLUGINS_FILE": f"{L.etc}/rabbitmq/enabled_plugins",
+        "RABBITMQ_MNESIA_BASE": f"{L.rabbit}/mnesia",
+        "RABBITMQ_LOG_BASE": f"{L.log}/rabbitmq",
+        "RABBITMQ_PID_FILE": f"{L.run}/rabbitmq-beam.pid",
+        "RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS": "-kernel inet_dist_use_interface {127,0,0,1}",
+        "RABBITMQ_CTL_ERL_ARGS": "-kernel inet_dist_use_interface {127,0,0,1}",
+    }
+
+
+def uwsgi(L: Layout, name: str, port: int, script: str, env: dict[str, str], processes: int) -> None:
+    spawn(L, name, [
+        "uwsgi", "--plugin", "python3", "--http-socket", f"127.0.0.1:{port}",
+        "--wsgi-file", script, "--need-app", "--add-header", "Connection: close",
+        "--master", "--processes", str(processes), "--threads", "1", "--enable-threads",
+        "--lazy-apps", "--die-on-term", "--buffer-size", "65535", "--listen", "100",
+        "--hook-master-start", "unix_signal:15 gracefully_kill_them_all",
+    ], env)
+
+
+# ---------------------------------------------------------------- SQL
+
+def sql_root(L: Layout, query: str) -> None:
+    """Run statements as MariaDB's root (unix-socket authentication, via the CLI)."""
+    subprocess.run(["mariadb", f"--socket={L.sock}", "-u", "root", "-e", query], check=True,
+                   capture_output=True, timeout=30)
+
+
+def sql(L: Layout, query: str, args: tuple = (), db: str | None = None) -> list[tuple]:
+    """One query as the ``cloudfs`` database user; rows as tuples."""
+    import pymysql
+    conn = pymysql.connect(unix_socket=L.sock, user="cloudfs", password=PASSWORD,
+                           database=db, autocommit=True, connect_timeout=5)
+    try:
+        with conn.cursor() as c:
+            c.execute(query, args)
+            return list(c.fetchall())
+    finally:
+        conn.close()
+
+
+# ---------------------------------------------------------------- steps
+
+def start_mariadb(L: Layout) -> None:
+    if read_pid(L, "mariadb") is None:
+        fresh = not os.path.exists(f"{L.mysql}/mysql")
+        if fresh:
+            shutil.rmtree(L.mysql, ignore_errors=True)
+            run(L, "mariadb-install-db", ["mariadb-install-db", "--no-defaults", f"--datadir={L.mysql}",
+                                          "--user=root", "--auth-root-authentication-method=socket",
+                                          "--skip-test-db", "--skip-name-resolve"])
+        spawn(L, "mariadb", [
+            "mariadbd", "--no-defaults", f"--datadir={L.mysql}", f"--socket={L.sock}",
+            f"--pid-file={L.run}/mariadbd.pid", "--skip-networking", "--user=root",
+            "--skip-name-resolve", "--skip-log-bin", "--innodb-flush-log-at-trx-commit=0",
+            "--innodb-doublewrite=0", "--innodb-buffer-pool-size=256M", "--max-connections=2000",
+            "--character-set-server=utf8mb4", "--collation-server=utf8mb4_general_ci",
+            "--innodb-flush-method=nosync", "--sync-frm=0",
+        ])
+    wait_until("mariadb socket", lambda: os.path.exists(L.sock) and sql_root_ok(L), 60, L, ["mariadb"])
+    if not os.path.exists(L.stamp("databases")):
+        stmts = [f"CREATE DATABASE IF NOT EXISTS {d} CHARACTER SET utf8" for d in DATABASES]
+        stmts += [f"CREATE USER IF NOT EXISTS 'cloudfs'@'localhost' IDENTIFIED BY '{PASSWORD}'",
+                  "GRANT ALL PRIVILEGES ON *.* TO 'cloudfs'@'localhost'"]
+        sql_root(L, ";\n".join(stmts))
+        touch(L.stamp("databases"))
+
+
+def sql_root_ok(L: Layout) -> bool:
+    sql_root(L, "SELECT 1")
+    return True
+
+
+def touch(path: str) -> None:
+    with open(path, "w"):
+        pass
+
+
+def start_rabbitmq(L: Layout) -> None:
+    if read_pid(L, "rabbitmq") is None:
+        spawn(L, "rabbitmq", ["/usr/lib/rabbitmq/bin/rabbitmq-server"], rabbit_env(L))
+
+
+def wait_rabbitmq(L: Layout) -> None:
+    wait_until("rabbitmq on 127.0.0.1:5672", lambda: port_open(PORTS["rabbit"]), 90, L, ["rabbitmq"])
+
+
+def queue_consumers(L: Layout) -> dict[str, int]:
+    r = subprocess.run(["/usr/lib/rabbitmq/bin/rabbitmqctl", "-q", "list_queues", "name", "consumers"],
+                       capture_output=True, text=True, timeout=30, env=dict(os.environ, **rabbit_env(L)))
+    out = {}
+    for line in r.stdout.splitlines():
+        parts = line.split()
+        if len(parts) == 2 and parts[1].isdigit():
+            out[parts[0]] = int(parts[1])
+    return out
+
+
+def db_sync(L: Layout) -> None:
+    """Schema migrations, in parallel (each once per state dir)."""
+    nova = ["--config-file", f"{L.etc}/nova/nova.conf"]
+
+    def keystone():
+        env = {"OS_KEYSTONE_CONFIG_DIR": f"{L.etc}/keystone"}
+        kc = ["--config-file", f"{L.etc}/keystone/keystone.conf"]
+        run(L, "keystone", ["keystone-manage", *kc, "db_sync"], env)
+        run(L, "keystone", ["keystone-manage", *kc, "fernet_setup", "--keystone-user", "root", "--keystone-group", "root"], env)
+        run(L, "keystone", ["keystone-manage", *kc, "credential_setup", "--keystone-user", "root", "--keystone-group", "root"], env)
+        ks = f"http://127.0.0.1:{PORTS['keystone']}/v3/"
+        run(L, "keystone", ["keystone-manage", *kc, "bootstrap", "--bootstrap-password", PASSWORD,
+                            "--bootstrap-admin-url", ks, "--bootstrap-internal-url", ks,
+                            "--bootstrap-public-url", ks, "--bootstrap-region-id", REGION], env)
+
+    def glance():
+        run(L, "glance", ["glance-manage", "--config-file", f"{L.etc}/glance/glance-api.conf", "db_sync"])
+
+    def placement():
+        run(L, "placement", ["placement-manage", "--config-file", f"{L.etc}/placement/placement.conf", "db", "sync"])
+
+    def nova_dbs():
+        run(L, "nova", ["nova-manage", *nova, "api_db", "sync"])
+        run(L, "nova", ["nova-manage", *nova, "cell_v2", "map_cell0", "--database_connection", L.db("nova_cell0")])
+        cells = run(L, "nova", ["nova-manage", *nova, "cell_v2", "list_cells"], check=False)
+        have = sql(L, "SELECT name FROM cell_mappings", db="nova_api")
+        if ("cell1",) not in have:
+            run(L, "nova", ["nova-manage", *nova, "cell_v2", "create_cell", "--name", "cell1", "--verbose"])
+        del cells
+        run(L, "nova", ["nova-manage", *nova, "db", "sync"])
+
+    def neutron():
+        run(L, "neutron", ["neutron-db-manage", "--config-file", f"{L.etc}/neutron/neutron.conf",
+                           "--config-file", f"{L.etc}/neutron/ml2_conf.ini", "upgrade", "heads"])
+
+    steps = {"keystone": keystone, "glance": glance, "placement": placement, "nova": nova_dbs, "neutron": neutron}
+    todo = {k: f for k, f in steps.items() if not os.path.exists(L.stamp(f"db-{k}"))}
+    if not todo:
+        return
+    t0 = time.monotonic()
+    with ThreadPoolExecutor(len(todo)) as ex:
+        futs = {k: ex.submit(f) for k, f in todo.items()}
+        for k, fut in futs.items():
+            fut.result()
+            touch(L.stamp(f"db-{k}"))
+    log(f"databases migrated ({', '.join(todo)}) in {time.monotonic() - t0:.0f}s")
+
+
+def keystone_session():
+    from keystoneauth1 import session
+    from keystoneauth1.identity import v3
+    auth = v3.Password(auth_url=f"http://127.0.0.1:{PORTS['keystone']}/v3", username="admin",
+                       password=PASSWORD, project_name="admin", user_domain_name="Default",
+                       project_domain_name="Default")
+    return session.Session(auth=auth)
+
+
+def catalog(L: Layout) -> None:
+    """Services and endpoints (idempotent)."""
+    s = keystone_session()
+    ks = f"http://127.0.0.1:{PORTS['keystone']}/v3"
+    want = {
+        "image": ("glance", f"http://127.0.0.1:{PORTS['glance']}"),
+        "placement": ("placement", f"http://127.0.0.1:{PORTS['placement']}"),
+        "compute": ("nova", f"http://127.0.0.1:{PORTS['nova']}/v2.1"),
+        "network": ("neutron", f"http://127.0.0.1:{PORTS['neutron']}"),
+    }
+    services = {x["type"]: x for x in s.get(f"{ks}/services").json()["services"]}
+    endpoints = s.get(f"{ks}/endpoints").json()["endpoints"]
+    for typ, (name, url) in want.items():
+        svc = services.get(typ)
+        if svc is None:
+            svc = s.post(f"{ks}/services", json={"service": {"type": typ, "name": name}}).json()["service"]
+        have = {e["interface"] for e in endpoints if e["service_id"] == svc["id"]}
+        for iface in ("public", "internal", "admin"):
+            if iface not in have:
+                s.post(f"{ks}/endpoints", json={"endpoint": {"service_id": svc["id"], "interface": iface,
+                                                             "url": url, "region_id": REGION}})
+
+
+def agent_row(L: Layout) -> None:
+    """The openvswitch agent row for the compute host, so ML2 binds ports
+    there (no agent process runs: nothing is plugged on this machine)."""
+    conf = json.dumps({"bridge_mappings": {}, "tunnel_types": ["vxlan"], "integration_bridge": "br-int",
+                       "tunneling_ip": "127.0.0.1", "l2_population": False, "datapath_type": "system",
+                       "ovs_hybrid_plug": False, "enable_distributed_routing": False,
+                       "ovs_capabilities": {"datapath_types": ["system"], "iface_types": ["vxlan"]}})
+    now = datetime.datetime.utcnow().replace(microsecond=0)
+    rows = sql(L, "SELECT id FROM agents WHERE host=%s AND agent_type=%s", (HOST, "Open vSwitch agent"), db="neutron")
+    if rows:
+        sql(L, "UPDATE agents SET heartbeat_timestamp=%s, started_at=%s, configurations=%s WHERE id=%s",
+            (now, now, conf, rows[0][0]), db="neutron")
+        return
+    import uuid
+    sql(L, "INSERT INTO agents (id, agent_type, `binary`, topic, host, admin_state_up, created_at, started_at,"
+           " heartbeat_timestamp, description, configurations, `load`, availability_zone, resources_synced)"
+           " VALUES (%s,%s,%s,%s,%s,1,%s,%s,%s,%s,%s,0,NULL,NULL)",
+        (str(uuid.uuid4()), "Open vSwitch agent", "neutron-openvswitch-agent", "N/A", HOST, now, now, now,
+         "row inserted by cloudfs controlplane.py", conf), db="neutron")
+
+
+def compute_fresh(L: Layout, since: datetime.datetime) -> bool:
+    rows = sql(L, "SELECT updated_at, created_at FROM services WHERE host=%s AND `binary`='nova-compute'"
+                  " AND deleted=0", (HOST,), db="nova")
+    if not rows:
+        return False
+    updated = rows[0][0] or rows[0][1]
+    return updated is not None and updated >= since
+
+
+def compute_mapped(L: Layout) -> bool:
+    if not sql(L, "SELECT id FROM compute_nodes WHERE host=%s AND deleted=0", (HOST,), db="nova"):
+        return False
+    if not sql(L, "SELECT id FROM host_mappings WHERE host=%s", (HOST,), db="nova_api"):
+        run(L, "nova", ["nova-manage", "--config-file", f"{L.etc}/nova/nova.conf", "cell_v2", "discover_hosts"])
+    return bool(sql(L, "SELECT id FROM host_mappings WHERE host=%s", (HOST,), db="nova_api"))
+
+
+def placement_ready(L: Layout) -> bool:
+    return bool(sql(L, "SELECT i.id FROM inventories i JOIN resource_providers r ON r.id=i.resource_provider_id"
+                       " WHERE r.name=%s", (HOST,), db="placement"))
+
+
+def seed(L: Layout) -> None:
+    """Image ``tiny``, flavors, network ``user`` (idempotent)."""
+    s = keystone_session()
+    g = f"http://127.0.0.1:{PORTS['glance']}/v2"
+    images = s.get(f"{g}/images?name=tiny").json()["images"]
+    if not [i for i in images if i["status"] == "active"]:
+        for i in images:
+            s.delete(f"{g}/images/{i['id']}")
+        img = s.post(f"{g}/images", json={"name": "tiny", "disk_format": "raw", "container_format": "bare",
+                                          "visibility": "public", "min_disk": 0, "min_ram": 0}).json()
+        data = b"cloudfs tiny image\n" + bytes(1 << 20)
+        s.put(f"{g}/images/{img['id']}/file", data=data, headers={"Content-Type": "application/octet-stream"})
+    n = f"http://127.0.0.1:{PORTS['nova']}/v2.1"
+    have = {f["name"] for f in s.get(f"{n}/flavors").json()["flavors"]}
+    for name, ram, vcpus, disk in (("m1.tiny", 64, 1, 1), ("m1.small", 512, 1, 2)):
+        if name not in have:
+            s.post(f"{n}/flavors", json={"flavor": {"name": name, "ram": ram, "vcpus": vcpus, "disk": disk}})
+    q = f"http://127.0.0.1:{PORTS['neutron']}/v2.0"
+    nets = s.get(f"{q}/networks?name=user").json()["networks"]
+    net = nets[0] if nets else s.post(f"{q}/networks", json={"network": {"name": "user", "shared": True}}).json()["network"]
+    if not net.get("subnets"):
+        s.post(f"{q}/subnets", json={"subnet": {"network_id": net["id"], "name": "user", "ip_version": 4,
+                                               "cidr": "10.0.0.0/24"}})
+
+
+def write_clouds(L: Layout) -> None:
+    text = (
+        "# written by scripts/openstack/controlplane.py\n"
+        "clouds:\n"
+        "  cloudfs:\n"
+        "    auth:\n"
+        f"      auth_url: http://127.0.0.1:{PORTS['keystone']}/v3\n"
+        "      username: admin\n"
+        f"      password: {PASSWORD}\n"
+        "      project_name: admin\n"
+        "      user_domain_name: Default\n"
+        "      project_domain_name: Default\n"
+        f"    region_name: {REGION}\n"
+        "    interface: public\n"
+        "    identity_api_version: 3\n"
+    )
+    with open(L.clouds + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(L.clouds + ".tmp", L.clouds)
+
+
+def nova_compute_argv(L: Layout) -> list[str]:
+    return ["/usr/bin/python3", "-c", "import sys; from nova.cmd.compute import main; sys.exit(main())",
+            "--config-file", f"{L.etc}/nova/nova.conf"]
+
+
+def start(state: str) -> None:
+    """Start every service not running, then wait until ready."""
+    t0 = time.monotonic()
+    L = Layout(state)
+    L.makedirs()
+    write_configs(L)
+    since = datetime.datetime.utcnow().replace(microsecond=0) - datetime.timedelta(seconds=1)
+    start_rabbitmq(L)
+    start_mariadb(L)
+    db_sync(L)
+    nova_env = {"OS_NOVA_CONFIG_DIR": f"{L.etc}/nova"}
+    if read_pid(L, "keystone") is None:
+        uwsgi(L, "keystone", PORTS["keystone"], "/usr/bin/keystone-wsgi-public",
+              {"OS_KEYSTONE_CONFIG_DIR": f"{L.etc}/keystone"}, 2)
+    wait_rabbitmq(L)
+    wait_until("keystone", lambda: http_ok(f"http://127.0.0.1:{PORTS['keystone']}/v3"), 60, L, ["keystone"])
+    catalog(L)
+    agent_row(L)
+    if read_pid(L, "placement") is None:
+        uwsgi(L, "placement", PORTS["placement"], "/usr/bin/placement-api",
+              {"OS_PLACEMENT_CONFIG_DIR": f"{L.etc}/placement"}, 2)
+    if read_pid(L, "glance") is None:
+        spawn(L, "glance", ["glance-api", "--config-file", f"{L.etc}/glance/glance-api.conf"])
+    if read_pid(L, "neutron") is None:
+        spawn(L, "neutron", ["neutron-server", "--config-file", f"{L.etc}/neutron/neutron.conf",
+                             "--config-file", f"{L.etc}/neutron/ml2_conf.ini"])
+    if read_pid(L, "nova-api") is None:
+        uwsgi(L, "nova-api", PORTS["nova"], "/usr/bin/nova-api-wsgi", nova_env, 4)
+    for svc in ("nova-conductor", "nova-scheduler"):
+        if read_pid(L, svc) is None:
+            spawn(L, svc, [f"/usr/bin/{svc}", "--config-file", f"{L.etc}/nova/nova.conf"])
+    wait_until("nova-conductor consuming", lambda: queue_consumers(L).get("conductor", 0) > 0, 90, L,
+               ["nova-conductor"])
+    if read_pid(L, "nova-compute") is None:
+        spawn(L, "nova-compute", nova_compute_argv(L))
+    else:
+        since = datetime.datetime(1970, 1, 1)  # already running: any heartbeat is its own
+    apis = {"placement": PORTS["placement"], "glance": PORTS["glance"], "neutron": PORTS["neutron"],
+            "nova-api": PORTS["nova"]}
+    for name, port in apis.items():
+        wait_until(name, lambda port=port: http_ok(f"http://127.0.0.1:{port}/"), 90, L, [name])
+    wait_until("nova-scheduler consuming", lambda: queue_consumers(L).get("scheduler", 0) > 0, 90, L,
+               ["nova-scheduler"])
+    wait_until("a fresh nova-compute heartbeat", lambda: compute_fresh(L, since), 90, L, ["nova-compute"])
+    wait_until("compute host mapped to cell1", lambda: compute_mapped(L), 60, L, ["nova-compute"])
+    wait_until("compute resources in placement", lambda: placement_ready(L), 60, L, ["nova-compute"])
+    seed(L)
+    write_clouds(L)
+    log(f"ready in {time.monotonic() - t0:.0f}s; OS_CLIENT_CONFIG_FILE={L.clouds} OS_CLOUD=cloudfs")
+
+
+def kill_group(L: Layout, name: str, timeout: float = 20.0) -> None:
+    pid = read_pid(L, name)
+    if pid is None:
+        try:
+            os.unlink(L.pidfile(name))
+        except FileNotFoundError:
+            pass
+        return
+    try:
+        os.killpg(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        pass
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and group_alive(pid):
+        time.sleep(0.1)
+    if group_alive(pid):
+        log(f"{name} did not stop on SIGTERM; SIGKILL")
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        while group_alive(pid):
+            time.sleep(0.1)
+    os.unlink(L.pidfile(name))
+
+
+def group_alive(pgid: int) -> bool:
+    """Whether any (non-zombie) process is in process group ``pgid``."""
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] != "Z" and int(fields[2]) == pgid:
+            return True
+    return False
+
+
+def stop(state: str) -> None:
+    """Stop everything started from ``state`` (reverse order), then epmd."""
+    L = Layout(state)
+    if not os.path.isdir(L.run):
+        return
+    rev = [s for s in reversed(SERVICES) if s not in ("mariadb", "rabbitmq")]
+    with ThreadPoolExecutor(len(rev)) as ex:
+        list(ex.map(lambda s: kill_group(L, s), rev))
+    with ThreadPoolExecutor(2) as ex:
+        list(ex.map(lambda s: kill_group(L, s, 60.0), ["rabbitmq", "mariadb"]))
+    subprocess.run(["epmd", "-kill"], env=dict(os.environ, ERL_EPMD_ADDRESS="127.0.0.1"),
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log("stopped")
+
+
+def status(state: str) -> int:
+    L = Layout(state)
+    down = 0
+    for s in SERVICES:
+        pid = read_pid(L, s)
+        print(f"{s:16} {'running pid ' + str(pid) if pid else 'down'}")
+        down += pid is None
+    return 1 if down else 0
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) < 1 or argv[0] not in ("install", "start", "up", "stop", "status") or \
+            (argv[0] != "install" and len(argv) != 2):
+        print(__doc__, file=sys.stderr)
+        return 2
+    cmd = argv[0]
+    try:
+        if cmd in ("install", "up"):
+            install()
+        if cmd in ("start", "up"):
+            start(argv[1])
+        elif cmd == "stop":
+            stop(argv[1])
+        elif cmd == "status":
+            return status(argv[1])
+    except Failed as e:
+        log(f"FAILED: {e}")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
