@@ -7,9 +7,14 @@ open modes, offsets and counts before any file code runs, so a
 
 Per connection (:class:`Connection`):
 
-- one reader loop that frames and decodes messages and does the synchronous
-  checks; every request then runs in its own task, under its own cancel scope;
-- one writer task: replies are queued in order and written by it alone;
+- a pool of worker tasks in the leader/follower pattern: the leader reads
+  frames, decodes them and does the synchronous checks; it then wakes an idle
+  worker to lead next (or spawns one) and runs the request itself, under the
+  request's own cancel scope.  So every request runs in a task of its own,
+  a blocked request never holds up others, and no task is spawned per
+  request (idle workers are reused; at most a few stay parked);
+- replies are queued in order and sent by whichever task finds the stream
+  idle (one writer at a time);
 - a fid table; a table of outstanding tags.
 
 Flush (flush(5)): Tflush cancels the request's scope and waits until its task
@@ -32,6 +37,7 @@ import os
 from collections import deque
 import stat as st
 import time
+import types
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -54,6 +60,9 @@ Dialect = m.Dialect
 DEFAULT_MSIZE = 512 * 1024 + m.IOHDRSZ
 #: RFC-less but universal lower bound on msize (Linux and diod use it too).
 MIN_MSIZE = 4096
+
+#: Idle workers a connection keeps parked for the next requests.
+MAX_IDLE_WORKERS = 4
 
 # 9P2000.L Tlopen/Tlcreate flags (Linux's x86 open(2) values, net/9p/client.c):
 # the bits we pass on to file code; others (O_DIRECT, O_LARGEFILE …) are masked.
@@ -166,6 +175,10 @@ class _Request:
     done: trio.Event = field(default_factory=trio.Event)
 
 
+class _EOF(Exception):
+    """The peer closed its end."""
+
+
 class _Reserved:
     """Placeholder for a newfid claimed by a request still running."""
 
@@ -174,7 +187,7 @@ _RESERVED = _Reserved()
 
 
 class Connection:
-    """One 9P connection: reader loop, writer task, fid and tag tables.
+    """One 9P connection: its worker tasks, output queue, fid and tag tables.
 
     ``fs`` is the served FileSystem, ``stream`` a trio Stream, ``max_msize`` the
     largest msize offered (bytes).  :meth:`run` returns when the peer hangs up or
@@ -201,6 +214,10 @@ class Connection:
         self._fd: int | None = sock.fileno() if sock is not None else None
         self._nursery: trio.Nursery | None = None
         self.closed_reason: str | None = None
+        self._frames = FrameReader(max_msize)
+        self._ready: deque[tuple[Callable, Any, _Request, int | None]] = deque()
+        self._leading = False  # a worker is reading
+        self._idle = trio.lowlevel.ParkingLot()  # parked workers
 
     # -- the loops --------------------------------------------------------
 
@@ -209,7 +226,7 @@ class Connection:
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
-                await self._guard(self._reader, nursery)
+                nursery.start_soon(self._worker)
         finally:
             with trio.CancelScope(shield=True):
                 await self._clunk_all()
@@ -218,35 +235,75 @@ class Connection:
                 except Exception:
                     pass
 
-    async def _guard(self, loop: Callable, nursery: trio.Nursery) -> None:
-        # Whatever ends the reader or a send ends the connection, and only it.
-        try:
-            await loop()
-        except ProtocolError as e:
-            self.closed_reason = f"protocol error: {e}"
-            log.warning("9P connection %s closed: protocol error: %s", self.peer, e)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
-            self.closed_reason = self.closed_reason or f"connection lost: {e!r}"
-        except Exception:
-            self.closed_reason = "internal error"
-            log.exception("9P connection %s closed: internal error", self.peer)
-        finally:
-            nursery.cancel_scope.cancel()
+    def _close(self, reason: str) -> None:
+        self.closed_reason = self.closed_reason or reason
+        if self._nursery is not None:
+            self._nursery.cancel_scope.cancel()
 
-    async def _reader(self) -> None:
-        reader = FrameReader(self.max_msize)
-        receive = self.stream.receive_some
+    async def _worker(self) -> None:
+        # Whatever ends a read or a send ends the connection, and only it.
+        try:
+            await self._work()
+        except _EOF:
+            self._close("EOF")
+        except ProtocolError as e:
+            log.warning("9P connection %s closed: protocol error: %s", self.peer, e)
+            self._close(f"protocol error: {e}")
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
+            self._close(f"connection lost: {e!r}")
+        except Exception:
+            log.exception("9P connection %s closed: internal error", self.peer)
+            self._close("internal error")
+
+    async def _work(self) -> None:
+        ready = self._ready
+        idle = self._idle
         while True:
-            data = await receive(65536)
-            if not data:
-                self.closed_reason = "EOF"
+            if ready:
+                await self._run_request(*ready.popleft())
+            elif not self._leading:
+                self._leading = True
+                try:
+                    await self._read()
+                finally:
+                    self._leading = False
+            elif len(idle) >= MAX_IDLE_WORKERS:
                 return
-            reader.feed(data)
-            for frame in reader.frames():
-                msg = decode(frame, self.dialect or Dialect.P2000)
-                if self.trace:
-                    trace_log.debug("%s <- %r", self.peer, msg)
-                await self._dispatch(msg, reader)
+            else:
+                await idle.park()
+
+    def _hand_off(self) -> None:
+        """This worker is about to block (in a request or a send): make sure
+        other workers read and run the remaining ready requests meanwhile --
+        wake parked ones, spawn if none is left."""
+        need = len(self._ready) + (0 if self._leading else 1)
+        if need:
+            woken = len(self._idle.unpark(count=need))
+            for _ in range(need - woken):
+                self._nursery.start_soon(self._worker)  # type: ignore[union-attr]
+
+    async def _read(self) -> None:
+        """Read what the peer sent and dispatch every whole frame in it."""
+        fd = self._fd
+        if fd is not None:
+            # Wait first, then read: on a request/response stream the next
+            # request is rarely there yet, and this saves a failed read.
+            await trio.lowlevel.wait_readable(fd)
+            try:
+                data = os.read(fd, 65536)
+            except BlockingIOError:
+                return
+        else:
+            data = await self.stream.receive_some(65536)
+        if not data:
+            raise _EOF
+        frames = self._frames
+        frames.feed(data)
+        for frame in frames.frames():
+            msg = decode(frame, self.dialect or Dialect.P2000)
+            if self.trace:
+                trace_log.debug("%s <- %r", self.peer, msg)
+            await self._dispatch(msg)
 
     def _queue(self, msg: Any) -> None:
         """Append a reply to the output queue (in order); :meth:`_transmit` sends it."""
@@ -272,6 +329,7 @@ class Connection:
                     except BlockingIOError:
                         pass
                 if sent < len(buf):
+                    self._hand_off()
                     await self.stream.send_all(memoryview(buf)[sent:])
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
             self.closed_reason = self.closed_reason or f"connection lost: {e!r}"
@@ -283,10 +341,10 @@ class Connection:
 
     # -- dispatch ---------------------------------------------------------
 
-    async def _dispatch(self, msg: Any, reader: FrameReader) -> None:
+    async def _dispatch(self, msg: Any) -> None:
         tag = msg.tag
         if type(msg) is m.Tversion:
-            await self._version(msg, reader)
+            await self._version(msg)
             await self._transmit()
             return
         name = type(msg).__name__
@@ -312,15 +370,27 @@ class Connection:
             self.fids[newfid] = _RESERVED
         req = _Request(tag)
         self.pending[tag] = req
-        assert self._nursery is not None
-        self._nursery.start_soon(self._run_request, handler, msg, req, newfid)
+        self._ready.append((handler, msg, req, newfid))
 
     async def _run_request(self, handler: Callable, msg: Any, req: _Request, newfid: int | None) -> None:
         frame = None
         try:
+            if req.scope.cancel_called:  # flushed before it started: no reply
+                return
             with req.scope:
                 try:
-                    reply = await handler(self, msg)
+                    # Eager start: run the handler's first step here.  Most
+                    # requests finish without ever yielding to trio; only one
+                    # that yields (may block) hands reading over to another
+                    # worker.  The coroutine runs in this task throughout.
+                    coro = handler(self, msg)
+                    try:
+                        trap = coro.send(None)
+                    except StopIteration as done:
+                        reply = done.value
+                    else:
+                        self._hand_off()
+                        reply = await _resume(coro, trap)
                 except FsError as e:
                     reply = self._error(msg.tag, e)
                 except Exception as e:  # file code bug: answer EIO, keep serving
@@ -360,8 +430,14 @@ class Connection:
 
     # -- session management -------------------------------------------------
 
-    async def _version(self, msg: m.Tversion, reader: FrameReader) -> None:
+    async def _version(self, msg: m.Tversion) -> None:
         # Tversion aborts all outstanding I/O and clunks every fid (version(5)).
+        while self._ready:  # not started yet: retire them here, unanswered
+            _, old, req, newfid = self._ready.popleft()
+            if newfid is not None and self.fids.get(newfid) is _RESERVED:
+                del self.fids[newfid]
+            del self.pending[old.tag]
+            req.done.set()
         for req in list(self.pending.values()):
             req.scope.cancel()
         for req in list(self.pending.values()):
@@ -383,7 +459,7 @@ class Connection:
             return
         self.dialect = dialect
         self.msize = msize
-        reader.max_size = msize
+        self._frames.max_size = msize
         self._queue(m.Rversion(tag=msg.tag, msize=msize, version=dialect.value))
 
     async def _clunk_all(self) -> None:
@@ -417,6 +493,29 @@ async def _release(f: Fid) -> None:
                 await f.parent().unlink(f.name, f.node.qid().type & QTDIR != 0)
             except FsError:
                 pass
+
+
+@types.coroutine
+def _resume(coro, trap):
+    """Go on running a coroutine whose first step yielded ``trap``, in the
+    calling task: ``yield from`` for a coroutine already started (every
+    value and exception the event loop sends travels through unchanged)."""
+    while True:
+        try:
+            value = yield trap
+        except GeneratorExit:
+            coro.close()
+            raise
+        except BaseException as exc:
+            try:
+                trap = coro.throw(exc)
+            except StopIteration as done:
+                return done.value
+        else:
+            try:
+                trap = coro.send(value)
+            except StopIteration as done:
+                return done.value
 
 
 def _newfid_of(msg: Any) -> int | None:
