@@ -1,0 +1,570 @@
+"""The OpenStack compute driver: processes are Nova servers, ``/images`` is
+Glance and ``/net`` is Neutron, through openstacksdk.
+
+Semantics follow the OpenStack APIs (Compute API v2.1 with microversions,
+Image API v2, Networking API v2.0):
+
+- ``create`` boots a server (Nova ``POST /servers``) with user data base64
+  encoded by us, server metadata ``cloudfs-deployment``, ``cloudfs-pid`` and
+  ``cloudfs-ppid`` (given by the caller in ``metadata``), and waits for
+  ``ACTIVE``.  With a pid in the metadata it first looks for a server of that
+  deployment and pid (:meth:`OpenStackDriver.find_by_metadata`) and adopts it,
+  and after booting it deletes any younger duplicate (a create whose reply was
+  lost, retried), so one pid never has two servers.  A boot ending in
+  ``ERROR`` is deleted and raises DriverError with Nova's fault message
+  (e.g. "No valid host was found. …").
+- ``rebuild`` is Nova rebuild (microversion ≥ 2.57 carries user data);
+  ``delete`` waits until the server is gone; ``stop``/``start`` are the
+  os-stop/os-start actions, idempotent.
+- ``status`` maps Nova's status: BUILD/REBUILD → ``creating``, ACTIVE →
+  ``running``, SHUTOFF (and PAUSED, SUSPENDED, SHELVED*) → ``stopped``,
+  ERROR → ``error`` (with the fault message in ``error``), DELETED and
+  SOFT_DELETED → ``killed``; a server that no longer exists is NotFound.
+  Addresses come from the server's Neutron ports (IPv4 fixed IPs).
+
+Every SDK call runs in a worker thread (``trio.to_thread.run_sync`` through
+one CapacityLimiter) under a deadline; a call that exceeds it, and every
+cloud error (quota, NoValidHost, image missing, auth failure, unreachable
+endpoint), becomes :class:`DriverError` (or :class:`NotFound`) carrying the
+cloud's message.  Nothing blocks the trio loop.
+"""
+
+from __future__ import annotations
+
+import base64
+import ipaddress
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from collections.abc import Mapping
+from typing import Any, Callable, TypeVar
+
+import trio
+
+from .base import ComputeDriver, DriverError, Image, Network, NotFound, Server
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+try:  # the interface's names for the metadata keys (cloudfs/drivers/base.py)
+    from .base import META_DEPLOYMENT, META_PID, META_PPID
+except ImportError:  # pragma: no cover - older base.py
+    META_DEPLOYMENT, META_PID, META_PPID = "cloudfs-deployment", "cloudfs-pid", "cloudfs-ppid"
+
+#: Nova status → cloudfs state.
+STATES = {
+    "BUILD": "creating", "REBUILD": "creating",
+    "ACTIVE": "running", "REBOOT": "running", "HARD_REBOOT": "running",
+    "PASSWORD": "running", "MIGRATING": "running", "RESIZE": "running",
+    "VERIFY_RESIZE": "running", "REVERT_RESIZE": "running", "RESCUE": "running",
+    "SHUTOFF": "stopped", "PAUSED": "stopped", "SUSPENDED": "stopped",
+    "SHELVED": "stopped", "SHELVED_OFFLOADED": "stopped",
+    "ERROR": "error",
+    "DELETED": "killed", "SOFT_DELETED": "killed",
+}
+
+#: Nova's limit on user data (bytes after base64 encoding).
+MAX_USERDATA_B64 = 65535
+
+
+@dataclass(frozen=True)
+class OSServer(Server):
+    """A Nova server: the base :class:`Server` (``message`` is Nova's fault
+    message when ``status`` is ``error``) plus ``nova_status`` (Nova's own
+    word, e.g. ``BUILD``), ``task_state``, ``metadata`` and ``created``
+    (ISO 8601)."""
+
+    nova_status: str = ""
+    task_state: str | None = None
+    metadata: dict[str, str] = field(default_factory=dict, compare=False)
+    created: str = ""
+
+
+@dataclass(frozen=True)
+class OSImage(Image):
+    """A Glance image: the base :class:`Image` plus ``container_format``."""
+
+    container_format: str = ""
+
+
+@dataclass(frozen=True)
+class OSNetwork(Network):
+    """A Neutron network: ``cidr`` is its first IPv4 subnet's CIDR (``""``
+    without one); ``cidrs`` all its subnets' CIDRs; ``subnets`` their ids."""
+
+    cidrs: tuple[str, ...] = ()
+    subnets: tuple[str, ...] = ()
+
+
+def _message(e: BaseException) -> str:
+    """The cloud's own words for an SDK/keystoneauth exception."""
+    details = getattr(e, "details", None)
+    status = getattr(e, "status_code", None)
+    text = str(details) if details else (str(e) or type(e).__name__)
+    text = " ".join(text.split())
+    if status:
+        return f"{text} (HTTP {status})"
+    return text
+
+
+class OpenStackDriver(ComputeDriver):
+    """Nova/Glance/Neutron behind the :class:`ComputeDriver` interface.
+
+    ``conn`` is an ``openstack.connection.Connection``.  ``deployment`` names
+    this cloudfs installation in server metadata (servers of other
+    deployments are never touched).  ``timeout`` (seconds) bounds each API
+    call, ``boot_timeout`` a whole boot/rebuild/stop/start/delete until its
+    final state; ``poll_interval`` (seconds) is how often a waiting operation
+    asks Nova; ``concurrency`` is the number of API calls in flight at once.
+    """
+
+    def __init__(self, conn: Any, *, deployment: str = "cloudfs", timeout: float = 60.0,
+                 boot_timeout: float = 600.0, poll_interval: float = 0.5, concurrency: int = 16,
+                 cache_ttl: float = 30.0):
+        self.conn = conn
+        self.deployment = deployment
+        self.timeout = timeout
+        self.boot_timeout = boot_timeout
+        self.poll_interval = poll_interval
+        self.limiter = trio.CapacityLimiter(concurrency)
+        self.cache_ttl = cache_ttl
+        self._cache: dict[str, tuple[float, dict[str, str]]] = {}
+        self._warm = False
+        self._warm_lock = threading.Lock()
+
+    @classmethod
+    def from_cloud(cls, cloud: str | None = None, **kwargs: Any) -> "OpenStackDriver":
+        """Pick the cloud the way python-openstackclient does: ``cloud`` names
+        an entry of clouds.yaml (``OS_CLIENT_CONFIG_FILE``, ./clouds.yaml,
+        ~/.config/openstack, /etc/openstack); None means ``OS_CLOUD`` or the
+        ``OS_*`` variables (``openstack.connect(cloud=...)``).  Reads config
+        files only (no network traffic until the first call); call it before
+        or outside the trio loop.  ``kwargs`` go to :class:`OpenStackDriver`.
+        Raises DriverError when the configuration is unusable."""
+        import openstack
+        import openstack.exceptions
+
+        timeout = kwargs.get("timeout", 60.0)
+        try:
+            conn = openstack.connect(cloud=cloud, api_timeout=timeout)
+        except (openstack.exceptions.SDKException, KeyError, ValueError) as e:
+            raise DriverError(f"openstack: cannot configure cloud {cloud or '(from OS_CLOUD/OS_*)'}: {_message(e)}") from e
+        return cls(conn, **kwargs)
+
+    # ------------------------------------------------------------ plumbing
+
+    def _warm_up(self) -> None:
+        """Build the service proxies once (openstacksdk creates them lazily,
+        which is not safe from several threads at once)."""
+        with self._warm_lock:
+            if not self._warm:
+                self.conn.compute, self.conn.image, self.conn.network  # noqa: B018
+                self._warm = True
+
+    async def _call(self, what: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run one blocking SDK call in a worker thread under the deadline;
+        map its exceptions to DriverError/NotFound."""
+        import keystoneauth1.exceptions as ksa
+        import openstack.exceptions as osx
+
+        def work() -> T:
+            if not self._warm:
+                self._warm_up()
+            return fn(*args, **kwargs)
+
+        try:
+            with trio.fail_after(self.timeout):
+                return await trio.to_thread.run_sync(work, limiter=self.limiter, abandon_on_cancel=True)
+        except trio.TooSlowError:
+            raise DriverError(f"openstack: {what} timed out after {self.timeout:g}s") from None
+        except osx.NotFoundException as e:
+            raise NotFound(f"openstack: {what}: {_message(e)}") from e
+        except osx.HttpException as e:
+            raise DriverError(f"openstack: {what}: {_message(e)}") from e
+        except ksa.Unauthorized as e:
+            raise DriverError(f"openstack: {what}: authentication failed: {_message(e)}") from e
+        except ksa.ConnectionError as e:
+            raise DriverError(f"openstack: {what}: cannot reach the cloud: {_message(e)}") from e
+        except (osx.SDKException, ksa.ClientException) as e:
+            raise DriverError(f"openstack: {what}: {_message(e)}") from e
+
+    async def _lookup(self, kind: str, key: str, load: Callable[[], dict[str, str]]) -> str:
+        """``key`` (a name or an id) → id through a cache refreshed after
+        ``cache_ttl`` seconds or on a miss.  NotFound if the cloud has none."""
+        now = time.monotonic()
+        got = self._cache.get(kind)
+        if got is None or now - got[0] > self.cache_ttl or key not in got[1]:
+            got = (now, await self._call(f"list {kind}s", load))
+            self._cache[kind] = got
+        try:
+            return got[1][key]
+        except KeyError:
+            raise NotFound(f"openstack: no {kind} {key!r}") from None
+
+    def _load_images(self) -> dict[str, str]:
+        out: dict[str, str] = {}
+        for im in self.conn.image.images():
+            if im.status == "active":
+                out.setdefault(im.name, im.id)
+                out[im.id] = im.id
+        return out
+
+    def _load_flavors(self) -> dict[str, str]:
+        out: dict[str, str] = {}
+        for fl in self.conn.compute.flavors(details=False):
+            out[fl.name] = fl.id
+            out[fl.id] = fl.id
+        return out
+
+    def _load_networks(self) -> dict[str, str]:
+        out: dict[str, str] = {}
+        for n in self.conn.network.networks():
+            out.setdefault(n.name, n.id)
+            out[n.id] = n.id
+        return out
+
+    def _server(self, s: Any, addresses: tuple[str, ...] | None = None) -> OSServer:
+        nova = (s.status or "").upper()
+        fault = s.fault or {}
+        error = ""
+        if nova == "ERROR":
+            error = " ".join(str(fault.get("message") or "Nova reports ERROR without a fault").split())
+        if addresses is None:
+            addrs = []
+            for entries in (s.addresses or {}).values():
+                for a in entries:
+                    if a.get("version") == 4:
+                        addrs.append(a["addr"])
+            addresses = tuple(addrs)
+        host = s.compute_host or s.hypervisor_hostname or s.availability_zone or ""
+        return OSServer(id=s.id, name=s.name or "", status=STATES.get(nova, "running"), host=host,
+                        addresses=addresses, message=error, nova_status=nova, task_state=s.task_state,
+                        metadata=dict(s.metadata or {}), created=s.created_at or "")
+
+    def _ports_v4(self, server_id: str) -> tuple[str, ...]:
+        addrs = []
+        for p in self.conn.network.ports(device_id=server_id):
+            for ip in p.fixed_ips or []:
+                a = ip.get("ip_address", "")
+                try:
+                    if ipaddress.ip_address(a).version == 4:
+                        addrs.append(a)
+                except ValueError:
+                    pass
+        return tuple(addrs)
+
+    async def _get(self, server_id: str, ports: bool = False) -> OSServer:
+        s = await self._call(f"get server {server_id}", self.conn.compute.get_server, server_id)
+        addrs = None
+        if ports:
+            addrs = await self._call(f"ports of server {server_id}", self._ports_v4, server_id)
+        return self._server(s, addrs)
+
+    async def wait(self, server_id: str, states: tuple[str, ...] = ("running",),
+                   timeout: float | None = None) -> OSServer:
+        """Poll until the server is in one of ``states`` (cloudfs words) with
+        no Nova task under way, and return it (addresses from its ports).
+        DriverError with Nova's fault message if it reaches ``error``
+        instead, or on the deadline (``boot_timeout`` by default); NotFound
+        if it disappears."""
+        limit = self.boot_timeout if timeout is None else timeout
+        last: OSServer | None = None
+        with trio.move_on_after(limit):
+            while True:
+                last = await self._get(server_id)
+                if last.status in states and last.task_state is None:
+                    return await self._get(server_id, ports=True)
+                if last.status == "error" and "error" not in states:
+                    raise DriverError(last.message)
+                await trio.sleep(self.poll_interval)
+        where = f" (still {last.nova_status}, task {last.task_state})" if last else ""
+        raise DriverError(f"openstack: server {server_id} not {'/'.join(states)} after {limit:g}s{where}")
+
+    # ------------------------------------------------------------ servers
+
+    def metadata_for(self, pid: int, ppid: int | None = None, **extra: str) -> dict[str, str]:
+        """Server metadata marking a process of this deployment:
+        ``{cloudfs-deployment, cloudfs-pid, cloudfs-ppid}`` plus ``extra``."""
+        md = {META_DEPLOYMENT: self.deployment, META_PID: str(pid)}
+        if ppid is not None:
+            md[META_PPID] = str(ppid)
+        md.update(extra)
+        return md
+
+    def _list_ours(self, deployment: str, pid: str | None) -> list[Any]:
+        out = []
+        for s in self.conn.compute.servers(details=True):
+            md = s.metadata or {}
+            if md.get(META_DEPLOYMENT) != deployment:
+                continue
+            if pid is not None and md.get(META_PID) != pid:
+                continue
+            out.append(s)
+        out.sort(key=lambda s: (s.created_at or "", s.id))
+        return out
+
+    async def find_by_metadata(self, deployment: str | None = None, pid: int | str | None = None) -> list[OSServer]:
+        """Servers whose metadata says ``cloudfs-deployment == deployment``
+        (default: this driver's) and, if given, ``cloudfs-pid == pid``,
+        oldest first (Nova's ``created``, then id).  For adoption after a lost
+        reply or a daemon restart, and for finding orphans."""
+        dep = deployment or self.deployment
+        servers = await self._call(f"list servers of {dep}", self._list_ours, dep,
+                                   None if pid is None else str(pid))
+        return [self._server(s) for s in servers]
+
+    async def find(self, metadata: Mapping[str, str]) -> OSServer | None:
+        """The oldest live (not ERROR, not deleted) server whose metadata
+        has every key/value of ``metadata`` (it must name the deployment),
+        or None.  The reconciler asks this before every create."""
+        md = dict(metadata)
+        dep = md.get(META_DEPLOYMENT, self.deployment)
+
+        def match() -> list[Any]:
+            return [s for s in self._list_ours(dep, md.get(META_PID))
+                    if all((s.metadata or {}).get(k) == v for k, v in md.items())]
+
+        for s in await self._call(f"find server {md}", match):
+            srv = self._server(s)
+            if srv.status in ("creating", "running", "stopped"):
+                return srv
+        return None
+
+    async def boot(self, name: str, image: str, flavor: str, networks: list[str], userdata: bytes,
+                   *, metadata: Mapping[str, str] | None = None) -> OSServer:
+        """Ask Nova for a server and return at once (usually ``creating``),
+        adopting an existing server of the same deployment and pid instead
+        when ``metadata`` has ``cloudfs-pid``.  ``image``, ``flavor`` and
+        ``networks`` are names or ids; ``flavor`` ``""`` is the default
+        flavor, ``networks`` empty the default network.  NotFound for unknown
+        ones; DriverError for user data over Nova's 64 KiB or a refusal
+        (quota, …)."""
+        md = {META_DEPLOYMENT: self.deployment}
+        md.update(metadata or {})
+        pid = md.get(META_PID)
+        if pid is not None:
+            for s in await self.find_by_metadata(md[META_DEPLOYMENT], pid):
+                if s.status in ("creating", "running", "stopped"):
+                    log.info("adopting server %s for pid %s", s.id, pid)
+                    return s
+                await self.delete(s.id)  # ERROR / being deleted: not worth adopting
+        ud = base64.b64encode(bytes(userdata)).decode("ascii")
+        if len(ud) > MAX_USERDATA_B64:
+            raise DriverError(f"openstack: user data is {len(userdata)} bytes; Nova takes at most 48 KiB (64 KiB base64)")
+        image_id = await self._lookup("image", image, self._load_images)
+        if not flavor:
+            flavors = await self.list_flavors()
+            if not flavors:
+                raise NotFound("openstack: the cloud has no flavors")
+            flavor = flavors[0]
+        flavor_id = await self._lookup("flavor", flavor, self._load_flavors)
+        if not networks:
+            nets = await self.list_networks()
+            if not nets:
+                raise NotFound("openstack: the cloud has no networks")
+            networks = [nets[0].id]
+        net_ids = [await self._lookup("network", n, self._load_networks) for n in networks]
+        attrs = dict(name=name, image_id=image_id, flavor_id=flavor_id,
+                     networks=[{"uuid": n} for n in net_ids], user_data=ud, metadata=md)
+        s = await self._call(f"create server {name!r}", self.conn.compute.create_server, **attrs)
+        server = self._server(s)
+        if pid is not None:
+            server = await self._dedupe(md[META_DEPLOYMENT], pid, server)
+        return server
+
+    async def _dedupe(self, deployment: str, pid: str, mine: OSServer) -> OSServer:
+        """Keep the oldest live server of (deployment, pid), delete the rest:
+        two creates for one pid (a retry after a lost reply racing the first)
+        converge on one server whichever of them looks."""
+        live = [s for s in await self.find_by_metadata(deployment, pid)
+                if s.status in ("creating", "running", "stopped")]
+        if not live or all(s.id == mine.id for s in live):
+            return mine
+        keep = live[0]
+        for s in live[1:]:
+            log.warning("deleting duplicate server %s of pid %s (keeping %s)", s.id, pid, keep.id)
+            await self.delete(s.id, wait=False)
+        return keep
+
+    async def create(self, name: str, image: str, flavor: str, networks: list[str], userdata: bytes,
+                     *, metadata: Mapping[str, str] | None = None) -> OSServer:
+        """Boot (see :meth:`boot`) and wait for ``ACTIVE``; returns the
+        server running with its addresses.  If Nova ends the boot in
+        ``ERROR`` the server is deleted and DriverError carries Nova's fault
+        message (e.g. NoValidHost's "No valid host was found. …")."""
+        s = await self.boot(name, image, flavor, networks, userdata, metadata=metadata)
+        try:
+            return await self.wait(s.id, ("running", "stopped"))
+        except NotFound:
+            raise DriverError(f"openstack: server {s.id} vanished while booting") from None
+        except DriverError:
+            with trio.CancelScope(shield=True):
+                try:
+                    await self.delete(s.id, wait=False)
+                except DriverError as e:
+                    log.warning("could not delete failed server %s: %s", s.id, e)
+            raise
+
+    async def rebuild(self, server_id: str, image: str, userdata: bytes) -> OSServer:
+        """Nova rebuild from ``image`` with new user data, keeping id and
+        addresses; waits for ``ACTIVE``.  NotFound for an unknown server or
+        image; DriverError with the fault message if it ends in ERROR."""
+        image_id = await self._lookup("image", image, self._load_images)
+        ud = base64.b64encode(bytes(userdata)).decode("ascii")
+        if len(ud) > MAX_USERDATA_B64:
+            raise DriverError(f"openstack: user data is {len(userdata)} bytes; Nova takes at most 48 KiB (64 KiB base64)")
+        await self._call(f"rebuild server {server_id}", self.conn.compute.rebuild_server,
+                         server_id, image_id, user_data=ud)
+        return await self.wait(server_id, ("running",))
+
+    async def delete(self, server_id: str, *, wait: bool = True) -> None:
+        """Delete the server and (``wait``) poll until Nova no longer has it;
+        no error if it is already gone."""
+        try:
+            await self._call(f"delete server {server_id}", self.conn.compute.delete_server, server_id)
+        except NotFound:
+            return
+        if not wait:
+            return
+        with trio.move_on_after(self.boot_timeout):
+            while True:
+                try:
+                    s = await self._get(server_id)
+                except NotFound:
+                    return
+                if s.nova_status == "DELETED":
+                    return
+                if s.status == "error" and s.task_state is None:
+                    # a failed delete: Nova says why
+                    raise DriverError(f"openstack: delete of {server_id} failed: {s.message}")
+                await trio.sleep(self.poll_interval)
+        raise DriverError(f"openstack: server {server_id} still exists {self.boot_timeout:g}s after delete")
+
+    async def _power(self, server_id: str, want: str, action: str, fn: Callable[[str], None]) -> OSServer:
+        s = await self._get(server_id)
+        if s.task_state is not None:
+            s = await self.wait(server_id, ("running", "stopped", "error"))
+        if s.status == want:
+            return await self._get(server_id, ports=True)
+        if s.status == "error":
+            raise DriverError(f"openstack: cannot {action} server {server_id} in ERROR: {s.message}")
+        try:
+            await self._call(f"{action} server {server_id}", fn, server_id)
+        except NotFound:
+            raise
+        except DriverError:
+            # 409 when another daemon acted first; the state decides
+            s = await self._get(server_id)
+            if s.status != want and s.task_state is None:
+                raise
+        return await self.wait(server_id, (want,))
+
+    async def stop(self, server_id: str) -> OSServer:
+        """Nova os-stop and wait for SHUTOFF; a stopped server is left as is."""
+        return await self._power(server_id, "stopped", "stop", self.conn.compute.stop_server)
+
+    async def start(self, server_id: str) -> OSServer:
+        """Nova os-start and wait for ACTIVE; a running server is left as is."""
+        return await self._power(server_id, "running", "start", self.conn.compute.start_server)
+
+    async def status(self, server_id: str) -> OSServer:
+        """The server now (state per :data:`STATES`, fault message in
+        ``error``, addresses from its ports); NotFound if Nova has none."""
+        return await self._get(server_id, ports=True)
+
+    async def userdata(self, server_id: str) -> bytes:
+        """The user data Nova holds for the server (decoded; admin, ≥ 2.3)."""
+        s = await self._call(f"get server {server_id}", self.conn.compute.get_server, server_id)
+        return base64.b64decode(s.user_data) if s.user_data else b""
+
+    # ------------------------------------------------------------ Glance, Neutron
+
+    def _images(self) -> list[OSImage]:
+        out = []
+        for im in self.conn.image.images():
+            out.append(OSImage(id=im.id, name=im.name or "", status=im.status or "", size=int(im.size or 0),
+                               disk_format=im.disk_format or "", checksum=im.checksum or "",
+                               created=im.created_at or "", container_format=im.container_format or ""))
+        out.sort(key=lambda i: (i.name, i.created, i.id))
+        return out
+
+    async def list_images(self) -> list[OSImage]:
+        """Glance images (all statuses), by name: id, name, status, size
+        (bytes), disk and container format, checksum (MD5), created."""
+        return await self._call("list images", self._images)
+
+    def _flavors(self) -> list[str]:
+        fls = list(self.conn.compute.flavors(details=True))
+        fls.sort(key=lambda f: (f.ram or 0, f.vcpus or 0, f.disk or 0, f.name))
+        return [f.name for f in fls]
+
+    async def list_flavors(self) -> list[str]:
+        """Flavor names, smallest (RAM, vCPUs, disk) first: the default."""
+        return await self._call("list flavors", self._flavors)
+
+    def _networks(self) -> list[OSNetwork]:
+        cidrs: dict[str, list[tuple[int, str, str]]] = {}
+        for sn in self.conn.network.subnets():
+            cidrs.setdefault(sn.network_id, []).append((sn.ip_version or 4, sn.cidr, sn.id))
+        out = []
+        for n in self.conn.network.networks():
+            subs = sorted(cidrs.get(n.id, []))
+            v4 = [c for v, c, _ in subs if v == 4]
+            out.append(OSNetwork(id=n.id, name=n.name or "", cidr=v4[0] if v4 else "",
+                                 status=(n.status or "").lower(),
+                                 cidrs=tuple(c for _, c, _ in subs), subnets=tuple(i for _, _, i in subs)))
+        # the default network first: one with a subnet, shared ones, then by name
+        out.sort(key=lambda n: (not n.cidr, n.name, n.id))
+        return out
+
+    async def list_networks(self) -> list[OSNetwork]:
+        """Neutron networks with their subnets' CIDRs; networks with an IPv4
+        subnet first (the first is the default for processes that name none)."""
+        return await self._call("list networks", self._networks)
+
+    def _create_network(self, name: str, cidr: str | None) -> OSNetwork:
+        if any(True for _ in self.conn.network.networks(name=name)):
+            raise DriverError(f"openstack: network {name!r} exists")
+        if cidr is None:
+            used = [ipaddress.ip_network(sn.cidr) for sn in self.conn.network.subnets() if sn.ip_version == 4]
+            for i in range(1, 255):
+                cand = ipaddress.ip_network(f"10.{i}.0.0/24")
+                if not any(cand.overlaps(u) for u in used):
+                    cidr = str(cand)
+                    break
+            else:
+                raise DriverError("openstack: no free 10.x.0.0/24 for a new network")
+        else:
+            try:
+                cidr = str(ipaddress.ip_network(cidr, strict=False))
+            except ValueError:
+                raise DriverError(f"openstack: bad cidr {cidr!r}") from None
+        net = self.conn.network.create_network(name=name)
+        try:
+            sn = self.conn.network.create_subnet(network_id=net.id, name=name, cidr=cidr,
+                                                 ip_version=ipaddress.ip_network(cidr).version)
+        except Exception:
+            self.conn.network.delete_network(net.id, ignore_missing=True)
+            raise
+        return OSNetwork(id=net.id, name=net.name or name, cidr=sn.cidr, status=(net.status or "").lower(),
+                         cidrs=(sn.cidr,), subnets=(sn.id,))
+
+    async def create_network(self, name: str, cidr: str | None = None) -> OSNetwork:
+        """A Neutron network and one subnet (``cidr``; None: a free
+        10.x.0.0/24).  DriverError if the name is taken or the CIDR is bad;
+        the network is removed again if its subnet cannot be made."""
+        net = await self._call(f"create network {name!r}", self._create_network, name, cidr)
+        self._cache.pop("network", None)
+        return net
+
+    async def delete_network(self, name_or_id: str) -> None:
+        """Delete a network (its subnets go with it); no error if gone."""
+        def work() -> None:
+            for n in list(self.conn.network.networks(name=name_or_id)) or [self.conn.network.find_network(name_or_id)]:
+                if n is not None:
+                    self.conn.network.delete_network(n.id, ignore_missing=True)
+
+        await self._call(f"delete network {name_or_id!r}", work)
+        self._cache.pop("network", None)
