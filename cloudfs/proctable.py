@@ -21,7 +21,7 @@ import trio
 from ninep.errors import FsError
 
 from .ctl import Command
-from .drivers.base import ComputeDriver
+from .drivers.base import META_DEPLOYMENT, META_PID, META_PPID, ComputeDriver
 from .process import Process, WaitRecord, init_record
 from .store import BadVersionError, NoNodeError, NodeExistsError, NotEmptyError, Store
 from .znodes import ENV_VALUE_MAX, INIT_PID, USERDATA_MAX, Layout
@@ -38,6 +38,11 @@ class ProcTable:
         self.store = store
         self.layout = layout
         self.driver = driver
+
+    def server_tags(self, rec: Process) -> dict[str, str]:
+        """The metadata that marks ``rec``'s server as this deployment's
+        (drivers.base META_*): written at create, searched by ``find``."""
+        return {META_DEPLOYMENT: self.layout.root, META_PID: str(rec.pid), META_PPID: str(rec.ppid)}
 
     # -- setup ------------------------------------------------------------
 

@@ -16,7 +16,10 @@ Converging is idempotent (it reads the record and acts on the difference):
   child's removal queues work for its killed parent);
 - ``image`` set and no VM, or ``gen`` ≠ ``built_gen``: create (or rebuild,
   Nova-style) with the current user-data → ``running`` (driver failure →
-  state ``error`` with its message);
+  state ``error`` with its message).  Before creating it asks the driver for
+  a server tagged with this deployment and pid, and adopts it if there is one:
+  a create whose reply was lost, or a daemon killed mid-boot, leaves no
+  duplicate;
 - desired ``stopped``/``running`` vs state: stop/start.
 
 Work items seen before acting are deleted after; ones created meanwhile make
@@ -209,7 +212,12 @@ class Reconciler:
             try:
                 userdata = await self.table.get_userdata(pid)
                 if rec.vm is None:
-                    server = await self.driver.create(rec.name, rec.image, rec.flavor or "", list(rec.networks), userdata)
+                    tags = self.table.server_tags(rec)
+                    # adopt a server an earlier attempt created (lost reply, crash)
+                    server = await self.driver.find(tags)
+                    if server is None:
+                        server = await self.driver.create(rec.name, rec.image, rec.flavor or "", list(rec.networks),
+                                                          userdata, metadata=tags)
                 else:
                     server = await self.driver.rebuild(rec.vm, rec.image, userdata)
             except DriverError as e:

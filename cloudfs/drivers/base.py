@@ -13,7 +13,15 @@ start, rebuild) and Glance/Neutron listings.
 from __future__ import annotations
 
 import abc
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+
+#: Metadata every server cloudfs creates carries (Nova server metadata on
+#: OpenStack), so a daemon recognises its servers and finds one again after a
+#: lost reply or a crash: the deployment (its ZooKeeper root), pid and ppid.
+META_DEPLOYMENT = "cloudfs-deployment"
+META_PID = "cloudfs-pid"
+META_PPID = "cloudfs-ppid"
 
 
 class DriverError(Exception):
@@ -66,9 +74,19 @@ class ComputeDriver(abc.ABC):
     (it stands for one cloud)."""
 
     @abc.abstractmethod
-    async def create(self, name: str, image: str, flavor: str, networks: list[str], userdata: bytes) -> Server:
-        """Boot a server; returns it running.  NotFound for an unknown
-        image/flavor/network, DriverError if the boot fails."""
+    async def create(self, name: str, image: str, flavor: str, networks: list[str], userdata: bytes, *,
+                     metadata: Mapping[str, str]) -> Server:
+        """Boot a server carrying ``metadata`` (at least META_DEPLOYMENT,
+        META_PID, META_PPID; a driver may pass further keys to the guest);
+        returns it running.  NotFound for an unknown image/flavor/network,
+        DriverError if the boot fails."""
+
+    @abc.abstractmethod
+    async def find(self, metadata: Mapping[str, str]) -> Server | None:
+        """The server whose metadata has every key/value of ``metadata``, or
+        None.  The reconciler asks before every create, so a create whose
+        reply was lost, or a daemon killed mid-boot, never leaves a duplicate
+        (the server is adopted instead)."""
 
     @abc.abstractmethod
     async def rebuild(self, server_id: str, image: str, userdata: bytes) -> Server:

@@ -36,6 +36,7 @@ class FakeDriver(ComputeDriver):
         }
         self.servers: dict[str, Server] = {}
         self.userdata: dict[str, bytes] = {}
+        self.metadata: dict[str, dict[str, str]] = {}
         self.calls: list[tuple[str, str]] = []
         self._failures: dict[str, str] = {}
         self._addr = {n: itertools.count(10) for n in self.networks}
@@ -56,7 +57,7 @@ class FakeDriver(ComputeDriver):
         if msg is not None:
             raise DriverError(msg)
 
-    async def create(self, name, image, flavor, networks, userdata):
+    async def create(self, name, image, flavor, networks, userdata, *, metadata):
         await trio.lowlevel.checkpoint()
         self._maybe_fail("create")
         if image not in self.images:
@@ -74,8 +75,16 @@ class FakeDriver(ComputeDriver):
         s = Server(sid, name, "running", self.host, tuple(addrs))
         self.servers[sid] = s
         self.userdata[sid] = bytes(userdata)
+        self.metadata[sid] = dict(metadata)
         self.calls.append(("create", sid))
         return s
+
+    async def find(self, metadata):
+        await trio.lowlevel.checkpoint()
+        for sid, meta in self.metadata.items():
+            if sid in self.servers and all(meta.get(k) == v for k, v in metadata.items()):
+                return self.servers[sid]
+        return None
 
     def _get(self, sid: str) -> Server:
         s = self.servers.get(sid)
@@ -100,6 +109,7 @@ class FakeDriver(ComputeDriver):
         self._maybe_fail("delete")
         self.servers.pop(server_id, None)
         self.userdata.pop(server_id, None)
+        self.metadata.pop(server_id, None)
         self.calls.append(("delete", server_id))
 
     async def _power(self, server_id: str, status: str, method: str) -> Server:

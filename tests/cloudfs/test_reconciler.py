@@ -70,3 +70,18 @@ async def test_resync_runs_periodically(zookeeper, zk_root, driver):
         with trio.fail_after(5):
             line = await cat(root, "/proc/1/wait")
         assert line == f"{pid} p{pid} exited server vanished\n".encode()
+
+
+async def test_create_whose_reply_was_lost_is_adopted_not_duplicated(cfs):
+    """A server tagged with this deployment and pid already exists (an earlier
+    create went through but its reply, or the daemon, was lost): exec adopts it."""
+    root = await cfs.attach("", "")
+    pid = int(await ctl(root, 1, "fork"))
+    rec, _ = await cfs.table.require(pid)
+    earlier = await cfs.driver.create("lost", "tiny", "m1.tiny", ["user"], b"",
+                                      metadata=cfs.table.server_tags(rec))
+    await ctl(root, pid, "exec tiny")
+    await state_is(root, pid, "running")
+    assert (await cfs.table.require(pid))[0].vm == earlier.id
+    assert [c for c in cfs.driver.calls if c[0] == "create"] == [("create", earlier.id)]
+    assert list(cfs.driver.servers) == [earlier.id]
