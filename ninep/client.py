@@ -1118,6 +1118,27 @@ class Fid:
         f = await self.walk(name)
         await f.remove()
 
+    async def renameat(self, oldname: str, newdir: Fid, newname: str) -> None:
+        """Move entry ``oldname`` of this directory to ``newdir``/``newname``.
+
+        9P2000.L: Trenameat (renameat(2) semantics: an existing target is
+        replaced).  9P2000/.u: a Twstat changing only the name (stat(5)), which
+        renames within one directory only: FsError(EXDEV) when ``newdir`` is
+        another directory.  Other errors are the server's (ENOENT, EEXIST …).
+        """
+        self._check()
+        newdir._check()
+        for n in (oldname, newname):
+            if not n or "/" in n or n in (".", ".."):
+                raise FsError(errno.EINVAL, f"bad name {n!r}")
+        if self._dialect is Dialect.L:
+            await self.client.rpc(m.Trenameat(0, self.fid, oldname, newdir.fid, newname))
+            return
+        if newdir.qid.path != self.qid.path:
+            raise FsError(errno.EXDEV, f"{self._dialect.value} renames only within a directory")
+        async with await self.walk(oldname) as f:
+            await self.client.rpc(m.Twstat(0, f.fid, replace(_dontcare_stat(), name=newname)))
+
     async def clunk(self) -> None:
         """Tclunk (clunk(5)); the number is freed even if the server complains.
         Clunking twice is a no-op."""
