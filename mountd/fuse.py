@@ -760,10 +760,11 @@ def _judge(watches: Iterable[_Watch], mnt_id: int | None, now: float) -> list[_W
 
 
 def is_stale_mount(mountpoint: str) -> bool:
-    """True when ``mountpoint`` is a FUSE mount whose daemon is gone (stat
-    gives ENOTCONN).  Blocking: call through ``trio.to_thread``."""
+    """True when ``mountpoint`` is a FUSE mount whose daemon is gone
+    (statvfs gives ENOTCONN; statfs is never answered from the kernel's
+    attribute cache, unlike stat).  Blocking: call through ``trio.to_thread``."""
     try:
-        os.stat(mountpoint)
+        os.statvfs(mountpoint)
     except OSError as e:
         return e.errno == errno.ENOTCONN
     return False
