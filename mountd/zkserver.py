@@ -2,9 +2,10 @@
 
 ``cloudfs up`` without ``--zookeeper`` starts one with its data under the state
 directory and stops it on exit; tests start throwaway ones on free ports.  The
-server listens on 127.0.0.1 only.  The child gets PR_SET_PDEATHSIG, so it dies
-with the process that started it, even on ``kill -9`` (the data directory
-survives, and the next start finds every record).
+server listens on 127.0.0.1 only.  A daemon's embedded server
+(``die_with_parent=True``) gets PR_SET_PDEATHSIG, so it dies with the daemon,
+even on ``kill -9`` (the data directory survives, and the next start finds
+every record).
 """
 
 from __future__ import annotations
@@ -54,6 +55,10 @@ def _die_with_parent() -> None:  # runs in the child between fork and exec
     os.setsid()
 
 
+def _own_session() -> None:  # runs in the child between fork and exec
+    os.setsid()
+
+
 class ZooKeeperServer:
     """One standalone ZooKeeper 3.8 server on ``127.0.0.1:port``.
 
@@ -63,14 +68,18 @@ class ZooKeeperServer:
     (RuntimeError after ``timeout`` seconds); :meth:`stop` stops it (SIGTERM,
     or SIGKILL with ``kill=True``, like a crash: the data survives).
     ``tick_ms`` is ZooKeeper's tickTime; sessions may last 2 to 120 ticks.
+    ``die_with_parent``: the server gets SIGKILL when the thread that
+    launched it ends (for a daemon's embedded server; launch from the main
+    thread).
     """
 
     def __init__(self, port: int | None = None, data_dir: str | os.PathLike | None = None, *,
-                 tick_ms: int = 500):
+                 tick_ms: int = 500, die_with_parent: bool = False):
         self.port = port or free_port()
         self._own_dir = data_dir is None
         self.dir = Path(data_dir) if data_dir is not None else Path(tempfile.mkdtemp(prefix="cloudfs-zk-"))
         self.tick_ms = tick_ms
+        self.die_with_parent = die_with_parent
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -87,9 +96,9 @@ class ZooKeeperServer:
         self.wait_ready(timeout)
 
     def launch(self) -> None:
-        """Start the server process without waiting.  Call it from the thread
-        that lives as long as the server should (the main thread): the server
-        gets SIGKILL when that thread ends (PR_SET_PDEATHSIG)."""
+        """Start the server process without waiting.  With ``die_with_parent``
+        call it from the thread that lives as long as the server should (the
+        main thread): the server gets SIGKILL when that thread ends."""
         if shutil.which("java") is None:
             raise RuntimeError("java not found: install Debian's zookeeper package (scripts/install-deps)")
         (self.dir / "data").mkdir(parents=True, exist_ok=True)
@@ -112,7 +121,7 @@ class ZooKeeperServer:
                 ["java", "-Xmx512m", "-Dzookeeper.jmx.log4j.disable=true", "-cp", cp,
                  "org.apache.zookeeper.server.quorum.QuorumPeerMain", str(cfg)],
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                preexec_fn=_die_with_parent,
+                preexec_fn=_die_with_parent if self.die_with_parent else _own_session,
             )
 
     def wait_ready(self, timeout: float = 30.0) -> None:
@@ -167,4 +176,4 @@ def embedded(state_dir: Path) -> ZooKeeperServer:
         # that somehow survived) already answers there: take a fresh port
         port = free_port()
         port_file.write_text(f"{port}\n")
-    return ZooKeeperServer(port, d)
+    return ZooKeeperServer(port, d, die_with_parent=True)
