@@ -1,10 +1,13 @@
 """CloudFS: the cloudfs tree as a :class:`ninep.fs.FileSystem`.
 
-``attach(uname, aname)`` gives the root of a view: ``aname`` ``""`` or ``"/"``
-is the operator's view (no ``/proc/self``); ``"proc/<pid>"`` is the view of
-process <pid> (``/proc/self`` walks to it; ENOENT if there is no such
-process).  :meth:`CloudFS.view_for` does the same from Python.  Full identity
-and credentials come later; ``uname`` is not checked yet.
+A CloudFS is the **operator's** face of the tree (serve it on the FUSE
+mount and the operator's unix socket only).  ``attach(uname, aname)`` gives
+the root of a view: ``aname`` ``""`` or ``"/"`` is the operator's view (full
+rights, no ``/proc/self``); ``"proc/<pid>"`` is the view of process <pid>
+with that process's rights (``/proc/self`` walks to it; ENOENT if there is no
+such process).  :meth:`CloudFS.view_for` does the same from Python.
+:meth:`CloudFS.public` is the face for the TCP listener: credentials
+required (cloudfs.identity).  ``uname`` is not checked on the operator face.
 
 Run one CloudFS per daemon; several daemons on one ZooKeeper root see one
 tree.  :func:`open_cloudfs` is the usual way to get one (it connects the
@@ -26,7 +29,8 @@ from ninep.fs import FileSystem, Node
 
 from .ctl import Command
 from .drivers.base import ComputeDriver
-from .nodes import RootNode, View
+from .identity import PublicFS
+from .nodes import OPERATOR, PROCESS, READONLY, RootNode, View
 from .proctable import ProcTable
 from .reconciler import Reconciler
 from .store import Store
@@ -55,6 +59,7 @@ class CloudFS(FileSystem):
         self.reconciler = Reconciler(self.table, self.daemon_id, resync_interval)
         self.started_ns = time.time_ns()
         self._cancel: trio.CancelScope | None = None
+        self._public: PublicFS | None = None
 
     async def start(self, nursery: trio.Nursery) -> None:
         """Create the znode layout if missing and run the reconciler in ``nursery``."""
@@ -68,8 +73,23 @@ class CloudFS(FileSystem):
         await nursery.start(run)
 
     def view_for(self, pid: int | None) -> Node:
-        """The root as process ``pid`` sees it (None: the operator)."""
-        return RootNode(View(self, pid))
+        """The root as process ``pid`` sees it, with its rights (None: the
+        operator, full rights)."""
+        if pid is None:
+            return RootNode(View(self, None, OPERATOR))
+        return RootNode(View(self, pid, PROCESS))
+
+    def readonly_view(self) -> Node:
+        """The root of the anonymous read-only view (cloudfs.identity)."""
+        return RootNode(View(self, None, READONLY))
+
+    def public(self) -> PublicFS:
+        """The face to serve where anyone can connect (the TCP listener):
+        attaching needs a process credential, else the view is read-only.
+        One PublicFS per CloudFS (cached)."""
+        if self._public is None:
+            self._public = PublicFS(self)
+        return self._public
 
     async def attach(self, uname: str, aname: str, n_uname: int | None = None) -> Node:
         name = aname.strip("/")

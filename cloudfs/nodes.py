@@ -28,13 +28,48 @@ if TYPE_CHECKING:
     from .namespace import CloudFS
 
 
+#: Rights of a view (see :class:`View`).
+OPERATOR, PROCESS, READONLY = "operator", "process", "readonly"
+
+
 @dataclass(frozen=True)
 class View:
-    """Who a root was attached for: ``self_pid`` is the process ``/proc/self``
-    walks to, None for the operator (then ``self`` is ENOENT)."""
+    """Who a root was attached for, and what they may do.
+
+    ``self_pid`` is the process ``/proc/self`` walks to (None: ``self`` is
+    ENOENT).  ``rights``:
+
+    - ``operator``: everything (the host's FUSE mount, the operator socket);
+    - ``process``: as process ``self_pid``: write ``ctl``, ``userdata`` and
+      ``env`` of itself and its descendants, read their ``userdata`` and
+      ``wait``; read ``status``, ``children`` and ``env`` of every process,
+      and ``/images``, ``/net``;
+    - ``readonly``: read ``status``, ``children``, ``env``, ``/images`` and
+      ``/net``; nothing else.
+
+    Anything not allowed fails with EACCES before it changes anything.
+    """
 
     fs: "CloudFS"
     self_pid: int | None = None
+    rights: str = OPERATOR
+
+    async def may_modify(self, pid: int) -> None:
+        """Raise FsError(EACCES) unless this view may write ``pid``'s ctl,
+        userdata and env (and read its userdata and wait)."""
+        if self.rights == OPERATOR:
+            return
+        if self.rights == PROCESS and self.self_pid is not None:
+            if await self.fs.table.is_descendant(pid, self.self_pid):
+                return
+            raise FsError(errno.EACCES, f"process {self.self_pid} may only change itself and its descendants, "
+                                        f"not process {pid}")
+        raise FsError(errno.EACCES, "read-only view: attach with a process credential or as the operator")
+
+    def may_administer(self) -> None:
+        """Raise FsError(EACCES) unless this is the operator (e.g. creating networks)."""
+        if self.rights != OPERATOR:
+            raise FsError(errno.EACCES, "only the operator may do this")
 
 
 def _check_access(mode: int, flags: int) -> None:
@@ -62,6 +97,10 @@ class CNode(Node):
     """Base: ``kind`` from cloudfs.tree; ``pid``/``key`` make the qid."""
 
     kind = 0
+    #: Writing needs View.may_modify(pid) (ctl, userdata, env keys).
+    guarded_write = False
+    #: Reading needs View.may_modify(pid) too (userdata, wait: private or consuming).
+    guarded_read = False
 
     def __init__(self, view: View, pid: int = 0, key: str = ""):
         self.view = view
@@ -89,6 +128,13 @@ class CNode(Node):
     async def open(self, flags: int) -> OpenFile:
         _check_access(self.mode, flags)
         await self._alive()
+        acc = flags & os.O_ACCMODE
+        writes = acc in (os.O_WRONLY, os.O_RDWR) or bool(flags & os.O_TRUNC)
+        if (writes and not stat.S_ISDIR(self.mode)) or (self.guarded_read and acc != os.O_WRONLY):
+            if self.pid and (self.guarded_write or self.guarded_read):
+                await self.view.may_modify(self.pid)
+            elif writes:
+                self.view.may_administer()
         return self._open(flags)
 
     def _open(self, flags: int) -> OpenFile:
@@ -157,6 +203,11 @@ class PidNode(CNode):
 
 class CtlNode(CNode):
     kind = tree.CTL
+    guarded_write = True
+
+    async def setattr(self, change) -> None:
+        await self.view.may_modify(self.pid)
+        await super().setattr(change)
 
     def _open(self, flags: int) -> OpenFile:
         return CtlFile(self.fs, self.pid, flags)
@@ -180,11 +231,13 @@ class UserdataNode(CNode):
     """``/proc/<pid>/userdata``; truncating to 0 (``: > userdata``) clears it."""
 
     kind = tree.USERDATA
+    guarded_write = guarded_read = True
 
     def _open(self, flags: int) -> OpenFile:
         return UserdataFile(self.fs, self.pid, flags)
 
     async def setattr(self, change) -> None:
+        await self.view.may_modify(self.pid)
         await super().setattr(change)
         if change.size == 0:
             await self.fs.table.write_userdata(self.pid, 0, b"")
@@ -192,6 +245,7 @@ class UserdataNode(CNode):
 
 class WaitNode(CNode):
     kind = tree.WAIT
+    guarded_read = True
 
     def _open(self, flags: int) -> OpenFile:
         return WaitFile(self.fs, self.pid, flags)
@@ -213,6 +267,7 @@ class EnvNode(CNode):
 
     async def create(self, name: str, mode: int, flags: int, uid: int, gid: int) -> tuple[Node, OpenFile]:
         valid_key(name)
+        await self.view.may_modify(self.pid)
         node = EnvKeyNode(self.view, self.pid, name)
         return node, await node.open(flags)
 
@@ -220,11 +275,17 @@ class EnvNode(CNode):
         if is_dir:
             raise FsError(errno.ENOTDIR, "env keys are files")
         valid_key(name)
+        await self.view.may_modify(self.pid)
         await self.fs.table.env_unset(self.pid, name)
 
 
 class EnvKeyNode(CNode):
     kind = tree.ENVKEY
+    guarded_write = True
+
+    async def setattr(self, change) -> None:
+        await self.view.may_modify(self.pid)
+        await super().setattr(change)
 
     def _open(self, flags: int) -> OpenFile:
         return EnvKeyFile(self.fs, self.pid, self.key, flags)
@@ -281,6 +342,7 @@ class NetNode(CNode):
     async def create(self, name: str, mode: int, flags: int, uid: int, gid: int) -> tuple[Node, OpenFile]:
         from .ctl import valid_name
 
+        self.view.may_administer()
         if not valid_name(name):
             raise FsError(errno.EINVAL, f"bad network name {name!r} (letters, digits, '.', '_', '-')")
         if name in {n.name for n in await self.fs.driver.list_networks()}:

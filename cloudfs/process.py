@@ -38,7 +38,10 @@ class Process:
     ``pid``/``ppid`` small integers (init: 1/0); ``name`` a label; ``image``,
     ``flavor`` names the driver knows (None for init and ``new`` processes);
     ``networks`` network names; ``host`` and ``addresses`` as the driver
-    reports; ``created`` ISO 8601 UTC; ``vm`` the driver's server id.
+    reports; ``created`` ISO 8601 UTC; ``vm`` the driver's server id;
+    ``secret`` the process's 9P credential (hex, made at fork by
+    :func:`cloudfs.identity.new_secret`; never shown in ``status``; empty for
+    init and for records written before credentials existed).
     """
 
     pid: int
@@ -56,6 +59,7 @@ class Process:
     vm: str | None = None
     gen: int = 0
     built_gen: int = 0
+    secret: str = ""
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self), separators=(",", ":")).encode()

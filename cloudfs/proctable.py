@@ -22,6 +22,7 @@ from ninep.errors import FsError
 
 from .ctl import Command
 from .drivers.base import META_DEPLOYMENT, META_PID, META_PPID, ComputeDriver
+from .identity import new_secret
 from .process import Process, WaitRecord, init_record
 from .store import BadVersionError, NoNodeError, NodeExistsError, NotEmptyError, Store
 from .znodes import ENV_VALUE_MAX, INIT_PID, USERDATA_MAX, Layout
@@ -83,6 +84,21 @@ class ProcTable:
             raise _enoent(pid)
         return r
 
+    async def is_descendant(self, pid: int, ancestor: int) -> bool:
+        """True when ``pid`` is ``ancestor`` or a descendant of it (follows
+        ``ppid`` links up to init; one ZooKeeper get per level).  False when
+        ``pid`` does not exist."""
+        seen: set[int] = set()
+        while pid and pid not in seen:
+            if pid == ancestor:
+                return True
+            seen.add(pid)
+            r = await self.record(pid)
+            if r is None:
+                return False
+            pid = r[0].ppid
+        return False
+
     async def exists(self, pid: int) -> bool:
         return await self.store.exists(self.layout.record(pid)) is not None
 
@@ -139,7 +155,8 @@ class ProcTable:
             if next_r is None:
                 raise FsError(errno.EIO, "deployment has no pid counter")
             pid = int(next_r[0])
-            child = Process(pid=pid, ppid=ppid, name=name or (parent.name if parent.has_image else f"p{pid}"))
+            child = Process(pid=pid, ppid=ppid, name=name or (parent.name if parent.has_image else f"p{pid}"),
+                            secret=new_secret())
             userdata = ud_r[0] if (ud_r is not None and parent.has_image) else b""
             if parent.has_image and ppid != INIT_PID:
                 child.image, child.flavor, child.networks = parent.image, parent.flavor, list(parent.networks)
@@ -193,6 +210,8 @@ class ProcTable:
                 rec.networks = [nets[0]]
             if cmd.name:
                 rec.name = cmd.name
+            if not rec.secret:  # a record from before credentials existed
+                rec.secret = new_secret()
             rec.gen += 1
             rec.desired = "running"
             rec.state = "creating"
