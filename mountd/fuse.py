@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import gc
 import itertools
 import logging
 import os
@@ -65,7 +66,7 @@ import pyfuse3
 import trio
 
 from ninep.errors import FsError
-from ninep.fs import Attr, DirEntry, FileSystem, Node, OpenFile, SetAttr, StatFs
+from ninep.fs import Attr, DirEntry, FileSystem, Node, OpenFile, SetAttr, SnapshotFile, StatFs
 from ninep.qid import QTDIR
 
 __all__ = [
@@ -329,7 +330,9 @@ class FuseAdapter(pyfuse3.Operations):
     @_handler
     async def getattr(self, inode: int, ctx=None) -> pyfuse3.EntryAttributes:
         """Node.getattr (stat(2))."""
-        return self._entry(inode, await (await self._node(inode)).getattr())
+        e = self._inodes.get(inode)
+        node = e.node if e is not None and e.node is not None else await self._node(inode)
+        return self._entry(inode, await node.getattr())
 
     @_handler
     async def setattr(self, inode, attr, fields, fh, ctx) -> pyfuse3.EntryAttributes:
@@ -457,7 +460,10 @@ class FuseAdapter(pyfuse3.Operations):
         """OpenFile.read(off, size) under the dead-reader watch: EINTR when
         the reading process died while the read was blocked."""
         h = self._handle(fh)
-        return await self._watched(h, h.file.read(off, size))
+        f = h.file
+        if off > 0 and isinstance(f, SnapshotFile) and f.snapshot is not None:
+            return await f.read(off, size)  # served from the snapshot: cannot block
+        return await self._watched(h, f.read(off, size))
 
     @_handler
     async def write(self, fh: int, off: int, buf: bytes) -> int:
@@ -478,9 +484,8 @@ class FuseAdapter(pyfuse3.Operations):
         log.debug("pid %d died during a blocked call on inode %d: answered EINTR", h.pid, h.ino)
         raise pyfuse3.FUSEError(errno.EINTR)
 
-    @_handler
-    async def flush(self, fh: int) -> None:
-        """close(2) of one descriptor: nothing to do (release comes with the last)."""
+    # flush is left to pyfuse3's default (ENOSYS): the kernel then stops sending
+    # FLUSH on every close(2), one round trip saved per open/read/close.
 
     @_handler
     async def fsync(self, fh: int, datasync: bool) -> None:
@@ -827,7 +832,8 @@ async def mount(
         try:
             log.info("mounted %s at %s", fsname, mountpoint)
             task_status.started(adapter)
-            await pyfuse3.main(min_tasks=4, max_tasks=max_tasks)
+            gc.freeze()  # a long-lived daemon: keep start-up objects out of every collection
+            await pyfuse3.main(min_tasks=1, max_tasks=max_tasks)
         finally:
             nursery.cancel_scope.cancel()
             with trio.CancelScope(shield=True):
