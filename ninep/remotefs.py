@@ -21,10 +21,10 @@ Shapes
   makes the client send Tflush and wait for Rflush (flush(5)), which removes
   the waiter on the server.
 
-Readiness: 9P has no poll.  :meth:`RemoteFile.readable` reports what the last
-probe saw; :meth:`RemoteFile.wait_readable` probes by reading one byte at
-offset 0 through a second open of the same file (a read that blocks until the
-server would answer), which is what the FUSE adapter's ``poll`` uses.
+Readiness: 9P has no poll.  :meth:`RemoteFile.wait_readable` performs the
+next read at offset 0 early (a Tread that blocks until the server answers)
+and keeps its answer for that read; :meth:`RemoteFile.readable` says whether
+such an answer is waiting.  The FUSE adapter's ``poll`` uses both.
 
 Errors are the client's :class:`ninep.errors.FsError` (the server's errno,
 EIO when the connection is gone).
@@ -33,7 +33,6 @@ EIO when the connection is gone).
 from __future__ import annotations
 
 import errno
-import os
 import weakref
 from collections.abc import Sequence
 
@@ -155,6 +154,13 @@ class RemoteFile(OpenFile):
     ``iounit`` is the server's (0 = msize − IOHDRSZ).  The remote server keeps
     the offset-0 snapshot of synthetic files per open, so reads at later
     offsets continue the same snapshot, as over Linux's v9fs.
+
+    Readiness (:meth:`wait_readable`) is the first read itself: a blocking
+    Tread at offset 0 of one iounit on this same fid, whose answer is kept and
+    handed to the next read at offset 0.  So a poll never costs an extra read
+    on the server (which matters for files whose reads consume something,
+    such as a process's ``wait`` file).  Reads and the probe are serialised
+    per open file.
     """
 
     def __init__(self, node: RemoteNode, fid: Fid, flags: int):
@@ -162,18 +168,37 @@ class RemoteFile(OpenFile):
         self.node = node
         self.fid = fid
         self.iounit = fid.iounit
-        self._ready = False
+        self._lock = trio.Lock()
+        self._pre: bytes | None = None  # answer of the probe read at offset 0
+        self._pre_err: FsError | None = None
+        self._pre_served = False  # a read at offset 0 has taken _pre
+
+    def _chunk(self) -> int:
+        cap = self.fid.client.max_payload
+        return min(self.iounit, cap) if self.iounit else cap
 
     async def read(self, offset: int, count: int) -> bytes:
         """Tread(s) at ``offset`` (read(5)); blocks as long as the server does.
-        Cancellation sends Tflush."""
-        data = await self.fid.read(offset, count)
-        if offset == 0:
-            self._ready = False  # the next poll probes again
-        return data
+        Cancellation sends Tflush.  Served from the readiness probe's answer
+        when one is pending."""
+        async with self._lock:
+            if self._pre_err is not None and offset == 0:
+                err, self._pre_err = self._pre_err, None
+                raise err
+            pre = self._pre
+            if pre is not None:
+                if offset == 0 and not self._pre_served:
+                    self._pre_served = True
+                    return pre[:count]
+                if offset > 0 and (offset + count <= len(pre) or len(pre) < self._chunk()):
+                    return pre[offset : offset + count]  # the server's snapshot ends where pre ends
+                if offset == 0:
+                    self._pre = None  # a fresh read: the probe's answer was used
+            return await self.fid.read(offset, count)
 
     async def write(self, offset: int, data: bytes) -> int:
         """Twrite(s) of ``data`` at ``offset`` (one Twrite when ≤ iounit)."""
+        self._pre = None
         return await self.fid.write(offset, data)
 
     async def readdir(self) -> Sequence[DirEntry]:
@@ -181,29 +206,25 @@ class RemoteFile(OpenFile):
         return await self.fid.readdir()
 
     def readable(self) -> bool:
-        """True when the last :meth:`wait_readable` probe completed and no read
-        at offset 0 has happened since (9P has no poll; this is a hint)."""
-        return self._ready
+        """True when a probe's answer (or error) waits for the next read at
+        offset 0 (9P has no poll; see :meth:`wait_readable`)."""
+        return self._pre_err is not None or (self._pre is not None and not self._pre_served)
 
     async def wait_readable(self) -> None:
-        """Return once a read at offset 0 would answer without blocking.
-
-        Probes with a second open (O_RDONLY) of the node and a one-byte read
-        at offset 0 that blocks like a real read; errors count as "readable"
-        (the real read will report them).
-        Cancellation flushes the probe.  Not an :class:`OpenFile` method of the
-        interface: the FUSE adapter uses it when present.
-        """
-        if self._ready:
-            return
-        try:
-            probe = await self.node.fid.walk()
-            async with probe:
-                await probe.open(os.O_RDONLY)
-                await probe.read(0, 1)
-        except FsError:
-            pass
-        self._ready = True
+        """Return once a read at offset 0 has an answer: performs that read
+        (one Tread of iounit bytes, blocking like any read) and keeps the
+        answer, or the FsError, for the next read at offset 0.  Cancellation
+        flushes the Tread.  Not an :class:`OpenFile` method of the interface:
+        the FUSE adapter uses it when present."""
+        async with self._lock:
+            if self.readable():
+                return
+            try:
+                data = await self.fid.read(0, self._chunk())
+            except FsError as e:
+                self._pre_err = e
+                return
+            self._pre, self._pre_served = data, False
 
     async def fsync(self) -> None:
         """Tfsync on 9P2000.L; nothing elsewhere."""

@@ -89,8 +89,11 @@ async def test_blocked_read_cancel_flushes_and_readiness():
             assert fs.waiters == 1 and not f.readable()
             fs.set_value("k", b"v")
         assert f.readable()
-        assert await f.read(0, 100) == b"v"
+        fs.set_value("k", b"newer")  # the probe's answer is the read's: no second Tread
+        assert await f.read(0, 1) == b"v"
+        assert await f.read(1, 100) == b""
         assert not f.readable()  # the next poll probes again
+        assert await f.read(0, 100) == b"newer"
         await f.release()
 
 
