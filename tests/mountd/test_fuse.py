@@ -30,6 +30,7 @@ import trio
 
 from mountd.fuse import is_stale_mount
 from ninep.client import open_client
+from ninep.errors import FsError
 from ninep.memfs import MemFS
 from tests.ninep.wire import serving
 
@@ -348,3 +349,139 @@ async def test_stale_mount_is_cleaned_by_next_start(tmp_path):
             with trio.CancelScope(shield=True):
                 assert await again.stop() == 0
         assert not await _mounted(mnt)
+
+
+@pytest.mark.parametrize("version", ["9P2000.u", "9P2000"])
+async def test_older_dialects(tmp_path, version):
+    fs = MemFS()
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    async with serving(fs) as (_server, addr):
+        proc = await trio.lowlevel.open_process(
+            [sys.executable, "-m", "mountd.cli", "import", "--version", version, addr, str(mnt)],
+            cwd=str(REPO), stderr=subprocess.DEVNULL,
+        )
+        imp = Import(addr, mnt, tmp_path / "log")
+        imp.proc = proc
+        try:
+            await _eventually_async(lambda: _mounted(mnt), what="mount")
+            m = str(mnt)
+            await sh(f"echo hi > {m}/f && mkdir {m}/d && mv {m}/f {m}/g")
+            assert (await sh(f"cat {m}/g; ls {m}")).stdout == b"hi\nd\ng\nwait\n"
+            cat = await trio.lowlevel.open_process(["cat", f"{m}/wait/k"], stdout=subprocess.PIPE)
+            try:
+                await _eventually(lambda: fs.waiters == 1, what="cat to block")
+                await sh(f"echo v > {m}/wait/k")
+                with trio.fail_after(5):
+                    await cat.wait()
+                assert await cat.stdout.receive_some(10) == b"v\n"
+            finally:
+                if cat.returncode is None:
+                    cat.kill()
+                    await cat.wait()
+        finally:
+            with trio.CancelScope(shield=True):
+                assert await imp.stop() == 0
+                if await _sync(os.path.ismount, str(mnt)):
+                    await _sync(_force_unmount, mnt)
+
+
+async def _eventually_async(pred, timeout: float = MOUNT_TIMEOUT, what: str = "condition") -> None:
+    deadline = trio.current_time() + timeout
+    while not await pred():
+        if trio.current_time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await trio.sleep(0.05)
+
+
+class _CtlFS:
+    """A tree with one ``ctl`` file that records every write call it gets."""
+
+    def __init__(self):
+        from ninep.fs import Attr, FileSystem, Node, OpenFile
+        from ninep.qid import QTDIR, Qid
+
+        writes = self.writes = []
+
+        class Ctl(OpenFile):
+            async def write(self, offset, data):
+                writes.append(bytes(data))
+                return len(data)
+
+        class CtlNode(Node):
+            def qid(self):
+                return Qid(0, 0, 2)
+
+            async def getattr(self):
+                return Attr(qid=self.qid(), mode=0o100666)
+
+            async def open(self, flags):
+                return Ctl(flags)
+
+        class Root(Node):
+            def qid(self):
+                return Qid(QTDIR, 0, 1)
+
+            async def getattr(self):
+                return Attr(qid=self.qid(), mode=0o040755)
+
+            async def walk(self, name):
+                if name != "ctl":
+                    raise FsError(errno.ENOENT, name)
+                return CtlNode()
+
+        class FS(FileSystem):
+            async def attach(self, uname, aname, n_uname=None):
+                return Root()
+
+        self.fs = FS()
+
+
+async def test_one_ctl_command_per_write(tmp_path):
+    ctl = _CtlFS()
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    async with serving(ctl.fs) as (_server, addr):
+        imp = Import(addr, mnt, tmp_path / "log")
+        try:
+            await imp.start()
+            # echo: O_TRUNC → setattr(size 0), accepted by the default Node.setattr
+            await sh(f"echo start vm1 > {mnt}/ctl && printf 'stop vm1\\nkill vm2\\n' >> {mnt}/ctl")
+
+            def two_writes():
+                fd = os.open(f"{mnt}/ctl", os.O_WRONLY)
+                try:
+                    os.write(fd, b"a")
+                    os.write(fd, b"b c")
+                finally:
+                    os.close(fd)
+
+            await _sync(two_writes)
+            assert ctl.writes == [b"start vm1\n", b"stop vm1\nkill vm2\n", b"a", b"b c"]
+        finally:
+            with trio.CancelScope(shield=True):
+                await imp.stop()
+                if await _sync(os.path.ismount, str(mnt)):
+                    await _sync(_force_unmount, mnt)
+
+
+async def test_lost_connection_unmounts_with_status_1(tmp_path):
+    fs = MemFS()
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    imp = None
+    try:
+        async with serving(fs) as (_server, addr):
+            imp = Import(addr, mnt, tmp_path / "log")
+            await imp.start()
+        # the server and its connections are gone
+        with trio.fail_after(10):
+            await imp.proc.wait()
+        assert imp.proc.returncode == 1
+        assert not await _sync(os.path.ismount, str(mnt))
+    finally:
+        with trio.CancelScope(shield=True):
+            if imp is not None:
+                await imp.stop()
+            if await _sync(os.path.ismount, str(mnt)):
+                await _sync(_force_unmount, mnt)
