@@ -34,7 +34,7 @@ import trio
 
 from ninep.errors import FsError
 
-from .drivers.base import DriverError, NotFound
+from .drivers.base import META_SECRET, DriverError, NotFound
 from .process import Process
 from .proctable import ProcTable
 from .store import NoNodeError, NodeExistsError
@@ -217,7 +217,7 @@ class Reconciler:
                     server = await self.driver.find(tags)
                     if server is None:
                         server = await self.driver.create(rec.name, rec.image, rec.flavor or "", list(rec.networks),
-                                                          userdata, metadata=tags)
+                                                          userdata, metadata={**tags, META_SECRET: rec.secret})
                 else:
                     server = await self.driver.rebuild(rec.vm, rec.image, userdata)
             except DriverError as e:

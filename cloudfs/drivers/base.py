@@ -22,6 +22,10 @@ from dataclasses import dataclass, field
 META_DEPLOYMENT = "cloudfs-deployment"
 META_PID = "cloudfs-pid"
 META_PPID = "cloudfs-ppid"
+#: Passed to ``create`` only (never searched by ``find``): the process's 9P
+#: credential (cloudfs.identity).  A driver hands it to the guest at boot
+#: without putting it in the user-data (QEMU: a file in the VM's initramfs).
+META_SECRET = "cloudfs-secret"
 
 
 class DriverError(Exception):

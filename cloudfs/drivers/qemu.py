@@ -1,0 +1,636 @@
+"""The QEMU compute driver: every process is one ``qemu-system-x86_64`` on this host.
+
+State lives in the state directory, so VMs outlive the daemon and a new
+daemon (also after ``kill -9``) re-adopts them::
+
+    STATE/images/<name>/        the image store (cloudfs.imagestore)
+    STATE/vms/<id>/meta.json    the server: id, name, image, flavor, metadata
+                                (deployment/pid/ppid tags), secret, created (0600)
+    STATE/vms/<id>/qemu.pid     QEMU's pid (QEMU's -pidfile)
+    STATE/vms/<id>/qmp.sock     QMP (docs/interop/qmp-spec) control socket
+    STATE/vms/<id>/console.log  the guest's serial console
+    STATE/vms/<id>/initramfs.cpio.gz  the image's initramfs + this VM's files
+    STATE/logs/<id>.console.log the console of a deleted VM (kept for debugging)
+
+QEMU runs with ``-daemonize`` in its own session: it is not a child of the
+daemon and nothing ties its life to the daemon's.  A pid counts as the VM's
+only if ``/proc/<pid>/cmdline`` is a qemu-system binary naming this VM's QMP
+socket (pids get reused) and it is not a zombie.
+
+Accelerator: TCG unless ``accel="kvm"``, or ``accel="auto"`` (the default)
+and :func:`probe_kvm` showed that KVM boots a kernel within a few seconds
+(nested KVM on some hosts has /dev/kvm but hangs: the probe times out and
+TCG is used).
+
+The guest (image "tiny", cloudfs.guestimage) gets, appended to its
+initramfs: ``/etc/cloudfs/identity`` (``CLOUDFS_PID``, ``CLOUDFS_SECRET``,
+server address and port), ``/etc/cloudfs/userdata`` and ``/etc/cloudfs/boot``
+(:data:`BOOT_SCRIPT`), which mounts the namespace at ``/cloud`` with the
+kernel's 9P client::
+
+    mount -t 9p -o trans=tcp,port=564,version=9p2000.L,aname=proc/<pid>/<secret> 10.0.2.100 /cloud
+
+(the command is ``/sbin/cloudfs-mount``, which user-data may run again to
+remount after the daemon restarted), runs ``sh /etc/cloudfs/userdata``
+(``$CLOUDFS_PID`` set), prints
+``cloudfs-exit: <status> <message>`` on the console and powers off, which
+ends QEMU (``-no-reboot``): :meth:`QemuDriver.status` then says ``exited``
+with that message.  The secret is never on QEMU's command line (host users
+could read it from ``ps``).
+
+Networking: only the ``user`` network (QEMU user-mode networking,
+10.0.2.0/24, guest 10.0.2.15) with ``restrict=on``: the guest's only way out
+is ``guestfwd`` from 10.0.2.100:564 to the daemon's 9P port on 127.0.0.1.
+The forward runs a small connector command per guest connection (QEMU 7.2's
+``guestfwd=…-tcp:`` connects once at start and carries a single connection,
+see tests/guest.py), so the guest can mount, unmount and mount again.
+
+Power: ``stop`` pauses the vCPUs (QMP ``stop``; state ``stopped``), ``start``
+resumes them (``cont``); ``delete`` sends QMP ``quit`` and SIGKILLs QEMU if it
+has not exited after a few seconds.  All blocking work (QMP, subprocesses,
+files) runs in worker threads under deadlines.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import trio
+
+from .. import imagestore
+from ..guestimage import append_files
+from .base import (
+    META_DEPLOYMENT, META_PID, META_SECRET, ComputeDriver, DriverError, Image, Network, NotFound,
+    Server,
+)
+
+log = logging.getLogger(__name__)
+
+__all__ = ["QemuDriver", "QmpError", "qmp_command", "probe_kvm", "BOOT_SCRIPT", "MOUNT_SCRIPT", "GUEST_MOUNT",
+           "GUEST_ADDRESS", "FORWARD_ADDRESS", "FLAVORS"]
+
+#: Where the guest mounts the namespace.
+GUEST_MOUNT = "/cloud"
+#: The guest's address on the user network.
+GUEST_ADDRESS = "10.0.2.15"
+#: The guest-side address of the guestfwd rule to the daemon's 9P port.
+FORWARD_ADDRESS = "10.0.2.100"
+#: The guest-side 9P port.
+GUEST_9P_PORT = 564
+#: Flavors: name → (memory MiB, vCPUs); the first is the default.
+FLAVORS: dict[str, tuple[int, int]] = {"m1.tiny": (256, 1), "m1.small": (512, 1)}
+USER_NET = Network("net-user", "user", "10.0.2.0/24", "active")
+
+#: ``/sbin/cloudfs-mount`` in the guest: (re)mount the namespace at /cloud.
+#: The boot script uses it; user-data may call it again to remount after the
+#: daemon restarted (a 9P connection does not survive its server).
+MOUNT_SCRIPT = r"""#!/bin/sh
+# cloudfs-mount: mount this VM's view of the cloudfs namespace at /cloud
+# with the kernel's 9P client (cloudfs/drivers/qemu.py).  Exit status of mount.
+. /etc/cloudfs/identity
+mkdir -p /cloud
+umount -l /cloud 2>/dev/null
+exec mount -t 9p -o "trans=tcp,port=$CLOUDFS_PORT,version=9p2000.L,msize=65560,aname=proc/$CLOUDFS_PID/$CLOUDFS_SECRET" \
+    "$CLOUDFS_SERVER" /cloud
+"""
+
+#: The per-VM boot script, run by the tiny image's /init (cloudfs.mode=boot).
+BOOT_SCRIPT = r"""#!/bin/sh
+# cloudfs per-VM boot script (cloudfs/drivers/qemu.py): mount the namespace,
+# run the user-data, report its exit status; /init powers off afterwards.
+. /etc/cloudfs/identity
+export CLOUDFS_PID PATH=/sbin:/usr/sbin:/bin:/usr/bin HOME=/root
+n=0
+until cloudfs-mount; do
+  n=$((n + 1))
+  if [ "$n" -ge 10 ]; then
+    echo "cloudfs-exit: 255 cannot mount the namespace from $CLOUDFS_SERVER:$CLOUDFS_PORT"
+    exit 255
+  fi
+  sleep 1
+done
+echo "cloudfs-boot: mounted /cloud as process $CLOUDFS_PID"
+cd /
+sh /etc/cloudfs/userdata </dev/null
+st=$?
+echo "cloudfs-exit: $st user-data exited with status $st"
+umount /cloud 2>/dev/null
+exit 0
+"""
+
+#: Run by QEMU (via /bin/sh) per guest connection to 10.0.2.100:564: copy
+#: between stdin/stdout (QEMU's end of the guest connection) and
+#: 127.0.0.1:argv[1], closing each direction when the other side does.
+_CONNECTOR = r"""
+import os, socket, sys, threading
+s = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
+def up():
+    while True:
+        d = os.read(0, 65536)
+        if not d:
+            break
+        s.sendall(d)
+    try:
+        s.shutdown(socket.SHUT_WR)
+    except OSError:
+        pass
+threading.Thread(target=up, daemon=True).start()
+while True:
+    d = s.recv(65536)
+    if not d:
+        break
+    os.write(1, d)
+"""
+
+
+class QmpError(DriverError):
+    """QMP failed: the socket is gone, timed out, or QEMU answered an error."""
+
+
+def qmp_command(sock_path: Path, command: str, arguments: dict | None = None, timeout: float = 5.0) -> object:
+    """Run one QMP command (QEMU's JSON protocol, docs/interop/qmp-spec.rst) on
+    a fresh connection to ``sock_path``: greeting, ``qmp_capabilities``,
+    ``command``; returns its ``return`` value.  Events are skipped.  Blocks
+    at most about ``timeout`` seconds per step.  Raises QmpError."""
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(timeout)
+            s.connect(str(sock_path))
+            f = s.makefile("rwb")
+
+            def reply() -> object:
+                while True:
+                    line = f.readline()
+                    if not line:
+                        raise QmpError(f"QMP {command}: QEMU closed the connection")
+                    msg = json.loads(line)
+                    if "return" in msg:
+                        return msg["return"]
+                    if "error" in msg:
+                        raise QmpError(f"QMP {command}: {msg['error'].get('desc', msg['error'])}")
+
+            greeting = json.loads(f.readline() or b"{}")
+            if "QMP" not in greeting:
+                raise QmpError(f"QMP: no greeting from {sock_path}")
+            f.write(b'{"execute":"qmp_capabilities"}\n')
+            f.flush()
+            reply()
+            msg: dict = {"execute": command}
+            if arguments:
+                msg["arguments"] = arguments
+            f.write(json.dumps(msg).encode() + b"\n")
+            f.flush()
+            try:
+                return reply()
+            except QmpError as e:
+                if command == "quit" and "closed the connection" in str(e):
+                    return {}
+                raise
+    except (OSError, ValueError) as e:
+        raise QmpError(f"QMP {command} on {sock_path}: {e}") from e
+
+
+def probe_kvm(qemu: str, kernel: Path, timeout: float = 5.0) -> bool:
+    """True when KVM works here: QEMU with ``-accel kvm`` boots ``kernel``
+    (without a root filesystem it panics and, with ``panic=-1 -no-reboot``,
+    exits) within ``timeout`` seconds.  False when /dev/kvm is not usable,
+    QEMU fails, or it hangs (nested KVM): the probe is killed and abandoned
+    if even SIGKILL does not end it at once.  Blocks up to ~``timeout`` s."""
+    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        return False
+    argv = [qemu, "-accel", "kvm", "-m", "64", "-nodefaults", "-display", "none", "-no-reboot",
+            "-serial", "stdio", "-kernel", str(kernel),
+            "-append", "console=ttyS0 panic=-1 rdinit=/cloudfs-kvm-probe root=/dev/cloudfs-none"]
+    try:
+        p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                             start_new_session=True)
+    except OSError:
+        return False
+    try:
+        out, _ = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(OSError):
+            os.killpg(p.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            p.wait(timeout=1)
+        return False
+    return p.returncode == 0 and b"Linux version" in out
+
+
+def _pid_alive(pid: int, marker: str) -> bool:
+    """True when ``pid`` runs a qemu-system binary whose command line contains
+    ``marker`` and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+        if stat[stat.rindex(b")") + 2:][:1] in (b"Z", b"X"):
+            return False
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = f.read().split(b"\0")
+    except (OSError, ValueError):
+        return False
+    return bool(argv) and Path(argv[0].decode(errors="replace")).name.startswith("qemu-system") \
+        and any(marker.encode() in a for a in argv)
+
+
+@dataclass
+class _Vm:
+    """One VM directory's meta.json, plus its paths."""
+
+    id: str
+    dir: Path
+    name: str
+    image: str
+    flavor: str
+    networks: list[str]
+    metadata: dict[str, str]
+    secret: str
+    created: str
+    accel: str = "tcg"
+
+    @property
+    def qmp(self) -> Path:
+        return self.dir / "qmp.sock"
+
+    @property
+    def console(self) -> Path:
+        return self.dir / "console.log"
+
+    @property
+    def pidfile(self) -> Path:
+        return self.dir / "qemu.pid"
+
+    def to_json(self) -> str:
+        return json.dumps({"id": self.id, "name": self.name, "image": self.image, "flavor": self.flavor,
+                           "networks": self.networks, "metadata": self.metadata, "secret": self.secret,
+                           "created": self.created, "accel": self.accel}, indent=2) + "\n"
+
+    @classmethod
+    def load(cls, d: Path) -> "_Vm | None":
+        try:
+            m = json.loads((d / "meta.json").read_text())
+            return cls(id=m["id"], dir=d, name=m["name"], image=m["image"], flavor=m["flavor"],
+                       networks=list(m["networks"]), metadata=dict(m["metadata"]), secret=m.get("secret", ""),
+                       created=m["created"], accel=m.get("accel", "tcg"))
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def pid(self) -> int | None:
+        """QEMU's pid if it is running this VM now."""
+        try:
+            pid = int(self.pidfile.read_text().strip())
+        except (OSError, ValueError):
+            return None
+        return pid if _pid_alive(pid, str(self.qmp)) else None
+
+    def exit_message(self) -> str:
+        """The last ``cloudfs-exit:`` line of the console, as ``exit <st>: <msg>``."""
+        try:
+            with open(self.console, "rb") as f:
+                f.seek(0, os.SEEK_END)
+                f.seek(max(0, f.tell() - 65536))
+                tail = f.read().decode(errors="replace")
+        except OSError:
+            return "QEMU exited"
+        for line in reversed(tail.splitlines()):
+            line = line.strip()
+            if line.startswith("cloudfs-exit:"):
+                parts = line[len("cloudfs-exit:"):].split(None, 1)
+                if parts:
+                    return f"exit {parts[0]}" + (f": {parts[1]}" if len(parts) > 1 else "")
+        if "Kernel panic" in tail:
+            return "guest kernel panic"
+        return "guest powered off" if "cloudfs-guest: powering off" in tail else "QEMU exited"
+
+
+class QemuDriver(ComputeDriver):
+    """VMs as local QEMU processes (module docstring for layout and guest).
+
+    ``state_dir``: the daemon's state directory (``STATE``; created if
+    missing).  ``ninep_port``: the daemon's 9P TCP port on 127.0.0.1 that
+    guests reach through guestfwd (serve ``CloudFS.public()`` there).
+    ``accel``: ``"auto"`` (probe KVM once, else TCG), ``"tcg"`` or ``"kvm"``.
+    ``kvm_probe_timeout`` seconds.  ``qemu`` the binary.  ``host`` the name
+    reported as each server's host (default: this machine's hostname).
+
+    Errors: NotFound (unknown image, flavor, network, server), DriverError
+    (QEMU failed to start; its stderr is in the message), QmpError (QMP).
+    """
+
+    def __init__(self, state_dir: Path, ninep_port: int, *, accel: str = "auto", kvm_probe_timeout: float = 5.0,
+                 qemu: str = "qemu-system-x86_64", host: str | None = None):
+        if accel not in ("auto", "tcg", "kvm"):
+            raise ValueError(f"accel must be auto, tcg or kvm, not {accel!r}")
+        self.state_dir = Path(state_dir).resolve()
+        self.vms_dir = self.state_dir / "vms"
+        self.logs_dir = self.state_dir / "logs"
+        self.ninep_port = int(ninep_port)
+        self.accel = accel
+        self.kvm_probe_timeout = kvm_probe_timeout
+        self.qemu = qemu
+        self.host = host or socket.gethostname()
+        self._accel_chosen: str | None = None if accel == "auto" else accel
+        self._lock = trio.Lock()
+        self.vms_dir.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.vms_dir, 0o700)
+
+    # -- helpers ----------------------------------------------------------
+
+    async def _choose_accel(self, kernel: Path) -> str:
+        async with self._lock:
+            if self._accel_chosen is None:
+                ok = await trio.to_thread.run_sync(probe_kvm, self.qemu, kernel, self.kvm_probe_timeout,
+                                                   abandon_on_cancel=True)
+                self._accel_chosen = "kvm" if ok else "tcg"
+                log.info("KVM probe: %s; using %s", "works" if ok else "failed or hung", self._accel_chosen)
+            return self._accel_chosen
+
+    def _vm(self, server_id: str) -> _Vm:
+        if not server_id or "/" in server_id or server_id.startswith("."):
+            raise NotFound(f"no server {server_id!r}")
+        vm = _Vm.load(self.vms_dir / server_id)
+        if vm is None:
+            raise NotFound(f"no server {server_id}")
+        return vm
+
+    def _server(self, vm: _Vm) -> Server:
+        """Blocking: the Server for ``vm`` now (QMP query-status if running)."""
+        pid = vm.pid()
+        addrs = (GUEST_ADDRESS,) if "user" in vm.networks else ()
+        if pid is None:
+            return Server(vm.id, vm.name, "exited", self.host, addrs, vm.exit_message())
+        try:
+            st = qmp_command(vm.qmp, "query-status", timeout=3.0)
+            status = st.get("status", "running") if isinstance(st, dict) else "running"
+        except QmpError as e:
+            if vm.pid() is None:
+                return Server(vm.id, vm.name, "exited", self.host, addrs, vm.exit_message())
+            log.info("status of %s: %s", vm.id, e)
+            status = "running"
+        if status in ("paused", "suspended", "prelaunch"):
+            return Server(vm.id, vm.name, "stopped", self.host, addrs)
+        if status in ("internal-error", "guest-panicked", "io-error"):
+            return Server(vm.id, vm.name, "error", self.host, addrs, f"QEMU reports {status}")
+        if status in ("shutdown", "postmigrate"):
+            return Server(vm.id, vm.name, "exited", self.host, addrs, vm.exit_message())
+        return Server(vm.id, vm.name, "running", self.host, addrs)
+
+    def _argv(self, vm: _Vm, image: imagestore.StoredImage) -> list[str]:
+        memory, cpus = FLAVORS[vm.flavor]
+        connector = f"{shlex.quote(sys.executable)} -c {shlex.quote(_CONNECTOR)} {self.ninep_port}"
+        netdev = (f"user,id=n0,restrict=on,net=10.0.2.0/24,"
+                  f"guestfwd=tcp:{FORWARD_ADDRESS}:{GUEST_9P_PORT}-cmd:{connector.replace(',', ',,')}")
+        argv = [
+            self.qemu, "-name", f"cloudfs-{vm.id}", "-accel", vm.accel, "-m", str(memory), "-smp", str(cpus),
+            "-nodefaults", "-display", "none", "-no-reboot",
+            "-kernel", str(image.kernel), "-initrd", str(vm.dir / "initramfs.cpio.gz"),
+            "-append", "console=ttyS0 cloudfs.mode=boot quiet panic=-1",
+            "-chardev", f"file,id=con,path={vm.console}", "-serial", "chardev:con",
+            "-qmp", f"unix:{vm.qmp},server=on,wait=off",
+            "-pidfile", str(vm.pidfile), "-daemonize",
+        ]
+        if vm.networks:
+            argv += ["-netdev", netdev, "-device", "virtio-net-pci,netdev=n0"]
+        if image.disk is not None:
+            argv += ["-drive", f"file={image.disk},if=virtio,snapshot=on"]
+        return argv
+
+    def _prepare(self, vm: _Vm, image: imagestore.StoredImage, userdata: bytes) -> None:
+        """Blocking: write the VM's initramfs (identity, user-data, boot script)."""
+        pid = vm.metadata.get(META_PID, "0")
+        identity = (f"CLOUDFS_PID={int(pid)}\nCLOUDFS_SECRET={vm.secret}\n"
+                    f"CLOUDFS_SERVER={FORWARD_ADDRESS}\nCLOUDFS_PORT={GUEST_9P_PORT}\n")
+        old = os.umask(0o077)
+        try:
+            append_files(image.initramfs, {
+                "/etc/cloudfs/boot": BOOT_SCRIPT,
+                "/sbin/cloudfs-mount": MOUNT_SCRIPT,
+                "/etc/cloudfs/identity": identity,
+                "/etc/cloudfs/userdata": bytes(userdata),
+            }, vm.dir / "initramfs.cpio.gz")
+        finally:
+            os.umask(old)
+
+    def _launch(self, vm: _Vm, image: imagestore.StoredImage) -> None:
+        """Blocking: start QEMU (daemonized, own session); DriverError on failure."""
+        for p in (vm.qmp, vm.pidfile):
+            p.unlink(missing_ok=True)
+        with open(vm.console, "ab") as f:
+            f.write(f"--- cloudfs: starting {vm.id} ({vm.accel}) at {time.strftime('%H:%M:%S')} ---\n".encode())
+        try:
+            p = subprocess.run(self._argv(vm, image), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, start_new_session=True, timeout=60)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            raise DriverError(f"cannot start QEMU: {e}") from e
+        if p.returncode != 0 or vm.pid() is None:
+            err = (p.stderr or b"").decode(errors="replace").strip()[-1500:]
+            raise DriverError(f"QEMU failed to start (status {p.returncode}): {err or 'no message'}")
+
+    def _kill(self, vm: _Vm, grace: float = 5.0) -> None:
+        """Blocking: end QEMU (QMP quit, then SIGKILL after ``grace`` s)."""
+        pid = vm.pid()
+        if pid is None:
+            return
+        with contextlib.suppress(QmpError):
+            qmp_command(vm.qmp, "quit", timeout=2.0)
+        deadline = time.monotonic() + grace
+        while vm.pid() is not None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if vm.pid() is not None:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+            deadline = time.monotonic() + 5
+            while vm.pid() is not None and time.monotonic() < deadline:
+                time.sleep(0.05)
+        if vm.pid() is not None:
+            raise DriverError(f"QEMU {pid} of {vm.id} does not die")
+
+    # -- ComputeDriver ------------------------------------------------------
+
+    async def create(self, name: str, image: str, flavor: str, networks: list[str], userdata: bytes, *,
+                     metadata: Mapping[str, str]) -> Server:
+        """Boot a VM: write its directory and initramfs, start QEMU; returns it
+        ``running`` (the guest is booting).  ``metadata[META_SECRET]`` goes to
+        the guest (``/etc/cloudfs/identity``), the other keys to meta.json for
+        :meth:`find`.  NotFound for an unknown image/flavor/network."""
+        img = await trio.to_thread.run_sync(imagestore.get_image, self.state_dir, image)
+        if img is None:
+            raise NotFound(f"no image {image!r} in {imagestore.images_dir(self.state_dir)}")
+        flavor = flavor or next(iter(FLAVORS))
+        if flavor not in FLAVORS:
+            raise NotFound(f"no flavor {flavor!r}")
+        for n in networks:
+            if n != USER_NET.name:
+                raise NotFound(f"no network {n!r}")
+        accel = await self._choose_accel(img.kernel)
+        meta = {k: str(v) for k, v in metadata.items() if k != META_SECRET}
+        vm = _Vm(id=f"vm-{uuid.uuid4().hex[:12]}", dir=self.vms_dir / "", name=name, image=image, flavor=flavor,
+                 networks=list(networks), metadata=meta, secret=str(metadata.get(META_SECRET, "")),
+                 created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), accel=accel)
+        vm.dir = self.vms_dir / vm.id
+
+        def boot() -> Server:
+            vm.dir.mkdir(mode=0o700)
+            try:
+                self._prepare(vm, img, userdata)
+                self._launch(vm, img)
+            except BaseException:
+                with contextlib.suppress(DriverError):
+                    self._kill(vm)
+                shutil.rmtree(vm.dir, ignore_errors=True)
+                raise
+            # meta.json last: find() sees only VMs whose QEMU was started
+            tmp = vm.dir / "meta.json.tmp"
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(vm.to_json())
+            os.replace(tmp, vm.dir / "meta.json")
+            return Server(vm.id, vm.name, "running", self.host, (GUEST_ADDRESS,) if vm.networks else ())
+
+        server = await trio.to_thread.run_sync(boot)
+        log.info("created %s (%s, pid %s) for %s", vm.id, accel, metadata.get(META_PID), metadata.get(META_DEPLOYMENT))
+        return server
+
+    def servers(self) -> list[Server]:
+        """Blocking: every VM directory's server (for tools and tests)."""
+        out = []
+        for d in sorted(self.vms_dir.iterdir()) if self.vms_dir.is_dir() else ():
+            vm = _Vm.load(d)
+            if vm is not None:
+                out.append(self._server(vm))
+        return out
+
+    def kill_all(self) -> int:
+        """Blocking: end every VM of this state directory (QMP quit, then
+        SIGKILL) and remove them; returns how many QEMUs were running.  For
+        test teardown and ``cloudfs down --vms``-style cleanup."""
+        n = 0
+        for d in sorted(self.vms_dir.iterdir()) if self.vms_dir.is_dir() else ():
+            vm = _Vm.load(d) or _Vm(d.name, d, "", "", "m1.tiny", [], {}, "", "")
+            if vm.pid() is not None:
+                n += 1
+                with contextlib.suppress(DriverError):
+                    self._kill(vm, grace=2.0)
+            self.logs_dir.mkdir(parents=True, exist_ok=True)
+            with contextlib.suppress(OSError):
+                os.replace(vm.console, self.logs_dir / f"{vm.id}.console.log")
+            shutil.rmtree(d, ignore_errors=True)
+        return n
+
+    def qemu_pid(self, server_id: str) -> int | None:
+        """Blocking: the pid of the QEMU running ``server_id`` (None if not running)."""
+        try:
+            return self._vm(server_id).pid()
+        except NotFound:
+            return None
+
+    async def find(self, metadata: Mapping[str, str]) -> Server | None:
+        """The VM whose meta.json metadata has every key/value of ``metadata``
+        (the newest if several), running or exited; None if there is none."""
+        want = {k: str(v) for k, v in metadata.items() if k != META_SECRET}
+
+        def scan() -> Server | None:
+            found: list[_Vm] = []
+            for d in self.vms_dir.iterdir():
+                vm = _Vm.load(d)
+                if vm is not None and all(vm.metadata.get(k) == v for k, v in want.items()):
+                    found.append(vm)
+            if not found:
+                return None
+            return self._server(max(found, key=lambda v: v.created))
+
+        return await trio.to_thread.run_sync(scan)
+
+    async def rebuild(self, server_id: str, image: str, userdata: bytes) -> Server:
+        """End QEMU, rewrite the initramfs from ``image`` and ``userdata``
+        (same id, secret and metadata) and boot again."""
+        vm = await trio.to_thread.run_sync(self._vm, server_id)
+        img = await trio.to_thread.run_sync(imagestore.get_image, self.state_dir, image)
+        if img is None:
+            raise NotFound(f"no image {image!r}")
+
+        def again() -> Server:
+            self._kill(vm)
+            vm.image = image
+            self._prepare(vm, img, userdata)
+            (vm.dir / "meta.json").write_text(vm.to_json())
+            self._launch(vm, img)
+            return Server(vm.id, vm.name, "running", self.host, (GUEST_ADDRESS,) if vm.networks else ())
+
+        return await trio.to_thread.run_sync(again)
+
+    async def delete(self, server_id: str) -> None:
+        """End QEMU (QMP quit, SIGKILL after 5 s) and remove the VM directory
+        (its console log is kept as ``STATE/logs/<id>.console.log``).  No
+        error if it is gone."""
+        try:
+            vm = await trio.to_thread.run_sync(self._vm, server_id)
+        except NotFound:
+            return
+
+        def remove() -> None:
+            self._kill(vm)
+            self.logs_dir.mkdir(parents=True, exist_ok=True)
+            with contextlib.suppress(OSError):
+                os.replace(vm.console, self.logs_dir / f"{vm.id}.console.log")
+            (vm.dir / "meta.json").unlink(missing_ok=True)
+            shutil.rmtree(vm.dir, ignore_errors=True)
+
+        await trio.to_thread.run_sync(remove)
+
+    async def _power(self, server_id: str, command: str) -> Server:
+        vm = await trio.to_thread.run_sync(self._vm, server_id)
+
+        def act() -> Server:
+            if vm.pid() is None:
+                raise DriverError(f"server {server_id} has exited ({vm.exit_message()})")
+            qmp_command(vm.qmp, command)
+            return self._server(vm)
+
+        return await trio.to_thread.run_sync(act)
+
+    async def stop(self, server_id: str) -> Server:
+        """Pause the vCPUs (QMP ``stop``): status ``stopped``."""
+        return await self._power(server_id, "stop")
+
+    async def start(self, server_id: str) -> Server:
+        """Resume the vCPUs (QMP ``cont``): status ``running``."""
+        return await self._power(server_id, "cont")
+
+    async def status(self, server_id: str) -> Server:
+        """The VM now: ``running``/``stopped`` (QMP query-status), ``exited``
+        (QEMU is gone; the message is the guest's ``cloudfs-exit`` line) or
+        ``error``.  NotFound if there is no such VM directory."""
+        vm = await trio.to_thread.run_sync(self._vm, server_id)
+        return await trio.to_thread.run_sync(self._server, vm)
+
+    async def list_images(self) -> list[Image]:
+        """The image store (STATE/images), by name."""
+        stored = await trio.to_thread.run_sync(imagestore.list_images, self.state_dir)
+        return [Image(i.id, i.name, "active", i.size, i.format, i.checksum, i.created) for i in stored]
+
+    async def list_flavors(self) -> list[str]:
+        """``m1.tiny`` (256 MiB, 1 vCPU; the default) and ``m1.small`` (512 MiB)."""
+        return list(FLAVORS)
+
+    async def list_networks(self) -> list[Network]:
+        """The ``user`` network: QEMU user-mode networking, 10.0.2.0/24."""
+        return [USER_NET]
+
+    async def create_network(self, name: str, cidr: str | None = None) -> Network:
+        """Not supported: user-mode networking is the only network (DriverError)."""
+        raise DriverError("the QEMU driver offers only the 'user' network")

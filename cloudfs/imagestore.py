@@ -1,0 +1,141 @@
+"""The local image store of the QEMU driver: ``STATE/images/<name>/``.
+
+Each image is a directory holding a kernel, an initramfs and (optionally) a
+qcow2 disk, described by ``manifest.json``::
+
+    {"id": "tiny-4dc681866209", "name": "tiny", "size": 9587387,
+     "format": "kernel+initramfs", "checksum": "<sha256 hex>",
+     "created": "2026-11-21T06:24:00Z",
+     "kernel": "vmlinuz", "initramfs": "initramfs.cpio.gz", "disk": null}
+
+``size`` is the total bytes of the files, ``checksum`` the sha256 of kernel
+bytes then initramfs bytes (then disk bytes), as cloudfs.guestimage computes
+it for "tiny".  ``/images`` in the namespace lists this store
+(``disk_format`` is ``format``).
+
+:func:`build_image_main` is ``cloudfs image build <name>``: it builds "tiny"
+with :func:`cloudfs.guestimage.build_tiny` (Debian packages fetched with
+``apt-get download``, cached under ``STATE/cache/guest``) and installs it
+here; a second run with unchanged inputs does nothing.  All functions block
+(disk I/O, subprocesses): call them from trio via ``trio.to_thread.run_sync``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .guestimage import ImageBuildError, TinyImage, build_tiny
+
+__all__ = ["StoredImage", "images_dir", "install_image", "list_images", "get_image", "build_image_main",
+           "KNOWN_IMAGES"]
+
+#: Images :func:`build_image_main` knows how to build.
+KNOWN_IMAGES = ("tiny",)
+FORMAT = "kernel+initramfs"
+
+
+@dataclass(frozen=True)
+class StoredImage:
+    """One image of the store: paths of its files and its manifest fields
+    (``size`` bytes, ``created`` ISO 8601 UTC, ``disk`` None without a qcow2)."""
+
+    name: str
+    id: str
+    size: int
+    format: str
+    checksum: str
+    created: str
+    kernel: Path
+    initramfs: Path
+    disk: Path | None = None
+
+
+def images_dir(state_dir: Path) -> Path:
+    """``STATE/images``."""
+    return Path(state_dir) / "images"
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    tmp = dst.with_name(dst.name + ".tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(src, tmp)
+    except OSError:
+        shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+
+
+def install_image(state_dir: Path, image: TinyImage) -> StoredImage:
+    """Put a built TinyImage into the store as ``image.name`` (hard links when
+    possible, else copies).  Unchanged (same checksum) images are left alone.
+    Returns the stored image.  Raises OSError."""
+    d = images_dir(state_dir) / image.name
+    current = get_image(state_dir, image.name)
+    if current is not None and current.checksum == image.checksum:
+        return current
+    d.mkdir(parents=True, exist_ok=True)
+    _link_or_copy(image.kernel, d / "vmlinuz")
+    _link_or_copy(image.initramfs, d / "initramfs.cpio.gz")
+    manifest = {
+        "id": image.id, "name": image.name, "size": image.size, "format": FORMAT,
+        "checksum": image.checksum, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "kernel": "vmlinuz", "initramfs": "initramfs.cpio.gz", "disk": None,
+        "kernel_release": image.kernel_release,
+    }
+    tmp = d / "manifest.json.tmp"
+    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+    os.replace(tmp, d / "manifest.json")
+    got = get_image(state_dir, image.name)
+    assert got is not None
+    return got
+
+
+def get_image(state_dir: Path, name: str) -> StoredImage | None:
+    """The stored image ``name``, or None if missing or its files are gone."""
+    d = images_dir(state_dir) / name
+    try:
+        m = json.loads((d / "manifest.json").read_text())
+        kernel, initramfs = d / m["kernel"], d / m["initramfs"]
+        disk = d / m["disk"] if m.get("disk") else None
+        if not kernel.is_file() or not initramfs.is_file() or (disk is not None and not disk.is_file()):
+            return None
+        return StoredImage(name=m["name"], id=m["id"], size=int(m["size"]), format=m["format"],
+                           checksum=m["checksum"], created=m["created"], kernel=kernel,
+                           initramfs=initramfs, disk=disk)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def list_images(state_dir: Path) -> list[StoredImage]:
+    """Every intact image of the store, sorted by name."""
+    root = images_dir(state_dir)
+    if not root.is_dir():
+        return []
+    out = [get_image(state_dir, d.name) for d in sorted(root.iterdir()) if d.is_dir()]
+    return [i for i in out if i is not None]
+
+
+def build_image_main(name: str, state_dir: Path) -> int:
+    """``cloudfs image build <name>``: build image ``name`` into the store of
+    ``state_dir``, printing progress lines; returns the exit status (0 ok,
+    1 build failure, 2 unknown image).  Cached: unchanged inputs rebuild
+    nothing."""
+    if name not in KNOWN_IMAGES:
+        print(f"cloudfs image build: unknown image {name!r} (known: {', '.join(KNOWN_IMAGES)})", file=sys.stderr)
+        return 2
+    state_dir = Path(state_dir)
+    try:
+        built = build_tiny(state_dir / "cache" / "guest", progress=lambda line: print(line, flush=True))
+        stored = install_image(state_dir, built)
+    except (ImageBuildError, OSError) as e:
+        print(f"cloudfs image build {name}: {e}", file=sys.stderr)
+        return 1
+    print(f"image {stored.name}: id {stored.id}, {stored.size} bytes, {stored.format}, "
+          f"in {images_dir(state_dir) / stored.name}", flush=True)
+    return 0

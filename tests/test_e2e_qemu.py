@@ -1,0 +1,307 @@
+"""End to end with real guests: CloudFS on a real ZooKeeper, the QEMU driver
+booting "tiny" VMs under TCG, each guest mounting its own view of the
+namespace with the Linux kernel's 9P client through guestfwd.
+
+The host side talks 9P to the operator face on a unix socket (as the daemon's
+``STATE/cloudfs.sock``); guests reach the public face on a loopback TCP port.
+Every QEMU a test starts is killed when the test ends, pass or fail.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import trio
+
+from cloudfs.drivers.qemu import QemuDriver
+from cloudfs.imagestore import install_image
+from cloudfs.namespace import CloudFS, open_cloudfs
+from mountd.zkserver import free_port
+from ninep.client import Client, open_client
+from ninep.server import Server
+from tests.guestfixtures import tiny_image  # noqa: F401  (fixture)
+from tests.zookeeper import zk_root, zookeeper  # noqa: F401  (fixtures)
+
+pytestmark = pytest.mark.guest
+
+REPO = Path(__file__).resolve().parent.parent
+MONTECARLO = REPO / "examples" / "montecarlo" / "userdata.sh"
+BOOT_TIMEOUT = 120  # seconds, generous for TCG on a loaded 2-core host
+
+
+@dataclass
+class Cloud:
+    fs: CloudFS
+    driver: QemuDriver
+    state: Path
+    port: int
+    operator: str  # dial string of the operator face
+
+
+def _reap_vms(state: Path) -> None:
+    QemuDriver(state, 1, accel="tcg").kill_all()
+
+
+@pytest.fixture
+def state(tiny_image, tmp_path):  # noqa: F811
+    s = tmp_path / "state"
+    install_image(s, tiny_image)
+    try:
+        yield s
+    finally:
+        _reap_vms(s)
+
+
+async def _serve(fs: CloudFS, state: Path, port: int, nursery: trio.Nursery) -> str:
+    await nursery.start(Server(fs.public()).serve, f"tcp!127.0.0.1!{port}")
+    sock = f"unix!{state}/cloudfs.sock"
+    await nursery.start(Server(fs).serve, sock)
+    return sock
+
+
+@pytest.fixture
+async def cloud(zookeeper, zk_root, state):  # noqa: F811
+    port = free_port()
+    driver = QemuDriver(state, port, accel="tcg")
+    async with open_cloudfs(zookeeper.hosts, driver, zk_root, resync_interval=1.0) as fs:
+        async with trio.open_nursery() as nursery:
+            sock = await _serve(fs, state, port, nursery)
+            try:
+                yield Cloud(fs, driver, state, port, sock)
+            finally:
+                nursery.cancel_scope.cancel()
+
+
+# -- helpers -----------------------------------------------------------------
+
+async def ctl(c: Client, pid: int | str, command: str) -> str:
+    async with await c.walk(f"proc/{pid}/ctl") as f:
+        await f.open(os.O_RDWR)
+        await f.write(0, command.encode() + b"\n")
+        return (await f.read_all()).decode().strip()
+
+
+async def status(c: Client, pid: int) -> dict[str, str]:
+    text = (await c.read_file(f"proc/{pid}/status")).decode()
+    return dict(line.split(" ", 1) for line in text.splitlines())
+
+
+async def start_vm(c: Client, userdata: str) -> int:
+    pid = int(await ctl(c, 1, "fork"))
+    await c.write_file(f"proc/{pid}/userdata", userdata.encode())
+    await ctl(c, pid, "exec tiny")
+    return pid
+
+
+async def until(check, timeout: float = BOOT_TIMEOUT, what: str = "condition"):
+    with trio.move_on_after(timeout):
+        while True:
+            v = await check()
+            if v:
+                return v
+            await trio.sleep(0.2)
+    raise AssertionError(f"{what} not met within {timeout}s")
+
+
+async def env(c: Client, pid: int, key: str, timeout: float = BOOT_TIMEOUT) -> str:
+    """The blocking read a host ``cat /proc/<pid>/env/<key>`` does."""
+    with trio.fail_after(timeout):
+        return (await c.read_file(f"proc/{pid}/env/{key}")).decode().strip()
+
+
+def console(cloud: Cloud, vm: str) -> str:
+    for p in (cloud.state / "vms" / vm / "console.log", cloud.state / "logs" / f"{vm}.console.log"):
+        if p.exists():
+            return p.read_text(errors="replace")[-3000:]
+    return "(no console log)"
+
+
+# -- the tests ---------------------------------------------------------------
+
+#: The guest's side of test_guest_uses_its_namespace.  Children (ppid != 1)
+#: report and wait for env/quit, then exit with its value.
+DELEGATION = r"""
+C=/cloud/proc
+ppid=$(awk '$1 == "ppid" {print $2}' $C/self/status)
+if [ "$ppid" != 1 ]; then
+  echo up > $C/self/env/up
+  exit $(cat $C/self/env/quit)
+fi
+awk '$1 == "pid" {print $2}' $C/self/status > $C/self/env/whoami
+echo hello from $CLOUDFS_PID > $C/self/env/greeting
+exec 3<>$C/self/ctl; echo fork >&3; read child <&3; exec 3<&-
+echo $child > $C/self/env/child
+other=$(cat $C/self/env/other)
+if echo kill 2>/tmp/err > $C/$other/ctl; then r=allowed; else r="refused: $(cat /tmp/err)"; fi
+echo "$r" > $C/self/env/refused
+cat $C/self/env/quit
+"""
+
+
+async def test_guest_uses_its_namespace(cloud):
+    async with open_client(cloud.operator) as c:
+        other = int(await ctl(c, 1, "fork"))  # not a descendant of the VM: state new, no VM
+        a = await start_vm(c, DELEGATION)
+        async with trio.open_nursery() as n:
+            got: dict[str, str] = {}
+
+            async def blocked_cat():  # issued before the guest has even booted
+                got["greeting"] = await env(c, a, "greeting")
+
+            n.start_soon(blocked_cat)
+            await until(lambda: _running(c, a), what=f"process {a} running")
+            b = int(await ctl(c, a, "fork"))  # the host forks the VM
+        assert got["greeting"] == f"hello from {a}"
+        assert await env(c, a, "whoami") == str(a)  # the guest read its own status over 9P
+        c_pid = int(await env(c, a, "child"))       # the guest forked a child itself
+        assert sorted([b, c_pid]) == sorted(int(x) for x in (await c.read_file(f"proc/{a}/children")).split())
+        await c.write_file(f"proc/{a}/env/other", str(other).encode())
+        refused = await env(c, a, "refused")
+        assert refused.startswith("refused") and "denied" in refused, refused
+        assert (await status(c, other))["state"] == "new"  # nothing changed
+        for kid in (b, c_pid):
+            assert await env(c, kid, "up") == "up"
+            st = await status(c, kid)
+            assert st["state"] == "running" and st["ppid"] == str(a) and st["image"] == "tiny"
+        listed = (await c.listdir("proc"))
+        assert sorted(int(p) for p in listed) == sorted([1, other, a, b, c_pid])
+        vms = {p: (await cloud.fs.table.require(p))[0].vm for p in (a, b, c_pid)}
+        pids = {p: cloud.driver.qemu_pid(v) for p, v in vms.items()}
+        assert all(pids.values()) and len(set(pids.values())) == 3, pids
+
+        # a guest that ends by itself: the exit status reaches the parent's wait
+        await c.write_file(f"proc/{b}/env/quit", b"3\n")
+        with trio.fail_after(60):
+            rec = (await c.read_file(f"proc/{a}/wait")).decode()
+        assert rec.startswith(f"{b} ") and " exited exit 3" in rec, rec + console(cloud, vms[b])
+        assert cloud.driver.qemu_pid(vms[b]) is None
+
+        # kill of the parent kills the subtree, children first; QEMUs gone
+        await ctl(c, a, "kill")
+        with trio.fail_after(60):
+            rec = (await c.read_file("proc/1/wait")).decode()
+        assert rec.startswith(f"{a} ") and "killed" in rec
+        assert sorted(int(p) for p in await c.listdir("proc")) == [1, other]
+        for p, pid in pids.items():
+            assert not _alive(pid), (p, pid)
+        assert list((cloud.state / "vms").iterdir()) == []
+
+
+async def _running(c: Client, pid: int):
+    st = await status(c, pid)
+    assert st["state"] in ("creating", "running"), st
+    return st if st["state"] == "running" else None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            s = f.read()
+    except OSError:
+        return False
+    return s[s.rindex(b")") + 2:][:1] not in (b"Z", b"X")
+
+
+async def test_montecarlo(cloud):
+    async with open_client(cloud.operator) as c:
+        parent = await start_vm(c, MONTECARLO.read_text())
+        with trio.fail_after(240):
+            pi = float((await c.read_file(f"proc/{parent}/env/pi")).decode())
+        assert abs(pi - 3.14159) < 0.3, pi
+        workers = [int(w) for w in (await env(c, parent, "workers")).split()]
+        assert len(workers) == 3
+        # the coordinator kills its workers and reaps them
+        await until(lambda: _only(c, [1, parent]), timeout=60, what="workers gone")
+        await ctl(c, parent, "kill")
+        await until(lambda: _only(c, [1]), timeout=60, what="coordinator gone")
+    assert list((cloud.state / "vms").iterdir()) == []
+
+
+async def _only(c: Client, pids: list[int]) -> bool:
+    return sorted(int(p) for p in await c.listdir("proc")) == sorted(pids)
+
+
+# -- restart: re-adoption after the daemon's kill -9 ----------------------------
+
+#: A daemon in its own process (so it can be killed with SIGKILL): CloudFS +
+#: QemuDriver + both 9P faces, like ``cloudfs up``.
+DAEMON = r"""
+import sys, trio
+from pathlib import Path
+from cloudfs.drivers.qemu import QemuDriver
+from cloudfs.namespace import open_cloudfs
+from ninep.server import Server
+hosts, root, state, port = sys.argv[1], sys.argv[2], Path(sys.argv[3]), int(sys.argv[4])
+async def main():
+    driver = QemuDriver(state, port, accel="tcg")
+    async with open_cloudfs(hosts, driver, root, daemon_id="daemon-1", resync_interval=1.0) as fs:
+        async with trio.open_nursery() as n:
+            await n.start(Server(fs.public()).serve, f"tcp!127.0.0.1!{port}")
+            await n.start(Server(fs).serve, f"unix!{state}/cloudfs.sock")
+            print("ready", flush=True)
+            await trio.sleep_forever()
+trio.run(main)
+"""
+
+#: Idles; when its 9P connection dies with the daemon, remounts and says so.
+IDLE = r"""
+echo up > /cloud/proc/self/env/up
+until cat /cloud/proc/self/env/quit; do
+  sleep 1
+  cloudfs-mount && echo again > /cloud/proc/self/env/remounted
+done
+"""
+
+
+async def test_restart_readopts_running_vms(zookeeper, zk_root, state):  # noqa: F811
+    port = free_port()
+    sock = f"unix!{state}/cloudfs.sock"
+    proc = subprocess.Popen([sys.executable, "-c", DAEMON, zookeeper.hosts, zk_root, str(state), str(port)],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        line = await trio.to_thread.run_sync(proc.stdout.readline)
+        assert line == b"ready\n", proc.stderr.read().decode() if proc.poll() is not None else line
+        async with open_client(sock) as c:
+            a = await start_vm(c, IDLE)
+            b = int(await ctl(c, a, "fork"))
+            for p in (a, b):
+                assert await env(c, p, "up") == "up"
+        vms_before = sorted(d.name for d in (state / "vms").iterdir())
+        driver = QemuDriver(state, port, accel="tcg")
+        qpids = {v: driver.qemu_pid(v) for v in vms_before}
+        assert len(vms_before) == 2 and all(qpids.values())
+        proc.send_signal(signal.SIGKILL)  # the daemon dies without any cleanup
+        await trio.to_thread.run_sync(proc.wait)
+        os.unlink(state / "cloudfs.sock")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    # a new daemon on the same ZooKeeper root and state dir
+    async with open_cloudfs(zookeeper.hosts, driver, zk_root, daemon_id="daemon-2", resync_interval=1.0) as fs:
+        async with trio.open_nursery() as nursery:
+            await _serve(fs, state, port, nursery)
+            async with open_client(sock) as c:
+                await trio.sleep(3)  # several resyncs: nothing may change
+                for p in (a, b):
+                    st = await status(c, p)
+                    assert st["state"] == "running", st
+                assert sorted(d.name for d in (state / "vms").iterdir()) == vms_before  # none started twice
+                assert {v: driver.qemu_pid(v) for v in vms_before} == qpids         # none lost
+                for p in (a, b):  # the guests mount the new daemon's namespace again
+                    assert await env(c, p, "remounted", timeout=60) == "again"
+                # the new daemon drives the adopted VMs (once the dead daemon's
+                # ZooKeeper session has expired and its ownership with it)
+                await ctl(c, a, "kill")
+                with trio.fail_after(60):
+                    rec = (await c.read_file("proc/1/wait")).decode()
+                assert rec.startswith(f"{a} ") and "killed" in rec
+            for pid in qpids.values():
+                assert not _alive(pid)
+            nursery.cancel_scope.cancel()
