@@ -1,0 +1,169 @@
+"""cloudfs.drivers.qemu against real QEMU (TCG) and a real 9P server.
+
+The guests mount a :class:`ninep.memfs.MemFS` served on a loopback port (the
+driver does not care what serves the namespace), so the driver is tested on
+its own: create, status, stop/start over QMP, find by a second driver
+instance (re-adoption), rebuild, a guest's own exit and its message, delete.
+Every QEMU is killed when the test ends (``kill_all`` in a finally).
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import time
+
+import pytest
+import trio
+
+from cloudfs import imagestore
+from cloudfs.drivers.base import META_DEPLOYMENT, META_PID, META_PPID, META_SECRET, DriverError, NotFound
+from cloudfs.drivers.qemu import FLAVORS, QemuDriver, probe_kvm
+from mountd.zkserver import free_port
+from ninep.memfs import MemFS
+from ninep.server import Server
+from tests.guestfixtures import tiny_image  # noqa: F401  (fixture)
+
+pytestmark = pytest.mark.guest
+
+SECRET = "0123456789abcdef0123456789abcdef"
+TAGS = {META_DEPLOYMENT: "/test/qemu", META_PID: "7", META_PPID: "1"}
+
+
+@pytest.fixture
+def state(tiny_image, tmp_path):  # noqa: F811
+    s = tmp_path / "state"
+    imagestore.install_image(s, tiny_image)
+    try:
+        yield s
+    finally:
+        QemuDriver(s, 1, accel="tcg").kill_all()
+
+
+@pytest.fixture
+async def memfs_port():
+    fs, port = MemFS(), free_port()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(Server(fs).serve, f"tcp!127.0.0.1!{port}")
+        try:
+            yield fs, port
+        finally:
+            nursery.cancel_scope.cancel()
+
+
+async def until(check, timeout: float = 90.0, what: str = "condition"):
+    with trio.move_on_after(timeout):
+        while True:
+            v = await check()
+            if v:
+                return v
+            await trio.sleep(0.2)
+    raise AssertionError(f"{what} not met within {timeout}s")
+
+
+async def test_store_flavors_networks(state, tiny_image):  # noqa: F811
+    d = QemuDriver(state, 1, accel="tcg")
+    [img] = await d.list_images()
+    assert (img.name, img.id, img.size, img.checksum) == ("tiny", tiny_image.id, tiny_image.size,
+                                                          tiny_image.checksum)
+    assert img.disk_format == "kernel+initramfs" and img.status == "active" and img.created.endswith("Z")
+    again = imagestore.install_image(state, tiny_image)  # unchanged: left alone
+    assert again.created == img.created
+    assert await d.list_flavors() == list(FLAVORS) == ["m1.tiny", "m1.small"]
+    [net] = await d.list_networks()
+    assert (net.name, net.cidr) == ("user", "10.0.2.0/24")
+    with pytest.raises(DriverError):
+        await d.create_network("lab")
+    for image, flavor, nets in (("nope", "m1.tiny", ["user"]), ("tiny", "m9.huge", ["user"]),
+                                ("tiny", "m1.tiny", ["lab"])):
+        with pytest.raises(NotFound):
+            await d.create("x", image, flavor, nets, b"", metadata=TAGS)
+    assert list((state / "vms").iterdir()) == []
+    for call in (d.status("vm-nope"), d.stop("vm-nope"), d.start("vm-nope"), d.rebuild("vm-nope", "tiny", b"")):
+        with pytest.raises(NotFound):
+            await call
+    await d.delete("vm-nope")  # idempotent
+    assert await d.find(TAGS) is None
+    assert imagestore.build_image_main("windows", state) == 2
+
+
+async def test_lifecycle_readoption_rebuild_and_exit(state, memfs_port):
+    fs, port = memfs_port
+    d = QemuDriver(state, port, accel="tcg")
+    userdata = b"echo one > /cloud/one\ncat /cloud/wait/go\n"
+    s = await d.create("web", "tiny", "m1.tiny", ["user"], userdata, metadata={**TAGS, META_SECRET: SECRET})
+    assert s.status == "running" and s.addresses == ("10.0.2.15",)
+    vmdir = state / "vms" / s.id
+    qpid = d.qemu_pid(s.id)
+    assert qpid is not None
+    cmdline = open(f"/proc/{qpid}/cmdline", "rb").read()
+    assert SECRET.encode() not in cmdline  # never on the command line
+    qemu_ppid = int(open(f"/proc/{qpid}/stat").read().rsplit(") ", 1)[1].split()[1])
+    assert os.getsid(qpid) != os.getsid(0) and qemu_ppid != os.getpid()  # own session, not our child
+    assert stat.S_IMODE((vmdir / "meta.json").stat().st_mode) == 0o600
+    assert stat.S_IMODE(vmdir.stat().st_mode) == 0o700
+
+    # the guest booted, mounted the 9P server and ran the user-data
+    await until(lambda: _has(fs, "one"), what="guest wrote /one")
+    assert bytes(fs.root.children["one"].data) == b"one\n"
+    console = (vmdir / "console.log").read_text(errors="replace")
+    assert "cloudfs-boot: mounted /cloud as process 7" in console
+
+    # QMP power control
+    assert (await d.stop(s.id)).status == "stopped"
+    assert (await d.status(s.id)).status == "stopped"
+    assert (await d.start(s.id)).status == "running"
+
+    # a second driver instance (a restarted daemon) adopts it by its tags
+    d2 = QemuDriver(state, port, accel="tcg")
+    found = await d2.find({META_DEPLOYMENT: "/test/qemu", META_PID: "7"})
+    assert found is not None and found.id == s.id and found.status == "running"
+    assert await d2.find({META_DEPLOYMENT: "/test/qemu", META_PID: "8"}) is None
+    assert d2.qemu_pid(s.id) == qpid
+
+    # rebuild: same id, new QEMU, new user-data; this one exits by itself
+    r = await d2.rebuild(s.id, "tiny", b"echo two > /cloud/two\nexit 3\n")
+    assert r.id == s.id and r.status == "running"
+    assert d2.qemu_pid(s.id) not in (None, qpid)
+    exited = await until(lambda: _exited(d2, s.id), what="guest exit")
+    assert exited.message == "exit 3: user-data exited with status 3", exited
+    assert bytes(fs.root.children["two"].data) == b"two\n"
+    with pytest.raises(DriverError):
+        await d2.start(s.id)
+
+    await d2.delete(s.id)
+    assert not vmdir.exists() and (state / "logs" / f"{s.id}.console.log").exists()
+    with pytest.raises(NotFound):
+        await d2.status(s.id)
+    assert await d2.find(TAGS) is None
+
+
+async def test_delete_ends_a_running_qemu(state, memfs_port):
+    _, port = memfs_port
+    d = QemuDriver(state, port, accel="tcg")
+    s = await d.create("x", "tiny", "", ["user"], b"sleep 1000\n", metadata=TAGS)
+    qpid = d.qemu_pid(s.id)
+    t = time.monotonic()
+    await d.delete(s.id)
+    assert time.monotonic() - t < 10
+    assert not os.path.exists(f"/proc/{qpid}/cmdline") or b"qemu" not in open(f"/proc/{qpid}/cmdline", "rb").read() \
+        or open(f"/proc/{qpid}/stat").read().split(") ")[1][0] == "Z"
+    assert d.qemu_pid(s.id) is None and list((state / "vms").iterdir()) == []
+
+
+def test_kvm_probe_answers_within_its_timeout(tiny_image):  # noqa: F811
+    t = time.monotonic()
+    ok = probe_kvm("qemu-system-x86_64", tiny_image.kernel, timeout=5.0)
+    took = time.monotonic() - t
+    assert took < 8.0, took
+    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        assert ok is False
+
+
+async def _has(fs: MemFS, name: str) -> bool:
+    return name in fs.root.children and bool(fs.root.children[name].data)
+
+
+async def _exited(d: QemuDriver, sid: str):
+    s = await d.status(sid)
+    return s if s.status == "exited" else None
