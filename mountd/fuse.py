@@ -88,6 +88,8 @@ WATCH_INTERVAL = 0.25
 READY_RECHECK = 0.2
 #: How long ``poll`` waits for a readiness probe before answering "not ready".
 POLL_GRACE = 0.05
+#: Seconds the unmount path spends releasing files that were still open.
+RELEASE_GRACE = 2.0
 #: Open flags passed on to :meth:`Node.open` (others, e.g. O_LARGEFILE, are dropped).
 _OPEN_FLAGS = (
     os.O_ACCMODE | os.O_APPEND | os.O_NONBLOCK | os.O_TRUNC | os.O_DIRECTORY
@@ -836,8 +838,10 @@ async def mount(
             await pyfuse3.main(min_tasks=1, max_tasks=max_tasks)
         finally:
             nursery.cancel_scope.cancel()
-            with trio.CancelScope(shield=True):
-                for fh in list(adapter._handles):
-                    await adapter._release(fh)
             pyfuse3.close(unmount=True)
             log.info("unmounted %s", mountpoint)
+            # Files still open when the mount went away: release them, but
+            # never hang the exit on a filesystem that does not answer.
+            with trio.CancelScope(shield=True, deadline=trio.current_time() + RELEASE_GRACE):
+                for fh in list(adapter._handles):
+                    await adapter._release(fh)

@@ -485,3 +485,67 @@ async def test_lost_connection_unmounts_with_status_1(tmp_path):
                 await imp.stop()
             if await _sync(os.path.ismount, str(mnt)):
                 await _sync(_force_unmount, mnt)
+
+
+async def test_in_process_mount_of_a_local_filesystem(tmp_path):
+    """mountd.fuse.mount() in this process over a local MemFS (no 9P): the
+    path ``cloudfs up`` takes.  Large listings page through readdir, readiness
+    without wait_readable, a killed reader's local waiter, handles released."""
+    from mountd.fuse import mount
+
+    fs = MemFS()
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    m = str(mnt)
+    names = [f"key-{i:04d}-{'x' * 40}" for i in range(400)]
+    for n in names:
+        fs.set_value(n, b"v\n")
+    async with trio.open_nursery() as nursery:
+        adapter = await nursery.start(lambda task_status: mount(fs, m, task_status=task_status))
+        try:
+            # 400 long names need several readdir calls: none lost, none twice
+            listing = await _sync(os.listdir, f"{m}/wait")
+            assert sorted(listing) == sorted(names)
+            assert (await sh(f"ls {m}/wait | wc -l")).stdout.strip() == b"400"
+
+            # poll readiness through the readable() re-check path
+            def poll_until_set():
+                fd = os.open(f"{m}/wait/later", os.O_RDONLY)
+                try:
+                    p = select.poll()
+                    p.register(fd, select.POLLIN)
+                    first = p.poll(0)
+                    return first, p.poll(5000), os.read(fd, 10)
+                finally:
+                    os.close(fd)
+
+            async with trio.open_nursery() as n2:
+                out = []
+
+                async def poller():
+                    out.append(await _sync(poll_until_set))
+
+                n2.start_soon(poller)
+                await trio.sleep(0.4)
+                fs.set_value("later", b"now\n")
+            first, events, data = out[0]
+            assert first == [] and events[0][1] & select.POLLIN and data == b"now\n"
+
+            # a killed reader's waiter goes away
+            cat = await trio.lowlevel.open_process(["cat", f"{m}/wait/never"], stdout=subprocess.DEVNULL)
+            try:
+                await _eventually(lambda: fs.waiters == 1, what="cat to block")
+                assert adapter.blocked_reads == 1
+                cat.send_signal(signal.SIGINT)
+                with trio.fail_after(3):
+                    await cat.wait()
+                await _eventually(lambda: fs.waiters == 0 and adapter.blocked_reads == 0, timeout=2.5,
+                                  what="the waiter to go")
+            finally:
+                if cat.returncode is None:
+                    cat.kill()
+                    await cat.wait()
+            await _eventually(lambda: adapter.open_handles == 0, what="handles released")
+        finally:
+            nursery.cancel_scope.cancel()
+    assert not await _sync(os.path.ismount, m)
