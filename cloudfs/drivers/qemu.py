@@ -326,13 +326,15 @@ class QemuDriver(ComputeDriver):
     ``accel``: ``"auto"`` (probe KVM once, else TCG), ``"tcg"`` or ``"kvm"``.
     ``kvm_probe_timeout`` seconds.  ``qemu`` the binary.  ``host`` the name
     reported as each server's host (default: this machine's hostname).
+    ``kernel_args`` extra guest kernel arguments.
 
     Errors: NotFound (unknown image, flavor, network, server), DriverError
     (QEMU failed to start; its stderr is in the message), QmpError (QMP).
     """
 
     def __init__(self, state_dir: Path, ninep_port: int, *, accel: str = "auto", kvm_probe_timeout: float = 5.0,
-                 qemu: str = "qemu-system-x86_64", host: str | None = None):
+                 qemu: str = "qemu-system-x86_64", host: str | None = None, kernel_args: str = "",
+                 bios: str | None = None):
         if accel not in ("auto", "tcg", "kvm"):
             raise ValueError(f"accel must be auto, tcg or kvm, not {accel!r}")
         self.state_dir = Path(state_dir).resolve()
@@ -343,6 +345,8 @@ class QemuDriver(ComputeDriver):
         self.kvm_probe_timeout = kvm_probe_timeout
         self.qemu = qemu
         self.host = host or socket.gethostname()
+        self.kernel_args = kernel_args
+        self.bios = bios
         self._accel_chosen: str | None = None if accel == "auto" else accel
         self._lock = trio.Lock()
         self.vms_dir.mkdir(parents=True, exist_ok=True)
@@ -398,11 +402,13 @@ class QemuDriver(ComputeDriver):
             self.qemu, "-name", f"cloudfs-{vm.id}", "-accel", vm.accel, "-m", str(memory), "-smp", str(cpus),
             "-nodefaults", "-display", "none", "-no-reboot",
             "-kernel", str(image.kernel), "-initrd", str(vm.dir / "initramfs.cpio.gz"),
-            "-append", "console=ttyS0 cloudfs.mode=boot quiet panic=-1",
-            "-chardev", f"file,id=con,path={vm.console}", "-serial", "chardev:con",
+            "-append", f"console=ttyS0 cloudfs.mode=boot quiet panic=-1 {self.kernel_args}".strip(),
+            "-chardev", f"file,id=con,path={vm.console},append=on", "-serial", "chardev:con",
             "-qmp", f"unix:{vm.qmp},server=on,wait=off",
             "-pidfile", str(vm.pidfile), "-daemonize",
         ]
+        if self.bios:
+            argv += ["-bios", self.bios]
         if vm.networks:
             argv += ["-netdev", netdev, "-device", "virtio-net-pci,netdev=n0"]
         if image.disk is not None:
