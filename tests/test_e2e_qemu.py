@@ -175,6 +175,13 @@ async def test_guest_uses_its_namespace(cloud):
         pids = {p: cloud.driver.qemu_pid(v) for p, v in vms.items()}
         assert all(pids.values()) and len(set(pids.values())) == 3, pids
 
+        # stop and start pause and resume the guest's vCPUs (QMP)
+        await ctl(c, c_pid, "stop")
+        await until(lambda: _state(c, c_pid, "stopped"), timeout=30, what="stopped")
+        await ctl(c, c_pid, "start")
+        await until(lambda: _state(c, c_pid, "running"), timeout=30, what="running again")
+        assert cloud.driver.qemu_pid(vms[c_pid]) == pids[c_pid]
+
         # a guest that ends by itself: the exit status reaches the parent's wait
         await c.write_file(f"proc/{b}/env/quit", b"3\n")
         with trio.fail_after(60):
@@ -197,6 +204,10 @@ async def _running(c: Client, pid: int):
     st = await status(c, pid)
     assert st["state"] in ("creating", "running"), st
     return st if st["state"] == "running" else None
+
+
+async def _state(c: Client, pid: int, state: str) -> bool:
+    return (await status(c, pid))["state"] == state
 
 
 def _alive(pid: int) -> bool:

@@ -22,7 +22,7 @@ from cloudfs.drivers.qemu import FLAVORS, QemuDriver, probe_kvm
 from mountd.zkserver import free_port
 from ninep.memfs import MemFS
 from ninep.server import Server
-from tests.guestfixtures import tiny_image  # noqa: F401  (fixture)
+from tests.guestfixtures import CACHE_DIR, tiny_image  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.guest
 
@@ -85,6 +85,19 @@ async def test_store_flavors_networks(state, tiny_image):  # noqa: F811
     await d.delete("vm-nope")  # idempotent
     assert await d.find(TAGS) is None
     assert imagestore.build_image_main("windows", state) == 2
+
+
+def test_build_image_main_installs_and_caches(tmp_path, tiny_image, capsys):  # noqa: F811
+    state = tmp_path / "state"
+    (state / "cache").mkdir(parents=True)
+    (state / "cache" / "guest").symlink_to(CACHE_DIR)  # the session's warm build cache
+    assert imagestore.build_image_main("tiny", state) == 0
+    first = imagestore.get_image(state, "tiny")
+    assert first is not None and first.checksum == tiny_image.checksum and first.id == tiny_image.id
+    assert "using cached" in capsys.readouterr().out
+    assert imagestore.build_image_main("tiny", state) == 0
+    assert imagestore.get_image(state, "tiny") == first  # nothing rebuilt or reinstalled
+    assert [i.name for i in imagestore.list_images(state)] == ["tiny"]
 
 
 async def test_lifecycle_readoption_rebuild_and_exit(state, memfs_port):
