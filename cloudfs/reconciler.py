@@ -11,9 +11,10 @@ vanishes, the ``owners`` watch fires, and another daemon takes the work over.
 
 Converging is idempotent (it reads the record and acts on the difference):
 
-- desired ``killed``: once it has no children, delete the VM, then remove the
-  process and leave a wait record with the parent (children first: the last
-  child's removal queues work for its killed parent);
+- desired ``killed``: once it has no children, delete the VM (also one that a
+  lost create left without the record naming it, found by its tags), then
+  remove the process and leave a wait record with the parent (children
+  first: the last child's removal queues work for its killed parent);
 - ``image`` set and no VM, or ``gen`` ≠ ``built_gen``: create (or rebuild,
   Nova-style) with the current user-data → ``running`` (driver failure →
   state ``error`` with its message).  Before creating it asks the driver for
@@ -193,9 +194,18 @@ class Reconciler:
             if await self.table.kids(pid):
                 return  # children first; the last child's end queues us again
             message = "killed"
-            if rec.vm:
+            vm = rec.vm
+            if vm is None and rec.image is not None:
+                # a create whose reply was lost (daemon killed mid-boot) may
+                # have left a server that the record does not name
                 try:
-                    await self.driver.delete(rec.vm)
+                    found = await self.driver.find(self.table.server_tags(rec))
+                    vm = found.id if found is not None else None
+                except DriverError as e:
+                    log.info("looking for a server of killed %d: %s", pid, e)
+            if vm:
+                try:
+                    await self.driver.delete(vm)
                 except DriverError as e:
                     message = f"killed; driver delete failed: {e}"
             if await self.table.finalize(pid, "killed", message):

@@ -11,6 +11,7 @@ daemon (also after ``kill -9``) re-adopts them::
     STATE/vms/<id>/console.log  the guest's serial console
     STATE/vms/<id>/initramfs.cpio.gz  the image's initramfs + this VM's files
     STATE/logs/<id>.console.log the console of a deleted VM (kept for debugging)
+    STATE/kvm-probe.json        the KVM probe's answer (per host boot, QEMU, kernel)
 
 QEMU runs with ``-daemonize`` in its own session: it is not a child of the
 daemon and nothing ties its life to the daemon's.  A pid counts as the VM's
@@ -231,6 +232,14 @@ def probe_kvm(qemu: str, kernel: Path, timeout: float = 5.0) -> bool:
     return p.returncode == 0 and b"Linux version" in out
 
 
+def _boot_id() -> str:
+    """This host boot's id (changes at every reboot)."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
+
+
 def _pid_alive(pid: int, marker: str) -> bool:
     """True when ``pid`` runs a qemu-system binary whose command line contains
     ``marker`` and is not a zombie."""
@@ -352,15 +361,44 @@ class QemuDriver(ComputeDriver):
         self.vms_dir.mkdir(parents=True, exist_ok=True)
         os.chmod(self.vms_dir, 0o700)
 
+    @classmethod
+    def from_listen(cls, state_dir: Path, listen: list[str], **options) -> "QemuDriver":
+        """A driver whose guests reach the first ``tcp!HOST!PORT`` of the
+        daemon's ``listen`` dial strings (HOST must be reachable as 127.0.0.1:
+        ``127.0.0.1``, ``localhost``, ``*`` or ``0.0.0.0``).  ``options`` as
+        for the constructor.  ValueError if there is no such listener or its
+        port is 0 (set ``ninep_port`` once bound instead)."""
+        for dial in listen:
+            parts = dial.split("!")
+            if len(parts) == 3 and parts[0] == "tcp" and parts[1] in ("127.0.0.1", "localhost", "*", "0.0.0.0"):
+                port = int(parts[2])
+                if port:
+                    return cls(state_dir, port, **options)
+        raise ValueError(f"no loopback tcp listener with a fixed port in {listen!r} for guests to reach")
+
     # -- helpers ----------------------------------------------------------
 
     async def _choose_accel(self, kernel: Path) -> str:
+        """The accelerator for new VMs; with ``auto`` the KVM probe runs once
+        per host boot, QEMU binary and guest kernel (its answer is kept in
+        ``STATE/kvm-probe.json``, so a restarted daemon does not probe again)."""
         async with self._lock:
             if self._accel_chosen is None:
+                key = {"boot_id": _boot_id(), "qemu": shutil.which(self.qemu) or self.qemu, "kernel": str(kernel)}
+                cache = self.state_dir / "kvm-probe.json"
+                try:
+                    got = json.loads(cache.read_text())
+                    if got.get("key") == key and got.get("accel") in ("kvm", "tcg"):
+                        self._accel_chosen = got["accel"]
+                        return got["accel"]
+                except (OSError, ValueError, AttributeError):
+                    pass
                 ok = await trio.to_thread.run_sync(probe_kvm, self.qemu, kernel, self.kvm_probe_timeout,
                                                    abandon_on_cancel=True)
                 self._accel_chosen = "kvm" if ok else "tcg"
                 log.info("KVM probe: %s; using %s", "works" if ok else "failed or hung", self._accel_chosen)
+                with contextlib.suppress(OSError):
+                    cache.write_text(json.dumps({"key": key, "accel": self._accel_chosen}) + "\n")
             return self._accel_chosen
 
     def _vm(self, server_id: str) -> _Vm:

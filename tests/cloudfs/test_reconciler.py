@@ -85,3 +85,28 @@ async def test_create_whose_reply_was_lost_is_adopted_not_duplicated(cfs):
     assert (await cfs.table.require(pid))[0].vm == earlier.id
     assert [c for c in cfs.driver.calls if c[0] == "create"] == [("create", earlier.id)]
     assert list(cfs.driver.servers) == [earlier.id]
+
+
+async def test_kill_deletes_a_server_a_lost_create_left_behind(cfs):
+    root = await cfs.attach("", "")
+    pid = int(await ctl(root, 1, "fork"))
+    cfs.driver.fail_next("create", "reply lost")
+    await ctl(root, pid, "exec tiny")
+    await state_is(root, pid, "error")
+    rec, _ = await cfs.table.require(pid)
+    assert rec.vm is None
+    # the lost create did make a server, tagged with the deployment and pid
+    orphan = await cfs.driver.create("x", "tiny", "m1.tiny", ["user"], b"", metadata=cfs.table.server_tags(rec))
+    await ctl(root, pid, "kill")
+    assert await cat(root, "/proc/1/wait") == f"{pid} p{pid} killed killed\n".encode()
+    assert orphan.id not in cfs.driver.servers and ("delete", orphan.id) in cfs.driver.calls
+
+
+async def test_create_passes_the_process_secret_to_the_driver(cfs):
+    from cloudfs.drivers.base import META_SECRET
+
+    root = await cfs.attach("", "")
+    pid = await vm(root)
+    rec, _ = await cfs.table.require(pid)
+    assert len(rec.secret) == 32 and cfs.driver.metadata[rec.vm][META_SECRET] == rec.secret
+    assert await cfs.driver.find(cfs.table.server_tags(rec)) is not None  # find ignores the secret

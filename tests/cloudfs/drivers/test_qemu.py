@@ -180,3 +180,21 @@ async def _has(fs: MemFS, name: str) -> bool:
 async def _exited(d: QemuDriver, sid: str):
     s = await d.status(sid)
     return s if s.status == "exited" else None
+
+
+def test_from_listen_picks_the_loopback_tcp_port(tmp_path):
+    d = QemuDriver.from_listen(tmp_path, ["unix!/x/cloudfs.sock", "tcp!127.0.0.1!5640"], accel="tcg")
+    assert d.ninep_port == 5640 and d.accel == "tcg"
+    for bad in (["unix!/x"], ["tcp!127.0.0.1!0"], ["tcp!192.0.2.1!564"]):
+        with pytest.raises(ValueError):
+            QemuDriver.from_listen(tmp_path, bad)
+
+
+async def test_auto_accel_probes_once_and_remembers(state, tiny_image):  # noqa: F811
+    d = QemuDriver(state, 1, accel="auto", kvm_probe_timeout=5.0)
+    [img] = imagestore.list_images(state)
+    first = await d._choose_accel(img.kernel)
+    assert first in ("kvm", "tcg")
+    t = time.monotonic()
+    again = await QemuDriver(state, 1, accel="auto")._choose_accel(img.kernel)  # a restarted daemon
+    assert again == first and time.monotonic() - t < 1.0
