@@ -1,8 +1,14 @@
-"""The ``cloudfs`` command: ``cloudfs import|up|ps``.
+"""The ``cloudfs`` command: ``cloudfs up|ps|import|image``.
 
-``cloudfs import DIALSTRING DIR [--aname A] [--uname U] [--version V] [--debug]``
-mounts a remote 9P namespace with FUSE (see :mod:`mountd.importer`).
-``up`` and ``ps`` are placeholders for the cloudfs daemon and process listing.
+- ``cloudfs up``: the daemon (:mod:`mountd.daemon`): ZooKeeper, the namespace,
+  9P listeners, a FUSE mount, the reconciler; foreground.
+- ``cloudfs ps [--tree]``: the process table (:mod:`mountd.ps`).
+- ``cloudfs import DIALSTRING DIR``: mount a remote 9P namespace with FUSE
+  (:mod:`mountd.importer`).
+- ``cloudfs image build NAME``: build a guest image into the state dir's
+  image store (:mod:`cloudfs.imagestore`).
+
+``cloudfs COMMAND --help`` describes each.
 """
 
 from __future__ import annotations
@@ -10,8 +16,11 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
-__all__ = ["build_parser", "main", "cmd_import", "cmd_up", "cmd_ps"]
+from .daemon import DEFAULT_LISTEN, DEFAULT_STATE_DIR
+
+__all__ = ["build_parser", "main", "cmd_import", "cmd_up", "cmd_ps", "cmd_image_build"]
 
 
 def cmd_import(args: argparse.Namespace) -> int:
@@ -34,20 +43,56 @@ def cmd_import(args: argparse.Namespace) -> int:
         return 1
 
 
-# ---- placeholders: the lead replaces these --------------------------------
-
-
 def cmd_up(args: argparse.Namespace) -> int:
-    """``cloudfs up`` (STUB: the lead fills this in)."""
-    raise SystemExit("not yet implemented")
+    """``cloudfs up``: run the daemon in the foreground; returns the exit status."""
+    import trio
+
+    from .daemon import DaemonOptions, run
+
+    opts = DaemonOptions(
+        mount=Path(args.mount) if args.mount else None,
+        listen=args.listen or [DEFAULT_LISTEN],
+        zookeeper=args.zookeeper,
+        driver=args.driver,
+        state_dir=Path(args.state_dir),
+        deployment=args.deployment,
+        os_cloud=args.os_cloud,
+        debug_9p=args.debug_9p,
+        debug_fuse=args.debug_fuse,
+    )
+    if args.debug_9p:
+        logging.getLogger("ninep.trace").setLevel(logging.DEBUG)
+    try:
+        trio.run(run, opts)
+    except (ValueError, RuntimeError, OSError) as e:
+        logging.getLogger("cloudfs").error("cloudfs up: %s", e)
+        return 1
+    return 0
 
 
 def cmd_ps(args: argparse.Namespace) -> int:
-    """``cloudfs ps`` (STUB: the lead fills this in)."""
-    raise SystemExit("not yet implemented")
+    """``cloudfs ps``: print the process table or tree; returns the exit status."""
+    import trio
+
+    from ninep.errors import FsError
+
+    from .ps import ps
+
+    server = args.server or f"unix!{Path(args.state_dir) / 'cloudfs.sock'}"
+    try:
+        out = trio.run(lambda: ps(mount=Path(args.mount) if args.mount else None, server=server, tree=args.tree))
+    except (FsError, OSError, ValueError) as e:
+        print(f"cloudfs ps: {e}", file=sys.stderr)
+        return 1
+    sys.stdout.write(out)
+    return 0
 
 
-# ---------------------------------------------------------------------------
+def cmd_image_build(args: argparse.Namespace) -> int:
+    """``cloudfs image build NAME``: build an image into the store; exit status."""
+    from cloudfs.imagestore import build_image_main
+
+    return build_image_main(args.name, Path(args.state_dir))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,10 +110,55 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--debug", action="store_true", help="debug logging and libfuse's request trace")
     imp.set_defaults(func=cmd_import)
 
-    up = sub.add_parser("up", help="run the cloudfs daemon (not yet implemented)")
+    up = sub.add_parser(
+        "up", help="run the cloudfs daemon (foreground)",
+        description="Run the cloudfs daemon in the foreground: connect to ZooKeeper (or start an "
+                    "embedded one), serve the namespace over 9P and, with --mount, over FUSE, and run "
+                    "the reconciler of the compute driver. SIGINT/SIGTERM: unmount, close connections, "
+                    "stop the embedded ZooKeeper; VMs keep running and are re-adopted on the next start.",
+        epilog="9P: the --listen addresses serve the public face (a process's view for a guest's "
+               "pid/secret credential, else read-only); STATE/cloudfs.sock serves the operator's view "
+               "with full rights. Several daemons share one deployment with --zookeeper HOSTS.",
+    )
+    up.add_argument("--mount", metavar="DIR", help="mount the namespace here with FUSE")
+    up.add_argument("--listen", metavar="DIALSTRING", action="append",
+                    help=f"9P listen address, repeatable (default {DEFAULT_LISTEN})")
+    up.add_argument("--zookeeper", metavar="HOSTS",
+                    help="ZooKeeper hosts, e.g. 10.0.0.5:2181 (default: start an embedded one, data in the state dir)")
+    up.add_argument("--driver", default="qemu", choices=["qemu", "fake", "openstack"],
+                    help="compute driver: qemu (local QEMU VMs, default), openstack, or fake (records only)")
+    up.add_argument("--os-cloud", metavar="NAME",
+                    help="openstack driver: the clouds.yaml entry (default: OS_CLOUD or the OS_* variables)")
+    up.add_argument("--state-dir", metavar="DIR", default=str(DEFAULT_STATE_DIR),
+                    help=f"daemon state: VMs, images, embedded ZooKeeper, operator socket (default {DEFAULT_STATE_DIR})")
+    up.add_argument("--deployment", metavar="NAME", default="default",
+                    help="deployment name: its tree is /cloudfs/NAME in ZooKeeper (default 'default')")
+    up.add_argument("--debug-9p", action="store_true", help="log every 9P message")
+    up.add_argument("--debug-fuse", action="store_true", help="log every FUSE request")
+    up.add_argument("--debug", action="store_true", help="debug logging")
     up.set_defaults(func=cmd_up)
-    ps = sub.add_parser("ps", help="list cloud processes (not yet implemented)")
+
+    ps = sub.add_parser("ps", help="list cloud processes",
+                        description="List the processes of a deployment (PID PPID NAME STATE IMAGE HOST), "
+                                    "read from the namespace.")
+    ps.add_argument("--tree", action="store_true", help="draw the process tree")
+    src = ps.add_mutually_exclusive_group()
+    src.add_argument("--mount", metavar="DIR", help="read a mounted namespace")
+    src.add_argument("--server", metavar="DIALSTRING", help="read over 9P (default: the operator socket)")
+    ps.add_argument("--state-dir", metavar="DIR", default=str(DEFAULT_STATE_DIR),
+                    help=f"where the operator socket is (default {DEFAULT_STATE_DIR})")
     ps.set_defaults(func=cmd_ps)
+
+    image = sub.add_parser("image", help="manage guest images")
+    isub = image.add_subparsers(dest="image_command", required=True, metavar="ACTION")
+    build = isub.add_parser("build", help="build a guest image (e.g. tiny) from Debian packages, cached",
+                            description="Build a guest image into STATE/images from Debian packages "
+                                        "(kernel from linux-image-amd64 via apt-get download + dpkg -x, "
+                                        "busybox-static); rebuilds only when its inputs change.")
+    build.add_argument("name", metavar="NAME", help="image to build (tiny)")
+    build.add_argument("--state-dir", metavar="DIR", default=str(DEFAULT_STATE_DIR),
+                       help=f"daemon state dir (default {DEFAULT_STATE_DIR})")
+    build.set_defaults(func=cmd_image_build)
     return p
 
 

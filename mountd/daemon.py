@@ -1,0 +1,161 @@
+"""The cloudfs daemon (``cloudfs up``): one namespace, served over FUSE and 9P.
+
+:func:`run` does, in the foreground:
+
+1. ZooKeeper: connect to ``--zookeeper`` hosts, or start an embedded server
+   (Debian's package, data under ``STATE/zookeeper``) and stop it on exit;
+2. the namespace: a :class:`cloudfs.namespace.CloudFS` on the deployment's
+   znode, with the reconciler of the chosen compute driver;
+3. 9P: on every ``--listen`` dial string (default ``tcp!127.0.0.1!564``) the
+   public face (:class:`cloudfs.identity.PublicFS`: a process's view for a
+   valid pid/secret credential, else read-only; guests come in here), and on
+   the operator's unix socket ``STATE/cloudfs.sock`` the operator's view with
+   full rights (mode 0600: file permissions are its credential);
+4. FUSE: the same tree mounted at ``--mount`` (a stale mount left by a crash is
+   cleaned first).
+
+SIGINT/SIGTERM: unmount, close 9P connections, stop the embedded ZooKeeper.
+VMs are not children of the daemon: they outlive it and are re-adopted on
+the next start.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+
+import trio
+
+from cloudfs.drivers.base import ComputeDriver
+from cloudfs.namespace import open_cloudfs
+from ninep.dial import listener_address, open_listeners, parse_dial
+from ninep.server import Server
+
+from . import zkserver
+
+log = logging.getLogger("cloudfs.daemon")
+
+DEFAULT_LISTEN = "tcp!127.0.0.1!564"
+DEFAULT_STATE_DIR = Path("/var/lib/cloudfs")
+
+
+def _fake_driver(opts: "DaemonOptions", ninep_port: int | None) -> ComputeDriver:
+    from cloudfs.drivers.fake import FakeDriver
+
+    return FakeDriver()
+
+
+def _qemu_driver(opts: "DaemonOptions", ninep_port: int | None) -> ComputeDriver:
+    from cloudfs.drivers.qemu import QemuDriver
+
+    if ninep_port is None:
+        raise ValueError("the qemu driver needs a tcp!127.0.0.1!PORT listener for its guests")
+    return QemuDriver(opts.state_dir, ninep_port)
+
+
+def _openstack_driver(opts: "DaemonOptions", ninep_port: int | None) -> ComputeDriver:
+    from cloudfs.drivers.openstack import OpenStackDriver
+
+    return OpenStackDriver.from_cloud(opts.os_cloud)
+
+
+#: Compute drivers by ``--driver`` name: a function of the options and the
+#: daemon's loopback 9P port (where local guests attach) giving a driver.
+DRIVERS: dict[str, Callable[["DaemonOptions", int | None], ComputeDriver]] = {
+    "qemu": _qemu_driver,
+    "fake": _fake_driver,
+    "openstack": _openstack_driver,
+}
+
+
+@dataclass
+class DaemonOptions:
+    """What ``cloudfs up`` was asked to do (see ``cloudfs up --help``)."""
+
+    mount: Path | None = None
+    listen: list[str] = field(default_factory=lambda: [DEFAULT_LISTEN])
+    zookeeper: str | None = None
+    driver: str = "qemu"
+    os_cloud: str | None = None
+    state_dir: Path = DEFAULT_STATE_DIR
+    deployment: str = "default"
+    debug_9p: bool = False
+    debug_fuse: bool = False
+
+    @property
+    def operator_socket(self) -> Path:
+        return self.state_dir / "cloudfs.sock"
+
+
+async def run(opts: DaemonOptions, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    """Run the daemon until SIGINT/SIGTERM (or cancellation).
+
+    ``task_status.started()`` gets a dict with ``listen`` (bound dial
+    strings), ``mount``, ``zookeeper`` (hosts) and ``fs`` (the CloudFS, for
+    embedding and tests) once everything serves.
+    Raises ValueError for an unknown driver or bad dial string, RuntimeError
+    when ZooKeeper cannot be started, OSError when an address cannot be bound.
+    """
+    if opts.driver not in DRIVERS:
+        raise ValueError(f"unknown driver {opts.driver!r} (known: {', '.join(sorted(DRIVERS))})")
+    opts.state_dir.mkdir(parents=True, exist_ok=True)
+    zk = None
+    hosts = opts.zookeeper
+    if hosts is None:
+        zk = zkserver.embedded(opts.state_dir)
+        log.info("starting embedded ZooKeeper on %s (data in %s)", zk.hosts, zk.dir)
+        zk.launch()  # from this (the main) thread: the server dies with the daemon
+        hosts = zk.hosts
+    try:
+        if zk is not None:
+            await trio.to_thread.run_sync(zk.wait_ready)
+        # Bind first: a driver whose guests attach over 9P needs the port.
+        listeners = []
+        for dial in opts.listen:
+            listeners += await open_listeners(dial)
+        public = [listener_address(l) for l in listeners]
+        driver = DRIVERS[opts.driver](opts, _loopback_port(public))
+        async with open_cloudfs(hosts, driver, root=f"/cloudfs/{opts.deployment}") as fs:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(partial(Server(fs.public(), trace=opts.debug_9p).serve_listeners, listeners))
+                bound = public + await nursery.start(Server(fs, trace=opts.debug_9p).serve,
+                                                     f"unix!{opts.operator_socket}")
+                if opts.mount is not None:
+                    from .fuse import clean_stale_mount, mount
+
+                    await clean_stale_mount(str(opts.mount))
+                    opts.mount.mkdir(parents=True, exist_ok=True)
+                    await nursery.start(partial(mount, fs, str(opts.mount), fsname=f"cloudfs:{opts.deployment}",
+                                                debug=opts.debug_fuse))
+                info = {"listen": bound, "mount": str(opts.mount) if opts.mount else None, "zookeeper": hosts,
+                        "fs": fs}
+                log.info("cloudfs up: 9P on %s%s; ZooKeeper %s; driver %s", ", ".join(bound),
+                         f"; mounted at {opts.mount}" if opts.mount else "", hosts, opts.driver)
+                task_status.started(info)
+                with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                    async for signum in signals:
+                        log.info("got %s, shutting down", signal.Signals(signum).name)
+                        break
+                nursery.cancel_scope.cancel()
+    finally:
+        if zk is not None:
+            log.info("stopping embedded ZooKeeper")
+            zk.stop()
+        try:
+            os.unlink(opts.operator_socket)
+        except OSError:
+            pass
+
+
+def _loopback_port(dials: list[str]) -> int | None:
+    """The port of the first TCP listener reachable on 127.0.0.1."""
+    for d in dials:
+        p = parse_dial(d)
+        if p.net == "tcp" and p.host in ("127.0.0.1", "localhost", "*", "0.0.0.0"):
+            return p.port
+    return None
