@@ -439,7 +439,7 @@ class QemuDriver(ComputeDriver):
         argv = [
             self.qemu, "-name", f"cloudfs-{vm.id}", "-accel", vm.accel, "-m", str(memory), "-smp", str(cpus),
             "-nodefaults", "-display", "none", "-no-reboot",
-            "-kernel", str(image.kernel), "-initrd", str(vm.dir / "initramfs.cpio.gz"),
+            "-kernel", str(image.kernel_pvh or image.kernel), "-initrd", str(vm.dir / "initramfs.cpio.gz"),
             "-append", f"console=ttyS0 cloudfs.mode=boot quiet panic=-1 {self.kernel_args}".strip(),
             "-chardev", f"file,id=con,path={vm.console},append=on", "-serial", "chardev:con",
             "-qmp", f"unix:{vm.qmp},server=on,wait=off",

@@ -69,6 +69,10 @@ async def test_store_flavors_networks(state, tiny_image):  # noqa: F811
     assert img.disk_format == "kernel+initramfs" and img.status == "active" and img.created.endswith("Z")
     again = imagestore.install_image(state, tiny_image)  # unchanged: left alone
     assert again.created == img.created
+    # Debian's bzImage holds a PVH-bootable vmlinux, which the driver boots directly
+    assert again.kernel_pvh is not None and again.kernel_pvh.read_bytes()[:4] == b"\x7fELF"
+    assert imagestore.has_pvh_note(again.kernel_pvh.read_bytes())
+    assert not imagestore.has_pvh_note(b"\x7fELF" + bytes(100)) and imagestore.extract_vmlinux(b"junk") is None
     assert await d.list_flavors() == list(FLAVORS) == ["m1.tiny", "m1.small"]
     [net] = await d.list_networks()
     assert (net.name, net.cidr) == ("user", "10.0.2.0/24")
@@ -111,6 +115,7 @@ async def test_lifecycle_readoption_rebuild_and_exit(state, memfs_port):
     assert qpid is not None
     cmdline = open(f"/proc/{qpid}/cmdline", "rb").read()
     assert SECRET.encode() not in cmdline  # never on the command line
+    assert b"-kernel\0" + str(state / "images" / "tiny" / "vmlinux").encode() in cmdline
     qemu_ppid = int(open(f"/proc/{qpid}/stat").read().rsplit(") ", 1)[1].split()[1])
     assert os.getsid(qpid) != os.getsid(0) and qemu_ppid != os.getpid()  # own session, not our child
     assert stat.S_IMODE((vmdir / "meta.json").stat().st_mode) == 0o600
