@@ -32,6 +32,7 @@ cloud's message.  Nothing blocks the trio loop.
 from __future__ import annotations
 
 import base64
+import hashlib
 import ipaddress
 import logging
 import threading
@@ -109,6 +110,30 @@ def _message(e: BaseException) -> str:
     return text
 
 
+class _Watch:
+    """What the shared poller last saw of one server (``gone``: Nova has
+    it no more) and Nova's ``updated`` stamp of it."""
+
+    __slots__ = ("server", "gone", "updated", "refs")
+
+    def __init__(self) -> None:
+        self.server: OSServer | None = None
+        self.gone = False
+        self.updated = ""
+        self.refs = 0
+
+    def see(self, server: OSServer | None, updated: str | None) -> None:
+        self.server = server
+        self.gone = server is None
+        if updated:
+            self.updated = max(self.updated, updated)
+
+
+def _live(s: OSServer) -> bool:
+    """A server worth adopting: not failed, deleted or being deleted."""
+    return s.status in ("creating", "running", "stopped") and s.task_state != "deleting"
+
+
 class OpenStackDriver(ComputeDriver):
     """Nova/Glance/Neutron behind the :class:`ComputeDriver` interface.
 
@@ -131,6 +156,12 @@ class OpenStackDriver(ComputeDriver):
         self.limiter = trio.CapacityLimiter(concurrency)
         self.cache_ttl = cache_ttl
         self._cache: dict[str, tuple[float, dict[str, str]]] = {}
+        self._cache_locks: dict[str, trio.Lock] = {}
+        self._watches: dict[str, _Watch] = {}
+        self._polling = False
+        self._round_no = 0
+        self._last_round = -1e9
+        self._round_done = trio.Event()
         self._warm = False
         self._warm_lock = threading.Lock()
 
@@ -193,14 +224,24 @@ class OpenStackDriver(ComputeDriver):
     async def _lookup(self, kind: str, key: str, load: Callable[[], dict[str, str]]) -> str:
         """``key`` (a name or an id) → id through a cache refreshed after
         ``cache_ttl`` seconds or on a miss.  NotFound if the cloud has none."""
-        now = time.monotonic()
+        def fresh(got: tuple[float, dict[str, str]] | None, since: float) -> bool:
+            return got is not None and time.monotonic() - got[0] <= self.cache_ttl and \
+                (key in got[1] or got[0] >= since)
+
+        asked = time.monotonic()
         got = self._cache.get(kind)
-        if got is None or now - got[0] > self.cache_ttl or key not in got[1]:
-            got = (now, await self._call(f"list {kind}s", load))
-            self._cache[kind] = got
+        if not fresh(got, float("inf")):
+            lock = self._cache_locks.setdefault(kind, trio.Lock())
+            async with lock:  # one load for concurrent misses
+                got = self._cache.get(kind)
+                if not fresh(got, asked):
+                    got = (time.monotonic(), await self._call(f"list {kind}s", load))
+                    self._cache[kind] = got
         try:
             return got[1][key]
         except KeyError:
+            if not key:
+                raise NotFound(f"openstack: the cloud has no {kind}s") from None
             raise NotFound(f"openstack: no {kind} {key!r}") from None
 
     def _load_images(self) -> dict[str, str]:
@@ -212,17 +253,25 @@ class OpenStackDriver(ComputeDriver):
         return out
 
     def _load_flavors(self) -> dict[str, str]:
+        """Flavor names and ids → ids; ``""`` → the default (smallest)."""
         out: dict[str, str] = {}
-        for fl in self.conn.compute.flavors(details=False):
+        fls = self._sorted_flavors()
+        for fl in fls:
             out[fl.name] = fl.id
             out[fl.id] = fl.id
+        if fls:
+            out[""] = fls[0].id
         return out
 
     def _load_networks(self) -> dict[str, str]:
+        """Network names and ids → ids; ``""`` → the default network."""
         out: dict[str, str] = {}
-        for n in self.conn.network.networks():
+        nets = self._networks()
+        for n in nets:
             out.setdefault(n.name, n.id)
             out[n.id] = n.id
+        if nets:
+            out[""] = nets[0].id
         return out
 
     def _server(self, s: Any, addresses: tuple[str, ...] | None = None) -> OSServer:
@@ -262,25 +311,91 @@ class OpenStackDriver(ComputeDriver):
             addrs = await self._call(f"ports of server {server_id}", self._ports_v4, server_id)
         return self._server(s, addrs)
 
+    async def _watch(self, server_id: str, done: Callable[[OSServer | None], bool],
+                     limit: float, what: str) -> OSServer | None:
+        """Follow one server until ``done(server)`` (``None``: Nova no longer
+        has it) and return that server.  Every waiting operation shares one
+        poll per ``poll_interval``: Nova's ``GET /servers/detail?changes-since``
+        from the oldest watched server's last ``updated`` (Nova's clock), so
+        N waiting boots cost one list call per interval, not N gets.
+        DriverError after ``limit`` seconds."""
+        w = self._watches.get(server_id)
+        if w is None:
+            w = self._watches[server_id] = _Watch()
+        w.refs += 1
+        try:
+            with trio.move_on_after(limit):
+                try:
+                    raw = await self._call(f"get server {server_id}", self.conn.compute.get_server, server_id)
+                    w.see(self._server(raw), raw.updated_at)
+                except NotFound:
+                    w.see(None, None)
+                while True:
+                    if done(w.server if not w.gone else None):
+                        return w.server if not w.gone else None
+                    await self._next_round()
+            last = w.server
+            where = f" (still {last.nova_status}, task {last.task_state})" if last and not w.gone else ""
+            raise DriverError(f"openstack: server {server_id} not {what} after {limit:g}s{where}")
+        finally:
+            w.refs -= 1
+            if w.refs == 0:
+                self._watches.pop(server_id, None)
+
+    async def _next_round(self) -> None:
+        """Return after the next shared poll round (running it if no one else is)."""
+        seen = self._round_no
+        delay = self._last_round + self.poll_interval - trio.current_time()
+        if delay > 0:
+            with trio.move_on_after(delay):
+                await self._round_done.wait()
+            if self._round_no != seen:
+                return
+        if self._polling:
+            await self._round_done.wait()
+            return
+        self._polling = True
+        try:
+            await self._poll_round()
+        finally:
+            self._polling = False
+            self._last_round = trio.current_time()
+            self._round_no += 1
+            ev, self._round_done = self._round_done, trio.Event()
+            ev.set()
+
+    async def _poll_round(self) -> None:
+        stamps = [w.updated for w in self._watches.values() if w.updated]
+        if not stamps:
+            return
+        since = min(stamps)
+        changed = await self._call("poll servers", lambda: list(
+            self.conn.compute.servers(details=True, changes_since=since)))
+        for raw in changed:
+            w = self._watches.get(raw.id)
+            if w is not None:
+                srv = self._server(raw)
+                w.see(None if srv.nova_status in ("DELETED", "SOFT_DELETED") else srv, raw.updated_at)
+
     async def wait(self, server_id: str, states: tuple[str, ...] = ("running",),
                    timeout: float | None = None) -> OSServer:
-        """Poll until the server is in one of ``states`` (cloudfs words) with
+        """Wait until the server is in one of ``states`` (cloudfs words) with
         no Nova task under way, and return it (addresses from its ports).
         DriverError with Nova's fault message if it reaches ``error``
         instead, or on the deadline (``boot_timeout`` by default); NotFound
         if it disappears."""
+        def done(s: OSServer | None) -> bool:
+            if s is None:
+                raise NotFound(f"openstack: server {server_id} is gone")
+            if s.status in states and s.task_state is None:
+                return True
+            if s.status == "error" and "error" not in states and s.task_state is None:
+                raise DriverError(s.message)
+            return False
+
         limit = self.boot_timeout if timeout is None else timeout
-        last: OSServer | None = None
-        with trio.move_on_after(limit):
-            while True:
-                last = await self._get(server_id)
-                if last.status in states and last.task_state is None:
-                    return await self._get(server_id, ports=True)
-                if last.status == "error" and "error" not in states:
-                    raise DriverError(last.message)
-                await trio.sleep(self.poll_interval)
-        where = f" (still {last.nova_status}, task {last.task_state})" if last else ""
-        raise DriverError(f"openstack: server {server_id} not {'/'.join(states)} after {limit:g}s{where}")
+        await self._watch(server_id, done, limit, "/".join(states))
+        return await self._get(server_id, ports=True)
 
     # ------------------------------------------------------------ servers
 
@@ -293,10 +408,28 @@ class OpenStackDriver(ComputeDriver):
         md.update(extra)
         return md
 
+    @staticmethod
+    def server_tags(metadata: Mapping[str, str]) -> list[str]:
+        """Nova server tags (microversion ≥ 2.26 filter, ≥ 2.52 on create)
+        that index a server by deployment and by deployment+pid, so finding
+        one is a server-side filter: ``cfs-<hash>`` and ``cfs-<hash>-<pid>``
+        (``<hash>`` 12 hex digits of SHA-1 of the deployment: tags hold at
+        most 60 characters and no ``/`` or ``,``)."""
+        h = hashlib.sha1(metadata[META_DEPLOYMENT].encode()).hexdigest()[:12]
+        tags = [f"cfs-{h}"]
+        if META_PID in metadata:
+            tags.append(f"cfs-{h}-{metadata[META_PID]}"[:60])
+        return tags
+
     def _list_ours(self, deployment: str, pid: str | None) -> list[Any]:
+        md = {META_DEPLOYMENT: deployment}
+        if pid is not None:
+            md[META_PID] = pid
         out = []
-        for s in self.conn.compute.servers(details=True):
+        for s in self.conn.compute.servers(details=True, tags=self.server_tags(md)[-1]):
             md = s.metadata or {}
+            if (s.status or "").upper() in ("DELETED", "SOFT_DELETED"):
+                continue  # on its way out of Nova's listings
             if md.get(META_DEPLOYMENT) != deployment:
                 continue
             if pid is not None and md.get(META_PID) != pid:
@@ -307,7 +440,8 @@ class OpenStackDriver(ComputeDriver):
 
     async def find_by_metadata(self, deployment: str | None = None, pid: int | str | None = None) -> list[OSServer]:
         """Servers whose metadata says ``cloudfs-deployment == deployment``
-        (default: this driver's) and, if given, ``cloudfs-pid == pid``,
+        (default: this driver's) and, if given, ``cloudfs-pid == pid``
+        (found through their tags, see :meth:`server_tags`), not deleted,
         oldest first (Nova's ``created``, then id).  For adoption after a lost
         reply or a daemon restart, and for finding orphans."""
         dep = deployment or self.deployment
@@ -328,7 +462,7 @@ class OpenStackDriver(ComputeDriver):
 
         for s in await self._call(f"find server {md}", match):
             srv = self._server(s)
-            if srv.status in ("creating", "running", "stopped"):
+            if _live(srv):
                 return srv
         return None
 
@@ -346,7 +480,7 @@ class OpenStackDriver(ComputeDriver):
         pid = md.get(META_PID)
         if pid is not None:
             for s in await self.find_by_metadata(md[META_DEPLOYMENT], pid):
-                if s.status in ("creating", "running", "stopped"):
+                if _live(s):
                     log.info("adopting server %s for pid %s", s.id, pid)
                     return s
                 await self.delete(s.id)  # ERROR / being deleted: not worth adopting
@@ -354,20 +488,13 @@ class OpenStackDriver(ComputeDriver):
         if len(ud) > MAX_USERDATA_B64:
             raise DriverError(f"openstack: user data is {len(userdata)} bytes; Nova takes at most 48 KiB (64 KiB base64)")
         image_id = await self._lookup("image", image, self._load_images)
-        if not flavor:
-            flavors = await self.list_flavors()
-            if not flavors:
-                raise NotFound("openstack: the cloud has no flavors")
-            flavor = flavors[0]
-        flavor_id = await self._lookup("flavor", flavor, self._load_flavors)
+        flavor_id = await self._lookup("flavor", flavor or "", self._load_flavors)
         if not networks:
-            nets = await self.list_networks()
-            if not nets:
-                raise NotFound("openstack: the cloud has no networks")
-            networks = [nets[0].id]
+            networks = [""]
         net_ids = [await self._lookup("network", n, self._load_networks) for n in networks]
         attrs = dict(name=name, image_id=image_id, flavor_id=flavor_id,
-                     networks=[{"uuid": n} for n in net_ids], user_data=ud, metadata=md)
+                     networks=[{"uuid": n} for n in net_ids], user_data=ud, metadata=md,
+                     tags=self.server_tags(md))
         s = await self._call(f"create server {name!r}", self.conn.compute.create_server, **attrs)
         server = self._server(s)
         if pid is not None:
@@ -378,8 +505,7 @@ class OpenStackDriver(ComputeDriver):
         """Keep the oldest live server of (deployment, pid), delete the rest:
         two creates for one pid (a retry after a lost reply racing the first)
         converge on one server whichever of them looks."""
-        live = [s for s in await self.find_by_metadata(deployment, pid)
-                if s.status in ("creating", "running", "stopped")]
+        live = [s for s in await self.find_by_metadata(deployment, pid) if _live(s)]
         if not live or all(s.id == mine.id for s in live):
             return mine
         keep = live[0]
@@ -396,9 +522,16 @@ class OpenStackDriver(ComputeDriver):
         message (e.g. NoValidHost's "No valid host was found. …")."""
         s = await self.boot(name, image, flavor, networks, userdata, metadata=metadata)
         try:
-            return await self.wait(s.id, ("running", "stopped"))
-        except NotFound:
-            raise DriverError(f"openstack: server {s.id} vanished while booting") from None
+            for _ in range(3):
+                try:
+                    return await self.wait(s.id, ("running", "stopped"))
+                except NotFound:
+                    # deleted as a duplicate by a racing create of the same
+                    # pid (see _dedupe): adopt the one that was kept
+                    if not metadata or META_PID not in metadata:
+                        break
+                    s = await self.boot(name, image, flavor, networks, userdata, metadata=metadata)
+            raise DriverError(f"openstack: server {s.id} vanished while booting")
         except DriverError:
             with trio.CancelScope(shield=True):
                 try:
@@ -428,19 +561,15 @@ class OpenStackDriver(ComputeDriver):
             return
         if not wait:
             return
-        with trio.move_on_after(self.boot_timeout):
-            while True:
-                try:
-                    s = await self._get(server_id)
-                except NotFound:
-                    return
-                if s.nova_status == "DELETED":
-                    return
-                if s.status == "error" and s.task_state is None:
-                    # a failed delete: Nova says why
-                    raise DriverError(f"openstack: delete of {server_id} failed: {s.message}")
-                await trio.sleep(self.poll_interval)
-        raise DriverError(f"openstack: server {server_id} still exists {self.boot_timeout:g}s after delete")
+
+        def done(s: OSServer | None) -> bool:
+            if s is None:
+                return True
+            if s.status == "error" and s.task_state is None:  # a failed delete: Nova says why
+                raise DriverError(f"openstack: delete of {server_id} failed: {s.message}")
+            return False
+
+        await self._watch(server_id, done, self.boot_timeout, "deleted")
 
     async def _power(self, server_id: str, want: str, action: str, fn: Callable[[str], None]) -> OSServer:
         s = await self._get(server_id)
@@ -495,10 +624,13 @@ class OpenStackDriver(ComputeDriver):
         (bytes), disk and container format, checksum (MD5), created."""
         return await self._call("list images", self._images)
 
-    def _flavors(self) -> list[str]:
+    def _sorted_flavors(self) -> list[Any]:
         fls = list(self.conn.compute.flavors(details=True))
         fls.sort(key=lambda f: (f.ram or 0, f.vcpus or 0, f.disk or 0, f.name))
-        return [f.name for f in fls]
+        return fls
+
+    def _flavors(self) -> list[str]:
+        return [f.name for f in self._sorted_flavors()]
 
     async def list_flavors(self) -> list[str]:
         """Flavor names, smallest (RAM, vCPUs, disk) first: the default."""
@@ -509,19 +641,23 @@ class OpenStackDriver(ComputeDriver):
         for sn in self.conn.network.subnets():
             cidrs.setdefault(sn.network_id, []).append((sn.ip_version or 4, sn.cidr, sn.id))
         out = []
+        nets = []
         for n in self.conn.network.networks():
             subs = sorted(cidrs.get(n.id, []))
             v4 = [c for v, c, _ in subs if v == 4]
-            out.append(OSNetwork(id=n.id, name=n.name or "", cidr=v4[0] if v4 else "",
-                                 status=(n.status or "").lower(),
-                                 cidrs=tuple(c for _, c, _ in subs), subnets=tuple(i for _, _, i in subs)))
-        # the default network first: one with a subnet, shared ones, then by name
-        out.sort(key=lambda n: (not n.cidr, n.name, n.id))
-        return out
+            nets.append(((not v4, not n.is_shared, n.created_at or "", n.name or "", n.id),
+                         OSNetwork(id=n.id, name=n.name or "", cidr=v4[0] if v4 else "",
+                                   status=(n.status or "").lower(), cidrs=tuple(c for _, c, _ in subs),
+                                   subnets=tuple(i for _, _, i in subs))))
+        # the default network first: with an IPv4 subnet, shared, oldest
+        nets.sort(key=lambda x: x[0])
+        return [n for _, n in nets]
 
     async def list_networks(self) -> list[OSNetwork]:
-        """Neutron networks with their subnets' CIDRs; networks with an IPv4
-        subnet first (the first is the default for processes that name none)."""
+        """Neutron networks with their subnets' CIDRs.  The first is the
+        default for processes that name none: networks with an IPv4 subnet
+        first, shared ones first, then oldest first (so creating networks
+        never changes the default)."""
         return await self._call("list networks", self._networks)
 
     def _create_network(self, name: str, cidr: str | None) -> OSNetwork:

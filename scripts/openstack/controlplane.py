@@ -188,7 +188,9 @@ def write_configs(L: Layout) -> None:
     files["glance/glance-api.conf"] = ini({
         "DEFAULT": {"debug": "false", "use_stderr": "true", "bind_host": "127.0.0.1",
                     "bind_port": PORTS["glance"], "workers": 1, "enabled_backends": "local:file",
-                    "image_cache_dir": f"{L.glance}/cache", "show_image_direct_url": "false"},
+                    "image_cache_dir": f"{L.glance}/cache", "show_image_direct_url": "false",
+                    # eventlet keep-alive: pooled client connections get reset
+                    "http_keepalive": "false"},
         "database": {"connection": L.db("glance")},
         "glance_store": {"default_backend": "local"},
         "local": {"filesystem_store_datadir": f"{L.glance}/images"},
@@ -208,6 +210,8 @@ def write_configs(L: Layout) -> None:
                     "notify_nova_on_port_status_changes": "false",
                     "notify_nova_on_port_data_changes": "false",
                     "dhcp_agent_notification": "false",
+                    # eventlet keep-alive: pooled client connections get reset
+                    "wsgi_keep_alive": "false",
                     # our one agent row never reports; keep it alive
                     "agent_down_time": 100000000},
         "database": {"connection": L.db("neutron"), "max_pool_size": 20, "max_overflow": 40},

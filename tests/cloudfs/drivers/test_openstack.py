@@ -1,0 +1,325 @@
+"""OpenStackDriver against a real OpenStack control plane on 127.0.0.1
+(tests/openstack.py: keystone, glance, placement, nova with its fake
+hypervisor, neutron ML2, MariaDB, RabbitMQ).
+
+Each test works in its own deployment (server metadata) and deletes what it
+made, so tests never see each other's servers.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import socket
+import time
+import uuid
+
+import pytest
+import trio
+
+from cloudfs.drivers.base import DriverError, NotFound
+from cloudfs.drivers.openstack import META_DEPLOYMENT, META_PID, META_PPID, OpenStackDriver
+from tests.openstack import openstack_cloud  # noqa: F401
+
+pytestmark = pytest.mark.openstack
+
+
+@pytest.fixture
+def conn(openstack_cloud):  # noqa: F811
+    c = openstack_cloud.connect()
+    try:
+        yield c
+    finally:
+        c.close()
+
+
+@pytest.fixture
+def deployment(conn):
+    """A fresh deployment name; its servers are deleted after the test."""
+    dep = f"test-{uuid.uuid4().hex[:10]}"
+    try:
+        yield dep
+    finally:
+        delete_servers(conn, dep)
+
+
+def delete_servers(conn, dep: str) -> None:
+    """Delete every server of deployment ``dep``, also ones a cancelled
+    (abandoned) API call creates a moment later."""
+    quiet = 0
+    while quiet < 2:
+        left = [s for s in conn.compute.servers() if (s.metadata or {}).get(META_DEPLOYMENT) == dep]
+        for s in left:
+            conn.compute.delete_server(s.id, ignore_missing=True)
+        for s in left:
+            conn.compute.wait_for_delete(s, interval=0.5, wait=120)
+        quiet = 0 if left else quiet + 1
+        time.sleep(0.5)
+
+
+@pytest.fixture
+def drv(conn, deployment):
+    return OpenStackDriver(conn, deployment=deployment, timeout=60, boot_timeout=120, poll_interval=0.3)
+
+
+def md(drv: OpenStackDriver, pid: int, ppid: int = 1) -> dict[str, str]:
+    return {META_DEPLOYMENT: drv.deployment, META_PID: str(pid), META_PPID: str(ppid)}
+
+
+async def test_from_cloud_the_standard_way(openstack_cloud, monkeypatch):  # noqa: F811
+    """OS_CLIENT_CONFIG_FILE + OS_CLOUD, or the cloud's name, as openstackclient."""
+    for k, v in openstack_cloud.env().items():
+        monkeypatch.setenv(k, v)
+    d = OpenStackDriver.from_cloud(None)
+    assert (await d.list_flavors())[0] == "m1.tiny"
+    d2 = OpenStackDriver.from_cloud("cloudfs")
+    assert "tiny" in [i.name for i in await d2.list_images()]
+    with pytest.raises(DriverError):
+        OpenStackDriver.from_cloud("no-such-cloud")
+
+
+async def test_images_are_glance_images(drv, conn):
+    images = await drv.list_images()
+    tiny = [i for i in images if i.name == "tiny"]
+    assert len(tiny) == 1
+    t = tiny[0]
+    g = conn.image.get_image(t.id)
+    assert (t.status, t.size, t.disk_format, t.container_format, t.checksum) == \
+        ("active", g.size, "raw", "bare", g.checksum)
+    assert t.size > 1 << 20 and re.fullmatch(r"[0-9a-f]{32}", t.checksum)
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", t.created)
+
+
+async def test_create_network_makes_network_and_subnet(drv, conn):
+    name = f"net-{uuid.uuid4().hex[:8]}"
+    auto = f"auto-{uuid.uuid4().hex[:8]}"
+    try:
+        net = await drv.create_network(name, "10.77.3.0/24")
+        assert (net.name, net.cidr, net.status) == (name, "10.77.3.0/24", "active")
+        n = conn.network.get_network(net.id)
+        subnets = list(conn.network.subnets(network_id=net.id))
+        assert n.name == name and [s.cidr for s in subnets] == ["10.77.3.0/24"]
+        listed = {x.name: x for x in await drv.list_networks()}
+        assert listed[name].cidr == "10.77.3.0/24" and listed["user"].cidr == "10.0.0.0/24"
+        with pytest.raises(DriverError, match="exists"):
+            await drv.create_network(name)
+        with pytest.raises(DriverError, match="bad cidr"):
+            await drv.create_network(f"bad-{uuid.uuid4().hex[:8]}", "10.300.0.0/24")
+        a = await drv.create_network(auto)  # a free /24 picked by the driver
+        used = [ipaddress.ip_network(s.cidr) for s in conn.network.subnets() if s.network_id != a.id]
+        assert not any(ipaddress.ip_network(a.cidr).overlaps(u) for u in used)
+    finally:
+        await drv.delete_network(name)
+        await drv.delete_network(auto)
+    assert not list(conn.network.networks(name=name))
+
+
+async def test_lifecycle_reaches_nova(drv, conn):
+    """create → running with a port address; user data and metadata round
+    trip; stop/start (idempotent); rebuild keeps id and address; delete."""
+    ud = b"#cloud-config\nruncmd: [echo hello]\n\x00\xff binary ok"
+    s = await drv.create("proc-1", "tiny", "", [], ud, metadata=md(drv, 1, 0))
+    assert s.status == "running" and s.nova_status == "ACTIVE" and s.host == "cloudfs-compute"
+    nova = conn.compute.get_server(s.id)
+    assert nova.status == "ACTIVE" and nova.name == "proc-1"
+    assert nova.metadata == {META_DEPLOYMENT: drv.deployment, META_PID: "1", META_PPID: "0"}
+    ports = list(conn.network.ports(device_id=s.id))
+    assert len(ports) == 1 and ports[0].network_id == conn.network.find_network("user").id
+    assert s.addresses == (ports[0].fixed_ips[0]["ip_address"],)
+    assert ipaddress.ip_address(s.addresses[0]) in ipaddress.ip_network("10.0.0.0/24")
+    assert await drv.userdata(s.id) == ud
+    assert (await drv.status(s.id)).metadata[META_PID] == "1"
+
+    st = await drv.stop(s.id)
+    assert st.status == "stopped" and conn.compute.get_server(s.id).status == "SHUTOFF"
+    assert (await drv.stop(s.id)).status == "stopped"  # idempotent
+    assert (await drv.status(s.id)).status == "stopped"
+    assert (await drv.start(s.id)).status == "running"
+    assert (await drv.start(s.id)).status == "running"
+    assert conn.compute.get_server(s.id).status == "ACTIVE"
+
+    rb = await drv.rebuild(s.id, "tiny", b"second life")
+    assert (rb.id, rb.status, rb.addresses) == (s.id, "running", s.addresses)
+    assert await drv.userdata(s.id) == b"second life"
+
+    await drv.delete(s.id)
+    assert conn.compute.find_server(s.id) is None
+    with pytest.raises(NotFound):
+        await drv.status(s.id)
+    await drv.delete(s.id)  # already gone: no error
+    assert not list(conn.network.ports(device_id=s.id))
+
+
+async def test_explicit_flavor_and_network(drv, conn):
+    name = f"net-{uuid.uuid4().hex[:8]}"
+    await drv.create_network(name, "10.78.0.0/24")
+    try:
+        s = await drv.create("p", "tiny", "m1.small", [name], b"", metadata=md(drv, 2))
+        assert conn.compute.get_server(s.id).flavor.name == "m1.small"
+        assert ipaddress.ip_address(s.addresses[0]) in ipaddress.ip_network("10.78.0.0/24")
+    finally:
+        await trio.to_thread.run_sync(delete_servers, conn, drv.deployment)
+        await drv.delete_network(name)
+
+
+async def test_unknown_image_flavor_network_are_notfound(drv):
+    with pytest.raises(NotFound, match="image"):
+        await drv.create("p", "no-such-image", "", [], b"", metadata=md(drv, 3))
+    with pytest.raises(NotFound, match="flavor"):
+        await drv.create("p", "tiny", "m9.huge", [], b"", metadata=md(drv, 3))
+    with pytest.raises(NotFound, match="network"):
+        await drv.create("p", "tiny", "", ["no-such-net"], b"", metadata=md(drv, 3))
+    with pytest.raises(NotFound):
+        await drv.stop(str(uuid.uuid4()))
+    with pytest.raises(DriverError, match="user data"):
+        await drv.create("p", "tiny", "", [], b"x" * 60000, metadata=md(drv, 3))
+    assert await drv.find_by_metadata() == []
+
+
+@pytest.fixture
+def huge_flavor(conn):
+    """A flavor no host can take (NoValidHost from the scheduler)."""
+    f = conn.compute.find_flavor("test.huge")
+    if f is None:
+        f = conn.compute.create_flavor(name="test.huge", ram=100_000_000, vcpus=1, disk=1)
+    return f.name
+
+
+async def test_nova_error_surfaces_with_fault_message(drv, huge_flavor):
+    with pytest.raises(DriverError, match="No valid host was found"):
+        await drv.create("big", "tiny", huge_flavor, [], b"", metadata=md(drv, 4))
+    # the failed server is not left behind
+    assert [s for s in await drv.find_by_metadata() if s.nova_status != "DELETED"] == []
+    # seen through status: state error with Nova's fault message
+    s = await drv.boot("big", "tiny", huge_flavor, [], b"", metadata=md(drv, 5))
+    e = await drv.wait(s.id, ("error",), timeout=60)
+    assert e.status == "error" and e.nova_status == "ERROR"
+    assert "No valid host was found" in e.message
+    assert (await drv.status(s.id)).message == e.message
+    with pytest.raises(DriverError, match="ERROR"):
+        await drv.stop(s.id)
+    await drv.delete(s.id)
+
+
+async def test_twenty_concurrent_creates_give_twenty_servers(drv, conn):
+    made = {}
+
+    async def one(pid):
+        made[pid] = await drv.create(f"p{pid}", "tiny", "", [], f"pid {pid}".encode(), metadata=md(drv, pid))
+
+    t0 = time.monotonic()
+    async with trio.open_nursery() as n:
+        for pid in range(100, 120):
+            n.start_soon(one, pid)
+    took = time.monotonic() - t0
+    ours = await drv.find_by_metadata()
+    assert len(ours) == 20 and {s.status for s in ours} == {"running"}
+    assert sorted(int(s.metadata[META_PID]) for s in ours) == list(range(100, 120))
+    assert {s.id for s in made.values()} == {s.id for s in ours}
+    assert len({s.addresses for s in made.values()}) == 20
+    print(f"20 concurrent creates to ACTIVE in {took:.1f}s")
+    async with trio.open_nursery() as n:
+        for s in ours:
+            n.start_soon(drv.delete, s.id)
+    assert await drv.find_by_metadata() == []
+
+
+async def test_lost_reply_is_adopted_not_duplicated(drv, conn):
+    """The first create's POST reached Nova but its reply was lost (we make
+    the request ourselves and drop the answer); the retry adopts that server."""
+    import base64
+
+    meta = md(drv, 42)
+    conn.compute.create_server(name="p42", image_id=conn.image.find_image("tiny").id,
+                               flavor_id=conn.compute.find_flavor("m1.tiny").id,
+                               networks=[{"uuid": conn.network.find_network("user").id}],
+                               user_data=base64.b64encode(b"first").decode(), metadata=meta,
+                               tags=drv.server_tags(meta))
+    found = await drv.find(meta)
+    assert found is not None and found.metadata[META_PID] == "42"
+    s = await drv.create("p42", "tiny", "", [], b"first", metadata=meta)
+    assert s.id == found.id and s.status == "running"
+    assert [x.id for x in await drv.find_by_metadata(pid=42)] == [s.id]
+    assert await drv.find({META_DEPLOYMENT: drv.deployment, META_PID: "43"}) is None
+
+
+async def test_killed_mid_boot_then_restart_adopts(drv, conn):
+    """A daemon cancelled right after asking Nova (killed mid-boot) and a new
+    daemon (a new driver, new connection) creating the same pid: one server."""
+    s0 = await drv.boot("p49", "tiny", "", [], b"", metadata=md(drv, 49))  # asked Nova, then died
+    fresh = OpenStackDriver(conn, deployment=drv.deployment, poll_interval=0.3)
+    s = await fresh.create("p49", "tiny", "", [], b"", metadata=md(drv, 49))
+    assert s.id == s0.id and s.status == "running"
+    assert [x.id for x in await fresh.find_by_metadata(pid=49)] == [s.id]
+
+    meta = md(drv, 50)
+    with trio.move_on_after(0.05):
+        await drv.create("p50", "tiny", "", [], b"", metadata=meta)
+    # the POST may or may not have gone out before the cancel; wait for the
+    # abandoned thread to finish either way
+    await trio.sleep(2)
+    s = await fresh.create("p50", "tiny", "", [], b"", metadata=meta)
+    assert [x.id for x in await fresh.find_by_metadata(pid=50)] == [s.id]
+
+
+async def test_racing_creates_for_one_pid_converge_on_one_server(drv):
+    """Two daemons that both missed the other's server (a lost reply retried
+    at the same moment): both end with the same, single server."""
+    meta = md(drv, 60)
+    got = []
+
+    async def one():
+        got.append(await drv.create("p60", "tiny", "", [], b"", metadata=meta))
+
+    async with trio.open_nursery() as n:
+        n.start_soon(one)
+        n.start_soon(one)
+    assert got[0].id == got[1].id
+    for _ in range(50):
+        live = [s for s in await drv.find_by_metadata(pid=60) if s.nova_status != "DELETED"]
+        if len(live) == 1:
+            break
+        await trio.sleep(0.2)
+    assert [s.id for s in live] == [got[0].id]
+
+
+async def test_auth_failure_is_a_clear_error(openstack_cloud):  # noqa: F811
+    import openstack
+
+    bad = openstack.connect(auth_url="http://127.0.0.1:5000/v3", username="admin", password="wrong",
+                            project_name="admin", user_domain_name="Default", project_domain_name="Default",
+                            region_name="RegionOne")
+    d = OpenStackDriver(bad, timeout=30)
+    with pytest.raises(DriverError, match="(?i)auth"):
+        await d.list_images()
+
+
+async def test_unanswering_cloud_times_out():
+    """An endpoint that accepts connections and never answers: DriverError
+    after the deadline, the trio loop never blocked."""
+    import openstack
+
+    with socket.socket() as ls:
+        ls.bind(("127.0.0.1", 0))
+        ls.listen(50)
+        port = ls.getsockname()[1]
+        conn = openstack.connect(auth_url=f"http://127.0.0.1:{port}/v3", username="u", password="p",
+                                 project_name="p", user_domain_name="Default", project_domain_name="Default",
+                                 api_timeout=30)
+        d = OpenStackDriver(conn, timeout=1.0)
+        ticks = 0
+
+        async def ticker():
+            nonlocal ticks
+            while True:
+                await trio.sleep(0.05)
+                ticks += 1
+
+        t0 = time.monotonic()
+        async with trio.open_nursery() as n:
+            n.start_soon(ticker)
+            with pytest.raises(DriverError, match="timed out after 1s"):
+                await d.list_images()
+            n.cancel_scope.cancel()
+        assert time.monotonic() - t0 < 3
+        assert ticks >= 10  # the loop kept running while the call hung

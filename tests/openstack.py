@@ -1,0 +1,147 @@
+"""A real OpenStack (Zed, Debian 12 packages) on 127.0.0.1 for the tests:
+``scripts/openstack/controlplane.py`` installs it (apt-get, once per
+machine) and starts it once per test session; it is stopped at session end
+even when tests fail.
+
+- ``openstack_cloud`` (session scope): a :class:`ControlPlane` with
+  ``clouds_yaml`` (path), ``cloud`` (the cloud's name in it, ``cloudfs``) and
+  ``connect()`` (an openstacksdk Connection as admin).  The cloud has image
+  ``tiny``, flavors ``m1.tiny`` and ``m1.small`` and network ``user``
+  (10.0.0.0/24); its compute service is Nova's fake driver (no VM runs).
+
+Import it where it is needed: ``from tests.openstack import openstack_cloud``.
+Several modules may import it: they share one control plane (reference
+counted) because its ports are fixed.
+
+The tests are skipped, saying why, only when the control plane cannot be
+installed for a reason outside the project (not root, not Debian, apt's
+mirror unreachable); a start that fails is an error.  Set
+``CLOUDFS_OS_STATE=DIR`` to use (and start if needed) a control plane in DIR
+and leave it running after the session (for quick iterations).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "scripts", "openstack", "controlplane.py")
+PYTHON = "/usr/bin/python3"  # Debian's: it has the services' libraries
+
+
+class ControlPlane:
+    """One running control plane: ``state`` dir, ``clouds_yaml``, ``cloud``."""
+
+    def __init__(self, state: str, keep: bool):
+        self.state = state
+        self.keep = keep
+        self.clouds_yaml = os.path.join(state, "clouds.yaml")
+        self.cloud = "cloudfs"
+
+    def env(self) -> dict[str, str]:
+        """Environment variables that select this cloud (python-openstackclient style)."""
+        return {"OS_CLIENT_CONFIG_FILE": self.clouds_yaml, "OS_CLOUD": self.cloud}
+
+    def connect(self):
+        """An openstacksdk Connection to this cloud as admin."""
+        import openstack.config
+
+        config = openstack.config.OpenStackConfig(config_files=[self.clouds_yaml])
+        region = config.get_one(cloud=self.cloud)
+        import openstack.connection
+
+        return openstack.connection.Connection(config=region)
+
+    def logs(self) -> str:
+        return os.path.join(self.state, "log")
+
+
+_lock = threading.Lock()
+_shared: dict[str, object] = {"plane": None, "users": 0, "skip": None}
+
+
+def _run(*args: str, timeout: float) -> subprocess.CompletedProcess:
+    return subprocess.run([PYTHON, SCRIPT, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True, timeout=timeout)
+
+
+def _outside_reason() -> str | None:
+    """Why this machine cannot have the control plane, if the reason is not
+    the project's (then the tests skip)."""
+    if os.geteuid() != 0:
+        return "the OpenStack control plane needs root (apt-get, services)"
+    if not os.path.exists("/etc/debian_version") or not os.path.exists(PYTHON):
+        return "the OpenStack control plane needs Debian 12 with /usr/bin/python3"
+    return None
+
+
+def _acquire() -> ControlPlane:
+    with _lock:
+        if _shared["skip"]:
+            pytest.skip(str(_shared["skip"]))
+        if _shared["plane"] is not None:
+            _shared["users"] = int(_shared["users"]) + 1
+            return _shared["plane"]  # type: ignore[return-value]
+        reason = _outside_reason()
+        if reason:
+            _shared["skip"] = reason
+            print(f"\n*** SKIPPING OpenStack tests: {reason} ***", file=sys.stderr)
+            pytest.skip(reason)
+        r = _run("install", timeout=900)
+        if r.returncode != 0:
+            reason = f"installing the OpenStack packages failed (apt mirror?):\n{r.stdout[-3000:]}"
+            _shared["skip"] = reason
+            print(f"\n*** SKIPPING OpenStack tests: {reason} ***", file=sys.stderr)
+            pytest.skip(reason)
+        keep_dir = os.environ.get("CLOUDFS_OS_STATE")
+        state = keep_dir or tempfile.mkdtemp(prefix="cloudfs-openstack-")
+        plane = ControlPlane(state, keep=bool(keep_dir))
+        ok = False
+        try:
+            r = _run("start", state, timeout=600)
+            ok = r.returncode == 0
+        finally:
+            if not ok:  # stop what did start, even on a timeout or ^C
+                _release_plane(plane)
+        if not ok:
+            pytest.fail(f"the OpenStack control plane did not start:\n{r.stdout[-5000:]}", pytrace=False)
+        _shared["plane"] = plane
+        _shared["users"] = 1
+        return plane
+
+
+def _release_plane(plane: ControlPlane) -> None:
+    if plane.keep:
+        return
+    try:
+        _run("stop", plane.state, timeout=300)
+    finally:
+        shutil.rmtree(plane.state, ignore_errors=True)
+
+
+def _release() -> None:
+    with _lock:
+        _shared["users"] = int(_shared["users"]) - 1
+        if int(_shared["users"]) > 0:
+            return
+        plane = _shared["plane"]
+        _shared["plane"] = None
+    if plane is not None:
+        _release_plane(plane)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="session")
+def openstack_cloud():
+    """The session's OpenStack control plane (started once, stopped at the end)."""
+    plane = _acquire()
+    try:
+        yield plane
+    finally:
+        _release()
