@@ -31,7 +31,7 @@ from tests.zookeeper import zk_root, zookeeper  # noqa: F401  (fixtures)
 pytestmark = pytest.mark.guest
 
 REPO = Path(__file__).resolve().parent.parent
-MONTECARLO = REPO / "examples" / "montecarlo" / "userdata.sh"
+RUN = REPO / "examples" / "montecarlo" / "run.sh"
 BOOT_TIMEOUT = 120  # seconds, generous for TCG on a loaded 2-core host
 
 
@@ -219,18 +219,34 @@ def _alive(pid: int) -> bool:
     return s[s.rindex(b")") + 2:][:1] not in (b"Z", b"X")
 
 
-async def test_montecarlo(cloud):
-    async with open_client(cloud.operator) as c:
-        parent = await start_vm(c, MONTECARLO.read_text())
-        with trio.fail_after(240):
-            pi = float((await c.read_file(f"proc/{parent}/env/pi")).decode())
-        assert abs(pi - 3.14159) < 0.3, pi
-        workers = [int(w) for w in (await env(c, parent, "workers")).split()]
-        assert len(workers) == 3
-        # the coordinator kills its workers and reaps them
-        await until(lambda: _only(c, [1, parent]), timeout=60, what="workers gone")
-        await ctl(c, parent, "kill")
-        await until(lambda: _only(c, [1]), timeout=60, what="coordinator gone")
+async def test_montecarlo(cloud, tmp_path):
+    """The demo as the README runs it: examples/montecarlo/run.sh on the
+    operator's FUSE mount (plain cat, echo and a blocking cat of env/pi)."""
+    from mountd.fuse import mount
+
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(lambda task_status: mount(cloud.fs, str(mnt), task_status=task_status))
+        try:
+            with trio.fail_after(240):
+                p = await trio.run_process(["sh", str(RUN), str(mnt), "3"], capture_stdout=True,
+                                           capture_stderr=True, check=False)
+        finally:
+            nursery.cancel_scope.cancel()
+    out = p.stdout.decode()
+    print(out)
+    assert p.returncode == 0, out + p.stderr.decode()
+    lines = out.splitlines()
+    pi = float(lines[-1].split("~")[1])
+    assert abs(pi - 3.14159) < 0.3, out
+    coordinator = int(lines[0].split()[-1])
+    tree = [l for l in lines if l.lstrip()[:1].isdigit()]
+    assert tree[0].split()[:2] == ["1", "init"]
+    assert tree[1].split()[:2] == [str(coordinator), "montecarlo"]
+    assert len(tree) == 5 and all(l.startswith("    ") for l in tree[2:]), out  # 3 workers under it
+    async with open_client(cloud.operator) as c:  # run.sh killed it, workers first
+        await until(lambda: _only(c, [1]), timeout=60, what="demo processes gone")
     assert list((cloud.state / "vms").iterdir()) == []
 
 

@@ -1,0 +1,31 @@
+#!/bin/sh
+# run.sh [MNT] [N]: run the montecarlo demo on a cloudfs mount (the operator's
+# view, e.g. the daemon's FUSE mount at /mnt/cloud) with N workers (default
+# 3); print the process tree and the estimate of pi.  KEEP=1 leaves the
+# coordinator running afterwards; by default it is killed at the end.
+set -e
+MNT=${1:-/mnt/cloud}
+N=${2:-3}
+HERE=$(cd "$(dirname "$0")" && pwd)
+
+tree() {  # tree PID INDENT: one line per process, children indented
+  line=$(awk '$1 == "pid" || $1 == "name" || $1 == "state" { printf "%s%s", sep, $2; sep = " " }' "$MNT/proc/$1/status")
+  echo "$2$line"
+  for kid in $(cat "$MNT/proc/$1/children"); do tree "$kid" "$2  "; done
+}
+
+exec 3<>"$MNT/proc/1/ctl"
+echo fork >&3
+read pid <&3
+exec 3<&-
+cat "$HERE/userdata.sh" > "$MNT/proc/$pid/userdata"
+echo "$N" > "$MNT/proc/$pid/env/n"
+echo "exec tiny name=montecarlo" > "$MNT/proc/$pid/ctl"
+echo "montecarlo: coordinator is process $pid"
+
+workers=$(cat "$MNT/proc/$pid/env/workers")    # blocks until it has forked them
+for w in $workers; do cat "$MNT/proc/$w/env/points" >/dev/null; done
+tree 1 ""
+pi=$(cat "$MNT/proc/$pid/env/pi")             # blocks until the answer appears
+echo "pi ~ $pi"
+if [ -z "$KEEP" ]; then echo kill > "$MNT/proc/$pid/ctl"; fi
