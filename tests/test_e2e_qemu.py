@@ -140,6 +140,15 @@ echo $child > $C/self/env/child
 other=$(cat $C/self/env/other)
 if echo kill 2>/tmp/err > $C/$other/ctl; then r=allowed; else r="refused: $(cat /tmp/err)"; fi
 echo "$r" > $C/self/env/refused
+mkdir -p /x /ro
+o="trans=tcp,port=564,version=9p2000.L"
+if mount -t 9p -o "$o,aname=proc/$CLOUDFS_PID/00000000000000000000000000000000" 10.0.2.100 /x; then
+  echo mounted > $C/self/env/badsecret
+else
+  echo refused > $C/self/env/badsecret
+fi
+mount -t 9p -o "$o" 10.0.2.100 /ro && awk '$1 == "pid" {print $2}' /ro/proc/$CLOUDFS_PID/status > $C/self/env/anonread
+if echo x 2>/dev/null > /ro/proc/$CLOUDFS_PID/env/anon; then echo allowed; else echo refused; fi > $C/self/env/anonwrite
 cat $C/self/env/quit
 """
 
@@ -165,6 +174,10 @@ async def test_guest_uses_its_namespace(cloud):
         refused = await env(c, a, "refused")
         assert refused.startswith("refused") and "denied" in refused, refused
         assert (await status(c, other))["state"] == "new"  # nothing changed
+        assert await env(c, a, "badsecret") == "refused"          # a wrong secret cannot mount
+        assert await env(c, a, "anonread") == str(a)              # no credential: read-only view
+        assert await env(c, a, "anonwrite") == "refused"
+        assert "anon" not in await c.listdir(f"proc/{a}/env")
         for kid in (b, c_pid):
             assert await env(c, kid, "up") == "up"
             st = await status(c, kid)
