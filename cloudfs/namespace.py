@@ -5,7 +5,9 @@ mount and the operator's unix socket only).  ``attach(uname, aname)`` gives
 the root of a view: ``aname`` ``""`` or ``"/"`` is the operator's view (full
 rights, no ``/proc/self``); ``"proc/<pid>"`` is the view of process <pid>
 with that process's rights (``/proc/self`` walks to it; ENOENT if there is no
-such process).  :meth:`CloudFS.view_for` does the same from Python.
+such process); a guest's ``"proc/<pid>/<secret>"`` is accepted too (EACCES
+if the secret is wrong), so guests can mount from either face.
+:meth:`CloudFS.view_for` does the same from Python.
 :meth:`CloudFS.public` is the face for the TCP listener: credentials
 required (cloudfs.identity).  ``uname`` is not checked on the operator face.
 
@@ -29,7 +31,7 @@ from ninep.fs import FileSystem, Node
 
 from .ctl import Command
 from .drivers.base import ComputeDriver
-from .identity import PublicFS
+from .identity import PublicFS, secret_matches
 from .nodes import OPERATOR, PROCESS, READONLY, RootNode, View
 from .proctable import ProcTable
 from .reconciler import Reconciler
@@ -96,12 +98,16 @@ class CloudFS(FileSystem):
         if name == "":
             return self.view_for(None)
         parts = name.split("/")
-        if len(parts) == 2 and parts[0] == "proc" and parts[1].isdigit():
+        if len(parts) in (2, 3) and parts[0] == "proc" and parts[1].isdigit():
             pid = int(parts[1])
-            if not await self.table.exists(pid):
+            r = await self.table.record(pid)
+            if r is None:
                 raise FsError(errno.ENOENT, f"no process {pid} to attach as")
+            # a guest's aname (proc/<pid>/<secret>) works here too; a wrong secret is refused
+            if len(parts) == 3 and not secret_matches(r[0].secret, parts[2]):
+                raise FsError(errno.EACCES, f"bad credential for process {pid}")
             return self.view_for(pid)
-        raise FsError(errno.ENOENT, f"unknown aname {aname!r}: use '' or 'proc/<pid>'")
+        raise FsError(errno.ENOENT, f"unknown aname {aname!r}: use '', 'proc/<pid>' or 'proc/<pid>/<secret>'")
 
     async def run_ctl(self, pid: int, cmd: Command) -> bytes:
         """Carry out a parsed ctl command on ``pid``; the bytes a read of the

@@ -168,4 +168,8 @@ async def test_operator_face_has_full_rights_and_can_act_as_a_process(cfs, serve
     async with open_client(op, aname=f"proc/{a}") as c:  # the process's view and rights
         assert b"pid %d\n" % a in await c.read_file("proc/self/status")
         await refused(c.write_file(f"proc/{b}/env/k", b"x"))
+    async with open_client(op, aname=f"proc/{a}/{await secret_of(cfs, a)}") as c:  # a guest's aname works here too
+        assert b"pid %d\n" % a in await c.read_file("proc/self/status")
+    async with open_client(op) as c:
+        await refused(c.attach("root", f"proc/{a}/{new_secret()}"))
     assert isinstance(cfs.public(), PublicFS) and cfs.public() is cfs.public()
