@@ -394,7 +394,6 @@ def uwsgi(L: Layout, name: str, port: int, script: str, env: dict[str, str], pro
         "--wsgi-file", script, "--need-app", "--add-header", "Connection: close",
         "--master", "--processes", str(processes), "--threads", "1", "--enable-threads",
         "--lazy-apps", "--die-on-term", "--buffer-size", "65535", "--listen", "100",
-        "--hook-master-start", "unix_signal:15 gracefully_kill_them_all",
     ], env)
 
 
@@ -701,7 +700,13 @@ def start(state: str) -> None:
     log(f"ready in {time.monotonic() - t0:.0f}s; OS_CLIENT_CONFIG_FILE={L.clouds} OS_CLOUD=cloudfs")
 
 
+#: Services under uwsgi: SIGINT to the master stops it and its workers at once.
+UWSGI = {"keystone", "placement", "nova-api"}
+
+
 def kill_group(L: Layout, name: str, timeout: float = 20.0) -> None:
+    """Stop service ``name``: SIGTERM to its process group (SIGINT to the
+    master for uwsgi), SIGKILL to the group after ``timeout`` seconds."""
     pid = read_pid(L, name)
     if pid is None:
         try:
@@ -710,7 +715,10 @@ def kill_group(L: Layout, name: str, timeout: float = 20.0) -> None:
             pass
         return
     try:
-        os.killpg(pid, signal.SIGTERM)
+        if name in UWSGI:
+            os.kill(pid, signal.SIGINT)
+        else:
+            os.killpg(pid, signal.SIGTERM)
     except ProcessLookupError:
         pass
     deadline = time.monotonic() + timeout
