@@ -312,6 +312,11 @@ async def test_restart_readopts_running_vms(zookeeper, zk_root, state):  # noqa:
             b = int(await ctl(c, a, "fork"))
             for p in (a, b):
                 assert await env(c, p, "up") == "up"
+        # the operator's view of the two real VMs, as `cloudfs ps` prints it
+        ps = await trio.run_process([sys.executable, "-m", "mountd.cli", "ps", "--tree", "--state-dir", str(state)],
+                                    capture_stdout=True, cwd=REPO)
+        assert ps.stdout.decode().splitlines() == [
+            "1 init [running]", f"└─ {a} p{a} [running] tiny", f"   └─ {b} p{a} [running] tiny"], ps.stdout
         vms_before = sorted(d.name for d in (state / "vms").iterdir())
         driver = QemuDriver(state, port, accel="tcg")
         qpids = {v: driver.qemu_pid(v) for v in vms_before}
