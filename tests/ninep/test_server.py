@@ -422,3 +422,19 @@ async def test_malformed_input_closes_only_that_connection(memfs, bad):
         assert memfs.waiters == 0
         r = await _walk(good, 1, 2, "wait")
         assert isinstance(r, m.Rwalk) and len(r.wqids) == 1
+
+
+async def test_debug_trace_logs_every_t_and_r_message(memfs, caplog):
+    import logging
+
+    caplog.set_level(logging.DEBUG, logger="ninep.trace")
+    async with serving(memfs, trace=True) as (_, addr):
+        w = await Wire.open(addr)
+        await w.version()
+        await w.attach()
+        await _walk(w, 1, 2, "nope")
+    lines = [r.getMessage() for r in caplog.records if r.name == "ninep.trace"]
+    assert any("<- Tversion(" in line for line in lines)
+    assert any("-> Rversion(" in line for line in lines)
+    assert any("<- Twalk(" in line and "'nope'" in line for line in lines)
+    assert any("-> Rlerror(" in line and "ecode=2" in line for line in lines)
