@@ -238,6 +238,26 @@ async def test_killed_reader_leaves_no_waiter(tmp_path, sig):
         assert (await sh(f"ls {mnt}")).stdout == b"wait\n"
 
 
+async def test_caught_signal_interrupts_blocked_read(tmp_path):
+    """A reader with a SIGINT handler gets EINTR, runs it (KeyboardInterrupt)."""
+    code = (
+        "import signal, sys\n"
+        "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
+        "try:\n"
+        "    open(sys.argv[1], 'rb').read()\n"
+        "except KeyboardInterrupt:\n"
+        "    print('interrupted', flush=True)\n"
+    )
+    async with imported(tmp_path) as (fs, mnt, addr, imp):
+        p = await spawn(imp, [sys.executable, "-c", code, f"{mnt}/wait/never"], stdout=subprocess.PIPE)
+        await _eventually(lambda: fs.waiters == 1, what="the reader to block")
+        p.send_signal(signal.SIGINT)
+        with trio.fail_after(3):
+            await p.wait()
+        assert await p.stdout.receive_some(100) == b"interrupted\n"
+        await _eventually(lambda: fs.waiters == 0, what="the waiter to go")
+
+
 async def test_reader_with_inherited_fd_is_not_cancelled(tmp_path):
     """The opener (a shell) exits; its child still reads the fd: keep waiting."""
     async with imported(tmp_path) as (fs, mnt, addr, imp):
