@@ -18,7 +18,7 @@ import trio
 from ninep.client import open_client
 from ninep.remotefs import RemoteFS
 
-from .fuse import _user_name, mount
+from .fuse import default_uname, mount
 
 __all__ = ["run_import", "CONNECTION_CHECK"]
 
@@ -48,7 +48,7 @@ async def run_import(
     RuntimeError when mounting fails.  ``task_status.started()`` once mounted.
     Must run in the main thread (signal handling).
     """
-    uname = uname if uname is not None else _user_name()
+    uname = uname if uname is not None else default_uname()
     status = 0
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with open_client(dialstring, version=version, uname=uname, aname=aname) as client:
