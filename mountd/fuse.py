@@ -436,7 +436,11 @@ class FuseAdapter(pyfuse3.Operations):
                     raise
             else:
                 raise FsError(errno.EEXIST, f"{nn} exists")
-        await old.rename(os.fsdecode(name_old), new, nn)
+        no = os.fsdecode(name_old)
+        await old.rename(no, new, nn)
+        for e in self._inodes.values():  # entries reached by name follow the move
+            if e.parent == parent_inode_old and e.name == no:
+                e.parent, e.name = parent_inode_new, nn
 
     # ---- files ----------------------------------------------------------------
 
