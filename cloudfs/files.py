@@ -114,9 +114,20 @@ class EnvKeyFile(SnapshotFile):
     def __init__(self, fs: "CloudFS", pid: int, key: str, flags: int):
         super().__init__(flags)
         self.fs, self.pid, self.key = fs, pid, key
+        self._seen_set = False  # a key once set stays readable until unset; poll re-checks via wait_readable
 
     async def produce(self) -> bytes:
-        return await self.fs.table.env_wait(self.pid, self.key, self.nonblocking)
+        value = await self.fs.table.env_wait(self.pid, self.key, self.nonblocking)
+        self._seen_set = True
+        return value
+
+    def readable(self) -> bool:
+        return self._seen_set
+
+    async def wait_readable(self) -> None:
+        """Until the key is set (the same ZooKeeper watch a blocking read uses)."""
+        await self.fs.table.env_wait(self.pid, self.key, False)
+        self._seen_set = True
 
     async def write(self, offset: int, data: bytes) -> int:
         self.snapshot = None
@@ -130,10 +141,20 @@ class WaitFile(SnapshotFile):
     def __init__(self, fs: "CloudFS", pid: int, flags: int):
         super().__init__(flags)
         self.fs, self.pid = fs, pid
+        self._pending = False  # a record was there when last looked at
 
     async def produce(self) -> bytes:
         rec = await self.fs.table.wait_next(self.pid, self.nonblocking)
+        self._pending = False  # consumed; the next one is not known yet
         return rec.line().encode()
+
+    def readable(self) -> bool:
+        return self._pending
+
+    async def wait_readable(self) -> None:
+        """Until a wait record exists (a child watch); consumes nothing."""
+        await self.fs.store.wait_children(self.fs.layout.wait(self.pid))
+        self._pending = True
 
 
 class InfoFile(SnapshotFile):

@@ -19,9 +19,9 @@ What "FUSE done right for synthetic files" means here
   its main loop on anything else).
 - Blocking reads block only at offset 0 (:class:`ninep.fs.SnapshotFile`).
   ``poll``/``select``/``epoll`` report :meth:`ninep.fs.OpenFile.readable`;
-  when not ready and the kernel gave a poll handle, a background task waits
-  (the file's optional ``async wait_readable()``, else re-checking
-  ``readable()`` every :data:`READY_RECHECK` s) and notifies the handle.
+  when not ready and the kernel gave a poll handle, a background task awaits
+  ``OpenFile.wait_readable()`` (re-checking every :data:`READY_RECHECK` s a
+  file whose ``readable()`` is still False after it) and notifies the handle.
 - Dead readers: pyfuse3 has no FUSE_INTERRUPT support and a task blocked in a
   FUSE read stays in the kernel (state D) until the daemon answers, even after
   SIGINT/SIGKILL.  ``open()`` records ``ctx.pid``; a watcher looks at every
@@ -89,7 +89,7 @@ log = logging.getLogger(__name__)
 DEFAULT_MAX_TASKS = 10000
 #: Seconds between checks of the processes behind blocked reads.
 WATCH_INTERVAL = 0.25
-#: Seconds between readiness re-checks for files without ``wait_readable``.
+#: Seconds between readiness re-checks for files whose ``wait_readable`` returns early.
 READY_RECHECK = 0.2
 #: How long ``poll`` waits for a readiness probe before answering "not ready".
 POLL_GRACE = 0.05
@@ -554,13 +554,10 @@ class FuseAdapter(pyfuse3.Operations):
         """Wait until ``h.file`` is readable, then notify the latest poll handle."""
         try:
             with scope:
-                wait = getattr(h.file, "wait_readable", None)
-                if wait is not None:
-                    await wait()
-                while not h.file.readable():
+                await h.file.wait_readable()
+                while not h.file.readable():  # a file that cannot wait: re-check
                     await trio.sleep(READY_RECHECK)
-                    if wait is not None:
-                        await wait()
+                    await h.file.wait_readable()
         except FsError:
             pass
         except Exception:

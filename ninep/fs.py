@@ -172,8 +172,16 @@ class OpenFile:
         raise FsError(errno.ENOTDIR, "not a directory")
 
     def readable(self) -> bool:
-        """Whether a read at offset 0 would answer now (poll(2)'s POLLIN)."""
+        """Whether a read at offset 0 is known to answer now (poll(2)'s
+        POLLIN).  Synchronous, so it reports what the file already knows;
+        a file whose readiness needs I/O says False until :meth:`wait_readable`
+        has seen it."""
         return True
+
+    async def wait_readable(self) -> None:
+        """Return once a read at offset 0 would not block (without consuming
+        anything); after it returns, :meth:`readable` is True.  Front ends
+        call it to implement poll/select; cancellation must leave no waiter."""
 
     async def fsync(self) -> None:
         """Flush to stable storage; synthetic files have nothing to flush."""

@@ -235,6 +235,11 @@ class _WaitFile(SnapshotFile):
     def readable(self) -> bool:
         return self.node.name in self.node.fs.values
 
+    async def wait_readable(self) -> None:
+        fs = self.node.fs
+        while self.node.name not in fs.values:
+            await fs.changed.wait()
+
     async def write(self, offset: int, data: bytes) -> int:
         self.node.fs.set_value(self.node.name, bytes(data))
         return len(data)

@@ -284,3 +284,31 @@ async def test_killed_blocked_reader_leaves_no_waiter(tmp_path):
         finally:
             nursery.cancel_scope.cancel()
     assert not os.path.ismount(mnt)
+
+
+def test_select_waits_for_env_key_and_wait_record(daemon):
+    import select
+
+    m = daemon.mnt
+    sh(f"echo fork > {m}/proc/1/ctl")  # pid 2 (new): killing it leaves a wait record for init
+    fd = os.open(m / "proc/1/env/ready", os.O_RDONLY | os.O_NONBLOCK)
+    wfd = os.open(m / "proc/1/wait", os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        assert select.select([fd, wfd], [], [], 0.5)[0] == []  # nothing yet
+        with pytest.raises(BlockingIOError):
+            os.read(fd, 100)
+
+        async def write():
+            async with open_client(daemon.operator) as c:
+                await c.write_file("proc/1/env/ready", b"yes\n")
+
+        trio.run(write)
+        assert select.select([fd], [], [], 10)[0] == [fd]
+        assert os.read(fd, 100) == b"yes\n"
+        assert select.select([wfd], [], [], 0.3)[0] == []
+        sh(f"echo kill > {m}/proc/2/ctl")
+        assert select.select([wfd], [], [], 10)[0] == [wfd]
+        assert os.read(wfd, 100).startswith(b"2 ")
+    finally:
+        os.close(fd)
+        os.close(wfd)
