@@ -38,22 +38,19 @@ import itertools
 import os
 import re
 import secrets
-import shlex
 import subprocess
-import sys
 import threading
 import time
 import weakref
 from pathlib import Path
 from typing import Iterator, Mapping
 
+from cloudfs.drivers.qemu import FORWARD_ADDRESS as GUEST_FWD_ADDR, guestfwd_rule
 from cloudfs.guestimage import TinyImage
 
 __all__ = ["Guest", "GuestError", "GuestTimeout", "Pending", "BackgroundJob", "booted_guest",
            "GUEST_FWD_ADDR"]
 
-#: The guest-side address that guestfwd rules listen on.
-GUEST_FWD_ADDR = "10.0.2.100"
 
 _READY = re.compile(rb"cloudfs-guest: shell ready\r?\n")
 _SHELL_EXITED = b"cloudfs-guest: shell exited"
@@ -163,13 +160,9 @@ class Guest:
         netdev = "user,id=n0,restrict=on"
         for gport, hport in sorted(self.forwards.items()):
             if self.forward_mode == "cmd":
-                connector = (f"{shlex.quote(sys.executable)} -c "
-                             f"{shlex.quote(_CONNECTOR)} {int(hport)}")
-                # QEMU option values escape commas by doubling them.
-                target = "cmd:" + connector.replace(",", ",,")
+                netdev += "," + guestfwd_rule(int(gport), int(hport))
             else:
-                target = f"tcp:127.0.0.1:{int(hport)}"
-            netdev += f",guestfwd=tcp:{GUEST_FWD_ADDR}:{int(gport)}-{target}"
+                netdev += f",guestfwd=tcp:{GUEST_FWD_ADDR}:{int(gport)}-tcp:127.0.0.1:{int(hport)}"
         return [
             self.qemu, "-accel", "tcg", "-m", str(self.memory_mb), "-smp", "1",
             "-nodefaults", "-display", "none", "-no-reboot",
@@ -441,30 +434,6 @@ def _kill(proc: subprocess.Popen) -> None:
         if f is not None:
             with contextlib.suppress(Exception):
                 f.close()
-
-
-#: Run by QEMU per guest connection in ``forward_mode="cmd"``: copy between
-#: stdin/stdout (QEMU's socket to the guest) and 127.0.0.1:argv[1].
-_CONNECTOR = r"""
-import os, socket, sys, threading
-s = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
-def up():
-    while True:
-        d = os.read(0, 65536)
-        if not d:
-            break
-        s.sendall(d)
-    try:
-        s.shutdown(socket.SHUT_WR)
-    except OSError:
-        pass
-threading.Thread(target=up, daemon=True).start()
-while True:
-    d = s.recv(65536)
-    if not d:
-        break
-    os.write(1, d)
-"""
 
 
 @contextlib.contextmanager

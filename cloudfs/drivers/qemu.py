@@ -163,6 +163,16 @@ while True:
 """
 
 
+def guestfwd_rule(guest_port: int, host_port: int) -> str:
+    """The ``-netdev user`` option forwarding the guest's connections to
+    FORWARD_ADDRESS:``guest_port`` to 127.0.0.1:``host_port``, each through
+    its own host connection (QEMU runs the connector per guest connection;
+    ``guestfwd=…-tcp:`` would connect once at start and carry one connection
+    per boot).  QEMU option values escape commas by doubling them."""
+    connector = f"{shlex.quote(sys.executable)} -c {shlex.quote(_CONNECTOR)} {int(host_port)}"
+    return f"guestfwd=tcp:{FORWARD_ADDRESS}:{int(guest_port)}-cmd:{connector.replace(',', ',,')}"
+
+
 class QmpError(DriverError):
     """QMP failed: the socket is gone, timed out, or QEMU answered an error."""
 
@@ -441,9 +451,7 @@ class QemuDriver(ComputeDriver):
 
     def _argv(self, vm: _Vm, image: imagestore.StoredImage) -> list[str]:
         memory, cpus = FLAVORS[vm.flavor]
-        connector = f"{shlex.quote(sys.executable)} -c {shlex.quote(_CONNECTOR)} {self.ninep_port}"
-        netdev = (f"user,id=n0,restrict=on,net=10.0.2.0/24,"
-                  f"guestfwd=tcp:{FORWARD_ADDRESS}:{GUEST_9P_PORT}-cmd:{connector.replace(',', ',,')}")
+        netdev = f"user,id=n0,restrict=on,net=10.0.2.0/24,{guestfwd_rule(GUEST_9P_PORT, self.ninep_port)}"
         argv = [
             self.qemu, "-name", f"cloudfs-{vm.id}", "-accel", vm.accel, "-m", str(memory), "-smp", str(cpus),
             "-nodefaults", "-display", "none", "-no-reboot",
