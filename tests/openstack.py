@@ -11,7 +11,8 @@ even when tests fail.
 
 Import it where it is needed: ``from tests.openstack import openstack_cloud``.
 Several modules may import it: they share one control plane (reference
-counted) because its ports are fixed.
+counted).  Its ports are a free range picked per session (``--port-base``),
+so concurrent sessions on one machine do not meet.
 
 The tests are skipped, saying why, only when the control plane cannot be
 installed for a reason outside the project (not root, not Debian, apt's
@@ -23,7 +24,9 @@ and leave it running after the session (for quick iterations).
 from __future__ import annotations
 
 import os
+import random
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -44,6 +47,14 @@ class ControlPlane:
         self.keep = keep
         self.clouds_yaml = os.path.join(state, "clouds.yaml")
         self.cloud = "cloudfs"
+
+    @property
+    def auth_url(self) -> str:
+        """Keystone's URL (``http://127.0.0.1:PORT/v3``)."""
+        import json
+
+        with open(os.path.join(self.state, "ports.json")) as f:
+            return f"http://127.0.0.1:{json.load(f)['keystone']}/v3"
 
     def env(self) -> dict[str, str]:
         """Environment variables that select this cloud (python-openstackclient style)."""
@@ -70,6 +81,28 @@ _shared: dict[str, object] = {"plane": None, "users": 0, "skip": None}
 def _run(*args: str, timeout: float) -> subprocess.CompletedProcess:
     return subprocess.run([PYTHON, SCRIPT, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           text=True, timeout=timeout)
+
+
+def _free_port_base(span: int = 8) -> int:
+    """A base N with 127.0.0.1:N … N+span-1 all free, so this session's
+    control plane never meets another one on this machine (other sessions'
+    tests, a developer's own)."""
+    rng = random.Random()
+    for _ in range(200):
+        base = rng.randrange(20000, 30000, 10)
+        socks = []
+        try:
+            for p in range(base, base + span):
+                s = socket.socket()
+                socks.append(s)
+                s.bind(("127.0.0.1", p))
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+        return base
+    raise RuntimeError("no free range of loopback ports for the control plane")
 
 
 def _outside_reason() -> str | None:
@@ -103,9 +136,10 @@ def _acquire() -> ControlPlane:
         keep_dir = os.environ.get("CLOUDFS_OS_STATE")
         state = keep_dir or tempfile.mkdtemp(prefix="cloudfs-openstack-")
         plane = ControlPlane(state, keep=bool(keep_dir))
+        ports = [] if keep_dir else ["--port-base", str(_free_port_base())]
         ok = False
         try:
-            r = _run("start", state, timeout=600)
+            r = _run("start", state, *ports, timeout=600)
             ok = r.returncode == 0
         finally:
             if not ok:  # stop what did start, even on a timeout or ^C

@@ -32,6 +32,7 @@ cloud's message.  Nothing blocks the trio loop.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
 import ipaddress
 import logging
@@ -278,8 +279,8 @@ class OpenStackDriver(ComputeDriver):
         nova = (s.status or "").upper()
         fault = s.fault or {}
         error = ""
-        if nova == "ERROR":
-            error = " ".join(str(fault.get("message") or "Nova reports ERROR without a fault").split())
+        if nova == "ERROR":  # empty until Nova has recorded the fault
+            error = " ".join(str(fault.get("message") or "").split())
         if addresses is None:
             addrs = []
             for entries in (s.addresses or {}).values():
@@ -345,7 +346,7 @@ class OpenStackDriver(ComputeDriver):
     async def _next_round(self) -> None:
         """Return after the next shared poll round (running it if no one else is)."""
         seen = self._round_no
-        delay = self._last_round + self.poll_interval - trio.current_time()
+        delay = self._last_round + self.poll_interval - time.monotonic()
         if delay > 0:
             with trio.move_on_after(delay):
                 await self._round_done.wait()
@@ -359,7 +360,7 @@ class OpenStackDriver(ComputeDriver):
             await self._poll_round()
         finally:
             self._polling = False
-            self._last_round = trio.current_time()
+            self._last_round = time.monotonic()
             self._round_no += 1
             ev, self._round_done = self._round_done, trio.Event()
             ev.set()
@@ -369,8 +370,12 @@ class OpenStackDriver(ComputeDriver):
         if not stamps:
             return
         since = min(stamps)
-        changed = await self._call("poll servers", lambda: list(
-            self.conn.compute.servers(details=True, changes_since=since)))
+        try:
+            changed = await self._call("poll servers", lambda: list(
+                self.conn.compute.servers(details=True, changes_since=since)))
+        except DriverError as e:  # the next round tries again; each wait has its own deadline
+            log.warning("polling Nova failed: %s", e)
+            return
         for raw in changed:
             w = self._watches.get(raw.id)
             if w is not None:
@@ -387,15 +392,26 @@ class OpenStackDriver(ComputeDriver):
         def done(s: OSServer | None) -> bool:
             if s is None:
                 raise NotFound(f"openstack: server {server_id} is gone")
-            if s.status in states and s.task_state is None:
+            if s.status == "error" and s.task_state is None:
                 return True
-            if s.status == "error" and "error" not in states and s.task_state is None:
-                raise DriverError(s.message)
-            return False
+            return s.status in states and s.task_state is None
 
         limit = self.boot_timeout if timeout is None else timeout
-        await self._watch(server_id, done, limit, "/".join(states))
-        return await self._get(server_id, ports=True)
+        srv = await self._watch(server_id, done, limit, "/".join(states))
+        assert srv is not None
+        if srv.status == "error":
+            # the fault comes with GET /servers/{id}; Nova records it just
+            # after setting ERROR, so give it a moment
+            with trio.move_on_after(5):
+                while True:
+                    srv = await self._get(server_id)
+                    if srv.message:
+                        break
+                    await trio.sleep(0.25)
+            if "error" not in states:
+                raise DriverError(srv.message or f"openstack: server {server_id} is in ERROR (Nova gives no fault)")
+        addrs = await self._call(f"ports of server {server_id}", self._ports_v4, server_id)
+        return dataclasses.replace(srv, addresses=addrs)
 
     # ------------------------------------------------------------ servers
 
@@ -467,7 +483,7 @@ class OpenStackDriver(ComputeDriver):
         return None
 
     async def boot(self, name: str, image: str, flavor: str, networks: list[str], userdata: bytes,
-                   *, metadata: Mapping[str, str] | None = None) -> OSServer:
+                   *, metadata: Mapping[str, str] | None = None, dedupe: bool = True) -> OSServer:
         """Ask Nova for a server and return at once (usually ``creating``),
         adopting an existing server of the same deployment and pid instead
         when ``metadata`` has ``cloudfs-pid``.  ``image``, ``flavor`` and
@@ -497,7 +513,7 @@ class OpenStackDriver(ComputeDriver):
                      tags=self.server_tags(md))
         s = await self._call(f"create server {name!r}", self.conn.compute.create_server, **attrs)
         server = self._server(s)
-        if pid is not None:
+        if pid is not None and dedupe:
             server = await self._dedupe(md[META_DEPLOYMENT], pid, server)
         return server
 
@@ -514,17 +530,29 @@ class OpenStackDriver(ComputeDriver):
             await self.delete(s.id, wait=False)
         return keep
 
+    async def _wait_deduping(self, s: OSServer, metadata: Mapping[str, str] | None) -> OSServer:
+        """Wait for ``s`` to be up, then check for duplicates of its pid: by
+        then a racing create's server is visible (it is older) or will see
+        ours (older) in its own check, so both keep the same, oldest one."""
+        got = await self.wait(s.id, ("running", "stopped"))
+        if not metadata or META_PID not in metadata:
+            return got
+        keep = await self._dedupe(metadata.get(META_DEPLOYMENT, self.deployment), metadata[META_PID], got)
+        if keep.id == got.id:
+            return got
+        return await self.wait(keep.id, ("running", "stopped"))
+
     async def create(self, name: str, image: str, flavor: str, networks: list[str], userdata: bytes,
                      *, metadata: Mapping[str, str] | None = None) -> OSServer:
         """Boot (see :meth:`boot`) and wait for ``ACTIVE``; returns the
         server running with its addresses.  If Nova ends the boot in
         ``ERROR`` the server is deleted and DriverError carries Nova's fault
         message (e.g. NoValidHost's "No valid host was found. …")."""
-        s = await self.boot(name, image, flavor, networks, userdata, metadata=metadata)
+        s = await self.boot(name, image, flavor, networks, userdata, metadata=metadata, dedupe=False)
         try:
             for _ in range(3):
                 try:
-                    return await self.wait(s.id, ("running", "stopped"))
+                    return await self._wait_deduping(s, metadata)
                 except NotFound:
                     # deleted as a duplicate by a racing create of the same
                     # pid (see _dedupe): adopt the one that was kept

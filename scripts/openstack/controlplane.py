@@ -5,13 +5,14 @@ integration tests and for trying ``cloudfs up --driver openstack`` locally.
 Usage (as root, with Debian's own ``/usr/bin/python3``)::
 
     controlplane.py install            # apt-get the packages (idempotent)
-    controlplane.py start STATE_DIR    # start, wait until ready, write clouds.yaml
+    controlplane.py start STATE_DIR [--port-base N]
+                                       # start, wait until ready, write clouds.yaml
     controlplane.py up STATE_DIR       # install + start
     controlplane.py stop STATE_DIR     # stop everything started from STATE_DIR
     controlplane.py status STATE_DIR   # which services run (exit 1 if one is down)
 
-Services: MariaDB (unix socket only), RabbitMQ (127.0.0.1:5672, epmd on
-127.0.0.1), keystone, placement and nova-api under uwsgi, glance-api,
+Services: MariaDB (unix socket only), RabbitMQ (127.0.0.1:5672, its own
+epmd on 127.0.0.1), keystone, placement and nova-api under uwsgi, glance-api,
 neutron-server (ML2, openvswitch mechanism driver, vxlan tenant networks, one
 agent row for the compute host inserted by us), nova-conductor,
 nova-scheduler and a nova-compute run from python3-nova's ``nova.cmd.compute``
@@ -59,8 +60,11 @@ PACKAGES = [
 HOST = "cloudfs-compute"      # the nova-compute service's host name
 PASSWORD = "cloudfs-secret"    # admin and database password (loopback only)
 REGION = "RegionOne"
-PORTS = {"keystone": 5000, "glance": 9292, "placement": 8778, "nova": 8774,
-         "neutron": 9696, "rabbit": 5672, "rabbit_dist": 25672}
+# The standard ports; ``--port-base N`` puts them at N … N+7 instead (several
+# control planes on one machine).  The choice is kept in STATE/ports.json.
+STANDARD_PORTS = {"keystone": 5000, "glance": 9292, "placement": 8778, "nova": 8774,
+                  "neutron": 9696, "rabbit": 5672, "rabbit_dist": 25672, "epmd": 4369}
+PORTS = dict(STANDARD_PORTS)  # this run's, set by load_ports()
 DATABASES = ["keystone", "glance", "placement", "nova_api", "nova", "nova_cell0", "neutron"]
 # Services in start order; each runs in its own process group.
 SERVICES = ["mariadb", "rabbitmq", "keystone", "placement", "glance", "neutron",
@@ -138,6 +142,35 @@ class Layout:
 
     def db(self, name: str) -> str:
         return f"mysql+pymysql://cloudfs:{PASSWORD}@localhost/{name}?unix_socket={self.sock}&charset=utf8"
+
+
+def load_ports(L: Layout, base: int | None) -> None:
+    """Set PORTS for ``L``: kept from an earlier start, else the standard
+    ones or ``base`` … ``base+7``.  Failed if a start asks for other ports
+    than the state directory already has."""
+    path = f"{L.root}/ports.json"
+    want = STANDARD_PORTS if base is None else {k: base + i for i, k in enumerate(STANDARD_PORTS)}
+    try:
+        with open(path) as f:
+            have = json.load(f)
+    except FileNotFoundError:
+        have = None
+    if have is not None and base is not None and have != want:
+        raise Failed(f"{L.root} was started on ports {have}; not {want}")
+    PORTS.clear()
+    PORTS.update(have or want)
+    if have is None:
+        os.makedirs(L.root, exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(PORTS, f)
+
+
+def ensure_free(name: str, port: int) -> None:
+    """Failed if something already listens on 127.0.0.1:``port`` (another
+    control plane: glance and neutron would share it through SO_REUSEPORT)."""
+    if port_open(port):
+        raise Failed(f"port {port} for {name} is in use by another program (another control plane? "
+                     f"use --port-base)")
 
 
 # ---------------------------------------------------------------- configs
@@ -289,9 +322,16 @@ def read_pid(L: Layout, name: str) -> int | None:
     return pid if alive(pid) else None
 
 
+#: Which port each service listens on (checked free before it starts).
+SERVICE_PORT = {"rabbitmq": "rabbit", "keystone": "keystone", "placement": "placement",
+                "glance": "glance", "neutron": "neutron", "nova-api": "nova"}
+
+
 def spawn(L: Layout, name: str, argv: list[str], env: dict[str, str] | None = None) -> int:
     """Start ``argv`` as a new session (its own process group, so stopping
     the group stops its workers), output appended to ``log/NAME.log``."""
+    if name in SERVICE_PORT:
+        ensure_free(name, PORTS[SERVICE_PORT[name]])
     full_env = dict(os.environ)
     for k in list(full_env):
         if k.startswith("OS_") or k.startswith("RABBITMQ_") or k.startswith("ERL_"):
@@ -321,10 +361,13 @@ def tail(path: str, n: int = 25) -> str:
 
 
 def wait_until(what: str, pred, timeout: float, L: Layout | None = None, watch: list[str] = ()) -> None:
-    deadline = time.monotonic() + timeout
+    t0 = time.monotonic()
+    deadline = t0 + timeout
     while True:
         try:
             if pred():
+                if time.monotonic() - t0 > 2:
+                    log(f"waited {time.monotonic() - t0:.0f}s for {what}")
                 return
         except Exception as e:  # not ready yet
             last = e
@@ -377,6 +420,7 @@ def rabbit_env(L: Layout) -> dict[str, str]:
         "RABBITMQ_NODE_PORT": str(PORTS["rabbit"]),
         "RABBITMQ_DIST_PORT": str(PORTS["rabbit_dist"]),
         "ERL_EPMD_ADDRESS": "127.0.0.1",
+        "ERL_EPMD_PORT": str(PORTS["epmd"]),
         "RABBITMQ_CONF_ENV_FILE": f"{L.etc}/rabbitmq/rabbitmq-env.conf",
         "RABBITMQ_CONFIG_FILE": f"{L.etc}/rabbitmq/rabbitmq.conf",
         "RABBITMQ_ENABLED_PLUGINS_FILE": f"{L.etc}/rabbitmq/enabled_plugins",
@@ -475,8 +519,10 @@ def queue_consumers(L: Layout) -> dict[str, int]:
     return out
 
 
-def db_sync(L: Layout) -> None:
-    """Schema migrations, in parallel (each once per state dir)."""
+def db_sync(L: Layout, ex: ThreadPoolExecutor) -> dict:
+    """Schema migrations (each once per state dir), in parallel on ``ex``:
+    futures by service, so each service starts as soon as its database is
+    ready."""
     nova = ["--config-file", f"{L.etc}/nova/nova.conf"]
 
     def keystone():
@@ -511,16 +557,15 @@ def db_sync(L: Layout) -> None:
                            "--config-file", f"{L.etc}/neutron/ml2_conf.ini", "upgrade", "heads"])
 
     steps = {"keystone": keystone, "glance": glance, "placement": placement, "nova": nova_dbs, "neutron": neutron}
-    todo = {k: f for k, f in steps.items() if not os.path.exists(L.stamp(f"db-{k}"))}
-    if not todo:
-        return
     t0 = time.monotonic()
-    with ThreadPoolExecutor(len(todo)) as ex:
-        futs = {k: ex.submit(f) for k, f in todo.items()}
-        for k, fut in futs.items():
-            fut.result()
+
+    def step(k: str) -> None:
+        if not os.path.exists(L.stamp(f"db-{k}")):
+            steps[k]()
             touch(L.stamp(f"db-{k}"))
-    log(f"databases migrated ({', '.join(todo)}) in {time.monotonic() - t0:.0f}s")
+            log(f"{k} database ready after {time.monotonic() - t0:.0f}s")
+
+    return {k: ex.submit(step, k) for k in steps}
 
 
 def keystone_session():
@@ -576,13 +621,12 @@ def agent_row(L: Layout) -> None:
          "row inserted by cloudfs controlplane.py", conf), db="neutron")
 
 
-def compute_fresh(L: Layout, since: datetime.datetime) -> bool:
-    rows = sql(L, "SELECT updated_at, created_at FROM services WHERE host=%s AND `binary`='nova-compute'"
-                  " AND deleted=0", (HOST,), db="nova")
-    if not rows:
-        return False
-    updated = rows[0][0] or rows[0][1]
-    return updated is not None and updated >= since
+def service_fresh(L: Layout, binary: str, since: datetime.datetime) -> bool:
+    """Whether Nova service ``binary`` on our host reported (heartbeat,
+    ``updated_at``, UTC) at or after ``since``."""
+    rows = sql(L, "SELECT updated_at FROM services WHERE host=%s AND `binary`=%s AND deleted=0",
+               (HOST, binary), db="nova")
+    return bool(rows) and rows[0][0] is not None and rows[0][0] >= since
 
 
 def compute_mapped(L: Layout) -> bool:
@@ -649,50 +693,57 @@ def nova_compute_argv(L: Layout) -> list[str]:
             "--config-file", f"{L.etc}/nova/nova.conf"]
 
 
-def start(state: str) -> None:
+def start(state: str, port_base: int | None = None) -> None:
     """Start every service not running, then wait until ready."""
     t0 = time.monotonic()
     L = Layout(state)
     L.makedirs()
+    load_ports(L, port_base)
     write_configs(L)
-    since = datetime.datetime.utcnow().replace(microsecond=0) - datetime.timedelta(seconds=1)
     start_rabbitmq(L)
     start_mariadb(L)
-    db_sync(L)
-    nova_env = {"OS_NOVA_CONFIG_DIR": f"{L.etc}/nova"}
-    if read_pid(L, "keystone") is None:
-        uwsgi(L, "keystone", PORTS["keystone"], "/usr/bin/keystone-wsgi-public",
-              {"OS_KEYSTONE_CONFIG_DIR": f"{L.etc}/keystone"}, 2)
-    wait_rabbitmq(L)
-    wait_until("keystone", lambda: http_ok(f"http://127.0.0.1:{PORTS['keystone']}/v3"), 60, L, ["keystone"])
-    catalog(L)
-    agent_row(L)
-    if read_pid(L, "placement") is None:
-        uwsgi(L, "placement", PORTS["placement"], "/usr/bin/placement-api",
-              {"OS_PLACEMENT_CONFIG_DIR": f"{L.etc}/placement"}, 2)
-    if read_pid(L, "glance") is None:
-        spawn(L, "glance", ["glance-api", "--config-file", f"{L.etc}/glance/glance-api.conf"])
-    if read_pid(L, "neutron") is None:
-        spawn(L, "neutron", ["neutron-server", "--config-file", f"{L.etc}/neutron/neutron.conf",
-                             "--config-file", f"{L.etc}/neutron/ml2_conf.ini"])
-    if read_pid(L, "nova-api") is None:
-        uwsgi(L, "nova-api", PORTS["nova"], "/usr/bin/nova-api-wsgi", nova_env, 4)
-    for svc in ("nova-conductor", "nova-scheduler"):
-        if read_pid(L, svc) is None:
-            spawn(L, svc, [f"/usr/bin/{svc}", "--config-file", f"{L.etc}/nova/nova.conf"])
-    wait_until("nova-conductor consuming", lambda: queue_consumers(L).get("conductor", 0) > 0, 90, L,
-               ["nova-conductor"])
-    if read_pid(L, "nova-compute") is None:
-        spawn(L, "nova-compute", nova_compute_argv(L))
-    else:
-        since = datetime.datetime(1970, 1, 1)  # already running: any heartbeat is its own
+    with ThreadPoolExecutor(5) as ex:
+        dbs = db_sync(L, ex)
+        started: dict[str, datetime.datetime] = {}
+
+        def launch(name: str, fn) -> None:
+            if read_pid(L, name) is None:
+                started[name] = datetime.datetime.utcnow().replace(microsecond=0) - datetime.timedelta(seconds=1)
+                fn()
+
+        dbs["keystone"].result()
+        launch("keystone", lambda: uwsgi(L, "keystone", PORTS["keystone"], "/usr/bin/keystone-wsgi-public",
+                                         {"OS_KEYSTONE_CONFIG_DIR": f"{L.etc}/keystone"}, 2))
+        wait_rabbitmq(L)
+        wait_until("keystone", lambda: http_ok(f"http://127.0.0.1:{PORTS['keystone']}/v3"), 60, L, ["keystone"])
+        catalog(L)
+        dbs["placement"].result()
+        launch("placement", lambda: uwsgi(L, "placement", PORTS["placement"], "/usr/bin/placement-api",
+                                          {"OS_PLACEMENT_CONFIG_DIR": f"{L.etc}/placement"}, 2))
+        dbs["glance"].result()
+        launch("glance", lambda: spawn(L, "glance", ["glance-api", "--config-file", f"{L.etc}/glance/glance-api.conf"]))
+        dbs["nova"].result()
+        nova_env = {"OS_NOVA_CONFIG_DIR": f"{L.etc}/nova"}
+        launch("nova-api", lambda: uwsgi(L, "nova-api", PORTS["nova"], "/usr/bin/nova-api-wsgi", nova_env, 4))
+        for svc in ("nova-conductor", "nova-scheduler"):
+            launch(svc, lambda svc=svc: spawn(L, svc, [f"/usr/bin/{svc}", "--config-file", f"{L.etc}/nova/nova.conf"]))
+        dbs["neutron"].result()
+        agent_row(L)
+        launch("neutron", lambda: spawn(L, "neutron", ["neutron-server", "--config-file", f"{L.etc}/neutron/neutron.conf",
+                                                       "--config-file", f"{L.etc}/neutron/ml2_conf.ini"]))
+    epoch = datetime.datetime(1970, 1, 1)
+    # a conductor heartbeat comes after its RPC server consumes
+    wait_until("nova-conductor consuming", lambda: service_fresh(L, "nova-conductor", started.get("nova-conductor", epoch)),
+               90, L, ["nova-conductor"])
+    launch("nova-compute", lambda: spawn(L, "nova-compute", nova_compute_argv(L)))
     apis = {"placement": PORTS["placement"], "glance": PORTS["glance"], "neutron": PORTS["neutron"],
             "nova-api": PORTS["nova"]}
     for name, port in apis.items():
         wait_until(name, lambda port=port: http_ok(f"http://127.0.0.1:{port}/"), 90, L, [name])
-    wait_until("nova-scheduler consuming", lambda: queue_consumers(L).get("scheduler", 0) > 0, 90, L,
-               ["nova-scheduler"])
-    wait_until("a fresh nova-compute heartbeat", lambda: compute_fresh(L, since), 90, L, ["nova-compute"])
+    wait_until("nova-scheduler consuming", lambda: service_fresh(L, "nova-scheduler", started.get("nova-scheduler", epoch)),
+               90, L, ["nova-scheduler"])
+    wait_until("a fresh nova-compute heartbeat", lambda: service_fresh(L, "nova-compute", started.get("nova-compute", epoch)),
+               90, L, ["nova-compute"])
     wait_until("compute host mapped to cell1", lambda: compute_mapped(L), 60, L, ["nova-compute"])
     wait_until("compute resources in placement", lambda: placement_ready(L), 60, L, ["nova-compute"])
     seed(L)
@@ -755,18 +806,21 @@ def stop(state: str) -> None:
     L = Layout(state)
     if not os.path.isdir(L.run):
         return
+    load_ports(L, None)
     rev = [s for s in reversed(SERVICES) if s not in ("mariadb", "rabbitmq")]
     with ThreadPoolExecutor(len(rev)) as ex:
         list(ex.map(lambda s: kill_group(L, s), rev))
     with ThreadPoolExecutor(2) as ex:
         list(ex.map(lambda s: kill_group(L, s, 60.0), ["rabbitmq", "mariadb"]))
-    subprocess.run(["epmd", "-kill"], env=dict(os.environ, ERL_EPMD_ADDRESS="127.0.0.1"),
+    subprocess.run(["epmd", "-kill"], env=dict(os.environ, ERL_EPMD_ADDRESS="127.0.0.1",
+                                               ERL_EPMD_PORT=str(PORTS["epmd"])),
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     log("stopped")
 
 
 def status(state: str) -> int:
     L = Layout(state)
+    load_ports(L, None)
     down = 0
     for s in SERVICES:
         pid = read_pid(L, s)
@@ -776,20 +830,24 @@ def status(state: str) -> int:
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) < 1 or argv[0] not in ("install", "start", "up", "stop", "status") or \
-            (argv[0] != "install" and len(argv) != 2):
-        print(__doc__, file=sys.stderr)
-        return 2
-    cmd = argv[0]
+    import argparse
+
+    ap = argparse.ArgumentParser(description="A minimal OpenStack on 127.0.0.1 (see the module docstring).")
+    ap.add_argument("command", choices=["install", "start", "up", "stop", "status"])
+    ap.add_argument("state", nargs="?", help="state directory (all but install)")
+    ap.add_argument("--port-base", type=int, help="ports N … N+7 instead of the standard ones (start, up)")
+    a = ap.parse_args(argv)
+    if a.command != "install" and not a.state:
+        ap.error("a state directory is needed")
     try:
-        if cmd in ("install", "up"):
+        if a.command in ("install", "up"):
             install()
-        if cmd in ("start", "up"):
-            start(argv[1])
-        elif cmd == "stop":
-            stop(argv[1])
-        elif cmd == "status":
-            return status(argv[1])
+        if a.command in ("start", "up"):
+            start(a.state, a.port_base)
+        elif a.command == "stop":
+            stop(a.state)
+        elif a.command == "status":
+            return status(a.state)
     except Failed as e:
         log(f"FAILED: {e}")
         return 1
