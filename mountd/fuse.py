@@ -62,9 +62,8 @@ import os
 import pwd
 import select
 import stat
-import subprocess
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import pyfuse3
 import trio

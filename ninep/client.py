@@ -40,7 +40,7 @@ import heapq
 import logging
 import os
 import stat as statmod
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
 

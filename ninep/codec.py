@@ -325,7 +325,7 @@ def _gen_decoder(cls: type[Message], dialect: Dialect):
             final.append(f"{v} = Qid({v}t, {v}v, {v}p)")
         elif kind in ("s", "data"):
             add("H" if kind == "s" else "I", [f"{v}n"], name)
-            conv = f"str(b[o:e], 'utf-8', 'surrogateescape')" if kind == "s" else "bytes(b[o:e])"
+            conv = "str(b[o:e], 'utf-8', 'surrogateescape')" if kind == "s" else "bytes(b[o:e])"
             post += [
                 f"e = o + {v}n",
                 f"if e > n: raise _short({where!r}, {name!r})",

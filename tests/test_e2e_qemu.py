@@ -25,8 +25,6 @@ from cloudfs.namespace import CloudFS, open_cloudfs
 from mountd.zkserver import free_port
 from ninep.client import Client, open_client
 from ninep.server import Server
-from tests.guestfixtures import tiny_image  # noqa: F401  (fixture)
-from tests.zookeeper import zk_root, zookeeper  # noqa: F401  (fixtures)
 
 pytestmark = pytest.mark.guest
 
@@ -49,7 +47,7 @@ def _reap_vms(state: Path) -> None:
 
 
 @pytest.fixture
-def state(tiny_image, tmp_path):  # noqa: F811
+def state(tiny_image, tmp_path):
     s = tmp_path / "state"
     install_image(s, tiny_image)
     try:
@@ -66,7 +64,7 @@ async def _serve(fs: CloudFS, state: Path, port: int, nursery: trio.Nursery) -> 
 
 
 @pytest.fixture
-async def cloud(zookeeper, zk_root, state):  # noqa: F811
+async def cloud(zookeeper, zk_root, state):
     port = free_port()
     driver = QemuDriver(state, port, accel="tcg")
     async with open_cloudfs(zookeeper.hosts, driver, zk_root, resync_interval=1.0) as fs:
@@ -299,7 +297,7 @@ done
 """
 
 
-async def test_restart_readopts_running_vms(zookeeper, zk_root, state):  # noqa: F811
+async def test_restart_readopts_running_vms(zookeeper, zk_root, state):
     port = free_port()
     sock = f"unix!{state}/cloudfs.sock"
     proc = subprocess.Popen([sys.executable, "-c", DAEMON, zookeeper.hosts, zk_root, str(state), str(port)],

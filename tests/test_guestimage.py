@@ -20,7 +20,7 @@ import pytest
 
 from cloudfs.guestimage import append_files, build_tiny, write_cpio
 from tests.guest import Guest, GuestError, GuestTimeout, booted_guest
-from tests.guestfixtures import CACHE_DIR, guest_factory, tiny_image  # noqa: F401 (fixtures)
+from tests.guestfixtures import CACHE_DIR
 
 pytestmark = pytest.mark.guest
 

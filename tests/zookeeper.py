@@ -18,7 +18,7 @@ import uuid
 
 import pytest
 
-from mountd.zkserver import ZooKeeperServer, free_port  # noqa: F401  (re-exported for tests)
+from mountd.zkserver import ZooKeeperServer
 
 
 @pytest.fixture(scope="session")

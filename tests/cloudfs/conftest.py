@@ -1,6 +1,5 @@
-"""Fixtures of the cloudfs tests: a real ZooKeeper (tests/zookeeper.py)."""
-
-from tests.zookeeper import private_zookeeper, zk_root, zookeeper  # noqa: F401
+"""Fixtures of the cloudfs tests: CloudFS daemons on the real ZooKeeper of
+tests/conftest.py."""
 
 import pytest
 

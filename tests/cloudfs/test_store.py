@@ -102,7 +102,7 @@ async def test_wait_children(store, zk_root):
 
 
 async def test_connect_failure_is_eio():
-    from tests.zookeeper import free_port
+    from mountd.zkserver import free_port
 
     s = Store(f"127.0.0.1:{free_port()}")
     with pytest.raises(FsError) as e:

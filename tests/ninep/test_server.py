@@ -13,7 +13,7 @@ import pytest
 import trio
 
 from ninep import messages as m
-from ninep.codec import encode, unpack_dirents, unpack_stats
+from ninep.codec import unpack_dirents, unpack_stats
 from ninep.memfs import MemFS
 
 from .wire import Wire, serving

@@ -16,7 +16,6 @@ from ninep.client import open_client
 from ninep.memfs import MemFS
 from ninep.server import Server
 from tests.guest import booted_guest
-from tests.guestfixtures import tiny_image  # noqa: F401  (fixture)
 from mountd.zkserver import free_port
 
 pytestmark = pytest.mark.guest
@@ -30,7 +29,7 @@ def port():
 
 
 @pytest.fixture(scope="module")
-def guest(tiny_image, port, tmp_path_factory):  # noqa: F811
+def guest(tiny_image, port, tmp_path_factory):
     with booted_guest(tiny_image, tmp_path_factory.mktemp("v9fs") / "console.log",
                       forwards={564: port}) as g:
         g.check(f"mkdir -p {MNT}")

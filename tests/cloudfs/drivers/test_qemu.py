@@ -22,7 +22,7 @@ from cloudfs.drivers.qemu import FLAVORS, QemuDriver, probe_kvm
 from mountd.zkserver import free_port
 from ninep.memfs import MemFS
 from ninep.server import Server
-from tests.guestfixtures import CACHE_DIR, tiny_image  # noqa: F401  (fixture)
+from tests.guestfixtures import CACHE_DIR
 
 pytestmark = pytest.mark.guest
 
@@ -31,7 +31,7 @@ TAGS = {META_DEPLOYMENT: "/test/qemu", META_PID: "7", META_PPID: "1"}
 
 
 @pytest.fixture
-def state(tiny_image, tmp_path):  # noqa: F811
+def state(tiny_image, tmp_path):
     s = tmp_path / "state"
     imagestore.install_image(s, tiny_image)
     try:
@@ -61,7 +61,7 @@ async def until(check, timeout: float = 90.0, what: str = "condition"):
     raise AssertionError(f"{what} not met within {timeout}s")
 
 
-async def test_store_flavors_networks(state, tiny_image):  # noqa: F811
+async def test_store_flavors_networks(state, tiny_image):
     d = QemuDriver(state, 1, accel="tcg")
     [img] = await d.list_images()
     assert (img.name, img.id, img.size, img.checksum) == ("tiny", tiny_image.id, tiny_image.size,
@@ -91,7 +91,7 @@ async def test_store_flavors_networks(state, tiny_image):  # noqa: F811
     assert imagestore.build_image_main("windows", state) == 2
 
 
-def test_build_image_main_installs_and_caches(tmp_path, tiny_image, capsys):  # noqa: F811
+def test_build_image_main_installs_and_caches(tmp_path, tiny_image, capsys):
     state = tmp_path / "state"
     (state / "cache").mkdir(parents=True)
     (state / "cache" / "guest").symlink_to(CACHE_DIR)  # the session's warm build cache
@@ -169,7 +169,7 @@ async def test_delete_ends_a_running_qemu(state, memfs_port):
     assert d.qemu_pid(s.id) is None and list((state / "vms").iterdir()) == []
 
 
-def test_kvm_probe_answers_within_its_timeout(tiny_image):  # noqa: F811
+def test_kvm_probe_answers_within_its_timeout(tiny_image):
     t = time.monotonic()
     ok = probe_kvm("qemu-system-x86_64", tiny_image.kernel, timeout=5.0)
     took = time.monotonic() - t
@@ -195,7 +195,7 @@ def test_from_listen_picks_the_loopback_tcp_port(tmp_path):
             QemuDriver.from_listen(tmp_path, bad)
 
 
-async def test_auto_accel_probes_once_and_remembers(state, tiny_image):  # noqa: F811
+async def test_auto_accel_probes_once_and_remembers(state, tiny_image):
     d = QemuDriver(state, 1, accel="auto", kvm_probe_timeout=5.0)
     [img] = imagestore.list_images(state)
     first = await d._choose_accel(img.kernel)
