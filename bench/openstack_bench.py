@@ -18,7 +18,7 @@ so the time is the control plane's (API, scheduler, placement, Neutron
 port binding, conductor, compute), not a guest's boot.
 Writes bench/results/openstack.json and prints a table.
 
-    .venv/bin/python bench/openstack_bench.py [--rounds 7] [--concurrent 10] [--os-cloud NAME]
+    .venv/bin/python bench/openstack_bench.py [--rounds 7] [--concurrent 10] [--os-cloud NAME | --state DIR]
 """
 
 from __future__ import annotations
@@ -135,6 +135,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--concurrent", type=int, default=10)
     ap.add_argument("--os-cloud", metavar="NAME", help="an existing cloud (clouds.yaml) instead of a local one")
+    ap.add_argument("--state", metavar="DIR", help="use (and leave running) the local control plane in DIR")
     a = ap.parse_args()
     state = None
     try:
@@ -142,10 +143,17 @@ def main() -> None:
             conn = connect(a.os_cloud, None)
             where = f"cloud {a.os_cloud}"
         else:
-            state = tempfile.mkdtemp(prefix="cloudfs-os-bench-")
-            subprocess.run(["/usr/bin/python3", str(SCRIPT), "up", state], check=True)
-            conn = connect("cloudfs", os.path.join(state, "clouds.yaml"))
             where = "local control plane (scripts/openstack/controlplane.py, Nova fake driver)"
+            if a.state:
+                subprocess.run(["/usr/bin/python3", str(SCRIPT), "up", a.state], check=True)
+                conn = connect("cloudfs", os.path.join(a.state, "clouds.yaml"))
+            else:
+                from tests.openstack import _free_port_base
+
+                state = tempfile.mkdtemp(prefix="cloudfs-os-bench-")
+                subprocess.run(["/usr/bin/python3", str(SCRIPT), "up", state,
+                                "--port-base", str(_free_port_base())], check=True)
+                conn = connect("cloudfs", os.path.join(state, "clouds.yaml"))
         res = bench(conn, a.rounds, a.concurrent)
     finally:
         if state:

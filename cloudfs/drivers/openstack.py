@@ -383,7 +383,7 @@ class OpenStackDriver(ComputeDriver):
                 w.see(None if srv.nova_status in ("DELETED", "SOFT_DELETED") else srv, raw.updated_at)
 
     async def wait(self, server_id: str, states: tuple[str, ...] = ("running",),
-                   timeout: float | None = None) -> OSServer:
+                   timeout: float | None = None, *, ports: bool = True) -> OSServer:
         """Wait until the server is in one of ``states`` (cloudfs words) with
         no Nova task under way, and return it (addresses from its ports).
         DriverError with Nova's fault message if it reaches ``error``
@@ -410,7 +410,12 @@ class OpenStackDriver(ComputeDriver):
                     await trio.sleep(0.25)
             if "error" not in states:
                 raise DriverError(srv.message or f"openstack: server {server_id} is in ERROR (Nova gives no fault)")
-        addrs = await self._call(f"ports of server {server_id}", self._ports_v4, server_id)
+        if not ports:
+            return srv
+        return await self._with_ports(srv)
+
+    async def _with_ports(self, srv: OSServer) -> OSServer:
+        addrs = await self._call(f"ports of server {srv.id}", self._ports_v4, srv.id)
         return dataclasses.replace(srv, addresses=addrs)
 
     # ------------------------------------------------------------ servers
@@ -494,7 +499,7 @@ class OpenStackDriver(ComputeDriver):
         md = {META_DEPLOYMENT: self.deployment}
         md.update(metadata or {})
         pid = md.get(META_PID)
-        if pid is not None:
+        if pid is not None and await self._any_tagged(md):
             for s in await self.find_by_metadata(md[META_DEPLOYMENT], pid):
                 if _live(s):
                     log.info("adopting server %s for pid %s", s.id, pid)
@@ -517,10 +522,23 @@ class OpenStackDriver(ComputeDriver):
             server = await self._dedupe(md[META_DEPLOYMENT], pid, server)
         return server
 
+    async def _any_tagged(self, md: Mapping[str, str]) -> bool:
+        """Whether Nova lists any server with the pid tag of ``md`` (ids
+        only: the cheap first look before a create)."""
+        tag = self.server_tags(md)[-1]
+        return await self._call(f"list servers tagged {tag}", lambda: any(
+            True for _ in self.conn.compute.servers(details=False, tags=tag)))
+
     async def _dedupe(self, deployment: str, pid: str, mine: OSServer) -> OSServer:
         """Keep the oldest live server of (deployment, pid), delete the rest:
         two creates for one pid (a retry after a lost reply racing the first)
         converge on one server whichever of them looks."""
+        md = {META_DEPLOYMENT: deployment, META_PID: pid}
+        tag = self.server_tags(md)[-1]
+        ids = await self._call(f"list servers of {deployment} pid {pid}", lambda: [
+            x.id for x in self.conn.compute.servers(details=False, tags=tag)])
+        if set(ids) <= {mine.id}:
+            return mine  # the usual case: one cheap call, no details
         live = [s for s in await self.find_by_metadata(deployment, pid) if _live(s)]
         if not live or all(s.id == mine.id for s in live):
             return mine
@@ -534,13 +552,28 @@ class OpenStackDriver(ComputeDriver):
         """Wait for ``s`` to be up, then check for duplicates of its pid: by
         then a racing create's server is visible (it is older) or will see
         ours (older) in its own check, so both keep the same, oldest one."""
-        got = await self.wait(s.id, ("running", "stopped"))
         if not metadata or META_PID not in metadata:
-            return got
-        keep = await self._dedupe(metadata.get(META_DEPLOYMENT, self.deployment), metadata[META_PID], got)
-        if keep.id == got.id:
-            return got
-        return await self.wait(keep.id, ("running", "stopped"))
+            return await self.wait(s.id, ("running", "stopped"))
+        got = await self.wait(s.id, ("running", "stopped"), ports=False)
+        # the duplicate check and the port lookup at once (one round trip)
+        results: dict[str, Any] = {}
+
+        async def run(key: str, fn: Callable[[], Any]) -> None:
+            try:
+                results[key] = await fn()
+            except DriverError as e:
+                results[key + "!"] = e
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(run, "keep", lambda: self._dedupe(
+                metadata.get(META_DEPLOYMENT, self.deployment), metadata[META_PID], got))
+            nursery.start_soon(run, "ports", lambda: self._with_ports(got))
+        for key in ("keep!", "ports!"):
+            if key in results:
+                raise results[key]
+        if results["keep"].id == got.id:
+            return results["ports"]
+        return await self.wait(results["keep"].id, ("running", "stopped"))
 
     async def create(self, name: str, image: str, flavor: str, networks: list[str], userdata: bytes,
                      *, metadata: Mapping[str, str] | None = None) -> OSServer:

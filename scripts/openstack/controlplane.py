@@ -693,6 +693,19 @@ def nova_compute_argv(L: Layout) -> list[str]:
             "--config-file", f"{L.etc}/nova/nova.conf"]
 
 
+def retried(what: str, fn, tries: int = 4) -> None:
+    """Run an API step, again after a pause if a service hiccups (a
+    freshly started eventlet server may drop the first connections)."""
+    for i in range(tries):
+        try:
+            return fn()
+        except Exception as e:  # keystoneauth/requests errors: try again
+            if i == tries - 1:
+                raise Failed(f"{what} failed: {type(e).__name__}: {e}") from e
+            log(f"{what}: {type(e).__name__}: {e}; again")
+            time.sleep(2)
+
+
 def start(state: str, port_base: int | None = None) -> None:
     """Start every service not running, then wait until ready."""
     t0 = time.monotonic()
@@ -716,7 +729,7 @@ def start(state: str, port_base: int | None = None) -> None:
                                          {"OS_KEYSTONE_CONFIG_DIR": f"{L.etc}/keystone"}, 2))
         wait_rabbitmq(L)
         wait_until("keystone", lambda: http_ok(f"http://127.0.0.1:{PORTS['keystone']}/v3"), 60, L, ["keystone"])
-        catalog(L)
+        retried("service catalog", lambda: catalog(L))
         dbs["placement"].result()
         launch("placement", lambda: uwsgi(L, "placement", PORTS["placement"], "/usr/bin/placement-api",
                                           {"OS_PLACEMENT_CONFIG_DIR": f"{L.etc}/placement"}, 2))
@@ -746,7 +759,7 @@ def start(state: str, port_base: int | None = None) -> None:
                90, L, ["nova-compute"])
     wait_until("compute host mapped to cell1", lambda: compute_mapped(L), 60, L, ["nova-compute"])
     wait_until("compute resources in placement", lambda: placement_ready(L), 60, L, ["nova-compute"])
-    seed(L)
+    retried("image, flavors and network", lambda: seed(L))
     write_clouds(L)
     log(f"ready in {time.monotonic() - t0:.0f}s; OS_CLIENT_CONFIG_FILE={L.clouds} OS_CLOUD=cloudfs")
 
