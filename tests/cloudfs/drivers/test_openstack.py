@@ -324,3 +324,159 @@ async def test_unanswering_cloud_times_out():
             n.cancel_scope.cancel()
         assert time.monotonic() - t0 < 3
         assert ticks >= 10  # the loop kept running while the call hung
+
+
+# --------------------------------------------------------------------------
+# Through the namespace: CloudFS daemons (real ZooKeeper) whose reconcilers
+# drive this OpenStack; ctl writes reach Nova servers.
+
+@pytest.fixture
+def os_root(zookeeper, zk_root, conn):
+    """A fresh ZooKeeper root = the deployment; its servers are deleted after."""
+    try:
+        yield zk_root
+    finally:
+        delete_servers(conn, zk_root.rstrip("/"))
+
+
+def os_driver(openstack_cloud, deployment: str) -> OpenStackDriver:  # noqa: F811
+    """A driver with its own connection (as a separate daemon would have)."""
+    return OpenStackDriver(openstack_cloud.connect(), deployment=deployment, poll_interval=0.3,
+                           boot_timeout=120)
+
+
+async def wait_state(root, pid: int, state: str, timeout: float = 90) -> dict[str, str]:
+    from tests.cloudfs.fsops import state_is
+
+    return await state_is(root, pid, state, timeout)
+
+
+async def record(fs, pid: int):
+    return (await fs.table.record(pid))[0]
+
+
+async def test_proc_lifecycle_reaches_nova(openstack_cloud, zookeeper, os_root, conn):  # noqa: F811
+    from cloudfs.namespace import open_cloudfs
+    from tests.cloudfs.fsops import cat, ctl, echo
+
+    drv = os_driver(openstack_cloud, os_root)
+    async with open_cloudfs(zookeeper.hosts, drv, os_root, daemon_id="a") as fs:
+        root = await fs.attach("", "")
+        pid = int(await ctl(root, 1, "fork name=web"))
+        await echo(root, f"/proc/{pid}/userdata", "#cloud-config\nruncmd: [true]\n")
+        await ctl(root, pid, "exec tiny")
+        st = await wait_state(root, pid, "running")
+        vm = (await record(fs, pid)).vm
+        nova = conn.compute.get_server(vm)
+        assert nova.status == "ACTIVE" and nova.name == "web"
+        assert nova.metadata[META_PID] == str(pid) and nova.metadata[META_PPID] == "1"
+        assert nova.metadata[META_DEPLOYMENT] == fs.layout.root
+        assert await drv.userdata(vm) == b"#cloud-config\nruncmd: [true]\n"
+        port_ips = [ip["ip_address"] for p in conn.network.ports(device_id=vm) for ip in p.fixed_ips]
+        assert st["addresses"] == " ".join(port_ips) and st["flavor"] in ("m1.tiny", "-")
+
+        await ctl(root, pid, "stop")
+        await wait_state(root, pid, "stopped")
+        assert conn.compute.get_server(vm).status == "SHUTOFF"
+        await ctl(root, pid, "start")
+        await wait_state(root, pid, "running")
+        assert conn.compute.get_server(vm).status == "ACTIVE"
+
+        # exec on a running process: Nova rebuild with the new user-data
+        await echo(root, f"/proc/{pid}/userdata", "second")
+        await ctl(root, pid, "exec tiny")
+        from tests.cloudfs.fsops import eventually
+
+        async def rebuilt():
+            return await drv.userdata(vm) == b"second" and (await record(fs, pid)).built_gen == (await record(fs, pid)).gen
+
+        await eventually(rebuilt, 90, 0.3)
+        await wait_state(root, pid, "running")
+        assert (await record(fs, pid)).vm == vm
+
+        # fork of a running process boots a copy; kill takes children first
+        child = int(await ctl(root, pid, "fork"))
+        await wait_state(root, child, "running")
+        cvm = (await record(fs, child)).vm
+        assert cvm != vm and conn.compute.get_server(cvm).metadata[META_PPID] == str(pid)
+        await ctl(root, pid, "kill")
+
+        async def gone():
+            return str(pid) not in (await cat(root, "/proc")).decode() if False else \
+                await fs.table.record(pid) is None
+
+        await eventually(gone, 90, 0.3)
+        for v in (vm, cvm):
+            s = conn.compute.find_server(v)
+            assert s is None or s.status == "DELETED"
+
+
+async def test_nova_error_in_status(openstack_cloud, zookeeper, os_root, huge_flavor):  # noqa: F811
+    from cloudfs.namespace import open_cloudfs
+    from tests.cloudfs.fsops import ctl
+
+    async with open_cloudfs(zookeeper.hosts, os_driver(openstack_cloud, os_root), os_root) as fs:
+        root = await fs.attach("", "")
+        pid = int(await ctl(root, 1, "fork"))
+        await ctl(root, pid, f"exec tiny flavor={huge_flavor}")
+        st = await wait_state(root, pid, "error")
+        assert "No valid host was found" in st["error"]
+        pid2 = int(await ctl(root, 1, "fork"))
+        await ctl(root, pid2, "exec tiny net=user")
+        await wait_state(root, pid2, "running")
+
+
+async def test_two_daemons_twenty_forks_give_twenty_servers(openstack_cloud, zookeeper, os_root, conn):  # noqa: F811
+    from cloudfs.namespace import open_cloudfs
+    from tests.cloudfs.fsops import ctl
+
+    async with open_cloudfs(zookeeper.hosts, os_driver(openstack_cloud, os_root), os_root, daemon_id="a") as a, \
+            open_cloudfs(zookeeper.hosts, os_driver(openstack_cloud, os_root), os_root, daemon_id="b") as b:
+        roots = [await a.attach("", ""), await b.attach("", "")]
+        pids = []
+
+        async def one(i):
+            r = roots[i % 2]
+            pid = int(await ctl(r, 1, "fork"))
+            pids.append(pid)
+            await ctl(r, pid, "exec tiny")
+
+        async with trio.open_nursery() as n:
+            for i in range(20):
+                n.start_soon(one, i)
+        for pid in pids:
+            await wait_state(roots[0], pid, "running", timeout=180)
+        ours = [s for s in conn.compute.servers() if (s.metadata or {}).get(META_DEPLOYMENT) == a.layout.root]
+        assert len(ours) == 20
+        assert sorted(int(s.metadata[META_PID]) for s in ours) == sorted(pids)
+        assert {(await record(a, p)).vm for p in pids} == {s.id for s in ours}
+
+
+async def test_daemon_stopped_mid_boot_restart_adopts(openstack_cloud, zookeeper, os_root, conn):  # noqa: F811
+    """The daemon acting on a process stops while Nova boots its server (its
+    record names no server yet); the next daemon adopts that server."""
+    from cloudfs.namespace import open_cloudfs
+    from tests.cloudfs.fsops import ctl
+
+    first = os_driver(openstack_cloud, os_root)
+    with trio.CancelScope() as scope:
+        async with open_cloudfs(zookeeper.hosts, first, os_root, daemon_id="doomed") as fs:
+            root = await fs.attach("", "")
+            pid = int(await ctl(root, 1, "fork"))
+            await ctl(root, pid, "exec tiny")
+            md = {META_DEPLOYMENT: fs.layout.root, META_PID: str(pid)}
+            while not await first.find_by_metadata(fs.layout.root, pid):
+                await trio.sleep(0.05)
+            assert (await record(fs, pid)).vm is None  # Nova has it, the record not yet
+            doomed = fs
+            scope.cancel()
+    # the process is gone: so is its ZooKeeper session (the cancelled
+    # open_cloudfs could not close it)
+    await trio.to_thread.run_sync(doomed.store.client.stop)
+    await trio.to_thread.run_sync(doomed.store.client.close)
+    async with open_cloudfs(zookeeper.hosts, os_driver(openstack_cloud, os_root), os_root, daemon_id="next") as fs:
+        root = await fs.attach("", "")
+        await wait_state(root, pid, "running")
+        servers = await first.find_by_metadata(fs.layout.root, pid)
+        assert [s.id for s in servers] == [(await record(fs, pid)).vm]
+        assert (await first.find(md)).id == servers[0].id
