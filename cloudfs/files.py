@@ -11,10 +11,12 @@ Semantics of each file: docs/namespace.md; the table of kinds: cloudfs.tree.
 
 from __future__ import annotations
 
+import errno
 import os
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING
 
+from ninep.errors import FsError
 from ninep.fs import DirEntry, OpenFile, SnapshotFile
 
 from . import ctl
@@ -75,7 +77,9 @@ class StatusFile(SnapshotFile):
         self.fs, self.pid = fs, pid
 
     async def produce(self) -> bytes:
-        rec, _ = await self.fs.table.require(self.pid)
+        rec = await self.fs.table.cached_record(self.pid)
+        if rec is None:
+            raise FsError(errno.ENOENT, f"no process {self.pid}")
         return rec.status_text().encode()
 
 

@@ -107,13 +107,12 @@ class CNode(Node):
         self.fs = view.fs
         self.pid = pid
         self.key = key
-
-    @property
-    def mode(self) -> int:
-        return tree.mode_of(self.kind)
+        self.mode = tree.mode_of(self.kind)
+        self._qid = tree.qid_of(self.kind, pid, key)
+        self._attr: Attr | None = None
 
     def qid(self) -> Qid:
-        return tree.qid_of(self.kind, self.pid, self.key)
+        return self._qid
 
     async def _alive(self) -> None:
         if self.pid and not await self.fs.table.exists(self.pid):
@@ -121,9 +120,11 @@ class CNode(Node):
 
     async def getattr(self) -> Attr:
         await self._alive()
-        t = self.fs.started_ns
-        return Attr(qid=self.qid(), mode=self.mode, nlink=2 if stat.S_ISDIR(self.mode) else 1,
-                    atime_ns=t, mtime_ns=t, ctime_ns=t, uname="cloudfs", gname="cloudfs")
+        if self._attr is None:  # synthetic files: fixed attributes (size 0, the daemon's start time)
+            t = self.fs.started_ns
+            self._attr = Attr(qid=self._qid, mode=self.mode, nlink=2 if stat.S_ISDIR(self.mode) else 1,
+                              atime_ns=t, mtime_ns=t, ctime_ns=t, uname="cloudfs", gname="cloudfs")
+        return self._attr
 
     async def open(self, flags: int) -> OpenFile:
         _check_access(self.mode, flags)

@@ -77,6 +77,15 @@ class ProcTable:
             return None
         return Process.from_json(got[0]), got[1].version
 
+    async def cached_record(self, pid: int) -> Process | None:
+        """The record for reads that serve files (status, liveness, ancestry),
+        parsed once per znode version in the store's watched cache
+        (Store.cached_get); None if there is no such process.  Shared between
+        callers: read it, never mutate it.  Not for compare-and-set: use
+        :meth:`record`."""
+        got = await self.store.cached_get(self.layout.record(pid), Process.from_json)
+        return None if got is None else got[0]
+
     async def require(self, pid: int) -> tuple[Process, int]:
         """Like :meth:`record`; FsError(ENOENT) if missing."""
         r = await self.record(pid)
@@ -86,21 +95,22 @@ class ProcTable:
 
     async def is_descendant(self, pid: int, ancestor: int) -> bool:
         """True when ``pid`` is ``ancestor`` or a descendant of it (follows
-        ``ppid`` links up to init; one ZooKeeper get per level).  False when
+        ``ppid`` links up to init; one cached record per level).  False when
         ``pid`` does not exist."""
         seen: set[int] = set()
         while pid and pid not in seen:
             if pid == ancestor:
                 return True
             seen.add(pid)
-            r = await self.record(pid)
+            r = await self.cached_record(pid)
             if r is None:
                 return False
-            pid = r[0].ppid
+            pid = r.ppid
         return False
 
     async def exists(self, pid: int) -> bool:
-        return await self.store.exists(self.layout.record(pid)) is not None
+        """Whether process ``pid`` is live (from the watched record cache)."""
+        return await self.cached_record(pid) is not None
 
     async def pids(self) -> list[int]:
         """Live pids, ascending (one ZooKeeper get_children)."""

@@ -59,6 +59,9 @@ from ninep.errors import FsError
 
 log = logging.getLogger(__name__)
 
+#: Seconds a watched cache entry (Store.cached_get) is trusted at most.
+CACHE_TTL = 2.0
+
 __all__ = [
     "Store",
     "NoNodeError",
@@ -118,6 +121,10 @@ class Store:
         self._state = KazooState.LOST
         self._connected = trio.Event()
         self._waiters: dict[str, set[trio.Event]] = {}
+        # cached_get: znode path -> (data, stat), valid while its data watch is
+        # armed and the connection is CONNECTED; _cache_gen counts invalidations.
+        self._cache: dict[str, tuple[Any, ZnodeStat, float]] = {}
+        self._cache_gen = 0
         self.on_reconnect: list[Callable[[bool], None]] = []
         #: how many times the session was lost (each LOST adds one)
         self.sessions_lost = 0
@@ -181,6 +188,9 @@ class Store:
                     except Exception:
                         log.exception("on_reconnect callback")
         else:
+            # a suspended or lost session may miss watch events: forget all
+            self._cache.clear()
+            self._cache_gen += 1
             if state == KazooState.LOST:
                 if old != KazooState.LOST:
                     self.sessions_lost += 1
@@ -234,6 +244,37 @@ class Store:
             return await self._call(self.client.get_async, path, self._watch if watch else None)
         except NoNodeError:
             return None
+
+    async def cached_get(self, path: str, decode: Callable[[bytes], Any] = bytes) -> tuple[Any, ZnodeStat] | None:
+        """``(decode(data), stat)`` of ``path`` like :meth:`get`, answered
+        from memory while nothing changed; None if it does not exist.
+
+        The first read arms a ZooKeeper data watch; its event (a change or
+        deletion by any daemon) drops the entry, and so does leaving CONNECTED
+        (a suspended or lost session may miss events).  A value read while
+        any invalidation happened is not kept.  ZooKeeper delivers a watch
+        event to a client before that client can read the new data, so this
+        answers what a direct get through this session would.  Entries older
+        than ``CACHE_TTL`` seconds are read again: that bounds how stale an
+        answer can be while a connection has died silently (a partition kazoo
+        has not noticed yet; a direct read would then fail).  Missing znodes
+        are not cached.  The decoded value is shared by every caller until the
+        znode changes (use one ``decode`` per path; never mutate the value).
+        For reads that serve files; compare-and-set paths read directly.
+        """
+        now = trio.current_time()
+        if self._state == KazooState.CONNECTED:
+            hit = self._cache.get(path)
+            if hit is not None and now - hit[2] < CACHE_TTL:
+                return hit[0], hit[1]
+        gen = self._cache_gen
+        got = await self.get(path, watch=True)
+        if got is None:
+            return None
+        value = decode(got[0])
+        if self._cache_gen == gen and self._state == KazooState.CONNECTED:
+            self._cache[path] = (value, got[1], now)
+        return value, got[1]
 
     async def exists(self, path: str, watch: bool = False) -> ZnodeStat | None:
         """The stat of ``path`` or None; ``watch`` arms a one-shot watch."""
@@ -319,6 +360,8 @@ class Store:
         self._soon(self._fire, event.path)
 
     def _fire(self, path: str) -> None:
+        self._cache.pop(path, None)
+        self._cache_gen += 1
         for ev in self._waiters.get(path, ()):
             ev.set()
 

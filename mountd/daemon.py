@@ -86,6 +86,9 @@ class DaemonOptions:
     deployment: str = "default"
     debug_9p: bool = False
     debug_fuse: bool = False
+    #: seconds the kernel may cache FUSE entries and attributes (tree changes
+    #: from other hosts show after at most this long; 0: always ask)
+    attr_timeout: float = 1.0
 
     @property
     def operator_socket(self) -> Path:
@@ -131,7 +134,7 @@ async def run(opts: DaemonOptions, *, task_status=trio.TASK_STATUS_IGNORED) -> N
                     await clean_stale_mount(str(opts.mount))
                     opts.mount.mkdir(parents=True, exist_ok=True)
                     await nursery.start(partial(mount, fs, str(opts.mount), fsname=f"cloudfs:{opts.deployment}",
-                                                debug=opts.debug_fuse))
+                                                debug=opts.debug_fuse, timeout=opts.attr_timeout))
                 info = {"listen": bound, "mount": str(opts.mount) if opts.mount else None, "zookeeper": hosts,
                         "fs": fs}
                 log.info("cloudfs up: 9P on %s%s; ZooKeeper %s; driver %s", ", ".join(bound),

@@ -109,3 +109,52 @@ async def test_connect_failure_is_eio():
         await s.start(timeout=1)
     assert e.value.errno == errno.EIO
     await s.close()
+
+
+async def test_cached_get_follows_changes_made_by_another_session(store, zookeeper, zk_root):
+    p = f"{zk_root}/cached"
+    await store.create(p, b"v1")
+    other = Store(zookeeper.hosts)  # another daemon's session
+    await other.start()
+    try:
+        assert (await store.cached_get(p))[0] == b"v1"
+        calls = 0
+        real_get = store.get
+
+        async def counting_get(*a, **kw):
+            nonlocal calls
+            calls += 1
+            return await real_get(*a, **kw)
+
+        store.get = counting_get
+        for _ in range(50):
+            assert (await store.cached_get(p))[0] == b"v1"
+        assert calls == 0  # served from memory while nothing changed
+        await other.set(p, b"v2")
+        with trio.fail_after(1.0):  # well under CACHE_TTL: the watch did it
+            while (await store.cached_get(p))[0] != b"v2":
+                await trio.sleep(0.005)
+        await other.delete(p)
+        with trio.fail_after(1.0):
+            while await store.cached_get(p) is not None:
+                await trio.sleep(0.005)
+    finally:
+        await other.close()
+
+
+async def test_cached_get_never_answers_from_memory_without_zookeeper(private_zookeeper):
+    zk = private_zookeeper
+    s = Store(zk.hosts, session_timeout=4.0, op_timeout=3.0, suspend_wait=0.5)
+    await s.start()
+    try:
+        await s.create("/c", b"old")
+        assert (await s.cached_get("/c"))[0] == b"old"
+        await trio.to_thread.run_sync(zk.stop)
+        with pytest.raises(FsError) as e:
+            with trio.fail_after(10):
+                while True:  # the cached value may be answered until kazoo sees the drop
+                    await s.cached_get("/c")
+                    await trio.sleep(0.05)
+        assert e.value.errno in (errno.EAGAIN, errno.EIO)
+    finally:
+        await s.close()
