@@ -11,7 +11,8 @@ Usage (as root, with Debian's own ``/usr/bin/python3``)::
     controlplane.py stop STATE_DIR     # stop everything started from STATE_DIR
     controlplane.py status STATE_DIR   # which services run (exit 1 if one is down)
 
-Services: MariaDB (unix socket only), RabbitMQ (127.0.0.1:5672, its own
+Services (standard ports, or N … N+7 with --port-base; kept in STATE_DIR/ports.json):
+MariaDB (unix socket only), RabbitMQ (127.0.0.1:5672, its own
 epmd on 127.0.0.1), keystone, placement and nova-api under uwsgi, glance-api,
 neutron-server (ML2, openvswitch mechanism driver, vxlan tenant networks, one
 agent row for the compute host inserted by us), nova-conductor,
@@ -506,17 +507,6 @@ def start_rabbitmq(L: Layout) -> None:
 
 def wait_rabbitmq(L: Layout) -> None:
     wait_until("rabbitmq on 127.0.0.1:5672", lambda: port_open(PORTS["rabbit"]), 90, L, ["rabbitmq"])
-
-
-def queue_consumers(L: Layout) -> dict[str, int]:
-    r = subprocess.run(["/usr/lib/rabbitmq/bin/rabbitmqctl", "-q", "list_queues", "name", "consumers"],
-                       capture_output=True, text=True, timeout=30, env=dict(os.environ, **rabbit_env(L)))
-    out = {}
-    for line in r.stdout.splitlines():
-        parts = line.split()
-        if len(parts) == 2 and parts[1].isdigit():
-            out[parts[0]] = int(parts[1])
-    return out
 
 
 def db_sync(L: Layout, ex: ThreadPoolExecutor) -> dict:

@@ -21,7 +21,12 @@ from cloudfs.drivers.base import DriverError, NotFound
 from cloudfs.drivers.openstack import META_DEPLOYMENT, META_PID, META_PPID, OpenStackDriver
 from tests.openstack import openstack_cloud  # noqa: F401
 
-pytestmark = pytest.mark.openstack
+pytestmark = [
+    pytest.mark.openstack,
+    # openstacksdk's own deprecation notices about its internals, by the hundred
+    pytest.mark.filterwarnings("ignore::PendingDeprecationWarning:openstack"),
+    pytest.mark.filterwarnings("ignore::DeprecationWarning:openstack"),
+]
 
 
 @pytest.fixture
