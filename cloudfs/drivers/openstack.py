@@ -701,7 +701,6 @@ class OpenStackDriver(ComputeDriver):
         cidrs: dict[str, list[tuple[int, str, str]]] = {}
         for sn in self.conn.network.subnets():
             cidrs.setdefault(sn.network_id, []).append((sn.ip_version or 4, sn.cidr, sn.id))
-        out = []
         nets = []
         for n in self.conn.network.networks():
             subs = sorted(cidrs.get(n.id, []))
