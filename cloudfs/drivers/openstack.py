@@ -471,9 +471,16 @@ class OpenStackDriver(ComputeDriver):
         return [self._server(s) for s in servers]
 
     async def find(self, metadata: Mapping[str, str]) -> OSServer | None:
-        """The oldest live (not ERROR, not deleted) server whose metadata
-        has every key/value of ``metadata`` (it must name the deployment),
-        or None.  The reconciler asks this before every create."""
+        """The server to adopt for ``metadata`` (every key/value must match;
+        it names the deployment and usually the pid), or None.  The reconciler
+        asks this before every create, and for a killed process whose record
+        names no server.
+
+        Nova's servers are settled first, so adopting one is as good as
+        creating it: a server still booting is waited for (until ACTIVE or
+        SHUTOFF, ``boot_timeout``) and returned with its port addresses; one
+        that ends in ERROR, or is in ERROR, is deleted (it would be an orphan)
+        and not returned; of several live ones the oldest is returned."""
         md = dict(metadata)
         dep = md.get(META_DEPLOYMENT, self.deployment)
 
@@ -481,11 +488,31 @@ class OpenStackDriver(ComputeDriver):
             return [s for s in self._list_ours(dep, md.get(META_PID))
                     if all((s.metadata or {}).get(k) == v for k, v in md.items())]
 
+        live: OSServer | None = None
         for s in await self._call(f"find server {md}", match):
             srv = self._server(s)
-            if _live(srv):
-                return srv
-        return None
+            if srv.nova_status == "ERROR" and srv.task_state is None:
+                log.info("deleting failed server %s of %s", srv.id, md)
+                await self.delete(srv.id, wait=False)
+            elif live is None and _live(srv):
+                live = srv
+        if live is None:
+            return None
+        if live.status == "running" and live.task_state is None:
+            return await self._with_ports(live)
+        try:
+            return await self.wait(live.id, ("running", "stopped"))
+        except NotFound:
+            return None
+        except DriverError:
+            try:
+                now = await self._get(live.id)
+            except NotFound:
+                return None
+            if now.status != "error":
+                raise  # e.g. still building at the deadline
+            await self.delete(live.id, wait=False)
+            return None
 
     async def boot(self, name: str, image: str, flavor: str, networks: list[str], userdata: bytes,
                    *, metadata: Mapping[str, str] | None = None, dedupe: bool = True) -> OSServer:

@@ -204,7 +204,11 @@ async def test_nova_error_surfaces_with_fault_message(drv, huge_flavor):
     assert (await drv.status(s.id)).message == e.message
     with pytest.raises(DriverError, match="ERROR"):
         await drv.stop(s.id)
-    await drv.delete(s.id)
+    # adoption never picks a failed server, and removes it (no orphan)
+    assert await drv.find(md(drv, 5)) is None
+    with trio.fail_after(60):
+        while await drv.find_by_metadata(pid=5):
+            await trio.sleep(0.3)
 
 
 async def test_twenty_concurrent_creates_give_twenty_servers(drv, conn):
@@ -241,8 +245,9 @@ async def test_lost_reply_is_adopted_not_duplicated(drv, conn):
                                networks=[{"uuid": conn.network.find_network("user").id}],
                                user_data=base64.b64encode(b"first").decode(), metadata=meta,
                                tags=drv.server_tags(meta))
-    found = await drv.find(meta)
-    assert found is not None and found.metadata[META_PID] == "42"
+    found = await drv.find(meta)  # waits for the boot to settle
+    assert found is not None and found.metadata[META_PID] == "42" and found.status == "running"
+    assert found.addresses and found.nova_status == "ACTIVE"
     s = await drv.create("p42", "tiny", "", [], b"first", metadata=meta)
     assert s.id == found.id and s.status == "running"
     assert [x.id for x in await drv.find_by_metadata(pid=42)] == [s.id]
