@@ -5,20 +5,22 @@ Semantics follow the OpenStack APIs (Compute API v2.1 with microversions,
 Image API v2, Networking API v2.0):
 
 - ``create`` boots a server (Nova ``POST /servers``) with user data base64
-  encoded by us, server metadata ``cloudfs-deployment``, ``cloudfs-pid`` and
-  ``cloudfs-ppid`` (given by the caller in ``metadata``), and waits for
-  ``ACTIVE``.  With a pid in the metadata it first looks for a server of that
-  deployment and pid (:meth:`OpenStackDriver.find_by_metadata`) and adopts it,
-  and after booting it deletes any younger duplicate (a create whose reply was
-  lost, retried), so one pid never has two servers.  A boot ending in
-  ``ERROR`` is deleted and raises DriverError with Nova's fault message
-  (e.g. "No valid host was found. …").
+  encoded by us and the caller's ``metadata`` as server metadata
+  (``cloudfs-deployment``, ``cloudfs-pid``, ``cloudfs-ppid``; other keys such
+  as ``cloudfs-secret`` reach the guest through the metadata service), plus
+  two tags that index it by deployment and pid; it waits for ``ACTIVE``.
+  :meth:`OpenStackDriver.find` (asked by the reconciler before every create)
+  adopts an existing server of that deployment and pid once it has settled,
+  and deletes failed ones; ``create`` looks too, and once its server is up
+  deletes any younger duplicate of the pid, so one pid never keeps two
+  servers.  A boot ending in ``ERROR`` is deleted and raises DriverError with
+  Nova's fault message (e.g. "No valid host was found. …").
 - ``rebuild`` is Nova rebuild (microversion ≥ 2.57 carries user data);
   ``delete`` waits until the server is gone; ``stop``/``start`` are the
   os-stop/os-start actions, idempotent.
 - ``status`` maps Nova's status: BUILD/REBUILD → ``creating``, ACTIVE →
   ``running``, SHUTOFF (and PAUSED, SUSPENDED, SHELVED*) → ``stopped``,
-  ERROR → ``error`` (with the fault message in ``error``), DELETED and
+  ERROR → ``error`` (Nova's fault message in ``message``), DELETED and
   SOFT_DELETED → ``killed``; a server that no longer exists is NotFound.
   Addresses come from the server's Neutron ports (IPv4 fixed IPs).
 
