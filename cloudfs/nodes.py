@@ -110,6 +110,7 @@ class CNode(Node):
         self.mode = tree.mode_of(self.kind)
         self._qid = tree.qid_of(self.kind, pid, key)
         self._attr: Attr | None = None
+        self._children: dict[str, Node] = {}  # fixed-name children, made once (root dirs, a pid's files)
 
     def qid(self) -> Qid:
         return self._qid
@@ -154,10 +155,13 @@ class RootNode(CNode):
     kind = tree.ROOT
 
     async def walk(self, name: str) -> Node:
-        for n, kind in tree.ROOT_DIRS:
-            if n == name:
-                return _DIRS[kind](self.view)
-        raise FsError(errno.ENOENT, f"no {name!r} in /")
+        node = self._children.get(name)
+        if node is None:
+            kind = dict(tree.ROOT_DIRS).get(name)
+            if kind is None:
+                raise FsError(errno.ENOENT, f"no {name!r} in /")
+            node = self._children[name] = _DIRS[kind](self.view)
+        return node
 
     async def _entries(self) -> list[DirEntry]:
         return [self._entry(n, _DIRS[k](self.view)) for n, k in tree.ROOT_DIRS]
@@ -192,11 +196,14 @@ class PidNode(CNode):
     kind = tree.PID
 
     async def walk(self, name: str) -> Node:
-        for n, kind in tree.PID_FILES:
-            if n == name:
-                await self._alive()
-                return _PID_NODES[kind](self.view, self.pid)
-        raise FsError(errno.ENOENT, f"no {name!r} in /proc/{self.pid}")
+        node = self._children.get(name)
+        if node is None:
+            kind = dict(tree.PID_FILES).get(name)
+            if kind is None:
+                raise FsError(errno.ENOENT, f"no {name!r} in /proc/{self.pid}")
+            node = self._children[name] = _PID_NODES[kind](self.view, self.pid)
+        await self._alive()
+        return node
 
     async def _entries(self) -> list[DirEntry]:
         return [self._entry(n, _PID_NODES[k](self.view, self.pid)) for n, k in tree.PID_FILES]
