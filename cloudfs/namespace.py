@@ -149,4 +149,7 @@ async def open_cloudfs(hosts: str, driver: ComputeDriver, root: str = DEFAULT_RO
                 await fs.close()
                 nursery.cancel_scope.cancel()
     finally:
-        await store.close()
+        # Close the session even when cancelled: its ephemeral owner znodes
+        # must go now, so another daemon can take its processes over.
+        with trio.CancelScope(shield=True), trio.move_on_after(10):
+            await store.close()

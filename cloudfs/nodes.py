@@ -314,7 +314,8 @@ class ImagesNode(CNode):
 
 
 class ImageNode(CNode):
-    """``/images/<name>``: id name status size disk_format checksum created."""
+    """``/images/<name>``: id name status size disk_format container_format
+    (``-`` where the driver has none) checksum created."""
 
     kind = tree.IMAGE
 
@@ -325,7 +326,9 @@ class ImageNode(CNode):
         for i in await self.fs.driver.list_images():
             if i.name == self.key:
                 return kv_text([("id", i.id), ("name", i.name), ("status", i.status), ("size", i.size),
-                                ("disk_format", i.disk_format), ("checksum", i.checksum), ("created", i.created)])
+                                ("disk_format", i.disk_format),
+                                ("container_format", i.container_format),
+                                ("checksum", i.checksum), ("created", i.created)])
         raise FsError(errno.ENOENT, f"no image {self.key!r}")
 
     def _open(self, flags: int) -> OpenFile:

@@ -60,11 +60,13 @@ def cmd_up(args: argparse.Namespace) -> int:
         debug_9p=args.debug_9p,
         debug_fuse=args.debug_fuse,
     )
+    from cloudfs.drivers.base import DriverError
+
     if args.debug_9p:
         logging.getLogger("ninep.trace").setLevel(logging.DEBUG)
     try:
         trio.run(run, opts)
-    except (ValueError, RuntimeError, OSError) as e:
+    except (ValueError, RuntimeError, OSError, DriverError) as e:
         logging.getLogger("cloudfs").error("cloudfs up: %s", e)
         return 1
     return 0

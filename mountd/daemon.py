@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -44,13 +44,13 @@ DEFAULT_LISTEN = "tcp!127.0.0.1!564"
 DEFAULT_STATE_DIR = Path("/var/lib/cloudfs")
 
 
-def _fake_driver(opts: "DaemonOptions", ninep_port: int | None) -> ComputeDriver:
+async def _fake_driver(opts: "DaemonOptions", ninep_port: int | None) -> ComputeDriver:
     from cloudfs.drivers.fake import FakeDriver
 
     return FakeDriver()
 
 
-def _qemu_driver(opts: "DaemonOptions", ninep_port: int | None) -> ComputeDriver:
+async def _qemu_driver(opts: "DaemonOptions", ninep_port: int | None) -> ComputeDriver:
     from cloudfs.drivers.qemu import QemuDriver
 
     if ninep_port is None:
@@ -58,15 +58,18 @@ def _qemu_driver(opts: "DaemonOptions", ninep_port: int | None) -> ComputeDriver
     return QemuDriver(opts.state_dir, ninep_port)
 
 
-def _openstack_driver(opts: "DaemonOptions", ninep_port: int | None) -> ComputeDriver:
+async def _openstack_driver(opts: "DaemonOptions", ninep_port: int | None) -> ComputeDriver:
     from cloudfs.drivers.openstack import OpenStackDriver
 
-    return OpenStackDriver.from_cloud(opts.os_cloud)
+    # reads clouds.yaml / OS_* (files only): off the event loop
+    return await trio.to_thread.run_sync(
+        partial(OpenStackDriver.from_cloud, opts.os_cloud, deployment=opts.zk_root))
 
 
-#: Compute drivers by ``--driver`` name: a function of the options and the
-#: daemon's loopback 9P port (where local guests attach) giving a driver.
-DRIVERS: dict[str, Callable[["DaemonOptions", int | None], ComputeDriver]] = {
+#: Compute drivers by ``--driver`` name: an async function of the options and
+#: the daemon's loopback 9P port (where local guests attach) giving a driver.
+#: They raise ValueError or cloudfs.drivers.base.DriverError when unusable.
+DRIVERS: dict[str, Callable[["DaemonOptions", int | None], Awaitable[ComputeDriver]]] = {
     "qemu": _qemu_driver,
     "fake": _fake_driver,
     "openstack": _openstack_driver,
@@ -94,6 +97,11 @@ class DaemonOptions:
     def operator_socket(self) -> Path:
         return self.state_dir / "cloudfs.sock"
 
+    @property
+    def zk_root(self) -> str:
+        """The deployment's znode, also its name in server metadata."""
+        return f"/cloudfs/{self.deployment}"
+
 
 async def run(opts: DaemonOptions, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
     """Run the daemon until SIGINT/SIGTERM (or cancellation).
@@ -102,7 +110,9 @@ async def run(opts: DaemonOptions, *, task_status=trio.TASK_STATUS_IGNORED) -> N
     strings), ``mount``, ``zookeeper`` (hosts) and ``fs`` (the CloudFS, for
     embedding and tests) once everything serves.
     Raises ValueError for an unknown driver or bad dial string, RuntimeError
-    when ZooKeeper cannot be started, OSError when an address cannot be bound.
+    when ZooKeeper cannot be started, OSError when an address cannot be bound,
+    DriverError when the compute driver cannot be set up (e.g. no usable cloud
+    configuration).
     """
     if opts.driver not in DRIVERS:
         raise ValueError(f"unknown driver {opts.driver!r} (known: {', '.join(sorted(DRIVERS))})")
@@ -122,8 +132,8 @@ async def run(opts: DaemonOptions, *, task_status=trio.TASK_STATUS_IGNORED) -> N
         for dial in opts.listen:
             listeners += await open_listeners(dial)
         public = [listener_address(l) for l in listeners]
-        driver = DRIVERS[opts.driver](opts, _loopback_port(public))
-        async with open_cloudfs(hosts, driver, root=f"/cloudfs/{opts.deployment}") as fs:
+        driver = await DRIVERS[opts.driver](opts, _loopback_port(public))
+        async with open_cloudfs(hosts, driver, root=opts.zk_root) as fs:
             async with trio.open_nursery() as nursery:
                 await nursery.start(partial(Server(fs.public(), trace=opts.debug_9p).serve_listeners, listeners))
                 bound = public + await nursery.start(Server(fs, trace=opts.debug_9p).serve,

@@ -38,7 +38,8 @@ class NotFound(DriverError):
 
 @dataclass(frozen=True)
 class Image:
-    """An image: ``size`` in bytes, ``created`` ISO 8601 UTC."""
+    """An image: ``size`` in bytes, ``created`` ISO 8601 UTC;
+    ``container_format`` as Glance has it (``""`` where the driver has none)."""
 
     id: str
     name: str
@@ -47,6 +48,7 @@ class Image:
     disk_format: str
     checksum: str
     created: str
+    container_format: str = ""
 
 
 @dataclass(frozen=True)

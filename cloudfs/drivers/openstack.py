@@ -88,9 +88,7 @@ class OSServer(Server):
 
 @dataclass(frozen=True)
 class OSImage(Image):
-    """A Glance image: the base :class:`Image` plus ``container_format``."""
-
-    container_format: str = ""
+    """A Glance image (the base :class:`Image`, with ``container_format`` set)."""
 
 
 @dataclass(frozen=True)

@@ -382,7 +382,7 @@ async def test_images(root):
     assert await ls(root, "/images") == ["tiny", "alpine"]
     text = (await cat(root, "/images/tiny")).decode()
     kv = dict(line.split(" ", 1) for line in text.splitlines())
-    assert list(kv) == ["id", "name", "status", "size", "disk_format", "checksum", "created"]
+    assert list(kv) == ["id", "name", "status", "size", "disk_format", "container_format", "checksum", "created"]
     assert kv["name"] == "tiny" and kv["disk_format"] == "qcow2"
     await fails(errno.ENOENT, walk(root, "/images/nope"))
 
