@@ -144,8 +144,9 @@ async def bench_listing(root, repeats: int = 7) -> tuple[list[float], int]:
 
 
 async def main(args) -> dict:
-    zk = ZooKeeperServer()
-    await trio.to_thread.run_sync(zk.start)
+    zk = ZooKeeperServer(die_with_parent=True)
+    zk.launch()  # from the main thread: the server dies with this process
+    await trio.to_thread.run_sync(zk.wait_ready)
     try:
         driver = FakeDriver()
         root = f"/bench-{os.getpid()}"

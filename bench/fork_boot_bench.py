@@ -76,8 +76,9 @@ async def gone(c, pid: int, timeout: float = 60) -> None:
 
 async def run(forks: int, accel: str) -> dict:
     image = await trio.to_thread.run_sync(lambda: build_tiny(CACHE_DIR, progress=lambda _l: None))
-    zk = ZooKeeperServer()
-    await trio.to_thread.run_sync(zk.start)
+    zk = ZooKeeperServer(die_with_parent=True)
+    zk.launch()  # from the main thread: the server dies with this process
+    await trio.to_thread.run_sync(zk.wait_ready)
     tmp = tempfile.TemporaryDirectory(prefix="fork-boot-")
     state = pathlib.Path(tmp.name)
     driver = None

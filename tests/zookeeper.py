@@ -24,7 +24,7 @@ from mountd.zkserver import ZooKeeperServer
 @pytest.fixture(scope="session")
 def zookeeper():
     """The session's ZooKeeperServer (started once, killed at session end)."""
-    server = ZooKeeperServer()
+    server = ZooKeeperServer(die_with_parent=True)  # gone even if pytest is killed
     try:
         server.start()
         yield server
@@ -41,7 +41,7 @@ def zk_root(zookeeper) -> str:
 @pytest.fixture
 def private_zookeeper():
     """A ZooKeeperServer of this test alone, to stop and restart at will."""
-    server = ZooKeeperServer()
+    server = ZooKeeperServer(die_with_parent=True)  # gone even if pytest is killed
     try:
         server.start()
         yield server

@@ -50,7 +50,8 @@ async def test_server_down_errors_then_recovers(private_zookeeper):
                 await ctl(root, 1, "fork")
             assert e.value.errno in (errno.EAGAIN, errno.EIO)
             assert got == []  # the blocked read waits: no wrong answer
-            await trio.to_thread.run_sync(zk.start)
+            zk.launch()  # from this (the main) thread: the server dies with the test process
+            await trio.to_thread.run_sync(zk.wait_ready)
             assert str(pid) in await _recovered(root)
             assert got == []
             await echo(root, f"/proc/{pid}/env/k", "after\n")
@@ -110,7 +111,8 @@ async def test_nonblocking_read_during_outage_is_error(private_zookeeper):
             with pytest.raises(FsError) as e:
                 await f.read(0, 100)
             assert e.value.errno in (errno.EAGAIN, errno.EIO)
-        await trio.to_thread.run_sync(zk.start)
+        zk.launch()  # from this (the main) thread: the server dies with the test process
+        await trio.to_thread.run_sync(zk.wait_ready)
         await _recovered(root)
 
 
