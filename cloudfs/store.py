@@ -61,6 +61,8 @@ log = logging.getLogger(__name__)
 
 #: Seconds a watched cache entry (Store.cached_get) is trusted at most.
 CACHE_TTL = 2.0
+#: kazoo methods that only read (Store.many keeps the cache for these).
+_READS = frozenset({"get_async", "exists_async", "get_children_async"})
 
 __all__ = [
     "Store",
@@ -143,7 +145,8 @@ class Store:
             await trio.to_thread.run_sync(self.client.start, timeout)
         except Exception as e:  # kazoo raises its timeout as a plain exception
             raise FsError(errno.EIO, f"cannot connect to ZooKeeper at {self.hosts}: {e}") from e
-        self._set_state(KazooState.CONNECTED)
+        # kazoo's own view: its listener may already have reported a drop
+        self._set_state(self.client.state)
 
     async def close(self) -> None:
         """Close the session (ephemeral znodes vanish) and stop kazoo's threads."""
@@ -245,6 +248,21 @@ class Store:
         except NoNodeError:
             return None
 
+    async def _write(self, method: Callable[..., Any], *args: Any) -> Any:
+        """A call that changes znodes.  The watched cache is dropped before and
+        after it: kazoo may hand the call's completion to trio before the
+        watch event, and this daemon must never read its own change's old
+        value from memory."""
+        self._forget_cache()
+        try:
+            return await self._call(method, *args)
+        finally:
+            self._forget_cache()
+
+    def _forget_cache(self) -> None:
+        self._cache.clear()
+        self._cache_gen += 1
+
     async def cached_get(self, path: str, decode: Callable[[bytes], Any] = bytes) -> tuple[Any, ZnodeStat] | None:
         """``(decode(data), stat)`` of ``path`` like :meth:`get`, answered
         from memory while nothing changed; None if it does not exist.
@@ -252,9 +270,11 @@ class Store:
         The first read arms a ZooKeeper data watch; its event (a change or
         deletion by any daemon) drops the entry, and so does leaving CONNECTED
         (a suspended or lost session may miss events).  A value read while
-        any invalidation happened is not kept.  ZooKeeper delivers a watch
-        event to a client before that client can read the new data, so this
-        answers what a direct get through this session would.  Entries older
+        any invalidation happened is not kept, and every write of this store
+        drops the whole cache, so this daemon always reads its own changes.
+        Another daemon's change is seen as soon as its watch event reaches
+        trio (ZooKeeper sends it before this session could read the new
+        data; kazoo's event thread adds moments).  Entries older
         than ``CACHE_TTL`` seconds are read again: that bounds how stale an
         answer can be while a connection has died silently (a partition kazoo
         has not noticed yet; a direct read would then fail).  Missing znodes
@@ -293,21 +313,21 @@ class Store:
     ) -> str:
         """Create ``path``; returns the created path (with sequence suffix).
         NodeExistsError / NoNodeError (missing parent) as kazoo raises them."""
-        return await self._call(
+        return await self._write(
             self.client.create_async, path, data, None, ephemeral, sequence, makepath
         )
 
     async def set(self, path: str, data: bytes, version: int = -1) -> ZnodeStat:
         """Replace ``path``'s data (BadVersionError if ``version`` != -1 and differs)."""
-        return await self._call(self.client.set_async, path, data, version)
+        return await self._write(self.client.set_async, path, data, version)
 
     async def delete(self, path: str, version: int = -1) -> None:
         """Delete one znode (NoNodeError, NotEmptyError, BadVersionError)."""
-        await self._call(self.client.delete_async, path, version)
+        await self._write(self.client.delete_async, path, version)
 
     async def ensure_path(self, path: str) -> None:
         """Create ``path`` and its missing parents (no error if it exists)."""
-        await self._call(self.client.ensure_path_async, path)
+        await self._write(self.client.ensure_path_async, path)
 
     def transaction(self):
         """A kazoo ``TransactionRequest``; add ops, then ``await store.commit(t)``."""
@@ -316,7 +336,7 @@ class Store:
     async def commit(self, txn) -> list[Any]:
         """Commit a multi atomically; raises the failing op's exception
         (NodeExistsError, BadVersionError …) if it was rolled back."""
-        results = await self._call(txn.commit_async)
+        results = await self._write(txn.commit_async)
         err = txn_error(results)
         if err is not None:
             raise err
@@ -325,6 +345,15 @@ class Store:
     async def many(self, method_name: str, args: Sequence[tuple]) -> list[Any]:
         """Pipeline many calls of one kazoo ``*_async`` method; results (or the
         exception instances) in order.  Used for bulk reads and loads."""
+        if method_name not in _READS:
+            self._forget_cache()
+            try:
+                return await self._many(method_name, args)
+            finally:
+                self._forget_cache()
+        return await self._many(method_name, args)
+
+    async def _many(self, method_name: str, args: Sequence[tuple]) -> list[Any]:
         await self._ready()
         method = getattr(self.client, method_name)
         pending = [method(*a) for a in args]

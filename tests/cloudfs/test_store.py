@@ -158,3 +158,20 @@ async def test_cached_get_never_answers_from_memory_without_zookeeper(private_zo
         assert e.value.errno in (errno.EAGAIN, errno.EIO)
     finally:
         await s.close()
+
+
+async def test_cached_get_always_sees_this_stores_own_writes(store, zk_root):
+    """kazoo may hand a write's completion to trio before its watch event:
+    the store's own writes must still never be answered from an old copy."""
+    p = f"{zk_root}/own"
+    await store.create(p, b"0")
+    for i in range(1, 501):
+        assert (await store.cached_get(p))[0] == b"%d" % (i - 1)
+        await store.set(p, b"%d" % i)
+        assert (await store.cached_get(p))[0] == b"%d" % i
+    t = store.transaction()
+    t.set_data(p, b"multi")
+    await store.commit(t)
+    assert (await store.cached_get(p))[0] == b"multi"
+    await store.delete(p)
+    assert await store.cached_get(p) is None
