@@ -21,6 +21,7 @@ the next start.
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import signal
@@ -117,15 +118,16 @@ async def run(opts: DaemonOptions, *, task_status=trio.TASK_STATUS_IGNORED) -> N
     if opts.driver not in DRIVERS:
         raise ValueError(f"unknown driver {opts.driver!r} (known: {', '.join(sorted(DRIVERS))})")
     opts.state_dir.mkdir(parents=True, exist_ok=True)
+    lock = _lock_state_dir(opts.state_dir)  # one daemon per state dir
     zk = None
+    socket_bound = False
     hosts = opts.zookeeper
-    if hosts is None:
-        zk = zkserver.embedded(opts.state_dir)
-        log.info("starting embedded ZooKeeper on %s (data in %s)", zk.hosts, zk.dir)
-        zk.launch()  # from this (the main) thread: the server dies with the daemon
-        hosts = zk.hosts
     try:
-        if zk is not None:
+        if hosts is None:
+            zk = zkserver.embedded(opts.state_dir)
+            log.info("starting embedded ZooKeeper on %s (data in %s)", zk.hosts, zk.dir)
+            zk.launch()  # from this (the main) thread: the server dies with the daemon
+            hosts = zk.hosts
             await trio.to_thread.run_sync(zk.wait_ready)
         # Bind first: a driver whose guests attach over 9P needs the port.
         listeners = []
@@ -138,6 +140,7 @@ async def run(opts: DaemonOptions, *, task_status=trio.TASK_STATUS_IGNORED) -> N
                 await nursery.start(partial(Server(fs.public(), trace=opts.debug_9p).serve_listeners, listeners))
                 bound = public + await nursery.start(Server(fs, trace=opts.debug_9p).serve,
                                                      f"unix!{opts.operator_socket}")
+                socket_bound = True
                 if opts.mount is not None:
                     from .fuse import clean_stale_mount, mount
 
@@ -159,10 +162,28 @@ async def run(opts: DaemonOptions, *, task_status=trio.TASK_STATUS_IGNORED) -> N
         if zk is not None:
             log.info("stopping embedded ZooKeeper")
             zk.stop()
-        try:
-            os.unlink(opts.operator_socket)
-        except OSError:
-            pass
+        if socket_bound:
+            try:
+                os.unlink(opts.operator_socket)
+            except OSError:
+                pass
+        os.close(lock)
+
+
+def _lock_state_dir(state_dir: Path) -> int:
+    """Hold ``STATE/lock`` (flock) for the daemon's life; returns its fd.
+    RuntimeError if another daemon holds it (it would share the embedded
+    ZooKeeper's data and the operator socket)."""
+    fd = os.open(state_dir / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise RuntimeError(f"another cloudfs up (pid {holder}) uses the state dir {state_dir}") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
 
 
 def _loopback_port(dials: list[str]) -> int | None:

@@ -312,3 +312,20 @@ def test_select_waits_for_env_key_and_wait_record(daemon):
     finally:
         os.close(fd)
         os.close(wfd)
+
+
+def test_a_second_daemon_on_the_same_state_dir_is_refused(daemon):
+    other = subprocess.run(
+        [sys.executable, "-m", "mountd.cli", "up", "--driver", "fake", "--state-dir", str(daemon.state),
+         "--listen", f"tcp!127.0.0.1!{free_port()}"],
+        cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert other.returncode == 1 and "another cloudfs up" in other.stderr
+    # the running daemon is untouched: its operator socket and ZooKeeper still answer
+    assert (daemon.state / "cloudfs.sock").exists()
+    assert sh(f"ls {daemon.mnt}/proc").stdout.split() == ["1"]
+
+    async def ps():
+        async with open_client(daemon.operator) as c:
+            return await c.listdir("proc")
+
+    assert trio.run(ps) == ["1"]
