@@ -811,6 +811,7 @@ async def mount(
     uname: str | None = None,
     aname: str = "",
     timeout: float = 1.0,
+    allow_other: bool = False,
     task_status=trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``fs`` at ``mountpoint`` through the kernel's FUSE until cancelled
@@ -818,8 +819,12 @@ async def mount(
 
     Cleans a stale mount at ``mountpoint`` first, attaches ``fs`` as
     ``uname``/``aname`` (FsError if refused), mounts with ``fsname`` (shown
-    by mount(8)), ``default_permissions`` and, as root, ``allow_other``, and
-    runs pyfuse3 with up to ``max_tasks`` concurrent handlers.  ``debug``
+    by mount(8)) and ``default_permissions``, and
+    runs pyfuse3 with up to ``max_tasks`` concurrent handlers.  The mount
+    carries the rights of whoever attached (for ``cloudfs up``, the
+    operator's), so only the mounting user may use it unless ``allow_other``
+    (FUSE's option of that name; needs root) opens it to every local user.
+    ``debug``
     turns on libfuse's request trace.  ``task_status.started(adapter)`` is
     called once mounted.  One mount per process (pyfuse3 is global).
     Raises RuntimeError from pyfuse3 when mounting fails.
@@ -831,7 +836,7 @@ async def mount(
     options = set(pyfuse3.default_options)
     options.add(f"fsname={fsname}")
     options.add("subtype=cloudfs")
-    if os.geteuid() == 0:
+    if allow_other:
         options.add("allow_other")
     if debug:
         options.add("debug")
