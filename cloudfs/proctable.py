@@ -426,6 +426,9 @@ class ProcTable:
                 if p.startswith(f"{pid}-"):
                     t.delete(f"{L.pending}/{p}")
             if parent is not None:
+                # the parent's kill may be recorded meanwhile: then this multi
+                # must queue its work (children first), so check its version
+                t.check(L.record(rec.ppid), parent[1])
                 t.delete(L.kid(rec.ppid, pid))
                 t.create(L.wait_prefix(rec.ppid), WaitRecord(pid, rec.name, state, message).to_json(),
                          sequence=True)
