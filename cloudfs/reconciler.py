@@ -39,6 +39,7 @@ from .drivers.base import META_SECRET, DriverError, NotFound
 from .process import Process
 from .proctable import ProcTable
 from .store import NoNodeError, NodeExistsError
+from .znodes import INIT_PID
 
 log = logging.getLogger(__name__)
 
@@ -90,18 +91,21 @@ class Reconciler:
 
     async def _resync_loop(self) -> None:
         while True:
-            await trio.sleep(self.resync_interval)
             try:
                 await self.resync()
             except FsError as e:
                 log.info("resync skipped: %s", e)
+            await trio.sleep(self.resync_interval)
 
     async def resync(self) -> None:
         """Write the backend's view of this daemon's processes back (like
         Nova's power-state sync; this polls the *driver*, never ZooKeeper):
         a server that ended by itself or vanished makes its process
         ``exited`` (children go to init, a wait record to the parent); a
-        power state changed outside cloudfs is recorded."""
+        power state changed outside cloudfs is recorded.  First it takes over
+        the VM processes no daemon owns (theirs restarted or lost its
+        session), so they are watched too."""
+        await self._adopt_unowned()
         for pid in sorted(self.owned):
             if pid in self.active:
                 continue
@@ -142,6 +146,15 @@ class Reconciler:
                             r.error = msg or "the backend reports an error"
 
                 await self.table.update(pid, seen)
+
+    async def _adopt_unowned(self) -> None:
+        owners = set(await self.store.children(self.layout.owners) or [])
+        for pid in await self.table.pids():
+            if pid == INIT_PID or pid in self.owned or str(pid) in owners:
+                continue
+            rec = await self.table.cached_record(pid)
+            if rec is not None and rec.vm is not None and rec.desired != "killed":
+                await self._own(pid)  # first daemon wins; the others see the owner
 
     async def _own(self, pid: int) -> bool:
         if pid in self.owned:

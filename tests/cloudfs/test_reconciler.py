@@ -110,3 +110,23 @@ async def test_create_passes_the_process_secret_to_the_driver(cfs):
     rec, _ = await cfs.table.require(pid)
     assert len(rec.secret) == 32 and cfs.driver.metadata[rec.vm][META_SECRET] == rec.secret
     assert await cfs.driver.find(cfs.table.server_tags(rec)) is not None  # find ignores the secret
+
+
+async def test_a_restarted_daemon_watches_the_vms_it_did_not_start(zookeeper, zk_root, driver):
+    """Daemon A boots a VM and goes away; daemon B starts fresh on the same
+    ZooKeeper root.  When the VM then ends by itself, B notices (it takes
+    over the unowned process) and the parent gets the wait record."""
+    from cloudfs.namespace import open_cloudfs
+
+    async with open_cloudfs(zookeeper.hosts, driver, zk_root, daemon_id="a") as a:
+        pid = await vm(await a.attach("", ""))
+        sid = (await a.table.require(pid))[0].vm
+    async with open_cloudfs(zookeeper.hosts, driver, zk_root, daemon_id="b", resync_interval=0.1) as b:
+        root = await b.attach("", "")
+        with trio.fail_after(5):
+            while pid not in b.reconciler.owned:
+                await trio.sleep(0.05)
+        driver.exit(sid, "guest powered off")
+        with trio.fail_after(5):
+            line = await cat(root, "/proc/1/wait")
+        assert line == f"{pid} p{pid} exited guest powered off\n".encode()
