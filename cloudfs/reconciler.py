@@ -82,7 +82,10 @@ class Reconciler:
                             else:
                                 self.active.add(pid)
                                 nursery.start_soon(self._handle, pid)
-                        await ev.wait()
+                        # a watch, or every resync interval a rescan: work
+                        # left by a failed attempt is picked up again
+                        with trio.move_on_after(self.resync_interval or 10.0):
+                            await ev.wait()
                 except FsError as e:
                     log.info("reconciler waiting for ZooKeeper: %s", e)
                     with trio.move_on_after(5):
@@ -194,8 +197,10 @@ class Reconciler:
                         await self.store.delete(f"{self.layout.pending}/{it}")
                     except NoNodeError:
                         pass
-        except FsError as e:
-            log.info("reconciling %d stopped: %s", pid, e)
+        except FsError as e:  # its work items stay; the periodic rescan retries
+            log.info("reconciling %d stopped (will retry): %s", pid, e)
+        except Exception:  # a driver bug must not stop the daemon
+            log.exception("reconciling %d failed (will retry)", pid)
         finally:
             self.active.discard(pid)
             self.dirty.discard(pid)

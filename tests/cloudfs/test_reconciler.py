@@ -130,3 +130,26 @@ async def test_a_restarted_daemon_watches_the_vms_it_did_not_start(zookeeper, zk
         with trio.fail_after(5):
             line = await cat(root, "/proc/1/wait")
         assert line == f"{pid} p{pid} exited guest powered off\n".encode()
+
+
+async def test_work_left_by_a_failing_driver_is_retried(zookeeper, zk_root, driver):
+    """A driver call that raises something unexpected neither stops the
+    daemon nor strands the work: the periodic rescan tries again."""
+    from cloudfs.namespace import open_cloudfs
+
+    real_create = driver.create
+    calls = []
+
+    async def flaky_create(*a, **kw):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("driver bug")
+        return await real_create(*a, **kw)
+
+    driver.create = flaky_create
+    async with open_cloudfs(zookeeper.hosts, driver, zk_root, resync_interval=0.2) as fs:
+        root = await fs.attach("", "")
+        pid = int(await ctl(root, 1, "fork"))
+        await ctl(root, pid, "exec tiny")
+        await state_is(root, pid, "running")
+        assert len(calls) == 2
