@@ -526,6 +526,7 @@ class Client:
 
     async def _flush(self, oldtag: int, old: _Pending) -> m.Message | None:
         """Tflush ``oldtag`` and wait for Rflush (shielded); the reply that beat it, if any."""
+        fl: _Pending | None = None  # stays None if the deadline passes while waiting for a tag
         with trio.CancelScope(shield=True) as scope:
             if self.flush_timeout is not None:
                 scope.deadline = trio.current_time() + self.flush_timeout
@@ -546,7 +547,7 @@ class Client:
         if scope.cancelled_caught:
             self._fail(FsError(errno.EIO, f"no Rflush for tag {oldtag} within {self.flush_timeout} s"))
         self._pending.pop(oldtag, None)
-        if fl.reply is not None and not isinstance(fl.reply, m.Rflush):
+        if fl is not None and fl.reply is not None and not isinstance(fl.reply, m.Rflush):
             log.warning("server answered Tflush with %s", type(fl.reply).__name__)
         return old.reply
 

@@ -63,6 +63,11 @@ MIN_MSIZE = 4096
 
 #: Idle workers a connection keeps parked for the next requests.
 MAX_IDLE_WORKERS = 4
+#: Seconds a file's release (Tclunk, teardown) may take before it is abandoned.
+RELEASE_DEADLINE = 10.0
+#: Replies (in units of msize) queued for a peer that does not read them
+#: before the connection stops reading new requests from it.
+MAX_QUEUED_MSIZES = 8
 
 # 9P2000.L Tlopen/Tlcreate flags (Linux's x86 open(2) values, net/9p/client.c):
 # the bits we pass on to file code; others (O_DIRECT, O_LARGEFILE …) are masked.
@@ -207,6 +212,8 @@ class Connection:
         self.fids: dict[int, Fid | _Reserved] = {}
         self.pending: dict[int, _Request] = {}
         self._outq: deque[bytes] = deque()
+        self._outq_bytes = 0  # bytes in _outq and in the send under way
+        self._drained: trio.Event | None = None  # set when _outq_bytes falls to the limit
         self._sending = False
         # A socket's fd, for a first synchronous write of each reply (trio's
         # send_all yields even when the kernel takes everything at once).
@@ -259,7 +266,13 @@ class Connection:
         ready = self._ready
         idle = self._idle
         while True:
-            if ready:
+            if self._outq_bytes > self._outq_limit():
+                # The peer does not read its replies: start and read no more
+                # of its requests until the queue drains (its memory, not ours).
+                if self._drained is None:
+                    self._drained = trio.Event()
+                await self._drained.wait()
+            elif ready:
                 await self._run_request(*ready.popleft())
             elif not self._leading:
                 self._leading = True
@@ -271,6 +284,9 @@ class Connection:
                 return
             else:
                 await idle.park()
+
+    def _outq_limit(self) -> int:
+        return MAX_QUEUED_MSIZES * self.msize
 
     def _hand_off(self) -> None:
         """This worker is about to block (in a request or a send): make sure
@@ -307,7 +323,9 @@ class Connection:
 
     def _queue(self, msg: Any) -> None:
         """Append a reply to the output queue (in order); :meth:`_transmit` sends it."""
-        self._outq.append(self._encode(msg))
+        frame = self._encode(msg)
+        self._outq.append(frame)
+        self._outq_bytes += len(frame)
 
     async def _transmit(self) -> None:
         """Send everything queued.  One task at a time is the sender: a task
@@ -322,6 +340,7 @@ class Connection:
             q = self._outq
             while q:
                 buf = q.popleft() if len(q) == 1 else b"".join([q.popleft() for _ in range(len(q))])
+                self._outq_bytes -= len(buf)
                 sent = 0
                 if self._fd is not None:
                     try:
@@ -330,10 +349,16 @@ class Connection:
                         pass
                 if sent < len(buf):
                     self._hand_off()
+                    self._outq_bytes += len(buf) - sent  # still ours to send
                     await self.stream.send_all(memoryview(buf)[sent:])
+                    self._outq_bytes -= len(buf) - sent
+                if self._drained is not None and self._outq_bytes <= self._outq_limit():
+                    self._drained.set()
+                    self._drained = None
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
             self.closed_reason = self.closed_reason or f"connection lost: {e!r}"
             self._outq.clear()
+            self._outq_bytes = 0
             if self._nursery is not None:
                 self._nursery.cancel_scope.cancel()
         finally:
@@ -404,6 +429,7 @@ class Connection:
             # between, so Tflush's Rflush can only be queued after it.
             if frame is not None:
                 self._outq.append(frame)
+                self._outq_bytes += len(frame)
             del self.pending[msg.tag]
             req.done.set()
         if frame is not None:
@@ -411,15 +437,21 @@ class Connection:
 
     def _encode(self, reply: Any) -> bytes:
         """Encode a reply; one that cannot be encoded (file code returned an
-        out-of-range value) becomes an EIO error, logged."""
+        out-of-range value) or would exceed msize becomes an EIO error, logged."""
         if self.trace:
             trace_log.debug("%s -> %r", self.peer, reply)
         try:
-            return encode(reply, self.dialect or Dialect.P2000)
+            frame = encode(reply, self.dialect or Dialect.P2000)
         except (ValueError, TypeError, OverflowError) as e:
             log.error("9P %s: cannot encode %r: %s", self.peer, reply, e)
             return encode(self._error(reply.tag, FsError(errno.EIO, "reply not encodable")),
                           self.dialect or Dialect.P2000)
+        if len(frame) > self.msize:  # Linux drops the whole connection on such a reply
+            log.error("9P %s: %s of %d bytes exceeds msize %d", self.peer, type(reply).__name__, len(frame),
+                      self.msize)
+            return encode(self._error(reply.tag, FsError(errno.EIO, "reply larger than msize")),
+                          self.dialect or Dialect.P2000)
+        return frame
 
     def _error(self, tag: int, e: FsError) -> Any:
         if self.dialect is Dialect.L:
@@ -482,8 +514,13 @@ class Connection:
 
 
 async def _release(f: Fid) -> None:
-    if f.file is not None:
-        file, f.file = f.file, None
+    """Release a fid's open file (and remove it if opened ORCLOSE).  Never
+    raises but Cancelled; shielded with a deadline, so a flush or a teardown
+    cannot leave the file half released and a hung file cannot hang them."""
+    if f.file is None:
+        return
+    file, f.file = f.file, None
+    with trio.CancelScope(shield=True), trio.move_on_after(RELEASE_DEADLINE):
         try:
             await file.release()
         except Exception:
@@ -493,6 +530,8 @@ async def _release(f: Fid) -> None:
                 await f.parent().unlink(f.name, f.node.qid().type & QTDIR != 0)
             except FsError:
                 pass
+            except Exception:
+                log.exception("remove-on-clunk of %s failed", f.name)
 
 
 @types.coroutine

@@ -13,7 +13,7 @@ import pytest
 import trio
 
 from ninep import messages as m
-from ninep.codec import unpack_dirents, unpack_stats
+from ninep.codec import encode, unpack_dirents, unpack_stats
 from ninep.memfs import MemFS
 
 from .wire import Wire, serving
@@ -438,3 +438,53 @@ async def test_debug_trace_logs_every_t_and_r_message(memfs, caplog):
     assert any("-> Rversion(" in line for line in lines)
     assert any("<- Twalk(" in line and "'nope'" in line for line in lines)
     assert any("-> Rlerror(" in line and "ecode=2" in line for line in lines)
+
+
+async def test_a_peer_that_does_not_read_replies_cannot_grow_the_queue(memfs):
+    from ninep.server import MAX_QUEUED_MSIZES
+
+    n = 20000
+    async with serving(memfs) as (server, addr):
+        w = await Wire.open(addr)
+        msize = (await w.version(msize=8192)).msize
+        await w.attach()
+        conn = next(iter(server.connections))
+        frames = b"".join(encode(m.Tgetattr(tag=i % 60000, fid=1, request_mask=m.P9_GETATTR_BASIC), m.Dialect.L)
+                          for i in range(n))
+        peak = 0
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(w.send_raw, frames)  # blocks once the socket buffers are full
+            for _ in range(40):
+                await trio.sleep(0.025)
+                peak = max(peak, conn._outq_bytes)
+            got = 0
+            while got < n:  # now read everything: nothing was lost
+                r = await w.recv(timeout=10)
+                assert isinstance(r, m.Rgetattr)
+                got += 1
+        assert peak <= MAX_QUEUED_MSIZES * msize + msize, peak
+
+
+async def test_file_code_failing_during_teardown_does_not_stop_the_server(memfs, monkeypatch):
+    """A bug in file code at teardown (an ORCLOSE remove raising something
+    other than FsError after the client hung up) closes nothing else."""
+    from ninep.memfs import MemNode
+
+    async def broken_unlink(self, name, is_dir):
+        raise RuntimeError("file code bug")
+
+    async with serving(memfs) as (server, addr):
+        w = await Wire.open(addr, U)
+        await w.version()
+        await w.attach()
+        r = await w.rpc(m.Tcreate(tag=1, fid=1, name="tmp", perm=0o644, mode=m.OWRITE | m.ORCLOSE, extension=""))
+        assert isinstance(r, m.Rcreate)
+        monkeypatch.setattr(MemNode, "unlink", broken_unlink)
+        await w.aclose()  # teardown releases the ORCLOSE fid: its remove fails
+        with trio.fail_after(5):
+            while server.connections:
+                await trio.sleep(0.02)
+        other = await Wire.open(addr)  # the server still serves
+        await other.version()
+        await other.attach()
+        assert isinstance(await _walk(other, 1, 2, "wait"), m.Rwalk)
