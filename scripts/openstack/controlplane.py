@@ -36,7 +36,10 @@ deletes, neutron migrations); uwsgi needs ``--need-app`` and ``Connection:
 close``; conductor consuming before nova-compute starts; a fresh heartbeat
 before the first boot; stopping neutron means its workers (each service runs
 in its own process group and is stopped as a group) and RabbitMQ means
-``epmd -kill`` too.
+``epmd -kill`` too; AMQP heartbeats off (uwsgi's idle nova-api cannot send
+them, RabbitMQ drops its connection and the next cast is lost); neutron's
+``agent_down_time`` at most 2**31-1 ms (a larger one crashes its workers
+every few minutes).
 """
 
 from __future__ import annotations
@@ -203,6 +206,12 @@ def write_configs(L: Layout) -> None:
     transport = f"rabbit://guest:guest@127.0.0.1:{PORTS['rabbit']}/"
     common = {"debug": "false", "use_stderr": "true", "transport_url": transport}
     msg = {"driver": "noop"}
+    # No AMQP heartbeats (both ends): nova-api under uwsgi cannot send them
+    # while idle, so RabbitMQ closed its connections after 60 s and the
+    # next cast (e.g. a boot's schedule_and_build_instances) was written to
+    # a dead socket and lost: the server stayed in BUILD/scheduling for ever.
+    # On loopback a dead peer shows as a closed connection anyway.
+    rabbit = {"heartbeat_timeout_threshold": 0}
     files = {}
     files["keystone/keystone.conf"] = ini({
         "DEFAULT": {"debug": "false", "use_stderr": "true"},
@@ -246,13 +255,20 @@ def write_configs(L: Layout) -> None:
                     "dhcp_agent_notification": "false",
                     # eventlet keep-alive: pooled client connections get reset
                     "wsgi_keep_alive": "false",
-                    # our one agent row never reports; keep it alive
-                    "agent_down_time": 100000000},
+                    # our one agent row never reports; keep it alive for
+                    # 23 days (``start`` refreshes it).  Not more: neutron's
+                    # agent-status worker sleeps up to this many seconds and
+                    # eventlet's epoll takes at most 2**31-1 ms, so a larger
+                    # value crashes that worker ("OverflowError: timeout is
+                    # too large") two minutes in, and neutron-server then
+                    # restarts every worker, the API one too, every 3 minutes
+                    "agent_down_time": 2_000_000},
         "database": {"connection": L.db("neutron"), "max_pool_size": 20, "max_overflow": 40},
         "keystone_authtoken": authtoken(L),
         "oslo_concurrency": {"lock_path": L.locks},
         "oslo_messaging_notifications": msg,
         "quotas": {"quota_network": -1, "quota_subnet": -1, "quota_port": -1},
+        "oslo_messaging_rabbit": rabbit,
     })
     files["neutron/ml2_conf.ini"] = ini({
         "ml2": {"type_drivers": "flat,vlan,vxlan", "tenant_network_types": "vxlan",
@@ -277,6 +293,7 @@ def write_configs(L: Layout) -> None:
         "quota": {"instances": -1, "cores": -1, "ram": -1},
         "oslo_concurrency": {"lock_path": L.locks},
         "oslo_messaging_notifications": msg,
+        "oslo_messaging_rabbit": rabbit,
         "notifications": {"notification_format": "unversioned"},
         "vnc": {"enabled": "false"},
         "wsgi": {"api_paste_config": f"{L.etc}/nova/api-paste.ini"},
@@ -284,6 +301,7 @@ def write_configs(L: Layout) -> None:
     files["rabbitmq/rabbitmq.conf"] = "\n".join([
         f"listeners.tcp.default = 127.0.0.1:{PORTS['rabbit']}",
         "loopback_users.guest = true",
+        "heartbeat = 0",
         "disk_free_limit.absolute = 50MB",
         "log.console = false",
         "",
