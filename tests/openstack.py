@@ -179,3 +179,41 @@ def openstack_cloud():
         yield plane
     finally:
         _release()
+
+
+#: The control plane's logs shown with a failing test (most telling first).
+_TOLD_LOGS = ("nova-conductor", "nova-scheduler", "nova-compute", "nova-api", "placement",
+              "neutron", "keystone", "rabbitmq")
+
+
+def log_offsets(plane: ControlPlane) -> dict[str, int]:
+    """The current size (bytes) of each of the control plane's logs."""
+    sizes = {}
+    for name in _TOLD_LOGS:
+        try:
+            sizes[name] = os.path.getsize(os.path.join(plane.logs(), f"{name}.log"))
+        except OSError:
+            pass
+    return sizes
+
+
+def log_excerpt(plane: ControlPlane, since: dict[str, int], lines: int = 25) -> str:
+    """What each service logged after ``since`` (from :func:`log_offsets`):
+    its WARNING/ERROR lines and last ``lines`` lines, each cut to 300
+    characters, so a failure in CI says what the cloud was doing."""
+    out = []
+    for name, start in since.items():
+        try:
+            with open(os.path.join(plane.logs(), f"{name}.log"), "rb") as f:
+                f.seek(start)
+                new = f.read().decode("utf-8", "replace").splitlines()
+        except OSError:
+            continue
+        if not new:
+            continue
+        bad = [x for x in new if " WARNING " in x or " ERROR " in x or "Traceback" in x]
+        tail = new[-lines:]
+        shown = [x for x in bad if x not in tail][-lines:] + tail
+        out.append(f"--- {name}.log ({len(new)} new lines)")
+        out.extend(x[:300] for x in shown)
+    return "\n".join(out)
