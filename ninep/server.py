@@ -22,6 +22,13 @@ has finished; if that task produced a reply it is queued first, so a reply for
 the old tag can precede Rflush but never follow it.  Rflush is always sent, also
 for unknown tags.  A flushed request leaves no task, waiter or fid behind.
 
+Requests on one fid may run at once (a client may clunk a fid while a walk
+or an open of it waits in file code).  Tclunk and Tremove take effect when
+they arrive; a walk onto the same fid or an open that finishes after that
+fails with EBADF and releases what it opened, so a clunked fid never comes
+back and no open file outlives its fid.  Of two opens of one fid the first
+to finish wins.
+
 Protocol violations (bad framing, unknown types, truncated strings, frames over
 msize, fid or tag reuse, R-messages from a client) close only the offending
 connection, with the reason logged.  Errors of file code (:class:`FsError`) are
@@ -646,19 +653,35 @@ async def _walk(c: Connection, msg: m.Twalk):
     if len(qids) == len(names):
         newf = Fid(node=node, path=path, root=f.root, uname=f.uname, n_uname=f.n_uname)
         if msg.newfid == msg.fid:
+            if c.fids.get(msg.fid) is not f:  # clunked (or replaced) while we walked
+                raise FsError(errno.EBADF, f"fid {msg.fid} was clunked during the walk")
             c.fids[msg.fid] = newf
         else:
             c.fids[msg.newfid] = newf
     return m.Rwalk(tag=msg.tag, wqids=tuple(qids))
 
 
-async def _open_common(c: Connection, f: Fid, flags: int) -> int:
+async def _attach_file(c: Connection, fid: int, f: Fid, file: OpenFile) -> None:
+    """After file code opened or created ``file`` for ``f``: keep it only
+    if ``f`` is still fid ``fid`` and still unopened.  A Tclunk/Tremove (or
+    a second Topen) of the same fid that ran meanwhile wins: the file is
+    released at once and the open fails with EBADF, so no open file
+    outlives its fid."""
+    if c.fids.get(fid) is f and f.file is None:
+        return
+    await _release(Fid(node=f.node, path=f.path, root=f.root, uname=f.uname, n_uname=f.n_uname, file=file))
+    raise FsError(errno.EBADF, f"fid {fid} was clunked or opened meanwhile")
+
+
+async def _open_common(c: Connection, fid: int, f: Fid, flags: int) -> int:
     if f.is_open:
         raise FsError(errno.EBADF, "fid already open")
     is_dir = bool(f.node.qid().type & QTDIR)
     if is_dir and (flags & os.O_ACCMODE) != os.O_RDONLY:
         raise FsError(errno.EISDIR, "directories open read-only")
-    f.file = await f.node.open(flags)
+    file = await f.node.open(flags)
+    await _attach_file(c, fid, f, file)
+    f.file = file
     f.flags = flags
     f.dir_entries = None
     return f.file.iounit or c.iounit()
@@ -667,7 +690,7 @@ async def _open_common(c: Connection, f: Fid, flags: int) -> int:
 @_handles(m.Tlopen, _DOTL)
 async def _lopen(c: Connection, msg: m.Tlopen):
     f = c.fid(msg.fid)
-    iounit = await _open_common(c, f, lopen_flags_to_os(msg.flags) & ~(os.O_CREAT | os.O_EXCL))
+    iounit = await _open_common(c, msg.fid, f, lopen_flags_to_os(msg.flags) & ~(os.O_CREAT | os.O_EXCL))
     return m.Rlopen(tag=msg.tag, qid=f.node.qid(), iounit=iounit)
 
 
@@ -677,7 +700,7 @@ async def _open(c: Connection, msg: m.Topen):
     flags = open_mode_to_os(msg.mode)
     if msg.mode & m.ORCLOSE and not f.path:
         raise FsError(errno.EPERM, "cannot remove the root on clunk")
-    iounit = await _open_common(c, f, flags)
+    iounit = await _open_common(c, msg.fid, f, flags)
     f.rclose = bool(msg.mode & m.ORCLOSE)
     return m.Ropen(tag=msg.tag, qid=f.node.qid(), iounit=iounit)
 
@@ -706,6 +729,7 @@ async def _lcreate(c: Connection, msg: m.Tlcreate):
     _check_name(msg.name)
     flags = lopen_flags_to_os(msg.flags) | os.O_CREAT
     node, file = await f.node.create(msg.name, st.S_IFREG | (msg.mode & 0o7777), flags, _uid(f), msg.gid)
+    await _attach_file(c, msg.fid, f, file)
     f.node, f.path, f.file, f.flags = node, f.path + ((msg.name, node),), file, flags
     return m.Rlcreate(tag=msg.tag, qid=node.qid(), iounit=file.iounit or c.iounit())
 
@@ -727,6 +751,7 @@ async def _create(c: Connection, msg: m.Tcreate):
         raise FsError(errno.EOPNOTSUPP, "device, pipe and socket creation not supported")
     else:
         node, file = await f.node.create(msg.name, st.S_IFREG | (perm & 0o777), flags | os.O_CREAT, _uid(f), 0)
+    await _attach_file(c, msg.fid, f, file)
     f.node, f.path, f.file, f.flags = node, f.path + ((msg.name, node),), file, flags
     f.rclose = bool(msg.mode & m.ORCLOSE)
     return m.Rcreate(tag=msg.tag, qid=node.qid(), iounit=file.iounit or c.iounit())

@@ -488,3 +488,95 @@ async def test_file_code_failing_during_teardown_does_not_stop_the_server(memfs,
         await other.version()
         await other.attach()
         assert isinstance(await _walk(other, 1, 2, "wait"), m.Rwalk)
+
+
+# -- a misbehaving client racing requests on one fid -------------------------------
+
+
+@pytest.fixture
+def gate(monkeypatch):
+    """Makes MemNode.walk and MemNode.open wait until ``gate.open.set()``
+    once ``gate.armed`` is true; counts releases of opened files."""
+    from ninep.memfs import MemNode, _MemFile
+
+    class Gate:
+        armed = False
+        open = trio.Event()
+        entered = trio.Event()
+        released = 0
+
+    walk, open_ = MemNode.walk, MemNode.open
+    release = _MemFile.release
+
+    async def slow_walk(self, name):
+        if Gate.armed:
+            Gate.entered.set()
+            await Gate.open.wait()
+        return await walk(self, name)
+
+    async def slow_open(self, flags):
+        if Gate.armed:
+            Gate.entered.set()
+            await Gate.open.wait()
+        return await open_(self, flags)
+
+    async def counted_release(self):
+        Gate.released += 1
+        await release(self)
+
+    monkeypatch.setattr(MemNode, "walk", slow_walk)
+    monkeypatch.setattr(MemNode, "open", slow_open)
+    monkeypatch.setattr(_MemFile, "release", counted_release)
+    return Gate
+
+
+async def test_clunk_during_a_walk_onto_the_same_fid_does_not_revive_it(memfs, gate):
+    async with serving(memfs) as (_, addr):
+        w = await Wire.open(addr)
+        await w.version()
+        await w.attach()
+        await w.rpc(m.Tlcreate(tag=1, fid=1, name="f", flags=os.O_RDWR, mode=0o644, gid=0))
+        await w.rpc(m.Tclunk(tag=1, fid=1))
+        await w.attach(fid=1)
+        gate.armed = True
+        await w.send(m.Twalk(tag=5, fid=1, newfid=1, wnames=("f",)))
+        with trio.fail_after(5):
+            await gate.entered.wait()
+        assert await w.rpc(m.Tclunk(tag=6, fid=1)) == m.Rclunk(tag=6)
+        gate.open.set()
+        assert await w.recv() == m.Rlerror(tag=5, ecode=errno.EBADF)
+        # fid 1 stays clunked: it can be attached afresh, and nothing else uses it
+        assert await w.rpc(m.Tclunk(tag=7, fid=1)) == m.Rlerror(tag=7, ecode=errno.EBADF)
+        assert isinstance(await w.attach(fid=1), m.Rattach)
+
+
+@pytest.mark.parametrize("second", ["Tclunk", "Tremove", "Tlopen"])
+async def test_an_open_that_loses_a_race_on_its_fid_leaves_no_open_file(memfs, gate, second):
+    async with serving(memfs) as (_, addr):
+        w = await Wire.open(addr)
+        await w.version()
+        await w.attach()
+        await w.rpc(m.Tlcreate(tag=1, fid=1, name="f", flags=os.O_RDWR, mode=0o644, gid=0))
+        await w.rpc(m.Tclunk(tag=1, fid=1))
+        assert gate.released == 1
+        await w.attach(fid=1)
+        assert isinstance(await _walk(w, 1, 2, "f"), m.Rwalk)
+        gate.armed = True
+        await w.send(m.Tlopen(tag=5, fid=2, flags=os.O_RDWR))
+        with trio.fail_after(5):
+            await gate.entered.wait()
+        gate.armed = False
+        if second == "Tlopen":  # the second open wins (it does not wait)
+            assert isinstance(await w.rpc(m.Tlopen(tag=6, fid=2, flags=os.O_RDONLY)), m.Rlopen)
+        elif second == "Tremove":
+            assert await w.rpc(m.Tremove(tag=6, fid=2)) == m.Rremove(tag=6)
+        else:
+            assert await w.rpc(m.Tclunk(tag=6, fid=2)) == m.Rclunk(tag=6)
+        gate.open.set()
+        assert await w.recv() == m.Rlerror(tag=5, ecode=errno.EBADF)
+        assert gate.released == 2  # the losing open's file, released at once
+        if second == "Tlopen":
+            assert await w.rpc(m.Tclunk(tag=7, fid=2)) == m.Rclunk(tag=7)
+            assert gate.released == 3
+        else:
+            assert await w.rpc(m.Tclunk(tag=7, fid=2)) == m.Rlerror(tag=7, ecode=errno.EBADF)
