@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import datetime
 import hashlib
 import ipaddress
 import logging
@@ -109,6 +110,30 @@ def _message(e: BaseException) -> str:
     if status:
         return f"{text} (HTTP {status})"
     return text
+
+
+#: How far back (seconds) a ``changes-since`` poll reaches before the
+#: ``updated`` stamp it starts from.  Nova's stamps have whole seconds, and
+#: a server with no ``updated_at`` yet (a build request; one just moved to
+#: cell0 with NoValidHost) is shown with the API's *current* time, so an
+#: update stored a moment earlier can carry an older stamp than one already
+#: seen; polling from the stamp itself would skip it for ever.
+SINCE_MARGIN = 5.0
+
+#: A waiting operation also GETs its server directly when this many seconds
+#: passed without a direct look: a safety net under the shared poll.
+RECHECK_INTERVAL = 10.0
+
+
+def _earlier(stamp: str, seconds: float) -> str:
+    """An ISO 8601 UTC stamp as Nova writes it (``2026-11-21T09:26:35Z``),
+    ``seconds`` earlier; unparsable stamps are returned unchanged."""
+    try:
+        t = datetime.datetime.fromisoformat(stamp.replace("Z", "+00:00"))
+    except ValueError:
+        return stamp
+    t -= datetime.timedelta(seconds=seconds)
+    return t.astimezone(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 class _Watch:
@@ -317,24 +342,34 @@ class OpenStackDriver(ComputeDriver):
         """Follow one server until ``done(server)`` (``None``: Nova no longer
         has it) and return that server.  Every waiting operation shares one
         poll per ``poll_interval``: Nova's ``GET /servers/detail?changes-since``
-        from the oldest watched server's last ``updated`` (Nova's clock), so
-        N waiting boots cost one list call per interval, not N gets.
+        from the oldest watched server's last ``updated`` (Nova's clock) less
+        :data:`SINCE_MARGIN`, so N waiting boots cost one list call per
+        interval, not N gets; each waiter also GETs its server every
+        :data:`RECHECK_INTERVAL` seconds.
         DriverError after ``limit`` seconds."""
         w = self._watches.get(server_id)
         if w is None:
             w = self._watches[server_id] = _Watch()
         w.refs += 1
+
+        async def look() -> None:
+            try:
+                raw = await self._call(f"get server {server_id}", self.conn.compute.get_server, server_id)
+                w.see(self._server(raw), raw.updated_at)
+            except NotFound:
+                w.see(None, None)
+
         try:
             with trio.move_on_after(limit):
-                try:
-                    raw = await self._call(f"get server {server_id}", self.conn.compute.get_server, server_id)
-                    w.see(self._server(raw), raw.updated_at)
-                except NotFound:
-                    w.see(None, None)
+                await look()
+                looked = time.monotonic()
                 while True:
                     if done(w.server if not w.gone else None):
                         return w.server if not w.gone else None
                     await self._next_round()
+                    if time.monotonic() - looked >= RECHECK_INTERVAL:
+                        await look()
+                        looked = time.monotonic()
             last = w.server
             where = f" (still {last.nova_status}, task {last.task_state})" if last and not w.gone else ""
             raise DriverError(f"openstack: server {server_id} not {what} after {limit:g}s{where}")
@@ -369,7 +404,7 @@ class OpenStackDriver(ComputeDriver):
         stamps = [w.updated for w in self._watches.values() if w.updated]
         if not stamps:
             return
-        since = min(stamps)
+        since = _earlier(min(stamps), SINCE_MARGIN)
         try:
             changed = await self._call("poll servers", lambda: list(
                 self.conn.compute.servers(details=True, changes_since=since)))

@@ -9,6 +9,7 @@ made, so tests never see each other's servers.
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 import socket
 import time
@@ -491,3 +492,53 @@ async def test_daemon_stopped_mid_boot_restart_adopts(openstack_cloud, zookeeper
         servers = await first.find_by_metadata(fs.layout.root, pid)
         assert [s.id for s in servers] == [(await record(fs, pid)).vm]
         assert (await first.find(md)).id == servers[0].id
+
+
+def test_changes_since_reaches_back_before_the_stamp():
+    from cloudfs.drivers.openstack import SINCE_MARGIN, _earlier
+
+    assert _earlier("2026-11-21T09:26:36Z", SINCE_MARGIN) == "2026-11-21T09:26:31Z"
+    assert _earlier("2026-11-21T00:00:02Z", 5) == "2026-11-20T23:59:57Z"
+    assert _earlier("2026-11-21T09:26:36+00:00", 1) == "2026-11-21T09:26:35Z"
+    assert _earlier("not a stamp", 5) == "not a stamp"
+
+
+async def test_a_change_the_shared_poll_misses_is_still_seen(openstack_cloud, drv, huge_flavor,  # noqa: F811
+                                                              monkeypatch):
+    """CI once saw a NoValidHost server stay 'BUILD' for a waiter: the poll
+    had moved past the second Nova stamped its change with.  Whatever the
+    poll misses, each waiter looks at its own server now and then.  (The
+    scheduler is paused so that the waiter first sees BUILD.)"""
+    import signal
+
+    import cloudfs.drivers.openstack as osd
+
+    async def blind_round(self):  # a poll that never reports anything
+        return None
+
+    monkeypatch.setattr(osd.OpenStackDriver, "_poll_round", blind_round)
+    monkeypatch.setattr(osd, "RECHECK_INTERVAL", 1.0)
+    with open(os.path.join(openstack_cloud.state, "run", "nova-scheduler.pid")) as f:
+        scheduler = int(f.read().split()[0])
+    os.kill(scheduler, signal.SIGSTOP)
+    s = None
+    try:
+        s = await drv.boot("blind", "tiny", huge_flavor, [], b"", metadata=md(drv, 6))
+        seen = []
+
+        async def waiter():
+            seen.append(await drv.wait(s.id, ("error",), ports=False))
+
+        async with trio.open_nursery() as n:
+            n.start_soon(waiter)
+            await trio.sleep(1.5)
+            assert seen == []  # it saw BUILD
+            os.kill(scheduler, signal.SIGCONT)
+            with trio.fail_after(60):
+                while not seen:
+                    await trio.sleep(0.1)
+        assert seen[0].nova_status == "ERROR" and "No valid host was found" in seen[0].message
+    finally:
+        os.kill(scheduler, signal.SIGCONT)
+        if s is not None:
+            await drv.delete(s.id, wait=False)
