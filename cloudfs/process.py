@@ -41,7 +41,10 @@ class Process:
     reports; ``created`` ISO 8601 UTC; ``vm`` the driver's server id;
     ``secret`` the process's 9P credential (hex, made at fork by
     :func:`cloudfs.identity.new_secret`; never shown in ``status``; empty for
-    init and for records written before credentials existed).
+    init and for records written before credentials existed); ``scope``
+    the :attr:`~cloudfs.drivers.base.ComputeDriver.scope` of the driver
+    that made ``vm`` (only daemons with that scope act on it; empty for
+    records written before scopes existed: any daemon).
     """
 
     pid: int
@@ -60,6 +63,7 @@ class Process:
     gen: int = 0
     built_gen: int = 0
     secret: str = ""
+    scope: str = ""
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self), separators=(",", ":")).encode()

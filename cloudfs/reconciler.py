@@ -7,7 +7,10 @@ multi) by every ctl command that needs the backend.  Each daemon runs one
 work, a daemon acts only if it owns the pid: it holds the ephemeral znode
 ``owners/<pid>`` (first come; kept for the process's life, so exactly one
 daemon acts per process).  When an owner's session ends its ephemeral znode
-vanishes, the ``owners`` watch fires, and another daemon takes the work over.
+vanishes, the ``owners`` watch fires, and another daemon takes the work over
+if its driver reaches the process's server (same driver ``scope``: any
+daemon on one OpenStack project, but a QEMU VM only the daemon of its host
+and state dir, whose work waits for that daemon to come back).
 
 Converging is idempotent (it reads the record and acts on the difference):
 
@@ -156,8 +159,14 @@ class Reconciler:
             if pid == INIT_PID or pid in self.owned or str(pid) in owners:
                 continue
             rec = await self.table.cached_record(pid)
-            if rec is not None and rec.vm is not None and rec.desired != "killed":
+            if rec is not None and rec.vm is not None and rec.desired != "killed" and self._reaches(rec):
                 await self._own(pid)  # first daemon wins; the others see the owner
+
+    def _reaches(self, rec: Process) -> bool:
+        """Whether this daemon's driver can act on ``rec``'s server: it has
+        none yet, or it was made by a driver of the same scope (a QEMU VM
+        only by the daemon that runs it)."""
+        return rec.vm is None or rec.scope in ("", self.driver.scope)
 
     async def _own(self, pid: int) -> bool:
         if pid in self.owned:
@@ -187,6 +196,10 @@ class Reconciler:
                     if pid in self.dirty:
                         continue
                     return
+                if pid not in self.owned:
+                    r = await self.table.record(pid)
+                    if r is not None and not self._reaches(r[0]):
+                        return  # its VM is another daemon's (host's): the work waits for that daemon
                 if not await self._own(pid):
                     return
                 r = await self.table.record(pid)
@@ -257,8 +270,11 @@ class Reconciler:
                 rec = await self.table.update(pid, failed)
                 return
 
+            scope = self.driver.scope
+
             def built(r: Process) -> None:
                 r.vm, r.host, r.addresses = server.id, server.host, list(server.addresses)
+                r.scope = scope
                 r.built_gen = max(r.built_gen, gen)
                 r.error = ""
                 if r.desired != "killed":

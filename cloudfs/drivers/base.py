@@ -77,7 +77,16 @@ class Server:
 
 class ComputeDriver(abc.ABC):
     """A compute backend.  One instance may be shared by several daemons
-    (it stands for one cloud)."""
+    (it stands for one cloud).
+
+    ``scope`` says which daemons can act on its servers: daemons whose
+    drivers have equal scopes see the same servers (one OpenStack project:
+    any of them may adopt a process whose daemon went away); a QEMU
+    driver's scope is its host and state dir, so a VM process is only ever
+    acted on by the daemon that runs its VM.  Recorded with each process
+    when its server is made (:attr:`cloudfs.process.Process.scope`)."""
+
+    scope: str = "shared"
 
     @abc.abstractmethod
     async def create(self, name: str, image: str, flavor: str, networks: list[str], userdata: bytes, *,

@@ -6,6 +6,8 @@ It offers images ``tiny`` and ``alpine``, flavors ``m1.tiny`` (default) and
 a server end by itself.  ``calls`` records every
 mutating call as ``(method, server_id_or_name)``.  ``fail_next(method, msg)``
 makes the next call of that method raise DriverError(msg) (for error-state tests).
+Instances share ``scope`` "fake" unless given another (to stand for
+separate hosts, as QEMU drivers are).
 """
 
 from __future__ import annotations
@@ -22,8 +24,9 @@ from .base import ComputeDriver, DriverError, Image, Network, NotFound, Server
 class FakeDriver(ComputeDriver):
     """An in-memory cloud.  Share one instance between daemons of one test."""
 
-    def __init__(self, host: str = "fake-host"):
+    def __init__(self, host: str = "fake-host", scope: str = "fake"):
         self.host = host
+        self.scope = scope
         self.images = {
             "tiny": Image("img-tiny-0001", "tiny", "active", 16_338_944, "qcow2",
                           "ee1eca47dc88f4879d8a229cc70a07c6", "2026-01-01T00:00:00Z"),

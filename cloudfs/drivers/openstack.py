@@ -136,6 +136,18 @@ def _earlier(stamp: str, seconds: float) -> str:
     return t.astimezone(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def _cloud_scope(conn: Any) -> str:
+    """``openstack!<auth_url>!<project>`` from the connection's settings
+    (no API call): every daemon on one project sees the same servers."""
+    try:
+        auth = dict(conn.config.config.get("auth") or {})
+    except AttributeError:
+        auth = {}
+    url = str(auth.get("auth_url") or "").rstrip("/")
+    project = str(auth.get("project_id") or auth.get("project_name") or "")
+    return f"openstack!{url}!{project}"
+
+
 class _Watch:
     """What the shared poller last saw of one server (``gone``: Nova has
     it no more) and Nova's ``updated`` stamp of it."""
@@ -175,6 +187,7 @@ class OpenStackDriver(ComputeDriver):
                  boot_timeout: float = 600.0, poll_interval: float = 0.5, concurrency: int = 16,
                  cache_ttl: float = 30.0):
         self.conn = conn
+        self.scope = _cloud_scope(conn)
         self.deployment = deployment
         self.timeout = timeout
         self.boot_timeout = boot_timeout

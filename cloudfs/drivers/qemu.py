@@ -372,6 +372,7 @@ class QemuDriver(ComputeDriver):
         self.kvm_probe_timeout = kvm_probe_timeout
         self.qemu = qemu
         self.host = host or socket.gethostname()
+        self.scope = f"qemu!{self.host}!{self.state_dir}"  # only this daemon reaches its VMs
         self.kernel_args = kernel_args
         self.bios = bios
         self._accel_chosen: str | None = None if accel == "auto" else accel

@@ -7,7 +7,7 @@ import trio
 
 from cloudfs.drivers.fake import FakeDriver
 from cloudfs.namespace import open_cloudfs
-from tests.cloudfs.fsops import cat, ctl, echo, ls, state_is, status, vm
+from tests.cloudfs.fsops import cat, ctl, echo, eventually, ls, state_is, status, vm
 
 
 async def test_fork_on_one_listed_on_other(cfs, cfs2):
@@ -108,3 +108,34 @@ async def test_records_survive_new_instance(zookeeper, zk_root):
         assert await cat(r, f"/proc/{pid}/userdata") == b"persist"
         assert await cat(r, f"/proc/{pid}/env/k", os.O_RDONLY | os.O_NONBLOCK) == b"v"
         assert int(await ctl(r, 1, "fork")) == pid + 1
+
+
+async def test_a_vm_is_acted_on_only_by_a_daemon_that_reaches_it(zookeeper, zk_root):
+    """Two hosts (drivers of different scopes, as QEMU drivers are): while
+    host a's daemon is away, host b's neither takes its VM processes over
+    (its driver cannot see them: they would look vanished and end) nor acts
+    on their work; host a's daemon, back, does both."""
+    host_a, host_b = FakeDriver("host-a", scope="fake!host-a"), FakeDriver("host-b", scope="fake!host-b")
+    async with open_cloudfs(zookeeper.hosts, host_b, zk_root, daemon_id="b", resync_interval=0.2) as b:
+        broot = await b.attach("", "")
+        async with open_cloudfs(zookeeper.hosts, host_a, zk_root, daemon_id="a", resync_interval=0.2) as a:
+            aroot = await a.attach("", "")
+            pid = int(await ctl(aroot, 1, "fork"))
+            await a.store.create(a.layout.owner(pid), b"a", ephemeral=True)  # a boots it, not b
+            await ctl(aroot, pid, "exec tiny")
+            await state_is(aroot, pid, "running")
+            assert len(host_a.servers) == 1 and not host_b.servers
+        # a's session is gone; b resyncs several times meanwhile
+        await trio.sleep(1.0)
+        assert (await status(broot, pid))["state"] == "running"
+        assert await b.store.get(b.layout.owner(pid)) is None
+        await ctl(broot, pid, "kill")  # queued, not done: only a can
+        await trio.sleep(1.0)
+        assert str(pid) in await ls(broot, "/proc")
+        assert len(host_a.servers) == 1 and not host_b.calls
+        async with open_cloudfs(zookeeper.hosts, host_a, zk_root, daemon_id="a2", resync_interval=0.2):
+            async def gone():
+                return str(pid) not in await ls(broot, "/proc")
+
+            await eventually(gone, timeout=10)
+        assert not host_a.servers and not host_b.calls
