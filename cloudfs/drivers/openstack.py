@@ -381,8 +381,11 @@ class OpenStackDriver(ComputeDriver):
                         return w.server if not w.gone else None
                     await self._next_round()
                     if time.monotonic() - looked >= RECHECK_INTERVAL:
-                        await look()
                         looked = time.monotonic()
+                        try:
+                            await look()
+                        except DriverError as e:  # the polls go on; the deadline still holds
+                            log.warning("looking at server %s failed: %s", server_id, e)
             last = w.server
             where = f" (still {last.nova_status}, task {last.task_state})" if last and not w.gone else ""
             raise DriverError(f"openstack: server {server_id} not {what} after {limit:g}s{where}")
