@@ -364,7 +364,12 @@ class ProcTable:
     # -- wait ---------------------------------------------------------------
 
     async def wait_next(self, pid: int, nonblocking: bool) -> WaitRecord:
-        """Consume the oldest wait record of ``pid``, blocking until one exists."""
+        """Consume the oldest wait record of ``pid``, blocking until one exists.
+
+        Cancelling (a Tflush, an interrupted read) while it waits consumes
+        nothing; once the delete is sent it is finished shielded and the
+        record returned with no checkpoint after, so the caller's reply goes
+        out (before Rflush, as flush(5) allows): never consumed and dropped."""
         path = self.layout.wait(pid)
         while True:
             try:
@@ -380,7 +385,8 @@ class ProcTable:
                 if got is None:
                     continue
                 try:
-                    await self.store.delete(f"{path}/{n}", got[1].version)
+                    with trio.CancelScope(shield=True):  # bounded by the store's op_timeout
+                        await self.store.delete(f"{path}/{n}", got[1].version)
                 except (NoNodeError, BadVersionError):
                     continue
                 return WaitRecord.from_json(got[0])

@@ -369,6 +369,43 @@ async def test_wait_blocks_and_consumes_in_order(root, cfs):
     assert cfs.store.waiter_count(cfs.layout.proc) == 0
 
 
+async def test_wait_read_cancelled_mid_consume_still_returns_its_record(root, cfs, monkeypatch):
+    """A flush that lands while the record is being deleted: the read still
+    returns that record (the reply goes out before Rflush), so it is never
+    consumed and dropped."""
+    a = int(await ctl(root, 1, "fork name=a"))
+    await ctl(root, a, "kill")
+    entered, go = trio.Event(), trio.Event()
+    delete = cfs.store.delete
+
+    async def slow_delete(path, version=-1):
+        if "/wait/" in path:
+            entered.set()
+            await go.wait()
+        await delete(path, version)
+
+    monkeypatch.setattr(cfs.store, "delete", slow_delete)
+    f = await (await walk(root, "/proc/1/wait")).open(os.O_RDONLY)
+    got = []
+
+    async def reader(scope_box):
+        with trio.CancelScope() as scope:
+            scope_box.append(scope)
+            got.append(await f.read(0, 4096))  # recorded before any checkpoint
+            await trio.sleep_forever()
+
+    box = []
+    async with trio.open_nursery() as n:
+        n.start_soon(reader, box)
+        with trio.fail_after(5):
+            await entered.wait()
+        box[0].cancel()  # the flush
+        await trio.sleep(0.05)
+        go.set()
+    assert got == [f"{a} a killed killed\n".encode()]
+    await fails(errno.EAGAIN, cat(root, "/proc/1/wait", os.O_RDONLY | os.O_NONBLOCK))
+
+
 async def test_wait_on_vm_parent(root):
     p = await vm(root)
     k = int(await ctl(root, p, "fork name=k"))
