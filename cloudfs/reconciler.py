@@ -23,7 +23,9 @@ Converging is idempotent (it reads the record and acts on the difference):
   state ``error`` with its message).  Before creating it asks the driver for
   a server tagged with this deployment and pid, and adopts it if there is one:
   a create whose reply was lost, or a daemon killed mid-boot, leaves no
-  duplicate;
+  duplicate.  A create that finishes after another daemon recorded a
+  server for the pid (this daemon's session expired mid-boot and the pid
+  was taken over) deletes its own server instead of recording it;
 - desired ``stopped``/``running`` vs state: stop/start.
 
 Work items seen before acting are deleted after; ones created meanwhile make
@@ -45,6 +47,14 @@ from .store import NoNodeError, NodeExistsError
 from .znodes import INIT_PID
 
 log = logging.getLogger(__name__)
+
+
+class _Superseded(Exception):
+    """Aborts a record update: another server was recorded meanwhile."""
+
+    def __init__(self, record: Process):
+        super().__init__(record.vm)
+        self.record = record
 
 
 class Reconciler:
@@ -168,6 +178,23 @@ class Reconciler:
         only by the daemon that runs it)."""
         return rec.vm is None or rec.scope in ("", self.driver.scope)
 
+    async def _superseded(self, pid: int, mine: str, rec: Process) -> None:
+        """Our create finished after another daemon had recorded a server
+        for ``pid`` (our session expired mid-create and it took over): ours
+        is a duplicate.  Delete it, and give the pid up if its recorded
+        server is beyond our driver's reach."""
+        log.warning("pid %d: server %s was recorded while ours (%s) booted; deleting ours", pid, rec.vm, mine)
+        try:
+            await self.driver.delete(mine)
+        except DriverError as e:
+            log.warning("pid %d: deleting duplicate server %s: %s", pid, mine, e)
+        if not self._reaches(rec) and pid in self.owned:
+            self.owned.discard(pid)
+            try:
+                await self.store.delete(self.layout.owner(pid))
+            except NoNodeError:
+                pass
+
     async def _own(self, pid: int) -> bool:
         if pid in self.owned:
             return True
@@ -250,6 +277,7 @@ class Reconciler:
             return
         if rec.vm is None or rec.built_gen != rec.gen:
             gen = rec.gen
+            creating = rec.vm is None
             try:
                 userdata = await self.table.get_userdata(pid)
                 if rec.vm is None:
@@ -273,6 +301,8 @@ class Reconciler:
             scope = self.driver.scope
 
             def built(r: Process) -> None:
+                if creating and r.vm is not None and r.vm != server.id:
+                    raise _Superseded(r)
                 r.vm, r.host, r.addresses = server.id, server.host, list(server.addresses)
                 r.scope = scope
                 r.built_gen = max(r.built_gen, gen)
@@ -280,7 +310,11 @@ class Reconciler:
                 if r.desired != "killed":
                     r.state = "running"
 
-            rec = await self.table.update(pid, built)
+            try:
+                rec = await self.table.update(pid, built)
+            except _Superseded as lost:
+                await self._superseded(pid, server.id, lost.record)
+                return
         if rec.vm is None or rec.state == "error":
             return
         try:

@@ -139,3 +139,53 @@ async def test_a_vm_is_acted_on_only_by_a_daemon_that_reaches_it(zookeeper, zk_r
 
             await eventually(gone, timeout=10)
         assert not host_a.servers and not host_b.calls
+
+
+def _expire_session(hosts: str, client_id) -> None:
+    """End a kazoo client's ZooKeeper session from outside, the standard
+    way: attach to it with its id and password, then close it."""
+    from kazoo.client import KazooClient
+
+    thief = KazooClient(hosts=hosts, client_id=client_id)
+    thief.start(timeout=10)
+    thief.stop()
+    thief.close()
+
+
+async def test_a_create_that_outlives_its_owner_session_leaves_no_duplicate(zookeeper, zk_root):
+    """Daemon a's session expires while its driver boots a VM; daemon b
+    (another host) takes the process over and boots it there.  When a's
+    boot finishes, a finds b's server recorded and deletes its own: one VM."""
+    host_a, host_b = FakeDriver("host-a", scope="fake!host-a"), FakeDriver("host-b", scope="fake!host-b")
+    entered, go = trio.Event(), trio.Event()
+    create = host_a.create
+
+    async def slow_create(*args, **kw):
+        entered.set()
+        await go.wait()
+        return await create(*args, **kw)
+
+    host_a.create = slow_create
+    async with open_cloudfs(zookeeper.hosts, host_a, zk_root, daemon_id="a", resync_interval=0.2) as a, \
+            open_cloudfs(zookeeper.hosts, host_b, zk_root, daemon_id="b", resync_interval=0.2) as b:
+        aroot, broot = await a.attach("", ""), await b.attach("", "")
+        pid = int(await ctl(aroot, 1, "fork"))
+        await a.store.create(a.layout.owner(pid), b"a", ephemeral=True)  # a boots it
+        await ctl(aroot, pid, "exec tiny")
+        with trio.fail_after(10):
+            await entered.wait()
+        await trio.to_thread.run_sync(_expire_session, zookeeper.hosts, a.store.client.client_id)
+        st = await state_is(broot, pid, "running", timeout=30)  # b took over
+        assert st["host"] == "host-b" and len(host_b.servers) == 1
+        go.set()
+
+        async def a_dropped_its_duplicate():
+            made = [sid for call, sid in host_a.calls if call == "create"]
+            return made and ("delete", made[0]) in host_a.calls and not host_a.servers
+
+        await eventually(a_dropped_its_duplicate, timeout=20)
+        rec = (await b.table.record(pid))[0]
+        assert rec.vm == next(iter(host_b.servers)) and rec.scope == "fake!host-b"
+        await trio.sleep(0.6)  # a few resyncs: nothing changes
+        assert (await status(aroot, pid))["state"] == "running" and len(host_b.servers) == 1
+        assert (await b.store.get(b.layout.owner(pid)))[0] == b"b"
