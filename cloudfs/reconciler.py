@@ -25,7 +25,8 @@ Converging is idempotent (it reads the record and acts on the difference):
   a create whose reply was lost, or a daemon killed mid-boot, leaves no
   duplicate.  A create that finishes after another daemon recorded a
   server for the pid (this daemon's session expired mid-boot and the pid
-  was taken over) deletes its own server instead of recording it;
+  was taken over), or after the process ended, deletes its own server
+  instead of recording it;
 - desired ``stopped``/``running`` vs state: stop/start.
 
 Work items seen before acting are deleted after; ones created meanwhile make
@@ -34,6 +35,7 @@ it go round again.
 
 from __future__ import annotations
 
+import errno
 import logging
 
 import trio
@@ -314,6 +316,17 @@ class Reconciler:
                 rec = await self.table.update(pid, built)
             except _Superseded as lost:
                 await self._superseded(pid, server.id, lost.record)
+                return
+            except FsError as e:
+                if e.errno != errno.ENOENT or not creating:
+                    raise
+                # the process ended meanwhile (killed through another daemon
+                # after ours lost its session): nobody will ever use this server
+                log.warning("pid %d ended while its server %s booted; deleting it", pid, server.id)
+                try:
+                    await self.driver.delete(server.id)
+                except DriverError as de:
+                    log.warning("pid %d: deleting server %s: %s", pid, server.id, de)
                 return
         if rec.vm is None or rec.state == "error":
             return

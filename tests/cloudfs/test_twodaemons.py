@@ -3,6 +3,7 @@ ZooKeeper root see one tree."""
 
 import os
 
+import pytest
 import trio
 
 from cloudfs.drivers.fake import FakeDriver
@@ -152,10 +153,12 @@ def _expire_session(hosts: str, client_id) -> None:
     thief.close()
 
 
-async def test_a_create_that_outlives_its_owner_session_leaves_no_duplicate(zookeeper, zk_root):
+@pytest.mark.parametrize("meanwhile", ["running", "killed"])
+async def test_a_create_that_outlives_its_owner_session_leaves_no_duplicate(zookeeper, zk_root, meanwhile):
     """Daemon a's session expires while its driver boots a VM; daemon b
-    (another host) takes the process over and boots it there.  When a's
-    boot finishes, a finds b's server recorded and deletes its own: one VM."""
+    (another host) takes the process over and boots it there (and, in the
+    second case, kills it).  When a's boot finishes, a finds b's server
+    recorded (or the process gone) and deletes its own: one VM, or none."""
     host_a, host_b = FakeDriver("host-a", scope="fake!host-a"), FakeDriver("host-b", scope="fake!host-b")
     entered, go = trio.Event(), trio.Event()
     create = host_a.create
@@ -177,6 +180,9 @@ async def test_a_create_that_outlives_its_owner_session_leaves_no_duplicate(zook
         await trio.to_thread.run_sync(_expire_session, zookeeper.hosts, a.store.client.client_id)
         st = await state_is(broot, pid, "running", timeout=30)  # b took over
         assert st["host"] == "host-b" and len(host_b.servers) == 1
+        if meanwhile == "killed":
+            await ctl(broot, pid, "kill")
+            assert await cat(broot, "/proc/1/wait") == f"{pid} {st['name']} killed killed\n".encode()
         go.set()
 
         async def a_dropped_its_duplicate():
@@ -184,6 +190,9 @@ async def test_a_create_that_outlives_its_owner_session_leaves_no_duplicate(zook
             return made and ("delete", made[0]) in host_a.calls and not host_a.servers
 
         await eventually(a_dropped_its_duplicate, timeout=20)
+        if meanwhile == "killed":
+            assert not host_b.servers and str(pid) not in await ls(aroot, "/proc")
+            return
         rec = (await b.table.record(pid))[0]
         assert rec.vm == next(iter(host_b.servers)) and rec.scope == "fake!host-b"
         await trio.sleep(0.6)  # a few resyncs: nothing changes
