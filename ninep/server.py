@@ -653,8 +653,8 @@ async def _walk(c: Connection, msg: m.Twalk):
     if len(qids) == len(names):
         newf = Fid(node=node, path=path, root=f.root, uname=f.uname, n_uname=f.n_uname)
         if msg.newfid == msg.fid:
-            if c.fids.get(msg.fid) is not f:  # clunked (or replaced) while we walked
-                raise FsError(errno.EBADF, f"fid {msg.fid} was clunked during the walk")
+            if c.fids.get(msg.fid) is not f or f.is_open:  # clunked, replaced or opened while we walked
+                raise FsError(errno.EBADF, f"fid {msg.fid} was clunked or opened during the walk")
             c.fids[msg.fid] = newf
         else:
             c.fids[msg.newfid] = newf

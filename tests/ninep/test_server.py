@@ -580,3 +580,26 @@ async def test_an_open_that_loses_a_race_on_its_fid_leaves_no_open_file(memfs, g
             assert gate.released == 3
         else:
             assert await w.rpc(m.Tclunk(tag=7, fid=2)) == m.Rlerror(tag=7, ecode=errno.EBADF)
+
+
+async def test_an_open_during_a_walk_onto_the_same_fid_keeps_its_file(memfs, gate):
+    async with serving(memfs) as (_, addr):
+        w = await Wire.open(addr)
+        await w.version()
+        await w.attach()
+        await w.rpc(m.Tlcreate(tag=1, fid=1, name="f", flags=os.O_RDWR, mode=0o644, gid=0))
+        await w.rpc(m.Tclunk(tag=1, fid=1))
+        await w.attach(fid=1)
+        assert isinstance(await _walk(w, 1, 2, "f"), m.Rwalk)
+        gate.armed = True
+        await w.send(m.Twalk(tag=5, fid=1, newfid=1, wnames=("f",)))
+        with trio.fail_after(5):
+            await gate.entered.wait()
+        gate.armed = False
+        assert isinstance(await w.rpc(m.Tlopen(tag=6, fid=1, flags=os.O_RDONLY)), m.Rlopen)
+        gate.open.set()
+        assert await w.recv() == m.Rlerror(tag=5, ecode=errno.EBADF)
+        # the open stands: fid 1 is still the opened root directory
+        r = await w.rpc(m.Treaddir(tag=7, fid=1, offset=0, count=4096))
+        assert isinstance(r, m.Rreaddir) and b"f" in r.data
+        assert await w.rpc(m.Tclunk(tag=8, fid=1)) == m.Rclunk(tag=8)
