@@ -132,6 +132,9 @@ class Reconciler:
                 self.owned.discard(pid)
                 continue
             rec = r[0]
+            if not self._reaches(rec):
+                await self._disown(pid)
+                continue
             if rec.vm is None or rec.desired == "killed" or rec.state not in ("running", "stopped"):
                 continue
             try:
@@ -182,20 +185,30 @@ class Reconciler:
 
     async def _superseded(self, pid: int, mine: str, rec: Process) -> None:
         """Our create finished after another daemon had recorded a server
-        for ``pid`` (our session expired mid-create and it took over): ours
-        is a duplicate.  Delete it, and give the pid up if its recorded
-        server is beyond our driver's reach."""
-        log.warning("pid %d: server %s was recorded while ours (%s) booted; deleting ours", pid, rec.vm, mine)
+        for ``pid`` (our session expired mid-create and it took over), or
+        after a kill: ours is a duplicate or unwanted.  Delete it, and give
+        the pid up if its recorded server is beyond our driver's reach."""
+        if rec.vm is not None and rec.vm != mine:
+            log.warning("pid %d: server %s was recorded while ours (%s) booted; deleting ours", pid, rec.vm, mine)
+        else:
+            log.info("pid %d was killed while its server %s booted; deleting it", pid, mine)
         try:
             await self.driver.delete(mine)
         except DriverError as e:
             log.warning("pid %d: deleting duplicate server %s: %s", pid, mine, e)
-        if not self._reaches(rec) and pid in self.owned:
-            self.owned.discard(pid)
-            try:
-                await self.store.delete(self.layout.owner(pid))
-            except NoNodeError:
-                pass
+        if not self._reaches(rec):
+            await self._disown(pid)
+
+    async def _disown(self, pid: int) -> None:
+        """Give up ``pid`` (its server is beyond this driver's reach), so
+        the daemon that reaches it can take it."""
+        if pid not in self.owned:
+            return
+        self.owned.discard(pid)
+        try:
+            await self.store.delete(self.layout.owner(pid))
+        except NoNodeError:
+            pass
 
     async def _own(self, pid: int) -> bool:
         if pid in self.owned:
@@ -232,6 +245,9 @@ class Reconciler:
                 if not await self._own(pid):
                     return
                 r = await self.table.record(pid)
+                if r is not None and not self._reaches(r[0]):
+                    await self._disown(pid)  # another daemon's server was recorded meanwhile
+                    return
                 if r is not None:
                     await self.converge(r[0])
                 for it in items:
@@ -295,15 +311,22 @@ class Reconciler:
                 msg = str(e) or type(e).__name__
 
                 def failed(r: Process) -> None:
+                    if creating and r.vm is not None:
+                        raise _Superseded(r)  # another daemon's create won: its record stands
                     r.state, r.error, r.built_gen = "error", msg, max(r.built_gen, gen)
 
-                rec = await self.table.update(pid, failed)
+                try:
+                    rec = await self.table.update(pid, failed)
+                except _Superseded:
+                    pass
                 return
 
             scope = self.driver.scope
 
             def built(r: Process) -> None:
-                if creating and r.vm is not None and r.vm != server.id:
+                if creating and ((r.vm is not None and r.vm != server.id) or r.desired == "killed"):
+                    # another daemon recorded its server, or a kill came while
+                    # ours booted (the kill's converge may not see ours)
                     raise _Superseded(r)
                 r.vm, r.host, r.addresses = server.id, server.host, list(server.addresses)
                 r.scope = scope

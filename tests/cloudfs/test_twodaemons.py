@@ -153,7 +153,7 @@ def _expire_session(hosts: str, client_id) -> None:
     thief.close()
 
 
-@pytest.mark.parametrize("meanwhile", ["running", "killed"])
+@pytest.mark.parametrize("meanwhile", ["running", "killed", "a's boot fails"])
 async def test_a_create_that_outlives_its_owner_session_leaves_no_duplicate(zookeeper, zk_root, meanwhile):
     """Daemon a's session expires while its driver boots a VM; daemon b
     (another host) takes the process over and boots it there (and, in the
@@ -183,6 +183,14 @@ async def test_a_create_that_outlives_its_owner_session_leaves_no_duplicate(zook
         if meanwhile == "killed":
             await ctl(broot, pid, "kill")
             assert await cat(broot, "/proc/1/wait") == f"{pid} {st['name']} killed killed\n".encode()
+        if meanwhile == "a's boot fails":
+            host_a.fail_next("create", "boot timed out")
+            go.set()
+            await trio.sleep(1.0)  # a's failure is not written over b's running process
+            st = await status(broot, pid)
+            assert st["state"] == "running" and st["host"] == "host-b" and "error" not in st
+            assert not host_a.servers and len(host_b.servers) == 1
+            return
         go.set()
 
         async def a_dropped_its_duplicate():
@@ -198,3 +206,27 @@ async def test_a_create_that_outlives_its_owner_session_leaves_no_duplicate(zook
         await trio.sleep(0.6)  # a few resyncs: nothing changes
         assert (await status(aroot, pid))["state"] == "running" and len(host_b.servers) == 1
         assert (await b.store.get(b.layout.owner(pid)))[0] == b"b"
+
+
+async def test_kill_while_the_vm_boots_leaves_no_server(cfs, driver):
+    """The kill's own converge runs after the boot; the booted server is
+    deleted rather than recorded, and the process ends."""
+    root = await cfs.attach("", "")
+    entered, go = trio.Event(), trio.Event()
+    create = driver.create
+
+    async def slow_create(*args, **kw):
+        entered.set()
+        await go.wait()
+        return await create(*args, **kw)
+
+    driver.create = slow_create
+    pid = int(await ctl(root, 1, "fork name=k"))
+    await ctl(root, pid, "exec tiny")
+    with trio.fail_after(10):
+        await entered.wait()
+    await ctl(root, pid, "kill")
+    go.set()
+    assert await cat(root, "/proc/1/wait") == f"{pid} k killed killed\n".encode()
+    made = [sid for call, sid in driver.calls if call == "create"]
+    assert len(made) == 1 and ("delete", made[0]) in driver.calls and not driver.servers
