@@ -137,15 +137,28 @@ def _earlier(stamp: str, seconds: float) -> str:
 
 
 def _cloud_scope(conn: Any) -> str:
-    """``openstack!<auth_url>!<project>`` from the connection's settings
-    (no API call): every daemon on one project sees the same servers."""
+    """``openstack!<keystone>!<region>!<project>`` from the connection's
+    settings (no API call): daemons on one project of one region see the
+    same servers.  The Keystone URL loses its trailing ``/`` and ``/v3``;
+    the project is its id, else ``<domain>/<name>``, else the application
+    credential's id.  Give the daemons of a deployment the same clouds.yaml
+    entry: spelled differently (an id here, a name there) the scopes differ
+    and they do not take over each other's processes."""
     try:
         auth = dict(conn.config.config.get("auth") or {})
+        region = str(conn.config.region_name or "")
     except AttributeError:
-        auth = {}
+        auth, region = {}, ""
     url = str(auth.get("auth_url") or "").rstrip("/")
-    project = str(auth.get("project_id") or auth.get("project_name") or "")
-    return f"openstack!{url}!{project}"
+    if url.endswith("/v3"):
+        url = url[:-3]
+    project = str(auth.get("project_id") or "")
+    if not project and auth.get("project_name"):
+        domain = auth.get("project_domain_id") or auth.get("project_domain_name") or "default"
+        project = f"{str(domain).lower()}/{auth['project_name']}"
+    if not project:
+        project = str(auth.get("application_credential_id") or auth.get("application_credential_name") or "")
+    return f"openstack!{url}!{region}!{project}"
 
 
 class _Watch:

@@ -542,3 +542,22 @@ async def test_a_change_the_shared_poll_misses_is_still_seen(openstack_cloud, dr
         os.kill(scheduler, signal.SIGCONT)
         if s is not None:
             await drv.delete(s.id, wait=False)
+
+
+def test_scope_names_keystone_region_and_project():
+    import openstack.config
+    import openstack.connection
+
+    from cloudfs.drivers.openstack import _cloud_scope
+
+    def scope(**kw):
+        region = openstack.config.get_cloud_region(load_yaml_config=False, load_envvars=False, **kw)
+        return _cloud_scope(openstack.connection.Connection(config=region))
+
+    base = dict(auth_url="http://k:5000/v3", username="u", password="p", project_name="demo",
+                project_domain_name="Default", user_domain_name="Default", region_name="RegionOne")
+    s = scope(**base)
+    assert s == "openstack!http://k:5000!RegionOne!default/demo"
+    assert scope(**{**base, "auth_url": "http://k:5000/"}) == s
+    assert scope(**{**base, "region_name": "RegionTwo"}) != s
+    assert scope(**{**base, "project_name": "other"}) != s
