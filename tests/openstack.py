@@ -47,6 +47,15 @@ class ControlPlane:
         self.keep = keep
         self.clouds_yaml = os.path.join(state, "clouds.yaml")
         self.cloud = "cloudfs"
+        #: size of every log file (path → bytes) when this session's start
+        #: returned: what came before is an earlier session's (a kept plane)
+        self.session_start: dict[str, int] = {}
+
+    def log_files(self) -> list[str]:
+        """Every log file of the control plane (services' and RabbitMQ's)."""
+        import glob
+
+        return sorted(glob.glob(os.path.join(self.logs(), "**", "*.log"), recursive=True))
 
     @property
     def auth_url(self) -> str:
@@ -146,6 +155,7 @@ def _acquire() -> ControlPlane:
                 _release_plane(plane)
         if not ok:
             pytest.fail(f"the OpenStack control plane did not start:\n{r.stdout[-5000:]}", pytrace=False)
+        plane.session_start = {p: os.path.getsize(p) for p in plane.log_files()}
         _shared["plane"] = plane
         _shared["users"] = 1
         return plane
