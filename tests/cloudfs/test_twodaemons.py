@@ -142,6 +142,21 @@ async def test_a_vm_is_acted_on_only_by_a_daemon_that_reaches_it(zookeeper, zk_r
         assert not host_a.servers and not host_b.calls
 
 
+def _slow_creates(driver: FakeDriver) -> tuple[trio.Event, trio.Event]:
+    """Make ``driver.create`` wait: it sets the first event on entry and
+    boots once the second is set."""
+    entered, go = trio.Event(), trio.Event()
+    create = driver.create
+
+    async def slow_create(*args, **kw):
+        entered.set()
+        await go.wait()
+        return await create(*args, **kw)
+
+    driver.create = slow_create
+    return entered, go
+
+
 def _expire_session(hosts: str, client_id) -> None:
     """End a kazoo client's ZooKeeper session from outside, the standard
     way: attach to it with its id and password, then close it."""
@@ -160,15 +175,7 @@ async def test_a_create_that_outlives_its_owner_session_leaves_no_duplicate(zook
     second case, kills it).  When a's boot finishes, a finds b's server
     recorded (or the process gone) and deletes its own: one VM, or none."""
     host_a, host_b = FakeDriver("host-a", scope="fake!host-a"), FakeDriver("host-b", scope="fake!host-b")
-    entered, go = trio.Event(), trio.Event()
-    create = host_a.create
-
-    async def slow_create(*args, **kw):
-        entered.set()
-        await go.wait()
-        return await create(*args, **kw)
-
-    host_a.create = slow_create
+    entered, go = _slow_creates(host_a)
     async with open_cloudfs(zookeeper.hosts, host_a, zk_root, daemon_id="a", resync_interval=0.2) as a, \
             open_cloudfs(zookeeper.hosts, host_b, zk_root, daemon_id="b", resync_interval=0.2) as b:
         aroot, broot = await a.attach("", ""), await b.attach("", "")
@@ -212,15 +219,7 @@ async def test_kill_while_the_vm_boots_leaves_no_server(cfs, driver):
     """The kill's own converge runs after the boot; the booted server is
     deleted rather than recorded, and the process ends."""
     root = await cfs.attach("", "")
-    entered, go = trio.Event(), trio.Event()
-    create = driver.create
-
-    async def slow_create(*args, **kw):
-        entered.set()
-        await go.wait()
-        return await create(*args, **kw)
-
-    driver.create = slow_create
+    entered, go = _slow_creates(driver)
     pid = int(await ctl(root, 1, "fork name=k"))
     await ctl(root, pid, "exec tiny")
     with trio.fail_after(10):

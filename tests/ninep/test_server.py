@@ -530,14 +530,21 @@ def gate(monkeypatch):
     return Gate
 
 
+async def _with_file_f(addr: str) -> Wire:
+    """A 9P2000.L session with file ``f`` made (its open released) and fid 1
+    attached to the root."""
+    w = await Wire.open(addr)
+    await w.version()
+    await w.attach()
+    await w.rpc(m.Tlcreate(tag=1, fid=1, name="f", flags=os.O_RDWR, mode=0o644, gid=0))
+    await w.rpc(m.Tclunk(tag=1, fid=1))
+    await w.attach(fid=1)
+    return w
+
+
 async def test_clunk_during_a_walk_onto_the_same_fid_does_not_revive_it(memfs, gate):
     async with serving(memfs) as (_, addr):
-        w = await Wire.open(addr)
-        await w.version()
-        await w.attach()
-        await w.rpc(m.Tlcreate(tag=1, fid=1, name="f", flags=os.O_RDWR, mode=0o644, gid=0))
-        await w.rpc(m.Tclunk(tag=1, fid=1))
-        await w.attach(fid=1)
+        w = await _with_file_f(addr)
         gate.armed = True
         await w.send(m.Twalk(tag=5, fid=1, newfid=1, wnames=("f",)))
         with trio.fail_after(5):
@@ -553,13 +560,8 @@ async def test_clunk_during_a_walk_onto_the_same_fid_does_not_revive_it(memfs, g
 @pytest.mark.parametrize("second", ["Tclunk", "Tremove", "Tlopen"])
 async def test_an_open_that_loses_a_race_on_its_fid_leaves_no_open_file(memfs, gate, second):
     async with serving(memfs) as (_, addr):
-        w = await Wire.open(addr)
-        await w.version()
-        await w.attach()
-        await w.rpc(m.Tlcreate(tag=1, fid=1, name="f", flags=os.O_RDWR, mode=0o644, gid=0))
-        await w.rpc(m.Tclunk(tag=1, fid=1))
+        w = await _with_file_f(addr)
         assert gate.released == 1
-        await w.attach(fid=1)
         assert isinstance(await _walk(w, 1, 2, "f"), m.Rwalk)
         gate.armed = True
         await w.send(m.Tlopen(tag=5, fid=2, flags=os.O_RDWR))
@@ -584,12 +586,7 @@ async def test_an_open_that_loses_a_race_on_its_fid_leaves_no_open_file(memfs, g
 
 async def test_an_open_during_a_walk_onto_the_same_fid_keeps_its_file(memfs, gate):
     async with serving(memfs) as (_, addr):
-        w = await Wire.open(addr)
-        await w.version()
-        await w.attach()
-        await w.rpc(m.Tlcreate(tag=1, fid=1, name="f", flags=os.O_RDWR, mode=0o644, gid=0))
-        await w.rpc(m.Tclunk(tag=1, fid=1))
-        await w.attach(fid=1)
+        w = await _with_file_f(addr)
         assert isinstance(await _walk(w, 1, 2, "f"), m.Rwalk)
         gate.armed = True
         await w.send(m.Twalk(tag=5, fid=1, newfid=1, wnames=("f",)))
