@@ -239,8 +239,8 @@ class Reconciler:
                         continue
                     return
                 if pid not in self.owned:
-                    r = await self.table.record(pid)
-                    if r is not None and not self._reaches(r[0]):
+                    seen = await self.table.cached_record(pid)
+                    if seen is not None and not self._reaches(seen):
                         return  # its VM is another daemon's (host's): the work waits for that daemon
                 if not await self._own(pid):
                     return
