@@ -29,8 +29,8 @@ Shapes
   garbled connection fails all outstanding and later calls with EIO.
 
 Flags and modes are Linux's (``os.O_*``, ``st_mode`` bits), as in
-:mod:`ninep.fs`; they are converted to Topen/Tcreate modes and DM* bits on
-9P2000 and 9P2000.u.
+:mod:`ninep.fs`; they are converted to P9_DOTL_* open flags on 9P2000.L and to
+Topen/Tcreate modes and DM* bits on 9P2000 and 9P2000.u.
 """
 
 from __future__ import annotations
@@ -61,10 +61,6 @@ log = logging.getLogger(__name__)
 MAX_TAGS = 0xFFFF
 #: Fid numbers run from 1 up; NOFID is never handed out.
 _FIRST_FID = 1
-#: Smallest msize we accept in Rversion (a Tread header is 23 bytes).
-MIN_MSIZE = 256
-#: Linux unlinkat(2) flag asking for rmdir.
-AT_REMOVEDIR = 0x200
 
 _DIALECT_ORDER = {Dialect.P2000: 0, Dialect.U: 1, Dialect.L: 2}
 
@@ -154,6 +150,12 @@ def _reply_error(reply: m.Message) -> FsError | None:
 # --------------------------------------------------------------------------
 # Mode conversions (stat(5), open(5) vs Linux)
 # --------------------------------------------------------------------------
+
+
+def _dotl_flags(flags: int) -> int:
+    """Host O_* flags to Tlopen/Tlcreate P9_DOTL_* flags, without O_CLOEXEC
+    (close-on-exec is a property of our own descriptors, not of the remote open)."""
+    return m.dotl_flags_from_os(flags & ~os.O_CLOEXEC)
 
 
 def _open_mode(flags: int) -> int:
@@ -377,10 +379,10 @@ class Client:
         path conveniences (:meth:`read_file` ...).
 
         Raises FsError(EREMOTEIO) when the server answers an unknown version,
-        a larger msize or something other than Rversion; EIO when the
-        connection closes during the handshake; OSError/ValueError from
-        dialling.  On exit the connection is closed (which clunks every fid on
-        the server, version(5)).
+        a larger msize or one below :data:`ninep.messages.MIN_MSIZE`, or
+        something other than Rversion; EIO when the connection closes during
+        the handshake; OSError/ValueError from dialling.  On exit the
+        connection is closed (which clunks every fid on the server, version(5)).
         """
         return open_client(
             target,
@@ -761,8 +763,8 @@ async def _handshake(stream: trio.abc.Stream, version: Dialect, msize: int) -> t
         ) from None
     if _DIALECT_ORDER[dialect] > _DIALECT_ORDER[version]:
         raise FsError(errno.EREMOTEIO, f"asked for {version.value}, server answered the newer {dialect.value}")
-    if not MIN_MSIZE <= reply.msize <= msize:
-        raise FsError(errno.EREMOTEIO, f"server msize {reply.msize} not in [{MIN_MSIZE}, {msize}]")
+    if not m.MIN_MSIZE <= reply.msize <= msize:
+        raise FsError(errno.EREMOTEIO, f"server msize {reply.msize} not in [{m.MIN_MSIZE}, {msize}]")
     reader.max_size = reply.msize
     return dialect, reply.msize, reader
 
@@ -871,12 +873,13 @@ class Fid:
     # ---- open / create ------------------------------------------------------
 
     async def open(self, flags: int = os.O_RDONLY) -> Qid:
-        """Open with Linux ``os.O_*`` flags: Tlopen on 9P2000.L, Topen (open(5)
-        mode: access bits and OTRUNC) on the others.  Returns the qid and sets
+        """Open with Linux ``os.O_*`` flags: Tlopen (P9_DOTL_* flags, see
+        :func:`ninep.messages.dotl_flags_from_os`; O_CLOEXEC is not sent) on
+        9P2000.L, Topen (open(5) mode: access bits and OTRUNC) on the others.  Returns the qid and sets
         ``iounit``.  Raises FsError (EACCES, EISDIR …)."""
         self._check()
         if self._dialect is Dialect.L:
-            r = await self.client.rpc(m.Tlopen(0, self.fid, flags & ~os.O_CLOEXEC))
+            r = await self.client.rpc(m.Tlopen(0, self.fid, _dotl_flags(flags)))
         else:
             r = await self.client.rpc(m.Topen(0, self.fid, _open_mode(flags)))
         self.qid, self.iounit, self.opened = r.qid, r.iounit, True
@@ -895,7 +898,7 @@ class Fid:
         try:
             if self._dialect is Dialect.L:
                 r = await self.client.rpc(
-                    m.Tlcreate(0, f.fid, name, flags & ~os.O_CLOEXEC, statmod.S_IFREG | (mode & 0o7777), gid)
+                    m.Tlcreate(0, f.fid, name, _dotl_flags(flags), statmod.S_IFREG | (mode & 0o7777), gid)
                 )
             else:
                 r = await self.client.rpc(m.Tcreate(0, f.fid, name, mode & 0o777, _open_mode(flags), ""))
@@ -1110,8 +1113,9 @@ class Fid:
         self.client._release_fid(self.fid)
 
     async def unlinkat(self, name: str, flags: int = 0) -> None:
-        """Remove entry ``name`` of this directory (``flags`` AT_REMOVEDIR for a
-        directory): Tunlinkat on 9P2000.L, walk + Tremove elsewhere."""
+        """Remove entry ``name`` of this directory (``flags``
+        :data:`ninep.messages.AT_REMOVEDIR` for a directory): Tunlinkat on
+        9P2000.L, walk + Tremove elsewhere."""
         self._check()
         if self._dialect is Dialect.L:
             await self.client.rpc(m.Tunlinkat(0, self.fid, name, flags))

@@ -31,6 +31,7 @@ the server answers what it does not support with an error.
 from __future__ import annotations
 
 import enum
+import os
 from dataclasses import dataclass, fields
 from typing import ClassVar
 
@@ -46,7 +47,11 @@ __all__ = [
     "NONUNAME",
     "HEADER_SIZE",
     "IOHDRSZ",
+    "MIN_MSIZE",
     "MAXWELEM",
+    "AT_REMOVEDIR",
+    "dotl_flags_from_os",
+    "dotl_flags_to_os",
 ]
 
 
@@ -63,6 +68,14 @@ NOFID = 0xFFFFFFFF  #: "no fid", e.g. afid of Tattach without auth (attach(5))
 NONUNAME = 0xFFFFFFFF  #: "no numeric user id" in .u/.L n_uname and stat n_uid
 HEADER_SIZE = 7  #: size[4] type[1] tag[2]
 IOHDRSZ = 24  #: bytes of a Twrite/Rread header; iounit 0 means msize - IOHDRSZ
+#: Smallest msize (bytes) either end accepts: the server in Tversion, the
+#: client in Rversion.  It is Linux's bound: net/9p/client.c refuses an msize
+#: below 4096 both as its own mount option (p9_client_create: "Please specify
+#: a msize of at least 4k") and in a server's Rversion (p9_client_version:
+#: "server returned a msize < 4096", EREMOTEIO), so nothing smaller can serve a
+#: v9fs mount.  (diod's server itself only refuses msize < IOHDRSZ + 1, in
+#: libnpfs/fcall.c np_version.)
+MIN_MSIZE = 4096
 MAXWELEM = 16  #: most names one Twalk may carry (walk(5)); the server enforces it
 
 # Tsetattr valid bits (9P2000.L, Linux include/net/9p/9p.h).
@@ -107,6 +120,117 @@ P9_LOCK_SUCCESS = 0
 P9_LOCK_BLOCKED = 1
 P9_LOCK_ERROR = 2
 P9_LOCK_GRACE = 3
+
+#: Tunlinkat ``flags`` bit asking for rmdir(2) semantics (P9_DOTL_AT_REMOVEDIR
+#: of Linux include/net/9p/9p.h, the value of Linux's unlinkat(2) AT_REMOVEDIR).
+AT_REMOVEDIR = 0x200
+
+# Tlopen/Tlcreate flags (9P2000.L, Linux include/net/9p/9p.h P9_DOTL_*).  The
+# protocol fixes them on the wire as Linux's asm-generic open(2) values (those
+# of x86); hosts whose O_* differ (arm/arm64: O_DIRECTORY, O_NOFOLLOW, O_DIRECT,
+# O_LARGEFILE; alpha, sparc, parisc, mips: most bits) must translate, with
+# dotl_flags_from_os() and dotl_flags_to_os().
+P9_DOTL_RDONLY = 0o0
+P9_DOTL_WRONLY = 0o1
+P9_DOTL_RDWR = 0o2
+P9_DOTL_NOACCESS = 0o3
+P9_DOTL_CREATE = 0o100
+P9_DOTL_EXCL = 0o200
+P9_DOTL_NOCTTY = 0o400
+P9_DOTL_TRUNC = 0o1000
+P9_DOTL_APPEND = 0o2000
+P9_DOTL_NONBLOCK = 0o4000
+P9_DOTL_DSYNC = 0o10000
+P9_DOTL_FASYNC = 0o20000
+P9_DOTL_DIRECT = 0o40000
+P9_DOTL_LARGEFILE = 0o100000
+P9_DOTL_DIRECTORY = 0o200000
+P9_DOTL_NOFOLLOW = 0o400000
+P9_DOTL_NOATIME = 0o1000000
+P9_DOTL_CLOEXEC = 0o2000000
+P9_DOTL_SYNC = 0o4000000
+
+_DOTL_ACCMODE = 0o3
+
+#: Every P9_DOTL_* flag bit (the access mode aside) and the name of its
+#: ``os.O_*`` counterpart (FASYNC is ``os.O_ASYNC``).
+DOTL_OS_FLAG_NAMES: tuple[tuple[int, str], ...] = (
+    (P9_DOTL_CREATE, "O_CREAT"),
+    (P9_DOTL_EXCL, "O_EXCL"),
+    (P9_DOTL_NOCTTY, "O_NOCTTY"),
+    (P9_DOTL_TRUNC, "O_TRUNC"),
+    (P9_DOTL_APPEND, "O_APPEND"),
+    (P9_DOTL_NONBLOCK, "O_NONBLOCK"),
+    (P9_DOTL_DSYNC, "O_DSYNC"),
+    (P9_DOTL_FASYNC, "O_ASYNC"),
+    (P9_DOTL_DIRECT, "O_DIRECT"),
+    (P9_DOTL_LARGEFILE, "O_LARGEFILE"),
+    (P9_DOTL_DIRECTORY, "O_DIRECTORY"),
+    (P9_DOTL_NOFOLLOW, "O_NOFOLLOW"),
+    (P9_DOTL_NOATIME, "O_NOATIME"),
+    (P9_DOTL_CLOEXEC, "O_CLOEXEC"),
+    (P9_DOTL_SYNC, "O_SYNC"),
+)
+
+
+def _dotl_os_pairs(host: object) -> tuple[tuple[int, int], ...]:
+    """(P9_DOTL_* bit, O_* value) for the flags ``host`` (the os module) has.
+
+    Flags the host lacks or defines as 0 (O_DIRECT and O_NOATIME off Linux,
+    O_LARGEFILE on 64-bit glibc, where the kernel sets it itself) are left out.
+    """
+    return tuple((bit, v) for bit, name in DOTL_OS_FLAG_NAMES if (v := getattr(host, name, 0)))
+
+
+_DOTL_OS_PAIRS = _dotl_os_pairs(os)
+_ACC_FROM_OS = {os.O_RDONLY: P9_DOTL_RDONLY, os.O_WRONLY: P9_DOTL_WRONLY, os.O_RDWR: P9_DOTL_RDWR}
+_ACC_TO_OS = {
+    P9_DOTL_RDONLY: os.O_RDONLY,
+    P9_DOTL_WRONLY: os.O_WRONLY,
+    P9_DOTL_RDWR: os.O_RDWR,
+    P9_DOTL_NOACCESS: os.O_RDONLY,
+}
+
+
+def dotl_flags_from_os(os_flags: int) -> int:
+    """The 9P2000.L Tlopen/Tlcreate ``flags`` word (u32) for this host's open(2) flags.
+
+    ``os_flags`` is an ``os.O_*`` combination.  The access mode O_RDONLY,
+    O_WRONLY, O_RDWR becomes P9_DOTL_RDONLY, _WRONLY, _RDWR (any other value of
+    the O_ACCMODE bits P9_DOTL_NOACCESS).  Every other flag with a P9_DOTL_*
+    counterpart sets that bit when all of its own bits are present, so Linux's
+    O_SYNC (which contains O_DSYNC) gives P9_DOTL_SYNC | P9_DOTL_DSYNC, as the
+    x86 kernel sends it.  Bits without a counterpart (O_PATH, O_TMPFILE's own
+    bit ...) are dropped.  O_CLOEXEC maps like the others; a client drops it
+    first, since it means nothing to the server.  Never raises.
+
+    Source: 9P2000.L protocol, Linux include/net/9p/9p.h (and
+    v9fs_open_to_dotl_flags() in fs/9p/vfs_inode_dotl.c).
+    """
+    out = _ACC_FROM_OS.get(os_flags & os.O_ACCMODE, P9_DOTL_NOACCESS)
+    for bit, oflag in _DOTL_OS_PAIRS:
+        if os_flags & oflag == oflag:
+            out |= bit
+    return out
+
+
+def dotl_flags_to_os(wire_flags: int) -> int:
+    """This host's open(2) flags for a 9P2000.L Tlopen/Tlcreate ``flags`` word.
+
+    ``wire_flags`` is the u32 from the wire.  The access mode P9_DOTL_RDONLY,
+    _WRONLY, _RDWR becomes O_RDONLY, O_WRONLY, O_RDWR; P9_DOTL_NOACCESS opens
+    read-only.  Every other P9_DOTL_* bit becomes its ``os.O_*`` value when the
+    host has one (see :data:`DOTL_OS_FLAG_NAMES`); unknown bits and flags the
+    host lacks are masked.  Never raises.
+
+    Source: 9P2000.L protocol, Linux include/net/9p/9p.h (and QEMU's
+    dotl_to_open_flags() in hw/9pfs/9p.c).
+    """
+    out = _ACC_TO_OS[wire_flags & _DOTL_ACCMODE]
+    for bit, oflag in _DOTL_OS_PAIRS:
+        if wire_flags & bit:
+            out |= oflag
+    return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -500,7 +624,7 @@ class Rstatfs(Message):
 
 @_msg
 class Tlopen(Message):
-    """9P2000.L open(2) of ``fid`` with Linux O_* ``flags``."""
+    """9P2000.L open(2) of ``fid``; ``flags`` are P9_DOTL_* bits (:func:`dotl_flags_to_os`)."""
 
     TYPE = 12
     WIRE = "fid:u32 flags:u32"
@@ -522,7 +646,8 @@ class Rlopen(Message):
 
 @_msg
 class Tlcreate(Message):
-    """9P2000.L: create and open ``name`` in directory ``fid`` (``fid`` becomes the file)."""
+    """9P2000.L: create and open ``name`` in directory ``fid`` (``fid`` becomes the
+    file); ``flags`` are P9_DOTL_* bits, ``mode`` the st_mode bits."""
 
     TYPE = 14
     WIRE = "fid:u32 name:s flags:u32 mode:u32 gid:u32"
@@ -919,7 +1044,7 @@ class Rrenameat(Message):
 
 @_msg
 class Tunlinkat(Message):
-    """9P2000.L unlinkat(2) (``flags`` may hold AT_REMOVEDIR)."""
+    """9P2000.L unlinkat(2) (``flags`` may hold :data:`AT_REMOVEDIR`)."""
 
     TYPE = 76
     WIRE = "dirfid:u32 name:s flags:u32"

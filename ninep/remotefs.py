@@ -38,9 +38,10 @@ from collections.abc import Sequence
 
 import trio
 
-from .client import AT_REMOVEDIR, Client, Fid
+from .client import Client, Fid
 from .errors import FsError
 from .fs import Attr, DirEntry, FileSystem, Node, OpenFile, SetAttr, StatFs
+from .messages import AT_REMOVEDIR
 from .qid import Qid
 
 __all__ = ["RemoteFS", "RemoteNode", "RemoteFile"]

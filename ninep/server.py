@@ -65,8 +65,6 @@ Dialect = m.Dialect
 
 #: The largest msize we offer; clients may ask for less.
 DEFAULT_MSIZE = 512 * 1024 + m.IOHDRSZ
-#: RFC-less but universal lower bound on msize (Linux and diod use it too).
-MIN_MSIZE = 4096
 
 #: Idle workers a connection keeps parked for the next requests.
 MAX_IDLE_WORKERS = 4
@@ -76,36 +74,16 @@ RELEASE_DEADLINE = 10.0
 #: before the connection stops reading new requests from it.
 MAX_QUEUED_MSIZES = 8
 
-# 9P2000.L Tlopen/Tlcreate flags (Linux's x86 open(2) values, net/9p/client.c):
-# the bits we pass on to file code; others (O_DIRECT, O_LARGEFILE …) are masked.
-_L_ACCMODE = 0o3
-_L_CREAT = 0o100
-_L_EXCL = 0o200
-_L_TRUNC = 0o1000
-_L_APPEND = 0o2000
-_L_NONBLOCK = 0o4000
-_L_DIRECTORY = 0o200000
-_L_TO_OS = (
-    (_L_CREAT, os.O_CREAT),
-    (_L_EXCL, os.O_EXCL),
-    (_L_TRUNC, os.O_TRUNC),
-    (_L_APPEND, os.O_APPEND),
-    (_L_NONBLOCK, os.O_NONBLOCK),
-    (_L_DIRECTORY, os.O_DIRECTORY),
+#: The open(2) flags of a Tlopen/Tlcreate (after :func:`ninep.messages.dotl_flags_to_os`)
+#: that reach file code; the rest (O_SYNC, O_DSYNC, O_DIRECT, O_NOATIME,
+#: O_NOFOLLOW, O_CLOEXEC ...) are masked.
+DOTL_FLAGS_PASSED = (
+    os.O_ACCMODE | os.O_CREAT | os.O_EXCL | os.O_TRUNC | os.O_APPEND | os.O_NONBLOCK | os.O_DIRECTORY
 )
-_ACC_TO_OS = {0: os.O_RDONLY, 1: os.O_WRONLY, 2: os.O_RDWR, 3: os.O_RDONLY}
-AT_REMOVEDIR = 0x200
+#: 9P2000 open(5) access modes (OREAD, OWRITE, ORDWR, OEXEC) as open(2) flags.
+_ACC_TO_OS = {m.OREAD: os.O_RDONLY, m.OWRITE: os.O_WRONLY, m.ORDWR: os.O_RDWR, m.OEXEC: os.O_RDONLY}
 _NOCHANGE32 = 0xFFFFFFFF
 _NOCHANGE64 = 0xFFFFFFFFFFFFFFFF
-
-
-def lopen_flags_to_os(flags: int) -> int:
-    """Linux open flags for 9P2000.L Tlopen/Tlcreate ``flags``; unknown bits masked."""
-    out = _ACC_TO_OS[flags & _L_ACCMODE]
-    for lbit, obit in _L_TO_OS:
-        if flags & lbit:
-            out |= obit
-    return out
 
 
 def open_mode_to_os(mode: int) -> int:
@@ -492,7 +470,7 @@ class Connection:
         else:
             dialect = None
         msize = min(msg.msize, self.max_msize)
-        if dialect is None or msize < MIN_MSIZE:
+        if dialect is None or msize < m.MIN_MSIZE:
             self.dialect = None
             self._queue(m.Rversion(tag=msg.tag, msize=min(msg.msize, self.max_msize), version="unknown"))
             return
@@ -690,7 +668,8 @@ async def _open_common(c: Connection, fid: int, f: Fid, flags: int) -> int:
 @_handles(m.Tlopen, _DOTL)
 async def _lopen(c: Connection, msg: m.Tlopen):
     f = c.fid(msg.fid)
-    iounit = await _open_common(c, msg.fid, f, lopen_flags_to_os(msg.flags) & ~(os.O_CREAT | os.O_EXCL))
+    flags = m.dotl_flags_to_os(msg.flags) & DOTL_FLAGS_PASSED & ~(os.O_CREAT | os.O_EXCL)
+    iounit = await _open_common(c, msg.fid, f, flags)
     return m.Rlopen(tag=msg.tag, qid=f.node.qid(), iounit=iounit)
 
 
@@ -727,7 +706,7 @@ def _uid(f: Fid) -> int:
 async def _lcreate(c: Connection, msg: m.Tlcreate):
     f = _dir_fid_for_create(c, msg.fid)
     _check_name(msg.name)
-    flags = lopen_flags_to_os(msg.flags) | os.O_CREAT
+    flags = (m.dotl_flags_to_os(msg.flags) & DOTL_FLAGS_PASSED) | os.O_CREAT
     node, file = await f.node.create(msg.name, st.S_IFREG | (msg.mode & 0o7777), flags, _uid(f), msg.gid)
     await _attach_file(c, msg.fid, f, file)
     f.node, f.path, f.file, f.flags = node, f.path + ((msg.name, node),), file, flags
@@ -1046,7 +1025,7 @@ async def _unlinkat(c: Connection, msg: m.Tunlinkat):
     if not (d.node.qid().type & QTDIR):
         raise FsError(errno.ENOTDIR, "not a directory")
     _check_name(msg.name)
-    await d.node.unlink(msg.name, bool(msg.flags & AT_REMOVEDIR))
+    await d.node.unlink(msg.name, bool(msg.flags & m.AT_REMOVEDIR))
     return m.Runlinkat(tag=msg.tag)
 
 
@@ -1101,8 +1080,8 @@ class Server:
     """
 
     def __init__(self, fs: FileSystem, *, msize: int = DEFAULT_MSIZE, trace: bool = False):
-        if msize < MIN_MSIZE:
-            raise ValueError(f"msize {msize} below the minimum {MIN_MSIZE}")
+        if msize < m.MIN_MSIZE:
+            raise ValueError(f"msize {msize} below the minimum {m.MIN_MSIZE}")
         self.fs = fs
         self.msize = msize
         self.trace = trace

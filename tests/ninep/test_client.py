@@ -20,6 +20,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import trio
@@ -370,6 +371,8 @@ class SlowServer:
                         await send(m.Rwalk(msg.tag, tuple(Qid(QTFILE, 0, 2) for _ in msg.wnames)))
                     elif isinstance(msg, m.Tlopen):
                         await send(m.Rlopen(msg.tag, Qid(QTFILE, 0, 2), 0))
+                    elif isinstance(msg, m.Tlcreate):
+                        await send(m.Rlcreate(msg.tag, Qid(QTFILE, 0, 4), 0))
                     elif isinstance(msg, m.Tclunk):
                         await send(m.Rclunk(msg.tag))
                     elif isinstance(msg, m.Tread):
@@ -549,6 +552,7 @@ async def test_version_refusals(slow):
         ("unknown", None, "no version we know"),
         ("9P2000.L", None, "newer"),
         ("9P2000", 1 << 20, "msize"),
+        ("9P2000.L", m.MIN_MSIZE - 1, "msize"),
     ]:
         server.version_reply, server.msize_reply = reply, msize
         ask = Dialect.U if word == "newer" else Dialect.L
@@ -556,6 +560,43 @@ async def test_version_refusals(slow):
             async with open_client(addr, version=ask):
                 pass
         assert ei.value.errno == errno.EREMOTEIO and word in ei.value.message
+
+
+async def test_rversion_msize_of_exactly_min_msize_is_accepted(slow):
+    server, addr = slow
+    server.msize_reply = m.MIN_MSIZE
+    async with open_client(addr) as c:
+        assert c.msize == m.MIN_MSIZE
+
+
+# Tlopen/Tlcreate flags are 9P2000.L's P9_DOTL_* values (Linux
+# include/net/9p/9p.h), whatever this host's O_* values are.
+_WRONLY_TRUNC_NONBLOCK = m.P9_DOTL_WRONLY | m.P9_DOTL_TRUNC | m.P9_DOTL_NONBLOCK
+assert _WRONLY_TRUNC_NONBLOCK == 0o1 | 0o1000 | 0o4000
+
+
+async def test_open_and_create_send_dotl_flags_without_cloexec(slow):
+    server, addr = slow
+    async with open_client(addr) as c:
+        root = await c.attach()
+        f = await root.walk("x")
+        await f.open(os.O_WRONLY | os.O_TRUNC | os.O_NONBLOCK | os.O_CLOEXEC)
+        await root.create("y", os.O_WRONLY | os.O_TRUNC | os.O_NONBLOCK | os.O_CLOEXEC)
+    assert [x.flags for x in server.sent(m.Tlopen)] == [_WRONLY_TRUNC_NONBLOCK]
+    assert [x.flags for x in server.sent(m.Tlcreate)] == [_WRONLY_TRUNC_NONBLOCK]
+
+
+async def test_open_translates_another_ports_o_values(slow, monkeypatch):
+    # alpha's O_TRUNC is the generic O_APPEND and its O_NONBLOCK 0o4
+    # (arch/alpha/include/uapi/asm/fcntl.h): sent raw they would mean
+    # something else to the server.
+    alpha = dict(O_TRUNC=0o2000, O_NONBLOCK=0o4, O_APPEND=0o10, O_DIRECTORY=0o100000)
+    monkeypatch.setattr(m, "_DOTL_OS_PAIRS", m._dotl_os_pairs(SimpleNamespace(**alpha)))
+    server, addr = slow
+    async with open_client(addr) as c:
+        f = await (await c.attach()).walk("x")
+        await f.open(os.O_WRONLY | alpha["O_TRUNC"] | alpha["O_NONBLOCK"])
+    assert [x.flags for x in server.sent(m.Tlopen)] == [_WRONLY_TRUNC_NONBLOCK]
 
 
 async def test_body_exceptions_are_not_wrapped(slow):

@@ -15,6 +15,7 @@ import trio
 from ninep import messages as m
 from ninep.codec import encode, unpack_dirents, unpack_stats
 from ninep.memfs import MemFS
+from ninep.server import Server
 
 from .wire import Wire, serving
 
@@ -45,13 +46,21 @@ async def test_version_negotiation_and_downgrade(memfs, asked, answered):
         assert (r.version, r.tag) == (answered, m.NOTAG)
 
 
-async def test_msize_is_at_most_the_clients_and_at_least_4096(memfs):
+async def test_msize_is_at_most_the_clients_and_at_least_min_msize(memfs):
+    assert m.MIN_MSIZE == 4096  # Linux's v9fs refuses less (net/9p/client.c)
     async with serving(memfs, msize=65560) as (_, addr):
         w = await Wire.open(addr)
         assert (await w.version(msize=1 << 20)).msize == 65560
         assert (await w.version(msize=5000)).msize == 5000
-        r = await w.rpc(m.Tversion(tag=m.NOTAG, msize=1024, version="9P2000.L"))
-        assert r.version == "unknown"
+        assert (await w.version(msize=m.MIN_MSIZE)).msize == m.MIN_MSIZE
+        for small in (1024, m.MIN_MSIZE - 1):
+            r = await w.rpc(m.Tversion(tag=m.NOTAG, msize=small, version="9P2000.L"))
+            assert r.version == "unknown"
+
+
+def test_server_refuses_to_offer_less_than_min_msize():
+    with pytest.raises(ValueError):
+        Server(MemFS(), msize=m.MIN_MSIZE - 1)
 
 
 async def test_messages_before_version_are_refused(memfs):
@@ -138,7 +147,7 @@ async def test_server_checks_fids_and_modes_before_file_code(memfs):
         await w.version()
         await w.attach()
         assert await w.rpc(m.Tread(tag=1, fid=77, offset=0, count=10)) == m.Rlerror(tag=1, ecode=errno.EBADF)
-        r = await w.rpc(m.Tlcreate(tag=1, fid=1, name="f", flags=os.O_WRONLY, mode=0o644, gid=0))
+        r = await w.rpc(m.Tlcreate(tag=1, fid=1, name="f", flags=m.P9_DOTL_WRONLY, mode=0o644, gid=0))
         assert isinstance(r, m.Rlcreate)
         # fid 1 is now the open file: reading a write-only fid fails; walking an
         # open fid onto itself fails, into a new (unopened) fid works (as diod).
@@ -161,7 +170,7 @@ async def test_read_count_is_capped_by_msize(memfs):
         w = await Wire.open(addr)
         msize = (await w.version(msize=4096)).msize
         await w.attach()
-        await w.rpc(m.Tlcreate(tag=1, fid=1, name="big", flags=os.O_RDWR, mode=0o644, gid=0))
+        await w.rpc(m.Tlcreate(tag=1, fid=1, name="big", flags=m.P9_DOTL_RDWR, mode=0o644, gid=0))
         data = bytes(range(256)) * 40
         for off in range(0, len(data), msize - m.IOHDRSZ):
             chunk = data[off : off + msize - m.IOHDRSZ]
@@ -171,18 +180,56 @@ async def test_read_count_is_capped_by_msize(memfs):
 
 
 async def test_open_with_truncate_and_setattr_size_zero_as_echo_does(memfs):
-    # `echo x > file` on Linux v9fs: Tlopen(O_WRONLY|O_TRUNC), Tsetattr(size 0), Twrite.
+    # `echo x > file` on Linux v9fs: Tlopen(WRONLY|TRUNC), Tsetattr(size 0), Twrite.
     async with serving(memfs) as (_, addr):
         w = await Wire.open(addr)
         await w.version()
         await w.attach()
         await _walk(w, 1, 2, "wait", "k")
-        assert isinstance(await w.rpc(m.Tlopen(tag=1, fid=2, flags=os.O_WRONLY | os.O_TRUNC | 0o40000)), m.Rlopen)
+        flags = m.P9_DOTL_WRONLY | m.P9_DOTL_TRUNC | m.P9_DOTL_DIRECT
+        assert isinstance(await w.rpc(m.Tlopen(tag=1, fid=2, flags=flags)), m.Rlopen)
         r = await w.rpc(m.Tsetattr(tag=1, fid=2, valid=m.P9_SETATTR_SIZE, mode=0, uid=0, gid=0, size=0,
                                    atime_sec=0, atime_nsec=0, mtime_sec=0, mtime_nsec=0))
         assert r == m.Rsetattr(tag=1)
         assert (await w.rpc(m.Twrite(tag=1, fid=2, offset=0, data=b"x\n"))).count == 2
         assert memfs.values["k"] == b"x\n"
+
+
+async def test_dotl_open_flags_reach_file_code_as_os_flags(memfs, monkeypatch):
+    """Tlopen/Tlcreate flags are P9_DOTL_* values; file code gets this host's
+    O_* flags, with the access mode, CREAT/EXCL (create only), TRUNC, APPEND,
+    NONBLOCK and DIRECTORY kept and every other bit masked."""
+    from ninep.memfs import MemNode
+
+    seen: list[tuple[str, int]] = []
+    open_, create = MemNode.open, MemNode.create
+
+    async def recording_open(self, flags):
+        seen.append(("open", flags))
+        return await open_(self, flags)
+
+    async def recording_create(self, name, mode, flags, uid, gid):
+        seen.append(("create", flags))
+        return await create(self, name, mode, flags, uid, gid)
+
+    monkeypatch.setattr(MemNode, "open", recording_open)
+    monkeypatch.setattr(MemNode, "create", recording_create)
+    extras = m.P9_DOTL_DIRECT | m.P9_DOTL_NOATIME | m.P9_DOTL_CLOEXEC | m.P9_DOTL_LARGEFILE | 1 << 30
+    async with serving(memfs) as (_, addr):
+        w = await Wire.open(addr)
+        await w.version()
+        await w.attach()
+        await _walk(w, 1, 2)
+        flags = m.P9_DOTL_RDWR | m.P9_DOTL_EXCL | m.P9_DOTL_APPEND | m.P9_DOTL_SYNC | extras
+        assert isinstance(await w.rpc(m.Tlcreate(tag=1, fid=2, name="f", flags=flags, mode=0o644, gid=0)),
+                          m.Rlcreate)
+        await _walk(w, 1, 3, "f")
+        flags = m.P9_DOTL_WRONLY | m.P9_DOTL_TRUNC | m.P9_DOTL_NONBLOCK | m.P9_DOTL_EXCL | extras
+        assert isinstance(await w.rpc(m.Tlopen(tag=1, fid=3, flags=flags)), m.Rlopen)
+    assert seen == [
+        ("create", os.O_RDWR | os.O_EXCL | os.O_APPEND | os.O_CREAT),
+        ("open", os.O_WRONLY | os.O_TRUNC | os.O_NONBLOCK),
+    ]
 
 
 # -- files and directories, per dialect -----------------------------------------
@@ -196,7 +243,7 @@ async def test_dotl_readdir_cookies(memfs):
         names = [f"file{i:03d}" for i in range(200)]
         for n in names:
             await _walk(w, 1, 2)
-            await w.rpc(m.Tlcreate(tag=1, fid=2, name=n, flags=os.O_WRONLY, mode=0o644, gid=0))
+            await w.rpc(m.Tlcreate(tag=1, fid=2, name=n, flags=m.P9_DOTL_WRONLY, mode=0o644, gid=0))
             await w.rpc(m.Tclunk(tag=1, fid=2))
         await _walk(w, 1, 3)
         await w.rpc(m.Tlopen(tag=1, fid=3, flags=0))
@@ -536,7 +583,7 @@ async def _with_file_f(addr: str) -> Wire:
     w = await Wire.open(addr)
     await w.version()
     await w.attach()
-    await w.rpc(m.Tlcreate(tag=1, fid=1, name="f", flags=os.O_RDWR, mode=0o644, gid=0))
+    await w.rpc(m.Tlcreate(tag=1, fid=1, name="f", flags=m.P9_DOTL_RDWR, mode=0o644, gid=0))
     await w.rpc(m.Tclunk(tag=1, fid=1))
     await w.attach(fid=1)
     return w
@@ -564,12 +611,12 @@ async def test_an_open_that_loses_a_race_on_its_fid_leaves_no_open_file(memfs, g
         assert gate.released == 1
         assert isinstance(await _walk(w, 1, 2, "f"), m.Rwalk)
         gate.armed = True
-        await w.send(m.Tlopen(tag=5, fid=2, flags=os.O_RDWR))
+        await w.send(m.Tlopen(tag=5, fid=2, flags=m.P9_DOTL_RDWR))
         with trio.fail_after(5):
             await gate.entered.wait()
         gate.armed = False
         if second == "Tlopen":  # the second open wins (it does not wait)
-            assert isinstance(await w.rpc(m.Tlopen(tag=6, fid=2, flags=os.O_RDONLY)), m.Rlopen)
+            assert isinstance(await w.rpc(m.Tlopen(tag=6, fid=2, flags=m.P9_DOTL_RDONLY)), m.Rlopen)
         elif second == "Tremove":
             assert await w.rpc(m.Tremove(tag=6, fid=2)) == m.Rremove(tag=6)
         else:
@@ -593,7 +640,7 @@ async def test_an_open_during_a_walk_onto_the_same_fid_keeps_its_file(memfs, gat
         with trio.fail_after(5):
             await gate.entered.wait()
         gate.armed = False
-        assert isinstance(await w.rpc(m.Tlopen(tag=6, fid=1, flags=os.O_RDONLY)), m.Rlopen)
+        assert isinstance(await w.rpc(m.Tlopen(tag=6, fid=1, flags=m.P9_DOTL_RDONLY)), m.Rlopen)
         gate.open.set()
         assert await w.recv() == m.Rlerror(tag=5, ecode=errno.EBADF)
         # the open stands: fid 1 is still the opened root directory
