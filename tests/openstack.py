@@ -8,6 +8,8 @@ even when tests fail.
   ``connect()`` (an openstacksdk Connection as admin).  The cloud has image
   ``tiny``, flavors ``m1.tiny`` and ``m1.small`` and network ``user``
   (10.0.0.0/24); its compute service is Nova's fake driver (no VM runs).
+  ``outage("glance", "neutron")`` (a context manager) stops API services
+  and brings them back, answering, on leaving, even when the body fails.
 
 Import it where it is needed: ``from tests.openstack import openstack_cloud``.
 Several modules may import it: they share one control plane (reference
@@ -23,6 +25,7 @@ and leave it running after the session (for quick iterations).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import shutil
@@ -31,6 +34,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 
 import pytest
 
@@ -81,6 +85,92 @@ class ControlPlane:
 
     def logs(self) -> str:
         return os.path.join(self.state, "log")
+
+    #: An authenticated request that succeeds only when the API answers.
+    _PROBES = {
+        "keystone": lambda c: c.authorize(),
+        "placement": lambda c: c.placement.get("/resource_providers").raise_for_status(),
+        "glance": lambda c: next(iter(c.image.images()), None),
+        "neutron": lambda c: next(iter(c.network.networks()), None),
+        "nova-api": lambda c: next(iter(c.compute.flavors()), None),
+    }
+
+    def stop_services(self, *names: str) -> None:
+        """Stop the API services ``names`` (``glance``, ``neutron``,
+        ``placement``, ``nova-api``, ``keystone``; also ``glance-api``,
+        ``neutron-server``): their whole process groups, and return when a
+        connection to their ports is refused.  The rest keeps running.
+        Prefer :meth:`outage`, which also brings them back."""
+        r = _run("stop", self.state, *names, timeout=120)
+        if r.returncode != 0:
+            raise RuntimeError(f"stopping {', '.join(names)} failed:\n{r.stdout[-3000:]}")
+        for port in self._ports(names):
+            with socket.socket() as s:
+                s.settimeout(5)
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    raise RuntimeError(f"port {port} still answers after stopping {', '.join(names)}")
+
+    def start_services(self, *names: str, timeout: float = 120.0) -> None:
+        """Start the API services ``names`` that are not running and return
+        when each answers an authenticated request (e.g. ``image.images()``
+        for ``glance``, ``network.networks()`` for ``neutron``)."""
+        r = _run("start", self.state, *names, timeout=timeout + 60)
+        if r.returncode != 0:
+            raise RuntimeError(f"starting {', '.join(names)} failed:\n{r.stdout[-3000:]}")
+        deadline = time.monotonic() + timeout
+        for name in _canonical(names):
+            while True:
+                conn = self.connect()
+                try:
+                    self._PROBES[name](conn)
+                    break
+                except Exception as e:  # noqa: BLE001 - not answering yet
+                    if time.monotonic() > deadline:
+                        raise RuntimeError(f"{name} does not answer after its restart: "
+                                           f"{type(e).__name__}: {e}") from e
+                finally:
+                    conn.close()
+                time.sleep(0.5)
+
+    @contextlib.contextmanager
+    def outage(self, *names: str):
+        """``with plane.outage("glance", "neutron"):`` — those API services
+        are down inside (connections to their ports refused; Keystone, Nova
+        and the rest keep running) and back, answering authenticated
+        requests, after it, even when the body raises.  The stop is clean:
+        nothing the health check (tests/scripts/test_openstack_controlplane.py)
+        takes for a crash is logged."""
+        services = _canonical(names)  # a wrong name fails before anything stops
+        try:
+            self.stop_services(*services)
+            yield self
+        finally:
+            self.start_services(*services)
+
+    def _ports(self, names) -> list[int]:
+        import json
+
+        with open(os.path.join(self.state, "ports.json")) as f:
+            ports = json.load(f)
+        return [ports[_PORT_KEY[n]] for n in _canonical(names)]
+
+
+#: Which ports.json entry each API service listens on, and other names for them.
+_PORT_KEY = {"keystone": "keystone", "placement": "placement", "glance": "glance",
+             "neutron": "neutron", "nova-api": "nova"}
+_ALIASES = {"glance-api": "glance", "neutron-server": "neutron", "neutron-api": "neutron",
+            "nova": "nova-api", "placement-api": "placement"}
+
+
+def _canonical(names) -> list[str]:
+    out = []
+    for n in names:
+        n = _ALIASES.get(n, n)
+        if n not in _PORT_KEY:
+            raise ValueError(f"{n!r} is not an API service that can be stopped alone ({', '.join(_PORT_KEY)})")
+        if n not in out:
+            out.append(n)
+    return out
 
 
 _lock = threading.Lock()

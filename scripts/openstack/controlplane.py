@@ -9,6 +9,10 @@ Usage (as root, with Debian's own ``/usr/bin/python3``)::
                                        # start, wait until ready, write clouds.yaml
     controlplane.py up STATE_DIR       # install + start
     controlplane.py stop STATE_DIR     # stop everything started from STATE_DIR
+    controlplane.py stop STATE_DIR glance neutron
+                                       # stop only these API services (an outage)
+    controlplane.py start STATE_DIR glance neutron
+                                       # start them again, wait until they answer
     controlplane.py status STATE_DIR   # which services run (exit 1 if one is down)
 
 Services (standard ports, or N … N+7 with --port-base; kept in STATE_DIR/ports.json):
@@ -35,7 +39,9 @@ Facts this follows (measured on 2 cores): MariaDB not sqlite (concurrent
 deletes, neutron migrations); uwsgi needs ``--need-app`` and ``Connection:
 close``; conductor consuming before nova-compute starts; a fresh heartbeat
 before the first boot; stopping neutron means its workers (each service runs
-in its own process group and is stopped as a group) and RabbitMQ means
+in its own process group and is stopped as a group; neutron's parent gets
+the SIGTERM alone and stops its workers, a second SIGTERM kills them with
+the signal) and RabbitMQ means
 ``epmd -kill`` too; AMQP heartbeats off (uwsgi's idle nova-api cannot send
 them, RabbitMQ drops its connection and the next cast is lost); neutron's
 ``agent_down_time`` at most 2**31-1 ms (a larger one crashes its workers
@@ -714,6 +720,26 @@ def retried(what: str, fn, tries: int = 4) -> None:
             time.sleep(2)
 
 
+def launchers(L: Layout) -> dict:
+    """How each service (but MariaDB and RabbitMQ) is started: name → a
+    function that spawns it (``start`` and ``start_services`` share them)."""
+    nova_env = {"OS_NOVA_CONFIG_DIR": f"{L.etc}/nova"}
+    nova_conf = ["--config-file", f"{L.etc}/nova/nova.conf"]
+    return {
+        "keystone": lambda: uwsgi(L, "keystone", PORTS["keystone"], "/usr/bin/keystone-wsgi-public",
+                                  {"OS_KEYSTONE_CONFIG_DIR": f"{L.etc}/keystone"}, 2),
+        "placement": lambda: uwsgi(L, "placement", PORTS["placement"], "/usr/bin/placement-api",
+                                   {"OS_PLACEMENT_CONFIG_DIR": f"{L.etc}/placement"}, 2),
+        "glance": lambda: spawn(L, "glance", ["glance-api", "--config-file", f"{L.etc}/glance/glance-api.conf"]),
+        "nova-api": lambda: uwsgi(L, "nova-api", PORTS["nova"], "/usr/bin/nova-api-wsgi", nova_env, 4),
+        "nova-conductor": lambda: spawn(L, "nova-conductor", ["/usr/bin/nova-conductor", *nova_conf]),
+        "nova-scheduler": lambda: spawn(L, "nova-scheduler", ["/usr/bin/nova-scheduler", *nova_conf]),
+        "neutron": lambda: spawn(L, "neutron", ["neutron-server", "--config-file", f"{L.etc}/neutron/neutron.conf",
+                                                "--config-file", f"{L.etc}/neutron/ml2_conf.ini"]),
+        "nova-compute": lambda: spawn(L, "nova-compute", nova_compute_argv(L)),
+    }
+
+
 def start(state: str, port_base: int | None = None) -> None:
     """Start every service not running, then wait until ready."""
     t0 = time.monotonic()
@@ -723,40 +749,37 @@ def start(state: str, port_base: int | None = None) -> None:
     write_configs(L)
     start_rabbitmq(L)
     start_mariadb(L)
+    spawners = launchers(L)
     with ThreadPoolExecutor(5) as ex:
         dbs = db_sync(L, ex)
         started: dict[str, datetime.datetime] = {}
 
-        def launch(name: str, fn) -> None:
+        def launch(name: str) -> None:
             if read_pid(L, name) is None:
                 started[name] = datetime.datetime.utcnow().replace(microsecond=0) - datetime.timedelta(seconds=1)
-                fn()
+                spawners[name]()
 
         dbs["keystone"].result()
-        launch("keystone", lambda: uwsgi(L, "keystone", PORTS["keystone"], "/usr/bin/keystone-wsgi-public",
-                                         {"OS_KEYSTONE_CONFIG_DIR": f"{L.etc}/keystone"}, 2))
+        launch("keystone")
         wait_rabbitmq(L)
         wait_until("keystone", lambda: http_ok(f"http://127.0.0.1:{PORTS['keystone']}/v3"), 60, L, ["keystone"])
         retried("service catalog", lambda: catalog(L))
         dbs["placement"].result()
-        launch("placement", lambda: uwsgi(L, "placement", PORTS["placement"], "/usr/bin/placement-api",
-                                          {"OS_PLACEMENT_CONFIG_DIR": f"{L.etc}/placement"}, 2))
+        launch("placement")
         dbs["glance"].result()
-        launch("glance", lambda: spawn(L, "glance", ["glance-api", "--config-file", f"{L.etc}/glance/glance-api.conf"]))
+        launch("glance")
         dbs["nova"].result()
-        nova_env = {"OS_NOVA_CONFIG_DIR": f"{L.etc}/nova"}
-        launch("nova-api", lambda: uwsgi(L, "nova-api", PORTS["nova"], "/usr/bin/nova-api-wsgi", nova_env, 4))
+        launch("nova-api")
         for svc in ("nova-conductor", "nova-scheduler"):
-            launch(svc, lambda svc=svc: spawn(L, svc, [f"/usr/bin/{svc}", "--config-file", f"{L.etc}/nova/nova.conf"]))
+            launch(svc)
         dbs["neutron"].result()
         agent_row(L)
-        launch("neutron", lambda: spawn(L, "neutron", ["neutron-server", "--config-file", f"{L.etc}/neutron/neutron.conf",
-                                                       "--config-file", f"{L.etc}/neutron/ml2_conf.ini"]))
+        launch("neutron")
     epoch = datetime.datetime(1970, 1, 1)
     # a conductor heartbeat comes after its RPC server consumes
     wait_until("nova-conductor consuming", lambda: service_fresh(L, "nova-conductor", started.get("nova-conductor", epoch)),
                90, L, ["nova-conductor"])
-    launch("nova-compute", lambda: spawn(L, "nova-compute", nova_compute_argv(L)))
+    launch("nova-compute")
     apis = {"placement": PORTS["placement"], "glance": PORTS["glance"], "neutron": PORTS["neutron"],
             "nova-api": PORTS["nova"]}
     for name, port in apis.items():
@@ -772,13 +795,74 @@ def start(state: str, port_base: int | None = None) -> None:
     log(f"ready in {time.monotonic() - t0:.0f}s; OS_CLIENT_CONFIG_FILE={L.clouds} OS_CLOUD=cloudfs")
 
 
+#: The API services that ``stop STATE NAME…`` / ``start STATE NAME…`` stop
+#: and start alone (an outage of one API while the rest keeps running);
+#: other names for them (the Debian binaries') are accepted too.
+API_SERVICES = ("keystone", "placement", "glance", "neutron", "nova-api")
+ALIASES = {"glance-api": "glance", "neutron-server": "neutron", "neutron-api": "neutron",
+           "nova": "nova-api", "placement-api": "placement"}
+
+
+def api_names(names: list[str]) -> list[str]:
+    """``names`` as API_SERVICES names (aliases resolved, order kept, no
+    duplicates); Failed for any other name."""
+    out: list[str] = []
+    for n in names:
+        name = ALIASES.get(n, n)
+        if name not in API_SERVICES:
+            raise Failed(f"{n!r} is not an API service that can be stopped alone ({', '.join(API_SERVICES)})")
+        if name not in out:
+            out.append(name)
+    return out
+
+
+def stop_services(state: str, names: list[str]) -> None:
+    """Stop just the API services ``names`` (their whole process groups),
+    then make sure nothing answers on their ports any more: a client's
+    connection is refused, not left hanging."""
+    L = Layout(state)
+    load_ports(L, None)
+    names = api_names(names)
+    t0 = time.monotonic()
+    with ThreadPoolExecutor(len(names)) as ex:
+        list(ex.map(lambda s: kill_group(L, s), names))
+    for name in names:
+        port = PORTS[SERVICE_PORT[name]]
+        wait_until(f"{name}'s port {port} closed", lambda port=port: not port_open(port), 10)
+    log(f"stopped {', '.join(names)} in {time.monotonic() - t0:.1f}s")
+
+
+def start_services(state: str, names: list[str], timeout: float = 120.0) -> None:
+    """Start the API services ``names`` that are not running (on a control
+    plane that ``start`` made ready before) and wait until they answer."""
+    L = Layout(state)
+    load_ports(L, None)
+    names = api_names(names)
+    t0 = time.monotonic()
+    spawners = launchers(L)
+    for name in names:
+        if read_pid(L, name) is None:
+            spawners[name]()
+    for name in names:
+        port = PORTS[SERVICE_PORT[name]]
+        wait_until(name, lambda port=port: http_ok(f"http://127.0.0.1:{port}/"), timeout, L, [name])
+    log(f"started {', '.join(names)} in {time.monotonic() - t0:.1f}s")
+
+
 #: Services under uwsgi: SIGINT to the master stops it and its workers at once.
 UWSGI = {"keystone", "placement", "nova-api"}
+#: Services whose parent stops its workers itself, so SIGTERM goes to the
+#: parent alone: neutron-server's oslo.service workers reset their SIGTERM
+#: handler on the first SIGTERM, so a group-wide one followed by the
+#: parent's own makes a worker die "killed by signal 15" (which the health
+#: check, tests/scripts/test_openstack_controlplane.py, counts as a crash).
+PARENT_STOPS = {"neutron"}
 
 
 def kill_group(L: Layout, name: str, timeout: float = 20.0) -> None:
     """Stop service ``name``: SIGTERM to its process group (SIGINT to the
-    master for uwsgi), SIGKILL to the group after ``timeout`` seconds."""
+    master for uwsgi, SIGTERM to the parent alone for PARENT_STOPS), SIGKILL
+    to the group after ``timeout`` seconds."""
     pid = read_pid(L, name)
     if pid is None:
         try:
@@ -789,6 +873,8 @@ def kill_group(L: Layout, name: str, timeout: float = 20.0) -> None:
     try:
         if name in UWSGI:
             os.kill(pid, signal.SIGINT)
+        elif name in PARENT_STOPS:
+            os.kill(pid, signal.SIGTERM)
         else:
             os.killpg(pid, signal.SIGTERM)
     except ProcessLookupError:
@@ -856,15 +942,26 @@ def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(description="A minimal OpenStack on 127.0.0.1 (see the module docstring).")
     ap.add_argument("command", choices=["install", "start", "up", "stop", "status"])
     ap.add_argument("state", nargs="?", help="state directory (all but install)")
+    ap.add_argument("services", nargs="*",
+                    help=f"start, stop: only these API services ({', '.join(API_SERVICES)}); "
+                         "start then only starts and waits for them")
     ap.add_argument("--port-base", type=int, help="ports N … N+7 instead of the standard ones (start, up)")
     a = ap.parse_args(argv)
     if a.command != "install" and not a.state:
         ap.error("a state directory is needed")
+    if a.services and a.command not in ("start", "stop"):
+        ap.error("only start and stop take service names")
+    if a.services and a.port_base is not None:
+        ap.error("--port-base is for starting the whole control plane")
     try:
         if a.command in ("install", "up"):
             install()
-        if a.command in ("start", "up"):
+        if a.command == "start" and a.services:
+            start_services(a.state, a.services)
+        elif a.command in ("start", "up"):
             start(a.state, a.port_base)
+        elif a.command == "stop" and a.services:
+            stop_services(a.state, a.services)
         elif a.command == "stop":
             stop(a.state)
         elif a.command == "status":
