@@ -43,6 +43,7 @@ import trio
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from cloudfs.drivers.base import ServerSpec  # noqa: E402
 from cloudfs.drivers.openstack import META_DEPLOYMENT, OpenStackDriver  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "openstack.json"
@@ -88,8 +89,8 @@ def bench(conn, rounds: int, concurrent: int) -> dict:
 
     async def driver_one() -> float:
         t0 = time.monotonic()
-        await drv.create("fork", "tiny", "m1.tiny", ["user"], b"#cloud-config\n",
-                         metadata=drv.metadata_for(next(pids), 1))
+        await drv.create(ServerSpec(pid=next(pids), ppid=1, name="fork", image="tiny", flavor="m1.tiny",
+                                    networks=("user",), userdata=b"#cloud-config\n"))
         return time.monotonic() - t0
 
     # warm up both paths (token, endpoint discovery, caches) once

@@ -77,7 +77,7 @@ class StatusFile(SnapshotFile):
         self.fs, self.pid = fs, pid
 
     async def produce(self) -> bytes:
-        rec = await self.fs.table.cached_record(self.pid)
+        rec = await self.fs.records.cached(self.pid)
         if rec is None:
             raise FsError(errno.ENOENT, f"no process {self.pid}")
         return rec.status_text().encode()
@@ -91,7 +91,7 @@ class ChildrenFile(SnapshotFile):
         self.fs, self.pid = fs, pid
 
     async def produce(self) -> bytes:
-        return "".join(f"{k}\n" for k in await self.fs.table.kids(self.pid)).encode()
+        return "".join(f"{k}\n" for k in await self.fs.records.kids(self.pid)).encode()
 
 
 class UserdataFile(SnapshotFile):
@@ -103,11 +103,11 @@ class UserdataFile(SnapshotFile):
         self.fs, self.pid = fs, pid
 
     async def produce(self) -> bytes:
-        return await self.fs.table.get_userdata(self.pid)
+        return await self.fs.data.userdata(self.pid)
 
     async def write(self, offset: int, data: bytes) -> int:
         self.snapshot = None
-        return await self.fs.table.write_userdata(self.pid, offset, data)
+        return await self.fs.data.write_userdata(self.pid, offset, data)
 
 
 class EnvKeyFile(SnapshotFile):
@@ -121,7 +121,7 @@ class EnvKeyFile(SnapshotFile):
         self._seen_set = False  # a key once set stays readable until unset; poll re-checks via wait_readable
 
     async def produce(self) -> bytes:
-        value = await self.fs.table.env_wait(self.pid, self.key, self.nonblocking)
+        value = await self.fs.data.env_wait(self.pid, self.key, self.nonblocking)
         self._seen_set = True
         return value
 
@@ -130,12 +130,12 @@ class EnvKeyFile(SnapshotFile):
 
     async def wait_readable(self) -> None:
         """Until the key is set (the same ZooKeeper watch a blocking read uses)."""
-        await self.fs.table.env_wait(self.pid, self.key, False)
+        await self.fs.data.env_wait(self.pid, self.key, False)
         self._seen_set = True
 
     async def write(self, offset: int, data: bytes) -> int:
         self.snapshot = None
-        return await self.fs.table.env_write(self.pid, self.key, offset, data)
+        return await self.fs.data.env_write(self.pid, self.key, offset, data)
 
 
 class WaitFile(SnapshotFile):
@@ -148,7 +148,7 @@ class WaitFile(SnapshotFile):
         self._pending = False  # a record was there when last looked at
 
     async def produce(self) -> bytes:
-        rec = await self.fs.table.wait_next(self.pid, self.nonblocking)
+        rec = await self.fs.waits.next(self.pid, self.nonblocking)
         self._pending = False  # consumed; the next one is not known yet
         return rec.line().encode()
 
@@ -157,7 +157,7 @@ class WaitFile(SnapshotFile):
 
     async def wait_readable(self) -> None:
         """Until a wait record exists (a child watch); consumes nothing."""
-        await self.fs.store.wait_children(self.fs.layout.wait(self.pid))
+        await self.fs.waits.ready(self.pid)
         self._pending = True
 
 

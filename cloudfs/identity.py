@@ -43,6 +43,8 @@ from typing import TYPE_CHECKING
 from ninep.errors import FsError
 from ninep.fs import FileSystem, Node
 
+from .znodes import parse_pid
+
 if TYPE_CHECKING:
     from .namespace import CloudFS
 
@@ -72,9 +74,10 @@ def parse_attach(uname: str, aname: str) -> Credential | None:
     if name == "":
         return None
     parts = name.split("/")
-    if len(parts) in (2, 3) and parts[0] == "proc" and parts[1].isdigit() and parts[1][0] != "0":
+    pid = parse_pid(parts[1]) if len(parts) in (2, 3) and parts[0] == "proc" else None
+    if pid is not None:
         secret = parts[2] if len(parts) == 3 else (uname or None)
-        return Credential(int(parts[1]), secret)
+        return Credential(pid, secret)
     raise FsError(errno.EACCES, f"unknown aname {aname!r}: use '' (read-only) or 'proc/<pid>/<secret>'")
 
 
@@ -83,7 +86,7 @@ def secret_matches(expected: str, given: str | None) -> bool:
     never matches."""
     if not expected or not given:
         return False
-    return hmac.compare_digest(expected.encode(), given.encode())
+    return hmac.compare_digest(expected.encode("utf-8", "surrogateescape"), given.encode("utf-8", "surrogateescape"))
 
 
 class PublicFS(FileSystem):
@@ -99,8 +102,8 @@ class PublicFS(FileSystem):
         cred = parse_attach(uname, aname)
         if cred is None:
             return self.cfs.readonly_view()
-        r = await self.cfs.table.record(cred.pid)
-        if r is None or not secret_matches(r[0].secret, cred.secret):
+        rec = await self.cfs.records.cached(cred.pid)
+        if rec is None or not secret_matches(rec.secret, cred.secret):
             raise FsError(errno.EACCES, f"bad credential for process {cred.pid}")
         return self.cfs.view_for(cred.pid)
 

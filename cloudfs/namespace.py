@@ -19,6 +19,7 @@ store, creates the layout, runs the reconciler, and cleans up).
 from __future__ import annotations
 
 import errno
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -29,14 +30,23 @@ import trio
 from ninep.errors import FsError
 from ninep.fs import FileSystem, Node
 
+from .catalog import Catalog
 from .ctl import Command
+from .deployment import open_deployment
 from .drivers.base import ComputeDriver
-from .identity import PublicFS, secret_matches
+from .exits import Exits
+from .identity import PublicFS, parse_attach, secret_matches
+from .lifecycle import Lifecycle
 from .nodes import OPERATOR, PROCESS, READONLY, RootNode, View
-from .proctable import ProcTable
+from .procdata import ProcData
+from .process import Desired
 from .reconciler import Reconciler
+from .records import Records
 from .store import Store
+from .waits import Waits
 from .znodes import Layout
+
+log = logging.getLogger(__name__)
 
 DEFAULT_ROOT = "/cloudfs/default"
 
@@ -49,23 +59,41 @@ class CloudFS(FileSystem):
     ``daemon_id`` this daemon's unique name (owner znodes);
     ``resync_interval`` seconds between backend status syncs (None: never).
     Call :meth:`start` before serving.
+
+    Its parts, one job each: ``records`` (process records),
+    ``lifecycle`` (fork, exec, kill, stop, start), ``data`` (userdata,
+    env), ``waits`` (wait records), ``exits`` (ending a process),
+    ``catalog`` (the driver's images, flavors and networks, cached),
+    ``reconciler`` (acting on the driver).  ``deployment_id`` is the
+    deployment's unique id (known after :meth:`start`).
     """
 
     def __init__(self, store: Store, driver: ComputeDriver, root: str = DEFAULT_ROOT,
                  daemon_id: str | None = None, resync_interval: float | None = 10.0):
         self.store = store
         self.driver = driver
-        self.layout = Layout(root)
-        self.table = ProcTable(store, self.layout, driver)
+        self.layout = L = Layout(root)
+        self.records = Records(store, L)
+        self.catalog = Catalog(driver)
+        self.lifecycle = Lifecycle(store, L, self.records, self.catalog)
+        self.data = ProcData(store, L)
+        self.waits = Waits(store, L)
+        self.exits = Exits(store, L, self.records)
         self.daemon_id = daemon_id or f"cloudfs-{uuid.uuid4().hex[:12]}"
-        self.reconciler = Reconciler(self.table, self.daemon_id, resync_interval)
+        self.reconciler = Reconciler(store, L, self.records, self.data, self.exits, driver, self.daemon_id,
+                                     resync_interval)
+        self.deployment_id: str | None = None
         self.started_ns = time.time_ns()
         self._cancel: trio.CancelScope | None = None
         self._public: PublicFS | None = None
 
     async def start(self, nursery: trio.Nursery) -> None:
-        """Create the znode layout if missing and run the reconciler in ``nursery``."""
-        await self.table.init_layout()
+        """Create the deployment's znodes if missing, bind the driver to the
+        deployment's id, and run the reconciler in ``nursery``.  ValueError
+        if the driver already serves another deployment."""
+        self.deployment_id = await open_deployment(self.store, self.layout)
+        self.driver.bind(self.deployment_id, self.layout.root)
+        log.info("deployment %s (id %s)", self.layout.root, self.deployment_id)
 
         async def run(task_status=trio.TASK_STATUS_IGNORED):
             with trio.CancelScope() as cs:
@@ -94,34 +122,38 @@ class CloudFS(FileSystem):
         return self._public
 
     async def attach(self, uname: str, aname: str, n_uname: int | None = None) -> Node:
-        name = aname.strip("/")
-        if name == "":
+        """aname ``""``: the operator's view; ``proc/<pid>`` (or a guest's
+        ``proc/<pid>/<secret>``, the secret checked: EACCES if wrong, ENOENT
+        for no such process) that process's view.  Parsed by
+        cloudfs.identity.parse_attach, the same grammar as the public face;
+        ENOENT for any other aname (the operator may know what exists)."""
+        try:
+            cred = parse_attach("", aname)
+        except FsError:
+            raise FsError(errno.ENOENT, f"unknown aname {aname!r}: use '', 'proc/<pid>' or 'proc/<pid>/<secret>'") \
+                from None
+        if cred is None:
             return self.view_for(None)
-        parts = name.split("/")
-        if len(parts) in (2, 3) and parts[0] == "proc" and parts[1].isdigit():
-            pid = int(parts[1])
-            r = await self.table.record(pid)
-            if r is None:
-                raise FsError(errno.ENOENT, f"no process {pid} to attach as")
-            # a guest's aname (proc/<pid>/<secret>) works here too; a wrong secret is refused
-            if len(parts) == 3 and not secret_matches(r[0].secret, parts[2]):
-                raise FsError(errno.EACCES, f"bad credential for process {pid}")
-            return self.view_for(pid)
-        raise FsError(errno.ENOENT, f"unknown aname {aname!r}: use '', 'proc/<pid>' or 'proc/<pid>/<secret>'")
+        rec = await self.records.cached(cred.pid)
+        if rec is None:
+            raise FsError(errno.ENOENT, f"no process {cred.pid} to attach as")
+        if cred.secret is not None and not secret_matches(rec.secret, cred.secret):
+            raise FsError(errno.EACCES, f"bad credential for process {cred.pid}")
+        return self.view_for(cred.pid)
 
     async def run_ctl(self, pid: int, cmd: Command) -> bytes:
         """Carry out a parsed ctl command on ``pid``; the bytes a read of the
         same open ctl returns (fork: ``b"<pid>\\n"``)."""
         if cmd.verb == "fork":
-            return f"{await self.table.fork(pid, cmd.name)}\n".encode()
+            return f"{await self.lifecycle.fork(pid, cmd.name)}\n".encode()
         if cmd.verb == "exec":
-            await self.table.exec(pid, cmd)
+            await self.lifecycle.exec(pid, cmd)
         elif cmd.verb == "kill":
-            await self.table.kill(pid)
+            await self.lifecycle.kill(pid)
         elif cmd.verb == "stop":
-            await self.table.set_power(pid, "stopped")
+            await self.lifecycle.set_power(pid, Desired.STOPPED)
         elif cmd.verb == "start":
-            await self.table.set_power(pid, "running")
+            await self.lifecycle.set_power(pid, Desired.RUNNING)
         return b""
 
     async def close(self) -> None:

@@ -19,7 +19,8 @@ from ninep.fs import Attr, DirEntry, Node, OpenFile
 from ninep.qid import Qid
 
 from . import tree
-from .drivers.base import DriverError
+from .ctl import valid_name
+from .znodes import parse_pid
 from .files import (
     ChildrenFile, CtlFile, DirFile, EnvKeyFile, InfoFile, StatusFile, UserdataFile, WaitFile, kv_text,
 )
@@ -60,7 +61,7 @@ class View:
         if self.rights == OPERATOR:
             return
         if self.rights == PROCESS and self.self_pid is not None:
-            if await self.fs.table.is_descendant(pid, self.self_pid):
+            if await self.fs.records.is_descendant(pid, self.self_pid):
                 return
             raise FsError(errno.EACCES, f"process {self.self_pid} may only change itself and its descendants, "
                                         f"not process {pid}")
@@ -116,7 +117,7 @@ class CNode(Node):
         return self._qid
 
     async def _alive(self) -> None:
-        if self.pid and not await self.fs.table.exists(self.pid):
+        if self.pid and not await self.fs.records.exists(self.pid):
             raise FsError(errno.ENOENT, f"no process {self.pid}")
 
     async def getattr(self) -> Attr:
@@ -177,17 +178,17 @@ class ProcNode(CNode):
             if self.view.self_pid is None:
                 raise FsError(errno.ENOENT, "no /proc/self: attached as the operator")
             pid = self.view.self_pid
-        elif name.isdigit() and not (len(name) > 1 and name[0] == "0"):
-            pid = int(name)
         else:
-            raise FsError(errno.ENOENT, f"no process {name!r}")
+            pid = parse_pid(name)
+            if pid is None:
+                raise FsError(errno.ENOENT, f"no process {name!r}")
         node = PidNode(self.view, pid)
         await node._alive()
         return node
 
     async def _entries(self) -> list[DirEntry]:
         mode = tree.mode_of(tree.PID)
-        return [DirEntry(str(p), tree.qid_of(tree.PID, p), mode) for p in await self.fs.table.pids()]
+        return [DirEntry(str(p), tree.qid_of(tree.PID, p), mode) for p in await self.fs.records.pids()]
 
 
 class PidNode(CNode):
@@ -248,7 +249,7 @@ class UserdataNode(CNode):
         await self.view.may_modify(self.pid)
         await super().setattr(change)
         if change.size == 0:
-            await self.fs.table.write_userdata(self.pid, 0, b"")
+            await self.fs.data.write_userdata(self.pid, 0, b"")
 
 
 class WaitNode(CNode):
@@ -271,7 +272,7 @@ class EnvNode(CNode):
         return EnvKeyNode(self.view, self.pid, name)
 
     async def _entries(self) -> list[DirEntry]:
-        return [self._entry(k, EnvKeyNode(self.view, self.pid, k)) for k in await self.fs.table.env_keys(self.pid)]
+        return [self._entry(k, EnvKeyNode(self.view, self.pid, k)) for k in await self.fs.data.env_keys(self.pid)]
 
     async def create(self, name: str, mode: int, flags: int, uid: int, gid: int) -> tuple[Node, OpenFile]:
         valid_key(name)
@@ -284,7 +285,7 @@ class EnvNode(CNode):
             raise FsError(errno.ENOTDIR, "env keys are files")
         valid_key(name)
         await self.view.may_modify(self.pid)
-        await self.fs.table.env_unset(self.pid, name)
+        await self.fs.data.env_unset(self.pid, name)
 
 
 class EnvKeyNode(CNode):
@@ -300,17 +301,16 @@ class EnvKeyNode(CNode):
 
 
 class ImagesNode(CNode):
-    """``/images``: a file per image the driver offers."""
+    """``/images``: a file per image the driver offers (cloudfs.catalog)."""
 
     kind = tree.IMAGES
 
     async def walk(self, name: str) -> Node:
-        if name not in {i.name for i in await self.fs.driver.list_images()}:
-            raise FsError(errno.ENOENT, f"no image {name!r}")
+        await self.fs.catalog.image(name)
         return ImageNode(self.view, 0, name)
 
     async def _entries(self) -> list[DirEntry]:
-        return [self._entry(i.name, ImageNode(self.view, 0, i.name)) for i in await self.fs.driver.list_images()]
+        return [self._entry(i.name, ImageNode(self.view, 0, i.name)) for i in await self.fs.catalog.images()]
 
 
 class ImageNode(CNode):
@@ -320,16 +320,13 @@ class ImageNode(CNode):
     kind = tree.IMAGE
 
     async def _alive(self) -> None:
-        await self._info()
+        await self.fs.catalog.image(self.key)
 
     async def _info(self) -> bytes:
-        for i in await self.fs.driver.list_images():
-            if i.name == self.key:
-                return kv_text([("id", i.id), ("name", i.name), ("status", i.status), ("size", i.size),
-                                ("disk_format", i.disk_format),
-                                ("container_format", i.container_format),
-                                ("checksum", i.checksum), ("created", i.created)])
-        raise FsError(errno.ENOENT, f"no image {self.key!r}")
+        i = await self.fs.catalog.image(self.key)
+        return kv_text([("id", i.id), ("name", i.name), ("status", i.status), ("size", i.size),
+                        ("disk_format", i.disk_format), ("container_format", i.container_format),
+                        ("checksum", i.checksum), ("created", i.created)])
 
     def _open(self, flags: int) -> OpenFile:
         return InfoFile(self._info, flags)
@@ -338,30 +335,23 @@ class ImageNode(CNode):
 class NetNode(CNode):
     """``/net``: a file per network; creating ``/net/<name>`` (open with
     O_CREAT, e.g. ``touch``) creates the network (the driver picks the cidr).
-    EEXIST if it exists, EINVAL for a bad name, EIO if the driver fails."""
+    EEXIST if it exists, EINVAL for a bad name, the driver's error (EIO)
+    if it fails."""
 
     kind = tree.NET
 
     async def walk(self, name: str) -> Node:
-        if name not in {n.name for n in await self.fs.driver.list_networks()}:
-            raise FsError(errno.ENOENT, f"no network {name!r}")
+        await self.fs.catalog.network(name)
         return NetFileNode(self.view, 0, name)
 
     async def _entries(self) -> list[DirEntry]:
-        return [self._entry(n.name, NetFileNode(self.view, 0, n.name)) for n in await self.fs.driver.list_networks()]
+        return [self._entry(n.name, NetFileNode(self.view, 0, n.name)) for n in await self.fs.catalog.networks()]
 
     async def create(self, name: str, mode: int, flags: int, uid: int, gid: int) -> tuple[Node, OpenFile]:
-        from .ctl import valid_name
-
         self.view.may_administer()
         if not valid_name(name):
             raise FsError(errno.EINVAL, f"bad network name {name!r} (letters, digits, '.', '_', '-')")
-        if name in {n.name for n in await self.fs.driver.list_networks()}:
-            raise FsError(errno.EEXIST, f"network {name!r} exists")
-        try:
-            await self.fs.driver.create_network(name)
-        except DriverError as e:
-            raise FsError(errno.EIO, f"cannot create network {name!r}: {e}") from e
+        await self.fs.catalog.create_network(name)
         node = NetFileNode(self.view, 0, name)
         # The new file is read-only: the creating open reads, whatever its flags.
         return node, node._open(os.O_RDONLY)
@@ -373,13 +363,11 @@ class NetFileNode(CNode):
     kind = tree.NETFILE
 
     async def _alive(self) -> None:
-        await self._info()
+        await self.fs.catalog.network(self.key)
 
     async def _info(self) -> bytes:
-        for n in await self.fs.driver.list_networks():
-            if n.name == self.key:
-                return kv_text([("id", n.id), ("name", n.name), ("cidr", n.cidr), ("status", n.status)])
-        raise FsError(errno.ENOENT, f"no network {self.key!r}")
+        n = await self.fs.catalog.network(self.key)
+        return kv_text([("id", n.id), ("name", n.name), ("cidr", n.cidr), ("status", n.status)])
 
     def _open(self, flags: int) -> OpenFile:
         return InfoFile(self._info, flags)

@@ -1,5 +1,8 @@
 """The reconciler: brings the compute backend to the state recorded in
-ZooKeeper and writes the observed state back.
+ZooKeeper and writes the observed state back.  *What* to do is decided by
+the pure table in :mod:`cloudfs.decisions`; this module *does* it: it finds
+work, holds ownership, calls the driver, and makes every compare-and-set
+write of the reconciler.
 
 Work items are znodes ``<root>/pending/<pid>-<seq>`` created (in the same
 multi) by every ctl command that needs the backend.  Each daemon runs one
@@ -12,25 +15,23 @@ if its driver reaches the process's server (same driver ``scope``: any
 daemon on one OpenStack project, but a QEMU VM only the daemon of its host
 and state dir, whose work waits for that daemon to come back).
 
-Converging is idempotent (it reads the record and acts on the difference):
+Converging one pid (:meth:`Reconciler.converge`) repeats, at most
+:data:`MAX_STEPS` times: read the record, look at what
+:func:`cloudfs.decisions.look` names (children, the server's status, the
+servers tagged with the pid), :func:`cloudfs.decisions.decide`, and carry out
+the one action.  Work items seen before are deleted once it converged;
+ones created meanwhile make it go round again.  A driver failure while
+looking, and any unexpected error, leave the work items: the rescan every
+``resync_interval`` seconds tries again.
 
-- desired ``killed``: once it has no children, delete the VM (also one that a
-  lost create left without the record naming it, found by its tags), then
-  remove the process and leave a wait record with the parent (children
-  first: the last child's removal queues work for its killed parent);
-- ``image`` set and no VM, or ``gen`` ≠ ``built_gen``: create (or rebuild,
-  Nova-style) with the current user-data → ``running`` (driver failure →
-  state ``error`` with its message).  Before creating it asks the driver for
-  a server tagged with this deployment and pid, and adopts it if there is one:
-  a create whose reply was lost, or a daemon killed mid-boot, leaves no
-  duplicate.  A create that finishes after another daemon recorded a
-  server for the pid (this daemon's session expired mid-boot and the pid
-  was taken over), or after the process ended, deletes its own server
-  instead of recording it;
-- desired ``stopped``/``running`` vs state: stop/start.
+Every ``resync_interval`` seconds it also converges every process it owns
+(Nova's power-state sync: this polls the *driver*), after taking over the
+VM processes no daemon owns (theirs restarted or lost its session).
 
-Work items seen before acting are deleted after; ones created meanwhile make
-it go round again.
+Fencing: a create that finishes after another daemon recorded a server for
+the pid (this daemon's session expired mid-boot and the pid was taken over),
+or after the process was killed or ended, deletes its own server instead of
+recording it (cloudfs.decisions.built raises Superseded).
 """
 
 from __future__ import annotations
@@ -42,47 +43,108 @@ import trio
 
 from ninep.errors import FsError
 
-from .drivers.base import META_SECRET, DriverError, NotFound
-from .process import Process
-from .proctable import ProcTable
-from .store import NoNodeError, NodeExistsError
-from .znodes import INIT_PID
+from . import decisions as d
+from .drivers.base import ComputeDriver, DriverError, NotFound, NotOurs, Server, ServerSpec
+from .exits import Exits
+from .procdata import ProcData
+from .process import CorruptRecord, Desired, Process, State, Versioned
+from .records import Records
+from .store import BadVersionError, NodeExistsError, NoNodeError, Store
+from .znodes import INIT_PID, Layout
 
 log = logging.getLogger(__name__)
 
+#: Actions one converge carries out at most before it leaves the rest to
+#: the next round (a create, a stop and a note are three).
+MAX_STEPS = 6
 
-class _Superseded(Exception):
-    """Aborts a record update: another server was recorded meanwhile."""
 
-    def __init__(self, record: Process):
-        super().__init__(record.vm)
-        self.record = record
+class Owners:
+    """The ``owners/<pid>`` ephemeral znodes this daemon holds: whoever holds
+    one is the only daemon acting on that pid's server."""
+
+    def __init__(self, store: Store, layout: Layout, daemon_id: str):
+        self.store = store
+        self.layout = layout
+        self.daemon_id = daemon_id
+        self.owned: set[int] = set()
+
+    async def take(self, pid: int) -> bool:
+        """Own ``pid`` (first come); True if this daemon owns it now."""
+        if pid in self.owned:
+            return True
+        path = self.layout.owner(pid)
+        try:
+            await self.store.create(path, self.daemon_id.encode(), ephemeral=True)
+        except NodeExistsError:
+            got = await self.store.get(path)
+            if got is None or got[0] != self.daemon_id.encode() \
+                    or got[1].ephemeralOwner != self.store.client.client_id[0]:
+                return False
+        except NoNodeError:
+            return False
+        self.owned.add(pid)
+        return True
+
+    async def release(self, pid: int) -> None:
+        """Give ``pid`` up (it ended, or its server is beyond our reach).
+        Only this session's own owner znode is deleted: after a lost session
+        another daemon's may be there."""
+        if pid not in self.owned:
+            return
+        self.owned.discard(pid)
+        path = self.layout.owner(pid)
+        got = await self.store.get(path)
+        if got is None or got[1].ephemeralOwner != self.store.client.client_id[0]:
+            return
+        try:
+            await self.store.delete(path, got[1].version)
+        except (NoNodeError, BadVersionError):
+            pass
+
+    def forget(self) -> None:
+        """The session was lost: its ephemeral znodes are gone."""
+        self.owned.clear()
 
 
 class Reconciler:
     """One daemon's reconciler.  ``daemon_id`` is this daemon's unique name
-    (stored in the owner znodes).  Run :meth:`run` in a nursery."""
+    (stored in the owner znodes); ``resync_interval`` seconds between
+    resyncs and rescans of the work items (None: no resync, rescan every
+    10 s).  Run :meth:`run` in a nursery."""
 
-    def __init__(self, table: ProcTable, daemon_id: str, resync_interval: float | None = 10.0):
-        self.table = table
-        self.store = table.store
-        self.layout = table.layout
-        self.driver = table.driver
+    def __init__(self, store: Store, layout: Layout, records: Records, data: ProcData, exits: Exits,
+                 driver: ComputeDriver, daemon_id: str, resync_interval: float | None = 10.0):
+        self.store = store
+        self.layout = layout
+        self.records = records
+        self.data = data
+        self.exits = exits
+        self.driver = driver
         self.daemon_id = daemon_id
+        self.owners = Owners(store, layout, daemon_id)
         self.active: set[int] = set()
-        self.owned: set[int] = set()
         self.dirty: set[int] = set()
         self.resync_interval = resync_interval
+        self._nursery: trio.Nursery | None = None
         self.store.on_reconnect.append(self._reconnected)
 
+    @property
+    def owned(self) -> set[int]:
+        """The pids this daemon owns now."""
+        return self.owners.owned
+
     def _reconnected(self, lost: bool) -> None:
-        if lost:  # ephemeral owner znodes died with the session
-            self.owned.clear()
+        if lost:
+            self.owners.forget()
+
+    # -- finding work ---------------------------------------------------------
 
     async def run(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Watch for work forever (until cancelled)."""
         L = self.layout
         async with trio.open_nursery() as nursery:
+            self._nursery = nursery
             if self.resync_interval:
                 nursery.start_soon(self._resync_loop)
             task_status.started()
@@ -91,12 +153,8 @@ class Reconciler:
                     with self.store.watching(L.pending, L.owners) as ev:
                         names = await self.store.children(L.pending, watch=True) or []
                         await self.store.children(L.owners, watch=True)
-                        for pid in sorted({int(n.rsplit("-", 1)[0]) for n in names}):
-                            if pid in self.active:
-                                self.dirty.add(pid)
-                            else:
-                                self.active.add(pid)
-                                nursery.start_soon(self._handle, pid)
+                        for pid in sorted({p for p in map(L.pending_pid, names) if p is not None}):
+                            self._kick(pid)
                         # a watch, or every resync interval a rescan: work
                         # left by a failed attempt is picked up again
                         with trio.move_on_after(self.resync_interval or 10.0):
@@ -107,6 +165,51 @@ class Reconciler:
                         await self.store.wait_connected()
                     await trio.sleep(0.05)
 
+    def _kick(self, pid: int) -> None:
+        """Make sure a task works on ``pid``'s items (again)."""
+        if pid in self.active:
+            self.dirty.add(pid)
+        elif self._nursery is not None:
+            self.active.add(pid)
+            self._nursery.start_soon(self._work, pid)
+
+    async def _items(self, pid: int) -> list[str]:
+        names = await self.store.children(self.layout.pending) or []
+        return [n for n in names if self.layout.pending_pid(n) == pid]
+
+    async def _work(self, pid: int) -> None:
+        """Converge ``pid`` while it has work items, if this daemon may act on it."""
+        try:
+            while True:
+                self.dirty.discard(pid)
+                items = await self._items(pid)
+                if items and await self._may_act(pid) and await self.converge(pid):
+                    for it in items:
+                        try:
+                            await self.store.delete(self.layout.pending_item(it))
+                        except NoNodeError:
+                            pass
+                if pid not in self.dirty:
+                    return
+        except FsError as e:  # its work items stay; the periodic rescan retries
+            log.info("reconciling %d stopped (will retry): %s", pid, e)
+        except Exception:  # a driver bug must not stop the daemon
+            log.exception("reconciling %d failed (will retry)", pid)
+        finally:
+            self.active.discard(pid)
+            self.dirty.discard(pid)
+
+    async def _may_act(self, pid: int) -> bool:
+        """Own ``pid``, unless its VM is another host's (then its work waits
+        for that host's daemon) or another daemon owns it."""
+        if pid not in self.owners.owned:
+            seen = await self.records.cached(pid)
+            if seen is not None and not d.reaches(seen, self.driver.scope):
+                return False
+        return await self.owners.take(pid)
+
+    # -- resync -----------------------------------------------------------------
+
     async def _resync_loop(self) -> None:
         while True:
             try:
@@ -116,263 +219,174 @@ class Reconciler:
             await trio.sleep(self.resync_interval)
 
     async def resync(self) -> None:
-        """Write the backend's view of this daemon's processes back (like
-        Nova's power-state sync; this polls the *driver*, never ZooKeeper):
-        a server that ended by itself or vanished makes its process
-        ``exited`` (children go to init, a wait record to the parent); a
-        power state changed outside cloudfs is recorded.  First it takes over
-        the VM processes no daemon owns (theirs restarted or lost its
-        session), so they are watched too."""
+        """Take over the VM processes no daemon owns, then converge every
+        process this daemon owns and no task works on: a server that ended
+        by itself or vanished makes its process end (``exited``), a power
+        state changed outside cloudfs is recorded."""
         await self._adopt_unowned()
-        for pid in sorted(self.owned):
+        for pid in sorted(self.owners.owned):
             if pid in self.active:
                 continue
-            r = await self.table.record(pid)
-            if r is None:
-                self.owned.discard(pid)
-                continue
-            rec = r[0]
-            if not self._reaches(rec):
-                await self._disown(pid)
-                continue
-            if rec.vm is None or rec.desired == "killed" or rec.state not in ("running", "stopped"):
-                continue
+            self.active.add(pid)
             try:
-                server = await self.driver.status(rec.vm)
-            except NotFound:
-                server = None
-            except DriverError as e:
-                log.info("status of %d: %s", pid, e)
-                continue
-            if server is None or server.status == "exited":
-                message = server.message if server is not None else "server vanished"
-                if server is not None:
-                    try:
-                        await self.driver.delete(rec.vm)
-                    except DriverError as e:
-                        log.info("deleting exited %d: %s", pid, e)
-                if await self.table.finalize(pid, "exited", message or "exited", reparent=True):
-                    try:
-                        await self.store.delete(self.layout.owner(pid))
-                    except NoNodeError:
-                        pass
-                    self.owned.discard(pid)
-            elif server.status != rec.state and server.status in ("running", "stopped", "error"):
-                observed, msg = server.status, server.message
-
-                def seen(r: Process) -> None:
-                    if r.state in ("running", "stopped"):
-                        r.state = observed
-                        if observed == "error":
-                            r.error = msg or "the backend reports an error"
-
-                await self.table.update(pid, seen)
+                await self.converge(pid)
+            except FsError as e:
+                log.info("resync of %d: %s", pid, e)
+            except Exception:
+                log.exception("resync of %d failed", pid)
+            finally:
+                self.active.discard(pid)
+            if pid in self.dirty:  # work came meanwhile
+                self.dirty.discard(pid)
+                self._kick(pid)
 
     async def _adopt_unowned(self) -> None:
-        owners = set(await self.store.children(self.layout.owners) or [])
-        for pid in await self.table.pids():
-            if pid == INIT_PID or pid in self.owned or str(pid) in owners:
+        owners = set(self.layout.pids(await self.store.children(self.layout.owners)))
+        for pid in await self.records.pids():
+            if pid == INIT_PID or pid in self.owners.owned or pid in owners:
                 continue
-            rec = await self.table.cached_record(pid)
-            if rec is not None and rec.vm is not None and rec.desired != "killed" and self._reaches(rec):
-                await self._own(pid)  # first daemon wins; the others see the owner
+            try:
+                rec = await self.records.cached(pid)
+            except CorruptRecord as e:  # one bad record must not stop the others' resync
+                log.warning("resync: %s", e.message)
+                continue
+            if rec is not None and rec.vm is not None and rec.desired is not Desired.KILLED \
+                    and d.reaches(rec, self.driver.scope):
+                await self.owners.take(pid)  # first daemon wins; the others see the owner
 
-    def _reaches(self, rec: Process) -> bool:
-        """Whether this daemon's driver can act on ``rec``'s server: it has
-        none yet, or it was made by a driver of the same scope (a QEMU VM
-        only by the daemon that runs it)."""
-        return rec.vm is None or rec.scope in ("", self.driver.scope)
+    # -- converging ---------------------------------------------------------------
 
-    async def _superseded(self, pid: int, mine: str, rec: Process) -> None:
+    async def converge(self, pid: int) -> bool:
+        """Act on ``pid``, which this daemon owns, until the decision table
+        has nothing left to do (True), or :data:`MAX_STEPS` actions were
+        taken or the pid is no longer ours (False: the rest is left to the
+        next round or to its owner).  Raises FsError (ZooKeeper trouble, or a
+        driver failure while looking: nothing was changed)."""
+        scope = self.driver.scope
+        fresh: Server | None = None  # what the last action's driver call reported
+        for _ in range(MAX_STEPS):
+            if pid not in self.owners.owned:
+                return False  # lost with the session (or given up): its owner acts now
+            cur = await self.records.get(pid)
+            if cur is None:
+                await self.owners.release(pid)
+                return True
+            rec = cur.value
+            seen = await self._look(rec, d.look(rec, scope), fresh)
+            action = d.decide(rec, seen, scope)
+            if action is None:
+                return True
+            log.info("pid %d (%s/%s): %s", pid, rec.state, rec.desired, action)
+            if isinstance(action, d.Disown):  # its server is another host's: its work waits for that host
+                await self.owners.release(pid)
+                return False
+            if isinstance(action, d.End):  # the process is gone (or, with children left, waits for them)
+                await self._end(rec, action)
+                return True
+            fresh = await self._do(cur, action)
+        return False
+
+    async def _look(self, rec: Process, want: d.Look, fresh: Server | None) -> d.Seen:
+        kids = bool(await self.records.kids(rec.pid)) if want.kids else False
+        if want.status and rec.vm:
+            if fresh is not None and fresh.id == rec.vm:
+                return d.Seen(kids=kids, server=fresh)
+            try:
+                return d.Seen(kids=kids, server=await self.driver.status(rec.vm))
+            except NotOurs:
+                return d.Seen(kids=kids, foreign=True)
+            except NotFound:
+                return d.Seen(kids=kids, gone=True)
+        if want.find and not kids:
+            return d.Seen(kids=kids, found=tuple(s.id for s in await self.driver.find(rec.pid)))
+        return d.Seen(kids=kids)
+
+    async def _do(self, cur: Versioned[Process], action: d.Action) -> Server | None:
+        """Carry out a step that leaves the process in place (Note, Create,
+        Rebuild, Power) on the record ``cur``; what the driver reported of
+        the server, if it was asked."""
+        rec = cur.value
+        if isinstance(action, d.Note):
+            await self.records.write(cur, d.noted(rec, action))  # None: changed meanwhile, decide again
+        elif isinstance(action, (d.Create, d.Rebuild)):
+            return await self._build(rec, action)
+        elif isinstance(action, d.Power):
+            return await self._power(rec, action)
+        return None
+
+    async def _end(self, rec: Process, action: d.End) -> None:
+        """Delete the servers, then remove the process (cloudfs.exits)."""
+        message = action.message
+        for vm in action.delete:
+            try:
+                await self.driver.delete(vm)
+            except DriverError as e:
+                log.warning("pid %d: deleting server %s: %s", rec.pid, vm, e)
+                if action.state is State.KILLED:
+                    message = f"killed; driver delete failed: {e}"
+        if await self.exits.end(rec.pid, action.state, message, reparent=action.reparent):
+            await self.owners.release(rec.pid)
+
+    async def _build(self, rec: Process, action: d.Create | d.Rebuild) -> Server | None:
+        """Create or rebuild; record the server, or the failure as state error."""
+        pid, gen, creating = rec.pid, rec.gen, isinstance(action, d.Create)
+        try:
+            userdata = await self.data.userdata(pid)
+            if creating:
+                server = await self.driver.create(ServerSpec(
+                    pid=pid, ppid=rec.ppid, name=rec.name, image=rec.image or "", flavor=rec.flavor or "",
+                    networks=tuple(rec.networks), userdata=userdata, secret=rec.secret))
+            else:
+                server = await self.driver.rebuild(action.vm, rec.image or "", userdata)
+        except DriverError as e:
+            try:
+                await self.records.update(pid, lambda now: d.build_failed(now, e.message, gen, creating))
+            except d.Superseded:
+                pass  # another daemon's create won: its record stands
+            return None
+        scope = self.driver.scope
+        try:
+            await self.records.update(pid, lambda now: d.built(now, server, gen, scope, creating))
+        except d.Superseded as lost:
+            await self._superseded(pid, server.id, lost.record)
+            return None
+        except FsError as e:
+            if e.errno != errno.ENOENT or not creating:
+                raise
+            # the process ended meanwhile (killed through another daemon
+            # after ours lost its session): nobody will ever use this server
+            log.warning("pid %d ended while its server %s booted; deleting it", pid, server.id)
+            await self._delete_quietly(pid, server.id)
+            return None
+        return server
+
+    async def _superseded(self, pid: int, mine: str, now: Process) -> None:
         """Our create finished after another daemon had recorded a server
         for ``pid`` (our session expired mid-create and it took over), or
         after a kill: ours is a duplicate or unwanted.  Delete it, and give
         the pid up if its recorded server is beyond our driver's reach."""
-        if rec.vm is not None and rec.vm != mine:
-            log.warning("pid %d: server %s was recorded while ours (%s) booted; deleting ours", pid, rec.vm, mine)
+        if now.vm is not None and now.vm != mine:
+            log.warning("pid %d: server %s was recorded while ours (%s) booted; deleting ours", pid, now.vm, mine)
         else:
             log.info("pid %d was killed while its server %s booted; deleting it", pid, mine)
+        await self._delete_quietly(pid, mine)
+        if not d.reaches(now, self.driver.scope):
+            await self.owners.release(pid)
+
+    async def _delete_quietly(self, pid: int, server_id: str) -> None:
         try:
-            await self.driver.delete(mine)
+            await self.driver.delete(server_id)
         except DriverError as e:
-            log.warning("pid %d: deleting duplicate server %s: %s", pid, mine, e)
-        if not self._reaches(rec):
-            await self._disown(pid)
+            log.warning("pid %d: deleting server %s: %s", pid, server_id, e)
 
-    async def _disown(self, pid: int) -> None:
-        """Give up ``pid`` (its server is beyond this driver's reach), so
-        the daemon that reaches it can take it."""
-        if pid not in self.owned:
-            return
-        self.owned.discard(pid)
+    async def _power(self, rec: Process, action: d.Power) -> Server | None:
         try:
-            await self.store.delete(self.layout.owner(pid))
-        except NoNodeError:
-            pass
-
-    async def _own(self, pid: int) -> bool:
-        if pid in self.owned:
-            return True
-        path = self.layout.owner(pid)
-        try:
-            await self.store.create(path, self.daemon_id.encode(), ephemeral=True)
-        except NodeExistsError:
-            got = await self.store.get(path)
-            if got is None or got[0] != self.daemon_id.encode() or got[1].ephemeralOwner != self.store.client.client_id[0]:
-                return False
-        except NoNodeError:
-            return False
-        self.owned.add(pid)
-        return True
-
-    async def _items(self, pid: int) -> list[str]:
-        names = await self.store.children(self.layout.pending) or []
-        return [n for n in names if n.rsplit("-", 1)[0] == str(pid)]
-
-    async def _handle(self, pid: int) -> None:
-        try:
-            while True:
-                self.dirty.discard(pid)
-                items = await self._items(pid)
-                if not items:
-                    if pid in self.dirty:
-                        continue
-                    return
-                if pid not in self.owned:
-                    seen = await self.table.cached_record(pid)
-                    if seen is not None and not self._reaches(seen):
-                        return  # its VM is another daemon's (host's): the work waits for that daemon
-                if not await self._own(pid):
-                    return
-                r = await self.table.record(pid)
-                if r is not None and not self._reaches(r[0]):
-                    await self._disown(pid)  # another daemon's server was recorded meanwhile
-                    return
-                if r is not None:
-                    await self.converge(r[0])
-                for it in items:
-                    try:
-                        await self.store.delete(f"{self.layout.pending}/{it}")
-                    except NoNodeError:
-                        pass
-        except FsError as e:  # its work items stay; the periodic rescan retries
-            log.info("reconciling %d stopped (will retry): %s", pid, e)
-        except Exception:  # a driver bug must not stop the daemon
-            log.exception("reconciling %d failed (will retry)", pid)
-        finally:
-            self.active.discard(pid)
-            self.dirty.discard(pid)
-
-    async def converge(self, rec: Process) -> None:
-        """Act once on the difference between ``rec`` and the backend."""
-        pid = rec.pid
-        if rec.desired == "killed":
-            if await self.table.kids(pid):
-                return  # children first; the last child's end queues us again
-            message = "killed"
-            vm = rec.vm
-            if vm is None and rec.image is not None:
-                # a create whose reply was lost (daemon killed mid-boot) may
-                # have left a server that the record does not name
-                try:
-                    found = await self.driver.find(self.table.server_tags(rec))
-                    vm = found.id if found is not None else None
-                except DriverError as e:
-                    log.info("looking for a server of killed %d: %s", pid, e)
-            if vm:
-                try:
-                    await self.driver.delete(vm)
-                except DriverError as e:
-                    message = f"killed; driver delete failed: {e}"
-            if await self.table.finalize(pid, "killed", message):
-                try:
-                    await self.store.delete(self.layout.owner(pid))
-                except NoNodeError:
-                    pass
-                self.owned.discard(pid)
-            return
-        if rec.image is None or rec.desired == "new":
-            return
-        if rec.vm is None or rec.built_gen != rec.gen:
-            gen = rec.gen
-            creating = rec.vm is None
-            try:
-                userdata = await self.table.get_userdata(pid)
-                if rec.vm is None:
-                    tags = self.table.server_tags(rec)
-                    # adopt a server an earlier attempt created (lost reply, crash)
-                    server = await self.driver.find(tags)
-                    if server is None:
-                        server = await self.driver.create(rec.name, rec.image, rec.flavor or "", list(rec.networks),
-                                                          userdata, metadata={**tags, META_SECRET: rec.secret})
-                else:
-                    server = await self.driver.rebuild(rec.vm, rec.image, userdata)
-            except DriverError as e:
-                msg = str(e) or type(e).__name__
-
-                def failed(r: Process) -> None:
-                    if creating and r.vm is not None:
-                        raise _Superseded(r)  # another daemon's create won: its record stands
-                    r.state, r.error, r.built_gen = "error", msg, max(r.built_gen, gen)
-
-                try:
-                    rec = await self.table.update(pid, failed)
-                except _Superseded:
-                    pass
-                return
-
-            scope = self.driver.scope
-
-            def built(r: Process) -> None:
-                if creating and ((r.vm is not None and r.vm != server.id) or r.desired == "killed"):
-                    # another daemon recorded its server, or a kill came while
-                    # ours booted (the kill's converge may not see ours)
-                    raise _Superseded(r)
-                r.vm, r.host, r.addresses = server.id, server.host, list(server.addresses)
-                r.scope = scope
-                r.built_gen = max(r.built_gen, gen)
-                r.error = ""
-                if r.desired != "killed":
-                    r.state = "running"
-
-            try:
-                rec = await self.table.update(pid, built)
-            except _Superseded as lost:
-                await self._superseded(pid, server.id, lost.record)
-                return
-            except FsError as e:
-                if e.errno != errno.ENOENT or not creating:
-                    raise
-                # the process ended meanwhile (killed through another daemon
-                # after ours lost its session): nobody will ever use this server
-                log.warning("pid %d ended while its server %s booted; deleting it", pid, server.id)
-                try:
-                    await self.driver.delete(server.id)
-                except DriverError as de:
-                    log.warning("pid %d: deleting server %s: %s", pid, server.id, de)
-                return
-        if rec.vm is None or rec.state == "error":
-            return
-        try:
-            if rec.desired == "stopped" and rec.state != "stopped":
-                await self.driver.stop(rec.vm)
-                new_state = "stopped"
-            elif rec.desired == "running" and rec.state == "stopped":
-                await self.driver.start(rec.vm)
-                new_state = "running"
+            if action.to is State.STOPPED:
+                server = await self.driver.stop(action.vm)
             else:
-                return
+                server = await self.driver.start(action.vm)
         except DriverError as e:
-            msg = str(e) or type(e).__name__
-
-            def failed2(r: Process) -> None:
-                r.state, r.error = "error", msg
-
-            await self.table.update(pid, failed2)
-            return
-
-        def powered(r: Process) -> None:
-            if r.state in ("running", "stopped"):
-                r.state = new_state
-
-        await self.table.update(pid, powered)
+            await self.records.update(rec.pid, lambda now: d.power_failed(now, e.message))
+            return None
+        await self.records.update(rec.pid, lambda now: d.powered(now, server.status))
+        return server

@@ -3,6 +3,8 @@
 
 ::
 
+    <root>/id                        the deployment's unique id (32 hex digits),
+                                     made with the tree; servers carry it
     <root>/nextpid                   decimal text: the next pid to hand out.  A
                                      versioned counter: fork sets it with the
                                      version it read, in the same multi as the
@@ -19,6 +21,10 @@
     <root>/owners/<pid>              ephemeral: the daemon (its id as data)
                                      that acts on <pid> for the compute driver
 
+:class:`Layout` is the only code that builds or splits these paths: every
+other module asks it.  Names read back from ZooKeeper are parsed here too and
+are not trusted: a name that is not what this layout writes parses to None.
+
 Images and networks live in the compute driver, not in ZooKeeper.
 Pid 1 (init) is created with the layout; its record has no image.
 """
@@ -31,17 +37,37 @@ USERDATA_MAX = 65536
 ENV_VALUE_MAX = 256 * 1024
 #: The pid of init, the root of the deployment.
 INIT_PID = 1
+#: Largest pid a name may carry (qid paths keep 24 bits of it; far beyond use).
+PID_MAX = 2**31 - 1
+
+_WAIT_PREFIX = "w-"
+
+
+def parse_pid(name: str) -> int | None:
+    """A pid written as this layout writes it (decimal, no sign, no leading
+    zero, 1..PID_MAX), else None: ``"7"`` → 7; ``"07"``, ``"+7"``, ``"x"`` → None."""
+    if not name.isascii() or not name.isdigit() or (len(name) > 1 and name[0] == "0") or len(name) > 10:
+        return None
+    pid = int(name)
+    return pid if 0 < pid <= PID_MAX else None
 
 
 class Layout:
-    """Znode paths under ``root`` (no trailing slash, e.g. ``/cloudfs/prod``)."""
+    """Znode paths under ``root`` (no trailing slash, e.g. ``/cloudfs/prod``).
+
+    Path builders take pids (ints) and names this daemon checked (env keys
+    valid per cloudfs.nodes.valid_key); parsers take child names read from
+    ZooKeeper and return None for anything this layout would not write."""
 
     def __init__(self, root: str):
         self.root = root.rstrip("/")
+        self.id = f"{self.root}/id"
         self.nextpid = f"{self.root}/nextpid"
         self.proc = f"{self.root}/proc"
         self.pending = f"{self.root}/pending"
         self.owners = f"{self.root}/owners"
+
+    # -- one process ------------------------------------------------------
 
     def record(self, pid: int) -> str:
         return f"{self.proc}/{pid}"
@@ -51,6 +77,10 @@ class Layout:
 
     def kid(self, pid: int, child: int) -> str:
         return f"{self.proc}/{pid}/kids/{child}"
+
+    def kid_entry(self, pid: int, name: str) -> str:
+        """A child of ``kids`` by its name as listed (also one that is no pid)."""
+        return f"{self.proc}/{pid}/kids/{name}"
 
     def userdata(self, pid: int) -> str:
         return f"{self.proc}/{pid}/userdata"
@@ -64,15 +94,59 @@ class Layout:
     def wait(self, pid: int) -> str:
         return f"{self.proc}/{pid}/wait"
 
+    def wait_record(self, pid: int, name: str) -> str:
+        """A wait record's znode from its child name (as listed under :meth:`wait`)."""
+        return f"{self.proc}/{pid}/wait/{name}"
+
     def wait_prefix(self, pid: int) -> str:
-        return f"{self.proc}/{pid}/wait/w-"
-
-    def pending_prefix(self, pid: int) -> str:
-        return f"{self.pending}/{pid}-"
-
-    def owner(self, pid: int) -> str:
-        return f"{self.owners}/{pid}"
+        """The path to create a sequential wait record with."""
+        return f"{self.proc}/{pid}/wait/{_WAIT_PREFIX}"
 
     def process_subtree(self, pid: int) -> list[str]:
         """The fixed znodes of a process, parents first (created by fork)."""
         return [self.record(pid), self.kids(pid), self.userdata(pid), self.env(pid), self.wait(pid)]
+
+    def process_znodes(self, pid: int, env_keys: list[str], wait_names: list[str]) -> list[str]:
+        """Every znode of process ``pid`` with those env keys and wait
+        records, children before parents (the order to delete them in)."""
+        paths = [self.env_key(pid, k) for k in env_keys] + [self.wait_record(pid, w) for w in wait_names]
+        return paths + self.process_subtree(pid)[::-1]
+
+    # -- work items and owners ----------------------------------------------
+
+    def pending_prefix(self, pid: int) -> str:
+        """The path to create a sequential work item for ``pid`` with."""
+        return f"{self.pending}/{pid}-"
+
+    def pending_item(self, name: str) -> str:
+        """A work item's znode from its child name (as listed under ``pending``)."""
+        return f"{self.pending}/{name}"
+
+    def owner(self, pid: int) -> str:
+        return f"{self.owners}/{pid}"
+
+    # -- parsing names read from ZooKeeper ------------------------------------
+
+    @staticmethod
+    def pid_name(name: str) -> int | None:
+        """The pid a child of ``proc``, ``kids`` or ``owners`` names, or None."""
+        return parse_pid(name)
+
+    @staticmethod
+    def pending_pid(name: str) -> int | None:
+        """The pid of a work item's child name ``<pid>-<seq>``, or None."""
+        pid, sep, seq = name.rpartition("-")
+        if not sep or not seq.isascii() or not seq.isdigit():
+            return None
+        return parse_pid(pid)
+
+    @staticmethod
+    def is_wait_name(name: str) -> bool:
+        """Whether a child of ``wait`` is a wait record this layout wrote."""
+        seq = name[len(_WAIT_PREFIX):]
+        return name.startswith(_WAIT_PREFIX) and seq.isascii() and seq.isdigit()
+
+    def pids(self, names: list[str] | None) -> list[int]:
+        """The pids among child names (of ``proc`` or ``kids``), ascending;
+        anything else is left out."""
+        return sorted(p for p in map(parse_pid, names or ()) if p is not None)

@@ -134,7 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--state-dir", metavar="DIR", default=str(DEFAULT_STATE_DIR),
                     help=f"daemon state: VMs, images, embedded ZooKeeper, operator socket (default {DEFAULT_STATE_DIR})")
     up.add_argument("--deployment", metavar="NAME", default="default",
-                    help="deployment name: its tree is /cloudfs/NAME in ZooKeeper (default 'default')")
+                    help="deployment name: its tree is /cloudfs/NAME in ZooKeeper (default 'default'); "
+                         "the tree's unique id, made with it and logged at start, marks its servers")
     up.add_argument("--debug-9p", action="store_true", help="log every 9P message")
     up.add_argument("--debug-fuse", action="store_true", help="log every FUSE request")
     up.add_argument("--debug", action="store_true", help="debug logging")

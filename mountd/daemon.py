@@ -63,8 +63,7 @@ async def _openstack_driver(opts: "DaemonOptions", ninep_port: int | None) -> Co
     from cloudfs.drivers.openstack import OpenStackDriver
 
     # reads clouds.yaml / OS_* (files only): off the event loop
-    return await trio.to_thread.run_sync(
-        partial(OpenStackDriver.from_cloud, opts.os_cloud, deployment=opts.zk_root))
+    return await trio.to_thread.run_sync(partial(OpenStackDriver.from_cloud, opts.os_cloud))
 
 
 #: Compute drivers by ``--driver`` name: an async function of the options and
@@ -100,7 +99,7 @@ class DaemonOptions:
 
     @property
     def zk_root(self) -> str:
-        """The deployment's znode, also its name in server metadata."""
+        """The deployment's znode (its unique id is kept there, cloudfs.deployment)."""
         return f"/cloudfs/{self.deployment}"
 
 
@@ -150,8 +149,9 @@ async def run(opts: DaemonOptions, *, task_status=trio.TASK_STATUS_IGNORED) -> N
                                                 debug=opts.debug_fuse, timeout=opts.attr_timeout))
                 info = {"listen": bound, "mount": str(opts.mount) if opts.mount else None, "zookeeper": hosts,
                         "fs": fs}
-                log.info("cloudfs up: 9P on %s%s; ZooKeeper %s; driver %s", ", ".join(bound),
-                         f"; mounted at {opts.mount}" if opts.mount else "", hosts, opts.driver)
+                log.info("cloudfs up: 9P on %s%s; ZooKeeper %s; driver %s; deployment %s (id %s)", ", ".join(bound),
+                         f"; mounted at {opts.mount}" if opts.mount else "", hosts, opts.driver, opts.zk_root,
+                         fs.deployment_id)
                 task_status.started(info)
                 with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
                     async for signum in signals:

@@ -182,7 +182,7 @@ async def test_guest_uses_its_namespace(cloud):
             assert st["state"] == "running" and st["ppid"] == str(a) and st["image"] == "tiny"
         listed = (await c.listdir("proc"))
         assert sorted(int(p) for p in listed) == sorted([1, other, a, b, c_pid])
-        vms = {p: (await cloud.fs.table.require(p))[0].vm for p in (a, b, c_pid)}
+        vms = {p: (await cloud.fs.records.require(p)).value.vm for p in (a, b, c_pid)}
         pids = {p: cloud.driver.qemu_pid(v) for p, v in vms.items()}
         assert all(pids.values()) and len(set(pids.values())) == 3, pids
 

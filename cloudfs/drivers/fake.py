@@ -3,22 +3,25 @@ driver).  For namespace tests and scale benchmarks.
 
 It offers images ``tiny`` and ``alpine``, flavors ``m1.tiny`` (default) and
 ``m1.small``, and the network ``user`` (10.0.0.0/24).  ``exit(id, msg)`` makes
-a server end by itself.  ``calls`` records every
-mutating call as ``(method, server_id_or_name)``.  ``fail_next(method, msg)``
-makes the next call of that method raise DriverError(msg) (for error-state tests).
-Instances share ``scope`` "fake" unless given another (to stand for
-separate hosts, as QEMU drivers are).
+a server end by itself.  ``calls`` records every mutating call as
+``(method, server_id_or_name)`` and ``listings`` counts the calls of
+``list_images``, ``list_flavors`` and ``list_networks``.  ``fail_next(method, msg)`` makes the next call of that method raise
+DriverError(msg) (for error-state tests).  Instances share ``scope`` "fake"
+unless given another (to stand for separate hosts, as QEMU drivers are).
+Servers of other deployments (made by another instance bound elsewhere, or
+put into ``servers`` by a test) are left alone, as the interface requires.
 """
 
 from __future__ import annotations
 
+import collections
 import ipaddress
 import itertools
 import uuid
 
 import trio
 
-from .base import ComputeDriver, DriverError, Image, Network, NotFound, Server
+from .base import META_PID, ComputeDriver, DriverError, Image, Network, NotFound, NotOurs, Server, ServerSpec
 
 
 class FakeDriver(ComputeDriver):
@@ -40,7 +43,9 @@ class FakeDriver(ComputeDriver):
         self.servers: dict[str, Server] = {}
         self.userdata: dict[str, bytes] = {}
         self.metadata: dict[str, dict[str, str]] = {}
+        self.secrets: dict[str, str] = {}
         self.calls: list[tuple[str, str]] = []
+        self.listings: collections.Counter[str] = collections.Counter()
         self._failures: dict[str, str] = {}
         self._addr = {n: itertools.count(10) for n in self.networks}
         self._subnet = itertools.count(1)
@@ -60,39 +65,45 @@ class FakeDriver(ComputeDriver):
         if msg is not None:
             raise DriverError(msg)
 
-    async def create(self, name, image, flavor, networks, userdata, *, metadata):
+    async def create(self, spec: ServerSpec) -> Server:
         await trio.lowlevel.checkpoint()
+        for s in await self.find(spec.pid):
+            if s.status != "exited":
+                return s  # adopt: create is idempotent by (deployment, pid)
         self._maybe_fail("create")
-        if image not in self.images:
-            raise NotFound(f"no image {image!r}")
+        md = self.metadata_for(spec)
+        if spec.image not in self.images:
+            raise NotFound(f"no image {spec.image!r}")
+        flavor = spec.flavor or self.flavors[0]
         if flavor not in self.flavors:
             raise NotFound(f"no flavor {flavor!r}")
         addrs = []
-        for n in networks:
+        for n in spec.networks or (next(iter(self.networks)),):
             net = self.networks.get(n)
             if net is None:
                 raise NotFound(f"no network {n!r}")
             base = ipaddress.ip_network(net.cidr)
             addrs.append(str(base.network_address + next(self._addr[n])))
         sid = uuid.uuid4().hex
-        s = Server(sid, name, "running", self.host, tuple(addrs))
+        s = Server(sid, spec.name, "running", self.host, tuple(addrs))
         self.servers[sid] = s
-        self.userdata[sid] = bytes(userdata)
-        self.metadata[sid] = dict(metadata)
+        self.userdata[sid] = bytes(spec.userdata)
+        self.metadata[sid] = md
+        self.secrets[sid] = spec.secret
         self.calls.append(("create", sid))
         return s
 
-    async def find(self, metadata):
+    async def find(self, pid: int) -> list[Server]:
         await trio.lowlevel.checkpoint()
-        for sid, meta in self.metadata.items():
-            if sid in self.servers and all(meta.get(k) == v for k, v in metadata.items()):
-                return self.servers[sid]
-        return None
+        return [self.servers[sid] for sid, md in self.metadata.items()
+                if sid in self.servers and self.ours(md) and md.get(META_PID) == str(pid)]
 
     def _get(self, sid: str) -> Server:
         s = self.servers.get(sid)
         if s is None:
             raise NotFound(f"no server {sid}")
+        if not self.ours(self.metadata.get(sid, {})):
+            raise NotOurs(f"server {sid} is not deployment {self.deployment}'s")
         return s
 
     async def rebuild(self, server_id, image, userdata):
@@ -110,9 +121,12 @@ class FakeDriver(ComputeDriver):
     async def delete(self, server_id):
         await trio.lowlevel.checkpoint()
         self._maybe_fail("delete")
+        if server_id in self.servers:
+            self._get(server_id)  # NotFound for another deployment's
         self.servers.pop(server_id, None)
         self.userdata.pop(server_id, None)
         self.metadata.pop(server_id, None)
+        self.secrets.pop(server_id, None)
         self.calls.append(("delete", server_id))
 
     async def _power(self, server_id: str, status: str, method: str) -> Server:
@@ -136,14 +150,20 @@ class FakeDriver(ComputeDriver):
 
     async def list_images(self):
         await trio.lowlevel.checkpoint()
+        self.listings["list_images"] += 1
+        self._maybe_fail("list_images")
         return list(self.images.values())
 
     async def list_flavors(self):
         await trio.lowlevel.checkpoint()
+        self.listings["list_flavors"] += 1
+        self._maybe_fail("list_flavors")
         return list(self.flavors)
 
     async def list_networks(self):
         await trio.lowlevel.checkpoint()
+        self.listings["list_networks"] += 1
+        self._maybe_fail("list_networks")
         return list(self.networks.values())
 
     async def create_network(self, name, cidr=None):

@@ -4,24 +4,30 @@ Glance and ``/net`` is Neutron, through openstacksdk.
 Semantics follow the OpenStack APIs (Compute API v2.1 with microversions,
 Image API v2, Networking API v2.0):
 
-- ``create`` boots a server (Nova ``POST /servers``) with user data base64
-  encoded by us and the caller's ``metadata`` as server metadata
-  (``cloudfs-deployment``, ``cloudfs-pid``, ``cloudfs-ppid``; other keys such
-  as ``cloudfs-secret`` reach the guest through the metadata service), plus
-  two tags that index it by deployment and pid; it waits for ``ACTIVE``.
-  :meth:`OpenStackDriver.find` (asked by the reconciler before every create)
-  adopts an existing server of that deployment and pid once it has settled,
-  and deletes failed ones; ``create`` looks too, and once its server is up
-  deletes any younger duplicate of the pid, so one pid never keeps two
-  servers.  A boot ending in ``ERROR`` is deleted and raises DriverError with
-  Nova's fault message (e.g. "No valid host was found. …").
+- ``create`` is find-or-create by (deployment id, pid), the one place
+  servers are adopted: a live server of the deployment tagged with the pid
+  (a create whose reply was lost, a daemon killed mid-boot) is adopted and
+  waited for; failed ones are deleted; otherwise it boots a server (Nova
+  ``POST /servers``) with user data base64 encoded by us and server
+  metadata (``cloudfs-deployment`` = the deployment's unique id,
+  ``cloudfs-pid``, ``cloudfs-ppid``, ``cloudfs-root``, and
+  ``cloudfs-secret``, which reaches the guest through the metadata
+  service), plus two tags that index it by deployment and pid; it waits for
+  ``ACTIVE``, then deletes any younger duplicate of the pid, so one pid
+  never keeps two servers.  A boot ending in ``ERROR`` is deleted and raises
+  DriverError with Nova's fault message (e.g. "No valid host was found. …").
+- ``find`` lists the deployment's servers of a pid, any status, no side
+  effects.  Every action on a server id (delete, rebuild, stop, start,
+  status) first checks that the server carries this deployment's id, and
+  is NotFound otherwise: other deployments' servers are never touched.
 - ``rebuild`` is Nova rebuild (microversion ≥ 2.57 carries user data);
   ``delete`` waits until the server is gone; ``stop``/``start`` are the
   os-stop/os-start actions, idempotent.
 - ``status`` maps Nova's status: BUILD/REBUILD → ``creating``, ACTIVE →
   ``running``, SHUTOFF (and PAUSED, SUSPENDED, SHELVED*) → ``stopped``,
   ERROR → ``error`` (Nova's fault message in ``message``), DELETED and
-  SOFT_DELETED → ``killed``; a server that no longer exists is NotFound.
+  SOFT_DELETED → ``killed``, anything else (UNKNOWN while nova-compute is
+  down …) → ``unknown``; a server that no longer exists is NotFound.
   Addresses come from the server's Neutron ports (IPv4 fixed IPs).
 
 Every SDK call runs in a worker thread (``trio.to_thread.run_sync`` through
@@ -47,16 +53,16 @@ from typing import Any, Callable, TypeVar
 
 import trio
 
-from .base import ComputeDriver, DriverError, Image, Network, NotFound, Server
+from .base import (
+    META_DEPLOYMENT, META_PID, META_PPID, META_SECRET, ComputeDriver, DriverError, DriverTimeout, Image, Network,
+    NotFound, NotOurs, Server, ServerSpec,
+)
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-try:  # the interface's names for the metadata keys (cloudfs/drivers/base.py)
-    from .base import META_DEPLOYMENT, META_PID, META_PPID
-except ImportError:  # pragma: no cover - older base.py
-    META_DEPLOYMENT, META_PID, META_PPID = "cloudfs-deployment", "cloudfs-pid", "cloudfs-ppid"
+__all__ = ["OpenStackDriver", "OSServer", "OSImage", "OSNetwork", "META_DEPLOYMENT", "META_PID", "META_PPID"]
 
 #: Nova status → cloudfs state.
 STATES = {
@@ -188,15 +194,16 @@ def _live(s: OSServer) -> bool:
 class OpenStackDriver(ComputeDriver):
     """Nova/Glance/Neutron behind the :class:`ComputeDriver` interface.
 
-    ``conn`` is an ``openstack.connection.Connection``.  ``deployment`` names
-    this cloudfs installation in server metadata (servers of other
-    deployments are never touched).  ``timeout`` (seconds) bounds each API
+    ``conn`` is an ``openstack.connection.Connection``.  ``deployment`` is
+    the deployment id written in server metadata (servers of other
+    deployments are never touched); None until :meth:`bind` gives it (the
+    daemon does, with the id kept in ZooKeeper).  ``timeout`` (seconds) bounds each API
     call, ``boot_timeout`` a whole boot/rebuild/stop/start/delete until its
     final state; ``poll_interval`` (seconds) is how often a waiting operation
     asks Nova; ``concurrency`` is the number of API calls in flight at once.
     """
 
-    def __init__(self, conn: Any, *, deployment: str = "cloudfs", timeout: float = 60.0,
+    def __init__(self, conn: Any, *, deployment: str | None = None, timeout: float = 60.0,
                  boot_timeout: float = 600.0, poll_interval: float = 0.5, concurrency: int = 16,
                  cache_ttl: float = 30.0):
         self.conn = conn
@@ -261,7 +268,7 @@ class OpenStackDriver(ComputeDriver):
             with trio.fail_after(self.timeout):
                 return await trio.to_thread.run_sync(work, limiter=self.limiter, abandon_on_cancel=True)
         except trio.TooSlowError:
-            raise DriverError(f"openstack: {what} timed out after {self.timeout:g}s") from None
+            raise DriverTimeout(f"openstack: {what} timed out after {self.timeout:g}s") from None
         except osx.NotFoundException as e:
             raise NotFound(f"openstack: {what}: {_message(e)}") from e
         except osx.HttpException as e:
@@ -340,9 +347,10 @@ class OpenStackDriver(ComputeDriver):
                         addrs.append(a["addr"])
             addresses = tuple(addrs)
         host = s.compute_host or s.hypervisor_hostname or s.availability_zone or ""
-        return OSServer(id=s.id, name=s.name or "", status=STATES.get(nova, "running"), host=host,
+        return OSServer(id=s.id, name=s.name or "", status=STATES.get(nova, "unknown"), host=host,
                         addresses=addresses, message=error, nova_status=nova, task_state=s.task_state,
-                        metadata=dict(s.metadata or {}), created=s.created_at or "")
+                        metadata={k: v for k, v in (s.metadata or {}).items() if k != META_SECRET},
+                        created=s.created_at or "")
 
     def _ports_v4(self, server_id: str) -> tuple[str, ...]:
         addrs = []
@@ -357,7 +365,11 @@ class OpenStackDriver(ComputeDriver):
         return tuple(addrs)
 
     async def _get(self, server_id: str, ports: bool = False) -> OSServer:
+        """The server now; NotFound if Nova has none or it is not this
+        deployment's (its metadata lacks our id)."""
         s = await self._call(f"get server {server_id}", self.conn.compute.get_server, server_id)
+        if not self.ours(s.metadata or {}):
+            raise NotOurs(f"openstack: server {server_id} is not deployment {self.deployment}'s")
         addrs = None
         if ports:
             addrs = await self._call(f"ports of server {server_id}", self._ports_v4, server_id)
@@ -484,15 +496,6 @@ class OpenStackDriver(ComputeDriver):
 
     # ------------------------------------------------------------ servers
 
-    def metadata_for(self, pid: int, ppid: int | None = None, **extra: str) -> dict[str, str]:
-        """Server metadata marking a process of this deployment:
-        ``{cloudfs-deployment, cloudfs-pid, cloudfs-ppid}`` plus ``extra``."""
-        md = {META_DEPLOYMENT: self.deployment, META_PID: str(pid)}
-        if ppid is not None:
-            md[META_PPID] = str(ppid)
-        md.update(extra)
-        return md
-
     @staticmethod
     def server_tags(metadata: Mapping[str, str]) -> list[str]:
         """Nova server tags (microversion ≥ 2.26 filter, ≥ 2.52 on create)
@@ -529,87 +532,48 @@ class OpenStackDriver(ComputeDriver):
         (found through their tags, see :meth:`server_tags`), not deleted,
         oldest first (Nova's ``created``, then id).  For adoption after a lost
         reply or a daemon restart, and for finding orphans."""
-        dep = deployment or self.deployment
+        dep = deployment or self.bound()
         servers = await self._call(f"list servers of {dep}", self._list_ours, dep,
                                    None if pid is None else str(pid))
         return [self._server(s) for s in servers]
 
-    async def find(self, metadata: Mapping[str, str]) -> OSServer | None:
-        """The server to adopt for ``metadata`` (every key/value must match;
-        it names the deployment and usually the pid), or None.  The reconciler
-        asks this before every create, and for a killed process whose record
-        names no server.
+    async def find(self, pid: int) -> list[OSServer]:
+        """The servers of this deployment tagged with ``pid`` (any status but
+        deleted, oldest first), from one tag-filtered listing; no side effects."""
+        return await self.find_by_metadata(self.bound(), pid)
 
-        Nova's servers are settled first, so adopting one is as good as
-        creating it: a server still booting is waited for (until ACTIVE or
-        SHUTOFF, ``boot_timeout``) and returned with its port addresses; one
-        that ends in ERROR, or is in ERROR, is deleted (it would be an orphan)
-        and not returned; of several live ones the oldest is returned."""
-        md = dict(metadata)
-        dep = md.get(META_DEPLOYMENT, self.deployment)
-
-        def match() -> list[Any]:
-            return [s for s in self._list_ours(dep, md.get(META_PID))
-                    if all((s.metadata or {}).get(k) == v for k, v in md.items())]
-
-        live: OSServer | None = None
-        for s in await self._call(f"find server {md}", match):
-            srv = self._server(s)
-            if srv.nova_status == "ERROR" and srv.task_state is None:
-                log.info("deleting failed server %s of %s", srv.id, md)
-                await self.delete(srv.id, wait=False)
-            elif live is None and _live(srv):
-                live = srv
-        if live is None:
-            return None
-        if live.status == "running" and live.task_state is None:
-            return await self._with_ports(live)
-        try:
-            return await self.wait(live.id, ("running", "stopped"))
-        except NotFound:
-            return None
-        except DriverError:
-            try:
-                now = await self._get(live.id)
-            except NotFound:
-                return None
-            if now.status != "error":
-                raise  # e.g. still building at the deadline
-            await self.delete(live.id, wait=False)
-            return None
-
-    async def boot(self, name: str, image: str, flavor: str, networks: list[str], userdata: bytes,
-                   *, metadata: Mapping[str, str] | None = None, dedupe: bool = True) -> OSServer:
-        """Ask Nova for a server and return at once (usually ``creating``),
-        adopting an existing server of the same deployment and pid instead
-        when ``metadata`` has ``cloudfs-pid``.  ``image``, ``flavor`` and
-        ``networks`` are names or ids; ``flavor`` ``""`` is the default
-        flavor, ``networks`` empty the default network.  NotFound for unknown
-        ones; DriverError for user data over Nova's 64 KiB or a refusal
-        (quota, …)."""
-        md = {META_DEPLOYMENT: self.deployment}
-        md.update(metadata or {})
-        pid = md.get(META_PID)
-        if pid is not None and await self._any_tagged(md):
+    async def boot(self, spec: ServerSpec, *, dedupe: bool = True) -> OSServer:
+        """Ask Nova for ``spec``'s server and return at once (usually
+        ``creating``), adopting a live server of this deployment tagged with
+        ``spec.pid`` instead (failed or deleting ones are deleted).
+        ``image``, ``flavor`` and ``networks`` are names or ids; ``flavor``
+        ``""`` is the default flavor, ``networks`` empty the default network.
+        NotFound for unknown ones; DriverError for user data over Nova's 64
+        KiB or a refusal (quota, …)."""
+        md = self.metadata_for(spec)
+        pid = md[META_PID]
+        if await self._any_tagged(md):
             for s in await self.find_by_metadata(md[META_DEPLOYMENT], pid):
                 if _live(s):
                     log.info("adopting server %s for pid %s", s.id, pid)
                     return s
-                await self.delete(s.id)  # ERROR / being deleted: not worth adopting
-        ud = base64.b64encode(bytes(userdata)).decode("ascii")
+                await self._delete(s.id, wait=False)  # ERROR / being deleted: not worth adopting
+        ud = base64.b64encode(bytes(spec.userdata)).decode("ascii")
         if len(ud) > MAX_USERDATA_B64:
-            raise DriverError(f"openstack: user data is {len(userdata)} bytes; Nova takes at most 48 KiB (64 KiB base64)")
-        image_id = await self._lookup("image", image, self._load_images)
-        flavor_id = await self._lookup("flavor", flavor or "", self._load_flavors)
-        if not networks:
-            networks = [""]
-        net_ids = [await self._lookup("network", n, self._load_networks) for n in networks]
-        attrs = dict(name=name, image_id=image_id, flavor_id=flavor_id,
-                     networks=[{"uuid": n} for n in net_ids], user_data=ud, metadata=md,
+            raise DriverError(f"openstack: user data is {len(spec.userdata)} bytes; "
+                              "Nova takes at most 48 KiB (64 KiB base64)")
+        image_id = await self._lookup("image", spec.image, self._load_images)
+        flavor_id = await self._lookup("flavor", spec.flavor or "", self._load_flavors)
+        net_ids = [await self._lookup("network", n, self._load_networks) for n in spec.networks or ("",)]
+        metadata = dict(md)
+        if spec.secret:
+            metadata[META_SECRET] = spec.secret
+        attrs = dict(name=spec.name, image_id=image_id, flavor_id=flavor_id,
+                     networks=[{"uuid": n} for n in net_ids], user_data=ud, metadata=metadata,
                      tags=self.server_tags(md))
-        s = await self._call(f"create server {name!r}", self.conn.compute.create_server, **attrs)
+        s = await self._call(f"create server {spec.name!r}", self.conn.compute.create_server, **attrs)
         server = self._server(s)
-        if pid is not None and dedupe:
+        if dedupe:
             server = await self._dedupe(md[META_DEPLOYMENT], pid, server)
         return server
 
@@ -636,15 +600,13 @@ class OpenStackDriver(ComputeDriver):
         keep = live[0]
         for s in live[1:]:
             log.warning("deleting duplicate server %s of pid %s (keeping %s)", s.id, pid, keep.id)
-            await self.delete(s.id, wait=False)
+            await self._delete(s.id, wait=False)
         return keep
 
-    async def _wait_deduping(self, s: OSServer, metadata: Mapping[str, str] | None) -> OSServer:
+    async def _wait_deduping(self, s: OSServer, pid: int) -> OSServer:
         """Wait for ``s`` to be up, then check for duplicates of its pid: by
         then a racing create's server is visible (it is older) or will see
         ours (older) in its own check, so both keep the same, oldest one."""
-        if not metadata or META_PID not in metadata:
-            return await self.wait(s.id, ("running", "stopped"))
         got = await self.wait(s.id, ("running", "stopped"), ports=False)
         # the duplicate check and the port lookup at once (one round trip)
         results: dict[str, Any] = {}
@@ -656,8 +618,7 @@ class OpenStackDriver(ComputeDriver):
                 results[key + "!"] = e
 
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(run, "keep", lambda: self._dedupe(
-                metadata.get(META_DEPLOYMENT, self.deployment), metadata[META_PID], got))
+            nursery.start_soon(run, "keep", lambda: self._dedupe(self.bound(), str(pid), got))
             nursery.start_soon(run, "ports", lambda: self._with_ports(got))
         for key in ("keep!", "ports!"):
             if key in results:
@@ -666,36 +627,40 @@ class OpenStackDriver(ComputeDriver):
             return results["ports"]
         return await self.wait(results["keep"].id, ("running", "stopped"))
 
-    async def create(self, name: str, image: str, flavor: str, networks: list[str], userdata: bytes,
-                     *, metadata: Mapping[str, str] | None = None) -> OSServer:
-        """Boot (see :meth:`boot`) and wait for ``ACTIVE``; returns the
-        server running with its addresses.  If Nova ends the boot in
-        ``ERROR`` the server is deleted and DriverError carries Nova's fault
-        message (e.g. NoValidHost's "No valid host was found. …")."""
-        s = await self.boot(name, image, flavor, networks, userdata, metadata=metadata, dedupe=False)
+    async def create(self, spec: ServerSpec) -> OSServer:
+        """Find or boot ``spec``'s server (see :meth:`boot`) and wait for
+        ``ACTIVE`` (or ``SHUTOFF`` for an adopted one); returns it with its
+        addresses.  If Nova ends the boot in ``ERROR`` the server is deleted
+        and DriverError carries Nova's fault message (e.g. NoValidHost's "No
+        valid host was found. …").  A server left otherwise (a deadline, a
+        failing port lookup) is kept: the next create adopts it, and a kill
+        of the process finds and deletes it."""
+        s = await self.boot(spec, dedupe=False)
         try:
             for _ in range(3):
                 try:
-                    return await self._wait_deduping(s, metadata)
+                    return await self._wait_deduping(s, spec.pid)
                 except NotFound:
                     # deleted as a duplicate by a racing create of the same
                     # pid (see _dedupe): adopt the one that was kept
-                    if not metadata or META_PID not in metadata:
-                        break
-                    s = await self.boot(name, image, flavor, networks, userdata, metadata=metadata)
+                    s = await self.boot(spec)
             raise DriverError(f"openstack: server {s.id} vanished while booting")
         except DriverError:
             with trio.CancelScope(shield=True):
                 try:
-                    await self.delete(s.id, wait=False)
+                    if (await self._get(s.id)).status == "error":
+                        await self._delete(s.id, wait=False)
+                except NotFound:
+                    pass
                 except DriverError as e:
-                    log.warning("could not delete failed server %s: %s", s.id, e)
+                    log.warning("could not look at or delete failed server %s: %s", s.id, e)
             raise
 
     async def rebuild(self, server_id: str, image: str, userdata: bytes) -> OSServer:
         """Nova rebuild from ``image`` with new user data, keeping id and
         addresses; waits for ``ACTIVE``.  NotFound for an unknown server or
         image; DriverError with the fault message if it ends in ERROR."""
+        await self._get(server_id)  # NotFound unless it is this deployment's
         image_id = await self._lookup("image", image, self._load_images)
         ud = base64.b64encode(bytes(userdata)).decode("ascii")
         if len(ud) > MAX_USERDATA_B64:
@@ -706,7 +671,18 @@ class OpenStackDriver(ComputeDriver):
 
     async def delete(self, server_id: str, *, wait: bool = True) -> None:
         """Delete the server and (``wait``) poll until Nova no longer has it;
-        no error if it is already gone."""
+        no error if it is already gone; NotFound (and nothing deleted) if
+        it is another deployment's."""
+        try:
+            await self._get(server_id)
+        except NotOurs:
+            raise
+        except NotFound:
+            return
+        await self._delete(server_id, wait=wait)
+
+    async def _delete(self, server_id: str, *, wait: bool = True) -> None:
+        """Delete a server known to be this deployment's (see :meth:`delete`)."""
         try:
             await self._call(f"delete server {server_id}", self.conn.compute.delete_server, server_id)
         except NotFound:

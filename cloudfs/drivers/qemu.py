@@ -80,8 +80,7 @@ import trio
 from .. import imagestore
 from ..guestimage import append_files
 from .base import (
-    META_DEPLOYMENT, META_PID, META_SECRET, ComputeDriver, DriverError, Image, Network, NotFound,
-    Server,
+    META_PID, ComputeDriver, DriverError, Image, Network, NotFound, NotOurs, Server, ServerSpec,
 )
 
 log = logging.getLogger(__name__)
@@ -380,21 +379,6 @@ class QemuDriver(ComputeDriver):
         self.vms_dir.mkdir(parents=True, exist_ok=True)
         os.chmod(self.vms_dir, 0o700)
 
-    @classmethod
-    def from_listen(cls, state_dir: Path, listen: list[str], **options) -> "QemuDriver":
-        """A driver whose guests reach the first ``tcp!HOST!PORT`` of the
-        daemon's ``listen`` dial strings (HOST must be reachable as 127.0.0.1:
-        ``127.0.0.1``, ``localhost``, ``*`` or ``0.0.0.0``).  ``options`` as
-        for the constructor.  ValueError if there is no such listener or its
-        port is 0 (set ``ninep_port`` once bound instead)."""
-        for dial in listen:
-            parts = dial.split("!")
-            if len(parts) == 3 and parts[0] == "tcp" and parts[1] in ("127.0.0.1", "localhost", "*", "0.0.0.0"):
-                port = int(parts[2])
-                if port:
-                    return cls(state_dir, port, **options)
-        raise ValueError(f"no loopback tcp listener with a fixed port in {listen!r} for guests to reach")
-
     # -- helpers ----------------------------------------------------------
 
     async def _choose_accel(self, kernel: Path) -> str:
@@ -420,13 +404,56 @@ class QemuDriver(ComputeDriver):
                     cache.write_text(json.dumps({"key": key, "accel": self._accel_chosen}) + "\n")
             return self._accel_chosen
 
+    def _load(self, server_id: str) -> _Vm | None:
+        """Blocking: VM ``server_id`` of any deployment, or None (also for an
+        id that is not a plain directory name)."""
+        if not server_id or "/" in server_id or server_id.startswith(".") or "\0" in server_id:
+            return None
+        return _Vm.load(self.vms_dir / server_id)
+
     def _vm(self, server_id: str) -> _Vm:
-        if not server_id or "/" in server_id or server_id.startswith("."):
-            raise NotFound(f"no server {server_id!r}")
-        vm = _Vm.load(self.vms_dir / server_id)
+        """Blocking: the VM ``server_id`` of the bound deployment; NotFound
+        for a bad id, a missing VM or another deployment's."""
+        vm = self._load(server_id)
         if vm is None:
-            raise NotFound(f"no server {server_id}")
+            raise NotFound(f"no server {server_id!r}")
+        if not self.ours(vm.metadata):
+            raise NotOurs(f"server {server_id} is not deployment {self.deployment}'s")
         return vm
+
+    def _adopt(self, pid: int) -> Server | None:
+        """Blocking: the oldest running VM of this deployment tagged with
+        ``pid`` (a create whose reply was lost), deleting any other VM of
+        that pid; None (and nothing deleted) if none runs."""
+        found = self._ours(pid)
+        live = [vm for vm in found if vm.pid() is not None]
+        if not live:
+            return None
+        keep = live[0]
+        for vm in found:
+            if vm is not keep:
+                log.warning("deleting duplicate %s of pid %d (keeping %s)", vm.id, pid, keep.id)
+                self._remove(vm)
+        log.info("adopting %s for pid %d", keep.id, pid)
+        return self._server(keep)
+
+    def _remove(self, vm: _Vm) -> None:
+        """Blocking: end QEMU and remove the VM directory, keeping its console log."""
+        self._kill(vm)
+        self.logs_dir.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(OSError):
+            os.replace(vm.console, self.logs_dir / f"{vm.id}.console.log")
+        (vm.dir / "meta.json").unlink(missing_ok=True)
+        shutil.rmtree(vm.dir, ignore_errors=True)
+
+    def _ours(self, pid: int) -> list[_Vm]:
+        """Blocking: the VMs of the bound deployment tagged with ``pid``, oldest first."""
+        found = []
+        for d in self.vms_dir.iterdir():
+            vm = _Vm.load(d)
+            if vm is not None and self.ours(vm.metadata) and vm.metadata.get(META_PID) == str(pid):
+                found.append(vm)
+        return sorted(found, key=lambda v: (v.created, v.id))
 
     def _server(self, vm: _Vm) -> Server:
         """Blocking: the Server for ``vm`` now (QMP query-status if running)."""
@@ -436,19 +463,21 @@ class QemuDriver(ComputeDriver):
             return Server(vm.id, vm.name, "exited", self.host, addrs, vm.exit_message())
         try:
             st = qmp_command(vm.qmp, "query-status", timeout=3.0)
-            status = st.get("status", "running") if isinstance(st, dict) else "running"
+            status = st.get("status", "") if isinstance(st, dict) else ""
         except QmpError as e:
             if vm.pid() is None:
                 return Server(vm.id, vm.name, "exited", self.host, addrs, vm.exit_message())
             log.info("status of %s: %s", vm.id, e)
-            status = "running"
+            return Server(vm.id, vm.name, "unknown", self.host, addrs, str(e))  # QEMU runs; we cannot tell more
+        if status == "running":
+            return Server(vm.id, vm.name, "running", self.host, addrs)
         if status in ("paused", "suspended", "prelaunch"):
             return Server(vm.id, vm.name, "stopped", self.host, addrs)
         if status in ("internal-error", "guest-panicked", "io-error"):
             return Server(vm.id, vm.name, "error", self.host, addrs, f"QEMU reports {status}")
         if status in ("shutdown", "postmigrate"):
             return Server(vm.id, vm.name, "exited", self.host, addrs, vm.exit_message())
-        return Server(vm.id, vm.name, "running", self.host, addrs)
+        return Server(vm.id, vm.name, "unknown", self.host, addrs, f"QEMU reports {status or 'no status'}")
 
     def _argv(self, vm: _Vm, image: imagestore.StoredImage) -> list[str]:
         memory, cpus = FLAVORS[vm.flavor]
@@ -522,32 +551,37 @@ class QemuDriver(ComputeDriver):
 
     # -- ComputeDriver ------------------------------------------------------
 
-    async def create(self, name: str, image: str, flavor: str, networks: list[str], userdata: bytes, *,
-                     metadata: Mapping[str, str]) -> Server:
-        """Boot a VM: write its directory and initramfs, start QEMU; returns it
-        ``running`` (the guest is booting).  ``metadata[META_SECRET]`` goes to
-        the guest (``/etc/cloudfs/identity``), the other keys to meta.json for
-        :meth:`find`.  NotFound for an unknown image/flavor/network."""
-        img = await trio.to_thread.run_sync(imagestore.get_image, self.state_dir, image)
+    async def create(self, spec: ServerSpec) -> Server:
+        """Find or boot the VM of ``spec.pid``: the oldest running VM of this
+        deployment tagged with that pid is adopted (any other of that pid is
+        deleted); otherwise write its directory and initramfs and start QEMU; returns
+        it ``running`` (the guest is booting).  ``spec.secret`` goes to the
+        guest (``/etc/cloudfs/identity``), the tags to meta.json.  NotFound
+        for an unknown image/flavor/network."""
+        adopted = await trio.to_thread.run_sync(self._adopt, spec.pid)
+        if adopted is not None:
+            return adopted
+        meta = self.metadata_for(spec)
+        img = await trio.to_thread.run_sync(imagestore.get_image, self.state_dir, spec.image)
         if img is None:
-            raise NotFound(f"no image {image!r} in {imagestore.images_dir(self.state_dir)}")
-        flavor = flavor or next(iter(FLAVORS))
+            raise NotFound(f"no image {spec.image!r} in {imagestore.images_dir(self.state_dir)}")
+        flavor = spec.flavor or next(iter(FLAVORS))
         if flavor not in FLAVORS:
             raise NotFound(f"no flavor {flavor!r}")
+        networks = list(spec.networks) or [USER_NET.name]
         for n in networks:
             if n != USER_NET.name:
                 raise NotFound(f"no network {n!r}")
         accel = await self._choose_accel(img.kernel)
-        meta = {k: str(v) for k, v in metadata.items() if k != META_SECRET}
         vid = f"vm-{uuid.uuid4().hex[:12]}"
-        vm = _Vm(id=vid, dir=self.vms_dir / vid, name=name, image=image, flavor=flavor,
-                 networks=list(networks), metadata=meta, secret=str(metadata.get(META_SECRET, "")),
+        vm = _Vm(id=vid, dir=self.vms_dir / vid, name=spec.name, image=spec.image, flavor=flavor,
+                 networks=networks, metadata=meta, secret=spec.secret,
                  created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), accel=accel)
 
         def boot() -> Server:
             vm.dir.mkdir(mode=0o700)
             try:
-                self._prepare(vm, img, userdata)
+                self._prepare(vm, img, spec.userdata)
                 self._launch(vm, img)
             except BaseException:
                 with contextlib.suppress(DriverError):
@@ -563,7 +597,7 @@ class QemuDriver(ComputeDriver):
             return Server(vm.id, vm.name, "running", self.host, (GUEST_ADDRESS,) if vm.networks else ())
 
         server = await trio.to_thread.run_sync(boot)
-        log.info("created %s (%s, pid %s) for %s", vm.id, accel, metadata.get(META_PID), metadata.get(META_DEPLOYMENT))
+        log.info("created %s (%s) for pid %d of deployment %s", vm.id, accel, spec.pid, self.deployment)
         return server
 
     def servers(self) -> list[Server]:
@@ -594,25 +628,14 @@ class QemuDriver(ComputeDriver):
 
     def qemu_pid(self, server_id: str) -> int | None:
         """Blocking: the pid of the QEMU running ``server_id`` (None if not running)."""
-        try:
-            return self._vm(server_id).pid()
-        except NotFound:
-            return None
+        vm = self._load(server_id)
+        return None if vm is None else vm.pid()
 
-    async def find(self, metadata: Mapping[str, str]) -> Server | None:
-        """The VM whose meta.json metadata has every key/value of ``metadata``
-        (the newest if several), running or exited; None if there is none."""
-        want = {k: str(v) for k, v in metadata.items() if k != META_SECRET}
-
-        def scan() -> Server | None:
-            found: list[_Vm] = []
-            for d in self.vms_dir.iterdir():
-                vm = _Vm.load(d)
-                if vm is not None and all(vm.metadata.get(k) == v for k, v in want.items()):
-                    found.append(vm)
-            if not found:
-                return None
-            return self._server(max(found, key=lambda v: v.created))
+    async def find(self, pid: int) -> list[Server]:
+        """The VMs of this deployment whose meta.json tags them with ``pid``,
+        running or exited, oldest first."""
+        def scan() -> list[Server]:
+            return [self._server(vm) for vm in self._ours(pid)]
 
         return await trio.to_thread.run_sync(scan)
 
@@ -637,21 +660,16 @@ class QemuDriver(ComputeDriver):
     async def delete(self, server_id: str) -> None:
         """End QEMU (QMP quit, SIGKILL after 5 s) and remove the VM directory
         (its console log is kept as ``STATE/logs/<id>.console.log``).  No
-        error if it is gone."""
+        error if it is gone; NotFound (and nothing done) if it is another
+        deployment's."""
         try:
             vm = await trio.to_thread.run_sync(self._vm, server_id)
+        except NotOurs:
+            raise
         except NotFound:
             return
 
-        def remove() -> None:
-            self._kill(vm)
-            self.logs_dir.mkdir(parents=True, exist_ok=True)
-            with contextlib.suppress(OSError):
-                os.replace(vm.console, self.logs_dir / f"{vm.id}.console.log")
-            (vm.dir / "meta.json").unlink(missing_ok=True)
-            shutil.rmtree(vm.dir, ignore_errors=True)
-
-        await trio.to_thread.run_sync(remove)
+        await trio.to_thread.run_sync(self._remove, vm)
 
     async def _power(self, server_id: str, command: str) -> Server:
         vm = await trio.to_thread.run_sync(self._vm, server_id)

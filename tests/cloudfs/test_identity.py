@@ -30,7 +30,7 @@ async def served(cfs, tmp_path):
 
 
 async def secret_of(cfs, pid: int) -> str:
-    rec, _ = await cfs.table.require(pid)
+    rec = (await cfs.records.require(pid)).value
     return rec.secret
 
 

@@ -145,7 +145,7 @@ async def test_exec_running_rebuilds_keeping_pid_children_env(root, cfs):
     kid = int(await ctl(root, pid, "fork"))
     await echo(root, f"/proc/{pid}/env/k", "v")
     await echo(root, f"/proc/{pid}/userdata", "new-data")
-    sid = (await cfs.table.require(pid))[0].vm
+    sid = (await cfs.records.require(pid)).value.vm
     await ctl(root, pid, "exec alpine")
 
     async def rebuilt():
@@ -153,7 +153,7 @@ async def test_exec_running_rebuilds_keeping_pid_children_env(root, cfs):
 
     await eventually(rebuilt)
     st = await status(root, pid)
-    assert st["image"] == "alpine" and (await cfs.table.require(pid))[0].vm == sid
+    assert st["image"] == "alpine" and (await cfs.records.require(pid)).value.vm == sid
     assert cfs.driver.userdata[sid] == b"new-data"
     assert await cat(root, f"/proc/{pid}/children") == f"{kid}\n".encode()
     assert await cat(root, f"/proc/{pid}/env/k") == b"v"
@@ -191,7 +191,7 @@ async def test_stop_start(root, cfs):
     pid = await vm(root)
     await ctl(root, pid, "stop")
     await state_is(root, pid, "stopped")
-    sid = (await cfs.table.require(pid))[0].vm
+    sid = (await cfs.records.require(pid)).value.vm
     assert cfs.driver.servers[sid].status == "stopped"
     await ctl(root, pid, "start")
     await state_is(root, pid, "running")
@@ -211,7 +211,7 @@ async def test_kill_children_first_and_wait_records(root, cfs):
     b = int(await ctl(root, a, "fork name=b"))
     c = int(await ctl(root, b, "fork name=c"))
     await state_is(root, c, "running")
-    sids = {p: (await cfs.table.require(p))[0].vm for p in (a, b, c)}
+    sids = {p: (await cfs.records.require(p)).value.vm for p in (a, b, c)}
     await ctl(root, a, "kill")
     line = (await cat(root, "/proc/1/wait")).decode()
     assert line == f"{a} p{a} killed killed\n"

@@ -3,6 +3,7 @@ view back (exited servers, power changes made outside cloudfs)."""
 
 import trio
 
+from cloudfs.drivers.base import ServerSpec
 from tests.cloudfs.fsops import cat, ctl, ls, state_is, status, vm
 
 
@@ -10,9 +11,8 @@ async def test_converge_twice_is_a_no_op(cfs):
     root = await cfs.attach("", "")
     pid = await vm(root)
     before = list(cfs.driver.calls)
-    rec, _ = await cfs.table.require(pid)
-    await cfs.reconciler.converge(rec)
-    await cfs.reconciler.converge(rec)
+    assert await cfs.reconciler.converge(pid)
+    assert await cfs.reconciler.converge(pid)
     assert cfs.driver.calls == before
     assert (await status(root, pid))["state"] == "running"
 
@@ -41,7 +41,7 @@ async def test_resync_exited_server_reparents_children(cfs):
     p = await vm(root)
     k = int(await ctl(root, p, "fork name=kid"))
     await state_is(root, k, "running")
-    sid = (await cfs.table.require(p))[0].vm
+    sid = (await cfs.records.require(p)).value.vm
     cfs.driver.exit(sid, "guest powered off")
     await cfs.reconciler.resync()
     assert await cat(root, "/proc/1/wait") == f"{p} p{p} exited guest powered off\n".encode()
@@ -54,10 +54,51 @@ async def test_resync_exited_server_reparents_children(cfs):
 async def test_resync_records_outside_power_change(cfs):
     root = await cfs.attach("", "")
     pid = await vm(root)
-    sid = (await cfs.table.require(pid))[0].vm
+    sid = (await cfs.records.require(pid)).value.vm
     await cfs.driver.stop(sid)  # stopped behind cloudfs's back
     await cfs.reconciler.resync()
-    assert (await status(root, pid))["state"] == "stopped"
+    st = await status(root, pid)
+    assert (st["state"], st["desired"]) == ("stopped", "stopped")  # accepted, as Nova's power sync does
+    await cfs.reconciler.resync()
+    assert not [c for c in cfs.driver.calls if c[0] == "start"]  # not fought
+    await ctl(root, pid, "start")
+    await state_is(root, pid, "running")
+
+
+async def test_resync_records_a_backend_error(cfs):
+    from cloudfs.drivers.base import Server
+
+    root = await cfs.attach("", "")
+    pid = await vm(root)
+    sid = (await cfs.records.require(pid)).value.vm
+    s = cfs.driver.servers[sid]
+    cfs.driver.servers[sid] = Server(s.id, s.name, "error", s.host, s.addresses, "host went away")
+    await cfs.reconciler.resync()
+    st = await status(root, pid)
+    assert (st["state"], st["error"]) == ("error", "host went away")
+    calls = list(cfs.driver.calls)
+    await cfs.reconciler.resync()  # error is sticky: nothing more is tried
+    assert cfs.driver.calls == calls
+
+
+async def test_work_item_names_it_did_not_write_are_ignored(cfs):
+    root = await cfs.attach("", "")
+    for junk in ("garbage", "x-1", "07-0000000001", "-1"):
+        await cfs.store.create(f"{cfs.layout.pending}/{junk}", b"")
+    pid = await vm(root)  # the reconciler goes on
+    assert (await status(root, pid))["state"] == "running"
+
+
+async def test_a_pid_it_no_longer_owns_is_left_to_its_owner(cfs):
+    root = await cfs.attach("", "")
+    pid = await vm(root)
+    await cfs.reconciler.owners.release(pid)
+    calls = list(cfs.driver.calls)
+    await ctl(root, pid, "stop")  # this daemon takes it again for the work item
+    await state_is(root, pid, "stopped")
+    cfs.reconciler.owners.forget()  # as after a lost session
+    assert await cfs.reconciler.converge(pid) is False
+    assert cfs.driver.calls == calls + [("stop", (await cfs.records.require(pid)).value.vm)]
 
 
 async def test_resync_runs_periodically(zookeeper, zk_root, driver):
@@ -66,7 +107,7 @@ async def test_resync_runs_periodically(zookeeper, zk_root, driver):
     async with open_cloudfs(zookeeper.hosts, driver, zk_root, resync_interval=0.1) as fs:
         root = await fs.attach("", "")
         pid = await vm(root)
-        driver.servers.pop((await fs.table.require(pid))[0].vm)  # vanished
+        driver.servers.pop((await fs.records.require(pid)).value.vm)  # vanished
         with trio.fail_after(5):
             line = await cat(root, "/proc/1/wait")
         assert line == f"{pid} p{pid} exited server vanished\n".encode()
@@ -77,12 +118,10 @@ async def test_create_whose_reply_was_lost_is_adopted_not_duplicated(cfs):
     create went through but its reply, or the daemon, was lost): exec adopts it."""
     root = await cfs.attach("", "")
     pid = int(await ctl(root, 1, "fork"))
-    rec, _ = await cfs.table.require(pid)
-    earlier = await cfs.driver.create("lost", "tiny", "m1.tiny", ["user"], b"",
-                                      metadata=cfs.table.server_tags(rec))
+    earlier = await cfs.driver.create(ServerSpec(pid=pid, ppid=1, name="lost", image="tiny"))
     await ctl(root, pid, "exec tiny")
     await state_is(root, pid, "running")
-    assert (await cfs.table.require(pid))[0].vm == earlier.id
+    assert (await cfs.records.require(pid)).value.vm == earlier.id
     assert [c for c in cfs.driver.calls if c[0] == "create"] == [("create", earlier.id)]
     assert list(cfs.driver.servers) == [earlier.id]
 
@@ -93,10 +132,10 @@ async def test_kill_deletes_a_server_a_lost_create_left_behind(cfs):
     cfs.driver.fail_next("create", "reply lost")
     await ctl(root, pid, "exec tiny")
     await state_is(root, pid, "error")
-    rec, _ = await cfs.table.require(pid)
+    rec = (await cfs.records.require(pid)).value
     assert rec.vm is None
     # the lost create did make a server, tagged with the deployment and pid
-    orphan = await cfs.driver.create("x", "tiny", "m1.tiny", ["user"], b"", metadata=cfs.table.server_tags(rec))
+    orphan = await cfs.driver.create(ServerSpec(pid=pid, ppid=1, name="x", image="tiny"))
     await ctl(root, pid, "kill")
     assert await cat(root, "/proc/1/wait") == f"{pid} p{pid} killed killed\n".encode()
     assert orphan.id not in cfs.driver.servers and ("delete", orphan.id) in cfs.driver.calls
@@ -107,9 +146,10 @@ async def test_create_passes_the_process_secret_to_the_driver(cfs):
 
     root = await cfs.attach("", "")
     pid = await vm(root)
-    rec, _ = await cfs.table.require(pid)
-    assert len(rec.secret) == 32 and cfs.driver.metadata[rec.vm][META_SECRET] == rec.secret
-    assert await cfs.driver.find(cfs.table.server_tags(rec)) is not None  # find ignores the secret
+    rec = (await cfs.records.require(pid)).value
+    assert len(rec.secret) == 32 and cfs.driver.secrets[rec.vm] == rec.secret
+    assert META_SECRET not in cfs.driver.metadata[rec.vm]  # for the guest only, never a tag
+    assert [s.id for s in await cfs.driver.find(pid)] == [rec.vm]
 
 
 async def test_a_restarted_daemon_watches_the_vms_it_did_not_start(zookeeper, zk_root, driver):
@@ -120,7 +160,7 @@ async def test_a_restarted_daemon_watches_the_vms_it_did_not_start(zookeeper, zk
 
     async with open_cloudfs(zookeeper.hosts, driver, zk_root, daemon_id="a") as a:
         pid = await vm(await a.attach("", ""))
-        sid = (await a.table.require(pid))[0].vm
+        sid = (await a.records.require(pid)).value.vm
     async with open_cloudfs(zookeeper.hosts, driver, zk_root, daemon_id="b", resync_interval=0.1) as b:
         root = await b.attach("", "")
         with trio.fail_after(5):

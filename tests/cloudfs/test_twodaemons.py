@@ -208,7 +208,7 @@ async def test_a_create_that_outlives_its_owner_session_leaves_no_duplicate(zook
         if meanwhile == "killed":
             assert not host_b.servers and str(pid) not in await ls(aroot, "/proc")
             return
-        rec = (await b.table.record(pid))[0]
+        rec = (await b.records.get(pid)).value
         assert rec.vm == next(iter(host_b.servers)) and rec.scope == "fake!host-b"
         await trio.sleep(0.6)  # a few resyncs: nothing changes
         assert (await status(aroot, pid))["state"] == "running" and len(host_b.servers) == 1

@@ -7,6 +7,7 @@ every server a test made is deleted at its end."""
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import subprocess
@@ -18,7 +19,8 @@ from pathlib import Path
 import pytest
 import trio
 
-from cloudfs.drivers.base import META_DEPLOYMENT, META_PID
+from cloudfs.catalog import CATALOG_TTL, MISS_INTERVAL
+from cloudfs.drivers.base import META_PID, META_ROOT
 from mountd.zkserver import free_port
 from ninep.client import open_client
 from tests.openstack import openstack_cloud  # noqa: F401
@@ -72,11 +74,12 @@ class OSDaemon:
 
 
 def servers_of(conn, root: str, pid: int | None = None) -> list:
-    """This deployment's live Nova servers (of ``pid`` if given)."""
+    """The live Nova servers of the deployments on ZooKeeper root ``root``
+    (of ``pid`` if given)."""
     out = []
     for s in conn.compute.servers(details=True):
         md = s.metadata or {}
-        if md.get(META_DEPLOYMENT) == root and (pid is None or md.get(META_PID) == str(pid)):
+        if md.get(META_ROOT) == root and (pid is None or md.get(META_PID) == str(pid)):
             if s.status != "DELETED":
                 out.append(s)
     return out
@@ -190,3 +193,49 @@ def test_kill_9_mid_boot_then_restart_leaves_one_server(daemon, conn):
 
     trio.run(kill)
     assert servers_of(conn, daemon.root) == []
+
+
+def test_glance_and_neutron_down_images_fail_proc_goes_on(daemon, openstack_cloud):  # noqa: F811
+    """The Image and Networking APIs stop: `ls /images` and `ls /net` fail
+    with EIO whose 9P2000.u message is the cloud's error (logged by the
+    daemon in one line, no traceback, no "internal error"), while /proc
+    keeps working; once they are back, so is /images."""
+    from ninep.errors import FsError
+
+    daemon.start()
+
+    async def listing(path: str, version: str = "9P2000.u"):
+        async with open_client(daemon.operator, version=version) as c:
+            return await c.listdir(path)
+
+    assert "tiny" in trio.run(listing, "images")  # the daemon's connection knows Glance
+    mark = daemon.log.stat().st_size
+    with openstack_cloud.outage("glance", "neutron"):
+        time.sleep(CATALOG_TTL)  # what the daemon listed before is stale now
+
+        async def during():
+            errors = {}
+            for path in ("images", "net"):
+                with pytest.raises(FsError) as e:
+                    await listing(path)
+                errors[path] = e.value
+            with pytest.raises(FsError) as e:
+                await listing("images", "9P2000.L")
+            assert e.value.errno == errno.EIO
+            async with open_client(daemon.operator) as c:  # the rest of the tree goes on
+                pid = int(await _ctl(c, 1, "fork name=meanwhile"))
+                assert str(pid) in await c.listdir("proc")
+                assert (await _status(c, pid))["state"] == "new"
+            return errors
+
+        errors = trio.run(during)
+    for path, what in (("images", "list images"), ("net", "list networks")):
+        e = errors[path]
+        assert e.errno == errno.EIO, e
+        assert f"openstack: {what}: cannot reach the cloud" in e.message and "refused" in e.message, e.message
+    log = daemon.log.read_bytes()[mark:].decode(errors="replace")
+    assert "Traceback" not in log and "internal error" not in log, log
+    said = [line for line in log.splitlines() if "compute driver: list images" in line]
+    assert 1 <= len(said) <= 2 and "cannot reach the cloud" in said[0], log
+    time.sleep(MISS_INTERVAL)
+    assert "tiny" in trio.run(listing, "images")

@@ -18,7 +18,7 @@ import uuid
 import pytest
 import trio
 
-from cloudfs.drivers.base import DriverError, NotFound
+from cloudfs.drivers.base import META_ROOT, DriverError, NotFound, ServerSpec
 from cloudfs.drivers.openstack import META_DEPLOYMENT, META_PID, META_PPID, OpenStackDriver
 from tests.openstack import openstack_cloud  # noqa: F401
 
@@ -49,12 +49,13 @@ def deployment(conn):
         delete_servers(conn, dep)
 
 
-def delete_servers(conn, dep: str) -> None:
-    """Delete every server of deployment ``dep``, also ones a cancelled
-    (abandoned) API call creates a moment later."""
+def delete_servers(conn, dep: str, key: str = META_DEPLOYMENT) -> None:
+    """Delete every server whose metadata ``key`` is ``dep`` (deployment
+    ``dep``; with META_ROOT the deployments on ZooKeeper root ``dep``),
+    also ones a cancelled (abandoned) API call creates a moment later."""
     quiet = 0
     while quiet < 2:
-        left = [s for s in conn.compute.servers() if (s.metadata or {}).get(META_DEPLOYMENT) == dep]
+        left = [s for s in conn.compute.servers() if (s.metadata or {}).get(key) == dep]
         for s in left:
             conn.compute.delete_server(s.id, ignore_missing=True)
         for s in left:
@@ -70,6 +71,12 @@ def drv(conn, deployment):
 
 def md(drv: OpenStackDriver, pid: int, ppid: int = 1) -> dict[str, str]:
     return {META_DEPLOYMENT: drv.deployment, META_PID: str(pid), META_PPID: str(ppid)}
+
+
+def spec(pid: int, ppid: int = 1, name: str | None = None, image: str = "tiny", flavor: str = "",
+         networks: tuple[str, ...] = (), userdata: bytes = b"") -> ServerSpec:
+    return ServerSpec(pid=pid, ppid=ppid, name=name or f"p{pid}", image=image, flavor=flavor, networks=networks,
+                      userdata=userdata)
 
 
 async def test_from_cloud_the_standard_way(openstack_cloud, monkeypatch):  # noqa: F811
@@ -124,7 +131,7 @@ async def test_lifecycle_reaches_nova(drv, conn):
     """create → running with a port address; user data and metadata round
     trip; stop/start (idempotent); rebuild keeps id and address; delete."""
     ud = b"#cloud-config\nruncmd: [echo hello]\n\x00\xff binary ok"
-    s = await drv.create("proc-1", "tiny", "", [], ud, metadata=md(drv, 1, 0))
+    s = await drv.create(spec(1, 0, name="proc-1", userdata=ud))
     assert s.status == "running" and s.nova_status == "ACTIVE" and s.host == "cloudfs-compute"
     nova = conn.compute.get_server(s.id)
     assert nova.status == "ACTIVE" and nova.name == "proc-1"
@@ -161,7 +168,7 @@ async def test_explicit_flavor_and_network(drv, conn):
     name = f"net-{uuid.uuid4().hex[:8]}"
     await drv.create_network(name, "10.78.0.0/24")
     try:
-        s = await drv.create("p", "tiny", "m1.small", [name], b"", metadata=md(drv, 2))
+        s = await drv.create(spec(2, flavor="m1.small", networks=(name,)))
         assert conn.compute.get_server(s.id).flavor.name == "m1.small"
         assert ipaddress.ip_address(s.addresses[0]) in ipaddress.ip_network("10.78.0.0/24")
     finally:
@@ -171,15 +178,15 @@ async def test_explicit_flavor_and_network(drv, conn):
 
 async def test_unknown_image_flavor_network_are_notfound(drv):
     with pytest.raises(NotFound, match="image"):
-        await drv.create("p", "no-such-image", "", [], b"", metadata=md(drv, 3))
+        await drv.create(spec(3, image="no-such-image"))
     with pytest.raises(NotFound, match="flavor"):
-        await drv.create("p", "tiny", "m9.huge", [], b"", metadata=md(drv, 3))
+        await drv.create(spec(3, flavor="m9.huge"))
     with pytest.raises(NotFound, match="network"):
-        await drv.create("p", "tiny", "", ["no-such-net"], b"", metadata=md(drv, 3))
+        await drv.create(spec(3, networks=("no-such-net",)))
     with pytest.raises(NotFound):
         await drv.stop(str(uuid.uuid4()))
     with pytest.raises(DriverError, match="user data"):
-        await drv.create("p", "tiny", "", [], b"x" * 60000, metadata=md(drv, 3))
+        await drv.create(spec(3, userdata=b"x" * 60000))
     assert await drv.find_by_metadata() == []
 
 
@@ -194,19 +201,21 @@ def huge_flavor(conn):
 
 async def test_nova_error_surfaces_with_fault_message(drv, huge_flavor):
     with pytest.raises(DriverError, match="No valid host was found"):
-        await drv.create("big", "tiny", huge_flavor, [], b"", metadata=md(drv, 4))
+        await drv.create(spec(4, flavor=huge_flavor))
     # the failed server is not left behind
     assert [s for s in await drv.find_by_metadata() if s.nova_status != "DELETED"] == []
     # seen through status: state error with Nova's fault message
-    s = await drv.boot("big", "tiny", huge_flavor, [], b"", metadata=md(drv, 5))
+    s = await drv.boot(spec(5, flavor=huge_flavor))
     e = await drv.wait(s.id, ("error",))  # boot_timeout: a busy scheduler may take a while
     assert e.status == "error" and e.nova_status == "ERROR"
     assert "No valid host was found" in e.message
     assert (await drv.status(s.id)).message == e.message
     with pytest.raises(DriverError, match="ERROR"):
         await drv.stop(s.id)
-    # adoption never picks a failed server, and removes it (no orphan)
-    assert await drv.find(md(drv, 5)) is None
+    # find shows it as it is; a create never adopts a failed server, and removes it (no orphan)
+    assert [x.id for x in await drv.find(5)] == [s.id]
+    with pytest.raises(DriverError, match="No valid host was found"):
+        await drv.create(spec(5, flavor=huge_flavor))
     with trio.fail_after(60):
         while await drv.find_by_metadata(pid=5):
             await trio.sleep(0.3)
@@ -216,7 +225,7 @@ async def test_twenty_concurrent_creates_give_twenty_servers(drv, conn):
     made = {}
 
     async def one(pid):
-        made[pid] = await drv.create(f"p{pid}", "tiny", "", [], f"pid {pid}".encode(), metadata=md(drv, pid))
+        made[pid] = await drv.create(spec(pid, userdata=f"pid {pid}".encode()))
 
     t0 = time.monotonic()
     async with trio.open_nursery() as n:
@@ -246,42 +255,39 @@ async def test_lost_reply_is_adopted_not_duplicated(drv, conn):
                                networks=[{"uuid": conn.network.find_network("user").id}],
                                user_data=base64.b64encode(b"first").decode(), metadata=meta,
                                tags=drv.server_tags(meta))
-    found = await drv.find(meta)  # waits for the boot to settle
-    assert found is not None and found.metadata[META_PID] == "42" and found.status == "running"
-    assert found.addresses and found.nova_status == "ACTIVE"
-    s = await drv.create("p42", "tiny", "", [], b"first", metadata=meta)
-    assert s.id == found.id and s.status == "running"
+    [found] = await drv.find(42)  # as it is: no waiting, no side effects
+    assert found.metadata[META_PID] == "42"
+    s = await drv.create(spec(42, userdata=b"first"))  # adopts it, waiting for its boot to settle
+    assert s.id == found.id and s.status == "running" and s.addresses and s.nova_status == "ACTIVE"
     assert [x.id for x in await drv.find_by_metadata(pid=42)] == [s.id]
-    assert await drv.find({META_DEPLOYMENT: drv.deployment, META_PID: "43"}) is None
+    assert await drv.find(43) == []
 
 
 async def test_killed_mid_boot_then_restart_adopts(drv, conn):
     """A daemon cancelled right after asking Nova (killed mid-boot) and a new
     daemon (a new driver, new connection) creating the same pid: one server."""
-    s0 = await drv.boot("p49", "tiny", "", [], b"", metadata=md(drv, 49))  # asked Nova, then died
+    s0 = await drv.boot(spec(49))  # asked Nova, then died
     fresh = OpenStackDriver(conn, deployment=drv.deployment, poll_interval=0.3)
-    s = await fresh.create("p49", "tiny", "", [], b"", metadata=md(drv, 49))
+    s = await fresh.create(spec(49))
     assert s.id == s0.id and s.status == "running"
     assert [x.id for x in await fresh.find_by_metadata(pid=49)] == [s.id]
 
-    meta = md(drv, 50)
     with trio.move_on_after(0.05):
-        await drv.create("p50", "tiny", "", [], b"", metadata=meta)
+        await drv.create(spec(50))
     # the POST may or may not have gone out before the cancel; wait for the
     # abandoned thread to finish either way
     await trio.sleep(2)
-    s = await fresh.create("p50", "tiny", "", [], b"", metadata=meta)
+    s = await fresh.create(spec(50))
     assert [x.id for x in await fresh.find_by_metadata(pid=50)] == [s.id]
 
 
 async def test_racing_creates_for_one_pid_converge_on_one_server(drv):
     """Two daemons that both missed the other's server (a lost reply retried
     at the same moment): both end with the same, single server."""
-    meta = md(drv, 60)
     got = []
 
     async def one():
-        got.append(await drv.create("p60", "tiny", "", [], b"", metadata=meta))
+        got.append(await drv.create(spec(60)))
 
     async with trio.open_nursery() as n:
         n.start_soon(one)
@@ -293,6 +299,26 @@ async def test_racing_creates_for_one_pid_converge_on_one_server(drv):
             break
         await trio.sleep(0.2)
     assert [s.id for s in live] == [got[0].id]
+
+
+async def test_another_deployments_servers_are_never_touched(drv, conn, deployment):
+    """Two deployments on one project: the other one's server of the same
+    pid is neither found, adopted, powered, rebuilt nor deleted."""
+    other = OpenStackDriver(conn, deployment=f"{deployment}-other", poll_interval=0.3, boot_timeout=120)
+    try:
+        theirs = await other.create(spec(70))
+        assert await drv.find(70) == []
+        mine = await drv.create(spec(70))
+        assert mine.id != theirs.id
+        for call in (drv.status(theirs.id), drv.stop(theirs.id), drv.start(theirs.id),
+                     drv.rebuild(theirs.id, "tiny", b""), drv.delete(theirs.id)):
+            with pytest.raises(NotFound, match="not deployment"):
+                await call
+        await drv.delete(mine.id)
+        assert conn.compute.get_server(theirs.id).status == "ACTIVE"
+        assert [x.id for x in await other.find(70)] == [theirs.id]
+    finally:
+        await trio.to_thread.run_sync(delete_servers, conn, other.deployment)
 
 
 async def test_auth_failure_is_a_clear_error(openstack_cloud):  # noqa: F811
@@ -343,17 +369,18 @@ async def test_unanswering_cloud_times_out():
 
 @pytest.fixture
 def os_root(zookeeper, zk_root, conn):
-    """A fresh ZooKeeper root = the deployment; its servers are deleted after."""
+    """A fresh ZooKeeper root for the deployment; its servers (META_ROOT)
+    are deleted after."""
     try:
         yield zk_root
     finally:
-        delete_servers(conn, zk_root.rstrip("/"))
+        delete_servers(conn, zk_root.rstrip("/"), META_ROOT)
 
 
-def os_driver(openstack_cloud, deployment: str) -> OpenStackDriver:  # noqa: F811
-    """A driver with its own connection (as a separate daemon would have)."""
-    return OpenStackDriver(openstack_cloud.connect(), deployment=deployment, poll_interval=0.3,
-                           boot_timeout=120)
+def os_driver(openstack_cloud) -> OpenStackDriver:  # noqa: F811
+    """A driver with its own connection (as a separate daemon would have),
+    bound to its deployment by open_cloudfs."""
+    return OpenStackDriver(openstack_cloud.connect(), poll_interval=0.3, boot_timeout=120)
 
 
 async def wait_state(root, pid: int, state: str, timeout: float = 90) -> dict[str, str]:
@@ -363,14 +390,14 @@ async def wait_state(root, pid: int, state: str, timeout: float = 90) -> dict[st
 
 
 async def record(fs, pid: int):
-    return (await fs.table.record(pid))[0]
+    return (await fs.records.get(pid)).value
 
 
 async def test_proc_lifecycle_reaches_nova(openstack_cloud, zookeeper, os_root, conn):  # noqa: F811
     from cloudfs.namespace import open_cloudfs
     from tests.cloudfs.fsops import ctl, echo, ls
 
-    drv = os_driver(openstack_cloud, os_root)
+    drv = os_driver(openstack_cloud)
     async with open_cloudfs(zookeeper.hosts, drv, os_root, daemon_id="a") as fs:
         root = await fs.attach("", "")
         pid = int(await ctl(root, 1, "fork name=web"))
@@ -381,7 +408,7 @@ async def test_proc_lifecycle_reaches_nova(openstack_cloud, zookeeper, os_root, 
         nova = conn.compute.get_server(vm)
         assert nova.status == "ACTIVE" and nova.name == "web"
         assert nova.metadata[META_PID] == str(pid) and nova.metadata[META_PPID] == "1"
-        assert nova.metadata[META_DEPLOYMENT] == fs.layout.root
+        assert nova.metadata[META_DEPLOYMENT] == fs.deployment_id and nova.metadata[META_ROOT] == fs.layout.root
         assert await drv.userdata(vm) == b"#cloud-config\nruncmd: [true]\n"
         port_ips = [ip["ip_address"] for p in conn.network.ports(device_id=vm) for ip in p.fixed_ips]
         assert st["addresses"] == " ".join(port_ips) and st["flavor"] in ("m1.tiny", "-")
@@ -413,7 +440,7 @@ async def test_proc_lifecycle_reaches_nova(openstack_cloud, zookeeper, os_root, 
         await ctl(root, pid, "kill")
 
         async def gone():
-            return await fs.table.record(pid) is None and str(pid) not in await ls(root, "/proc")
+            return await fs.records.get(pid) is None and str(pid) not in await ls(root, "/proc")
 
         await eventually(gone, 90, 0.3)
         for v in (vm, cvm):
@@ -425,7 +452,7 @@ async def test_nova_error_in_status(openstack_cloud, zookeeper, os_root, huge_fl
     from cloudfs.namespace import open_cloudfs
     from tests.cloudfs.fsops import ctl
 
-    async with open_cloudfs(zookeeper.hosts, os_driver(openstack_cloud, os_root), os_root) as fs:
+    async with open_cloudfs(zookeeper.hosts, os_driver(openstack_cloud), os_root) as fs:
         root = await fs.attach("", "")
         pid = int(await ctl(root, 1, "fork"))
         await ctl(root, pid, f"exec tiny flavor={huge_flavor}")
@@ -440,8 +467,8 @@ async def test_two_daemons_twenty_forks_give_twenty_servers(openstack_cloud, zoo
     from cloudfs.namespace import open_cloudfs
     from tests.cloudfs.fsops import ctl
 
-    async with open_cloudfs(zookeeper.hosts, os_driver(openstack_cloud, os_root), os_root, daemon_id="a") as a, \
-            open_cloudfs(zookeeper.hosts, os_driver(openstack_cloud, os_root), os_root, daemon_id="b") as b:
+    async with open_cloudfs(zookeeper.hosts, os_driver(openstack_cloud), os_root, daemon_id="a") as a, \
+            open_cloudfs(zookeeper.hosts, os_driver(openstack_cloud), os_root, daemon_id="b") as b:
         roots = [await a.attach("", ""), await b.attach("", "")]
         pids = []
 
@@ -456,7 +483,7 @@ async def test_two_daemons_twenty_forks_give_twenty_servers(openstack_cloud, zoo
                 n.start_soon(one, i)
         for pid in pids:
             await wait_state(roots[0], pid, "running", timeout=180)
-        ours = [s for s in conn.compute.servers() if (s.metadata or {}).get(META_DEPLOYMENT) == a.layout.root]
+        ours = [s for s in conn.compute.servers() if (s.metadata or {}).get(META_DEPLOYMENT) == a.deployment_id]
         seen = [(s.id, s.metadata.get(META_PID), s.status, s.task_state) for s in ours]
         recs = {p: (await record(a, p)).vm for p in pids}
         assert len(ours) == 20, (seen, recs)
@@ -470,14 +497,13 @@ async def test_daemon_stopped_mid_boot_restart_adopts(openstack_cloud, zookeeper
     from cloudfs.namespace import open_cloudfs
     from tests.cloudfs.fsops import ctl
 
-    first = os_driver(openstack_cloud, os_root)
+    first = os_driver(openstack_cloud)
     with trio.CancelScope() as scope:
         async with open_cloudfs(zookeeper.hosts, first, os_root, daemon_id="doomed") as fs:
             root = await fs.attach("", "")
             pid = int(await ctl(root, 1, "fork"))
             await ctl(root, pid, "exec tiny")
-            md = {META_DEPLOYMENT: fs.layout.root, META_PID: str(pid)}
-            while not await first.find_by_metadata(fs.layout.root, pid):
+            while not await first.find(pid):
                 await trio.sleep(0.05)
             assert (await record(fs, pid)).vm is None  # Nova has it, the record not yet
             doomed = fs
@@ -486,12 +512,11 @@ async def test_daemon_stopped_mid_boot_restart_adopts(openstack_cloud, zookeeper
     # open_cloudfs could not close it)
     await trio.to_thread.run_sync(doomed.store.client.stop)
     await trio.to_thread.run_sync(doomed.store.client.close)
-    async with open_cloudfs(zookeeper.hosts, os_driver(openstack_cloud, os_root), os_root, daemon_id="next") as fs:
+    async with open_cloudfs(zookeeper.hosts, os_driver(openstack_cloud), os_root, daemon_id="next") as fs:
         root = await fs.attach("", "")
         await wait_state(root, pid, "running")
-        servers = await first.find_by_metadata(fs.layout.root, pid)
+        servers = await first.find(pid)
         assert [s.id for s in servers] == [(await record(fs, pid)).vm]
-        assert (await first.find(md)).id == servers[0].id
 
 
 def test_changes_since_reaches_back_before_the_stamp():
@@ -523,7 +548,7 @@ async def test_a_change_the_shared_poll_misses_is_still_seen(openstack_cloud, dr
     os.kill(scheduler, signal.SIGSTOP)
     s = None
     try:
-        s = await drv.boot("blind", "tiny", huge_flavor, [], b"", metadata=md(drv, 6))
+        s = await drv.boot(spec(6, name="blind", flavor=huge_flavor))
         seen = []
 
         async def waiter():
@@ -561,3 +586,33 @@ def test_scope_names_keystone_region_and_project():
     assert scope(**{**base, "auth_url": "http://k:5000/"}) == s
     assert scope(**{**base, "region_name": "RegionTwo"}) != s
     assert scope(**{**base, "project_name": "other"}) != s
+
+
+async def test_two_deployments_of_one_name_keep_to_their_servers(openstack_cloud, zookeeper, private_zookeeper,  # noqa: F811
+                                                                  os_root, conn):
+    """Two daemons with fresh ZooKeepers and the same deployment name on one
+    project (two `cloudfs up --driver openstack`, both /cloudfs/default):
+    each pid 2 gets its own server, and killing one leaves the other's."""
+    from cloudfs.namespace import open_cloudfs
+    from tests.cloudfs.fsops import cat, ctl
+
+    async with open_cloudfs(zookeeper.hosts, os_driver(openstack_cloud), os_root, daemon_id="a") as a, \
+            open_cloudfs(private_zookeeper.hosts, os_driver(openstack_cloud), os_root, daemon_id="b") as b:
+        assert a.deployment_id != b.deployment_id
+        aroot, broot = await a.attach("", ""), await b.attach("", "")
+        for root in (aroot, broot):
+            assert int(await ctl(root, 1, "fork")) == 2
+            await ctl(root, 2, "exec tiny")
+        await wait_state(aroot, 2, "running")
+        await wait_state(broot, 2, "running")
+        avm, bvm = (await record(a, 2)).vm, (await record(b, 2)).vm
+        assert avm != bvm
+        assert conn.compute.get_server(avm).metadata[META_DEPLOYMENT] == a.deployment_id
+        assert conn.compute.get_server(bvm).metadata[META_DEPLOYMENT] == b.deployment_id
+        await ctl(broot, 2, "kill")
+        with trio.fail_after(90):
+            assert await cat(broot, "/proc/1/wait") == b"2 p2 killed killed\n"
+        gone = conn.compute.find_server(bvm)
+        assert gone is None or gone.status == "DELETED"
+        assert conn.compute.get_server(avm).status == "ACTIVE"
+        assert (await record(a, 2)).vm == avm

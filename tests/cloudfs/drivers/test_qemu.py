@@ -17,7 +17,7 @@ import pytest
 import trio
 
 from cloudfs import imagestore
-from cloudfs.drivers.base import META_DEPLOYMENT, META_PID, META_PPID, META_SECRET, DriverError, NotFound
+from cloudfs.drivers.base import META_DEPLOYMENT, META_PID, DriverError, NotFound, ServerSpec
 from cloudfs.drivers.qemu import FLAVORS, QemuDriver, probe_kvm
 from mountd.zkserver import free_port
 from ninep.memfs import MemFS
@@ -27,7 +27,19 @@ from tests.guestfixtures import CACHE_DIR
 pytestmark = pytest.mark.guest
 
 SECRET = "0123456789abcdef0123456789abcdef"
-TAGS = {META_DEPLOYMENT: "/test/qemu", META_PID: "7", META_PPID: "1"}
+DEPLOYMENT = "d" * 32
+
+
+def driver(state, port: int, deployment: str = DEPLOYMENT, **kw) -> QemuDriver:
+    """A QEMU driver bound to ``deployment`` (TCG unless told)."""
+    d = QemuDriver(state, port, **{"accel": "tcg", **kw})
+    d.bind(deployment, "/test/qemu")
+    return d
+
+
+def spec(pid: int = 7, userdata: bytes = b"", **kw) -> ServerSpec:
+    return ServerSpec(**{"pid": pid, "ppid": 1, "name": "web", "image": "tiny", "flavor": "m1.tiny",
+                         "networks": ("user",), "userdata": userdata, **kw})
 
 
 @pytest.fixture
@@ -62,7 +74,7 @@ async def until(check, timeout: float = 90.0, what: str = "condition"):
 
 
 async def test_store_flavors_networks(state, tiny_image):
-    d = QemuDriver(state, 1, accel="tcg")
+    d = driver(state, 1)
     [img] = await d.list_images()
     assert (img.name, img.id, img.size, img.checksum) == ("tiny", tiny_image.id, tiny_image.size,
                                                           tiny_image.checksum)
@@ -78,16 +90,16 @@ async def test_store_flavors_networks(state, tiny_image):
     assert (net.name, net.cidr) == ("user", "10.0.2.0/24")
     with pytest.raises(DriverError):
         await d.create_network("lab")
-    for image, flavor, nets in (("nope", "m1.tiny", ["user"]), ("tiny", "m9.huge", ["user"]),
-                                ("tiny", "m1.tiny", ["lab"])):
+    for image, flavor, nets in (("nope", "m1.tiny", ("user",)), ("tiny", "m9.huge", ("user",)),
+                                ("tiny", "m1.tiny", ("lab",))):
         with pytest.raises(NotFound):
-            await d.create("x", image, flavor, nets, b"", metadata=TAGS)
+            await d.create(spec(image=image, flavor=flavor, networks=nets))
     assert list((state / "vms").iterdir()) == []
     for call in (d.status("vm-nope"), d.stop("vm-nope"), d.start("vm-nope"), d.rebuild("vm-nope", "tiny", b"")):
         with pytest.raises(NotFound):
             await call
     await d.delete("vm-nope")  # idempotent
-    assert await d.find(TAGS) is None
+    assert await d.find(7) == []
     assert imagestore.build_image_main("windows", state) == 2
 
 
@@ -106,9 +118,9 @@ def test_build_image_main_installs_and_caches(tmp_path, tiny_image, capsys):
 
 async def test_lifecycle_readoption_rebuild_and_exit(state, memfs_port):
     fs, port = memfs_port
-    d = QemuDriver(state, port, accel="tcg")
+    d = driver(state, port)
     userdata = b"echo one > /cloud/one\ncat /cloud/wait/go\n"
-    s = await d.create("web", "tiny", "m1.tiny", ["user"], userdata, metadata={**TAGS, META_SECRET: SECRET})
+    s = await d.create(spec(userdata=userdata, secret=SECRET))
     assert s.status == "running" and s.addresses == ("10.0.2.15",)
     vmdir = state / "vms" / s.id
     qpid = d.qemu_pid(s.id)
@@ -132,12 +144,14 @@ async def test_lifecycle_readoption_rebuild_and_exit(state, memfs_port):
     assert (await d.status(s.id)).status == "stopped"
     assert (await d.start(s.id)).status == "running"
 
-    # a second driver instance (a restarted daemon) adopts it by its tags
-    d2 = QemuDriver(state, port, accel="tcg")
-    found = await d2.find({META_DEPLOYMENT: "/test/qemu", META_PID: "7"})
-    assert found is not None and found.id == s.id and found.status == "running"
-    assert await d2.find({META_DEPLOYMENT: "/test/qemu", META_PID: "8"}) is None
-    assert d2.qemu_pid(s.id) == qpid
+    # a second driver instance (a restarted daemon) finds it by its tags,
+    # and its create adopts it instead of booting another
+    d2 = driver(state, port)
+    [found] = await d2.find(7)
+    assert found.id == s.id and found.status == "running"
+    assert await d2.find(8) == []
+    assert (await d2.create(spec(secret=SECRET))).id == s.id
+    assert d2.qemu_pid(s.id) == qpid and len(list((state / "vms").iterdir())) == 1
 
     # rebuild: same id, new QEMU, new user-data; this one exits by itself
     r = await d2.rebuild(s.id, "tiny", b"echo two > /cloud/two\nexit 3\n")
@@ -153,13 +167,13 @@ async def test_lifecycle_readoption_rebuild_and_exit(state, memfs_port):
     assert not vmdir.exists() and (state / "logs" / f"{s.id}.console.log").exists()
     with pytest.raises(NotFound):
         await d2.status(s.id)
-    assert await d2.find(TAGS) is None
+    assert await d2.find(7) == []
 
 
 async def test_delete_ends_a_running_qemu(state, memfs_port):
     _, port = memfs_port
-    d = QemuDriver(state, port, accel="tcg")
-    s = await d.create("x", "tiny", "", ["user"], b"sleep 1000\n", metadata=TAGS)
+    d = driver(state, port)
+    s = await d.create(spec(userdata=b"sleep 1000\n", flavor=""))
     qpid = d.qemu_pid(s.id)
     t = time.monotonic()
     await d.delete(s.id)
@@ -187,12 +201,28 @@ async def _exited(d: QemuDriver, sid: str):
     return s if s.status == "exited" else None
 
 
-def test_from_listen_picks_the_loopback_tcp_port(tmp_path):
-    d = QemuDriver.from_listen(tmp_path, ["unix!/x/cloudfs.sock", "tcp!127.0.0.1!5640"], accel="tcg")
-    assert d.ninep_port == 5640 and d.accel == "tcg"
-    for bad in (["unix!/x"], ["tcp!127.0.0.1!0"], ["tcp!192.0.2.1!564"]):
-        with pytest.raises(ValueError):
-            QemuDriver.from_listen(tmp_path, bad)
+async def test_another_deployments_vms_are_never_touched(state, memfs_port):
+    """A state dir whose VMs belong to an earlier deployment (the daemon was
+    started again with a fresh ZooKeeper tree: a new deployment id): the new
+    deployment's pid 7 gets its own VM, and the old VM is never found,
+    powered, rebuilt or deleted by it."""
+    _, port = memfs_port
+    old = driver(state, port, deployment="a" * 32)
+    theirs = await old.create(spec(userdata=b"sleep 1000\n"))
+    new = driver(state, port, deployment="b" * 32)
+    assert await new.find(7) == []
+    mine = await new.create(spec(userdata=b"sleep 1000\n"))
+    assert mine.id != theirs.id
+    assert [s.id for s in await new.find(7)] == [mine.id] and [s.id for s in await old.find(7)] == [theirs.id]
+    for call in (new.status(theirs.id), new.stop(theirs.id), new.start(theirs.id),
+                 new.rebuild(theirs.id, "tiny", b""), new.delete(theirs.id)):
+        with pytest.raises(NotFound):
+            await call
+    assert (await old.status(theirs.id)).status == "running" and old.qemu_pid(theirs.id) is not None
+    meta = (state / "vms" / mine.id / "meta.json").read_text()
+    assert f'"{META_DEPLOYMENT}": "{"b" * 32}"' in meta and f'"{META_PID}": "7"' in meta
+    await new.delete(mine.id)
+    assert old.qemu_pid(theirs.id) is not None
 
 
 async def test_auto_accel_probes_once_and_remembers(state, tiny_image):

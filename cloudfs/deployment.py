@@ -1,0 +1,75 @@
+"""A deployment's ZooKeeper tree and its unique id.
+
+The first daemon on an empty root creates the tree (:mod:`cloudfs.znodes`)
+in one multi, with init (pid 1) and the deployment id: 32 hex digits from
+:func:`uuid.uuid4`, kept in ``<root>/id``.  Every daemon reads it at start
+(and logs it); the compute driver stamps it on every server it makes and
+only ever acts on servers that carry it.  So two deployments that share a
+name (``cloudfs up`` twice with fresh embedded ZooKeepers, both
+``/cloudfs/default``) on one cloud never adopt or delete each other's
+servers.
+
+A tree made before ids existed has servers tagged with its root path (what
+``cloudfs-deployment`` held then): on its first start it gets its root path
+as its id, so it keeps its servers (and the old weakness: another tree of
+the same name made that way shares them).
+"""
+
+from __future__ import annotations
+
+import errno
+import re
+import uuid
+
+from ninep.errors import FsError
+
+from .process import init_record
+from .store import NodeExistsError, Store
+from .znodes import INIT_PID, Layout
+
+_ID = re.compile(r"^[0-9a-f]{32}$")
+
+
+def new_deployment_id() -> str:
+    """A fresh deployment id: 32 lowercase hex digits (uuid4, 122 random bits)."""
+    return uuid.uuid4().hex
+
+
+async def open_deployment(store: Store, layout: Layout) -> str:
+    """Create the deployment's znodes, init (pid 1) and its id if missing
+    (atomic, so concurrent daemons agree; nothing changes when they
+    exist), and return the id.  FsError(EIO) if ``<root>/id`` holds
+    anything but an id; the store's EAGAIN/EIO for connection trouble."""
+    L = layout
+    if await store.exists(L.nextpid) is None:
+        await store.ensure_path(L.root)
+        t = store.transaction()
+        t.create(L.id, new_deployment_id().encode())
+        t.create(L.nextpid, b"2")
+        t.create(L.proc, b"")
+        t.create(L.pending, b"")
+        t.create(L.owners, b"")
+        init = L.process_subtree(INIT_PID)
+        t.create(init[0], init_record().to_json())
+        for p in init[1:]:
+            t.create(p, b"")
+        try:
+            await store.commit(t)
+        except NodeExistsError:
+            pass  # another daemon made it first
+    got = await store.get(L.id)
+    if got is None:  # a tree from before deployment ids: its servers carry its root
+        try:
+            await store.create(L.id, L.root.encode())
+        except NodeExistsError:
+            pass
+        got = await store.get(L.id)
+    raw = got[0] if got is not None else b""
+    try:
+        text = raw.decode("ascii")
+    except UnicodeDecodeError:
+        text = ""
+    if not _ID.match(text) and text != L.root:
+        raise FsError(errno.EIO, f"{L.id} does not hold a deployment id (32 hex digits)")
+    return text
+

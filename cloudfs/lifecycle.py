@@ -1,0 +1,185 @@
+"""The ctl commands that change the process table: fork, exec, kill, stop
+and start, each one atomic ZooKeeper write (docs/namespace.md, ctl).
+
+Every change of a record is a compare-and-set (cloudfs.records); commands
+that need the compute backend queue a ``pending`` work item in the same
+multi, which wakes the reconcilers.  ``exec`` checks its image, flavor and
+networks against the daemon's catalog (cloudfs.catalog), never the driver
+directly.  Errors are FsError: ENOENT (no such process), EINVAL (bad
+argument, with a message), EPERM (not allowed on init), ESRCH (the process
+is being killed), plus the store's EAGAIN/EIO and the catalog's errors.
+"""
+
+from __future__ import annotations
+
+import errno
+
+from ninep.errors import FsError
+
+from .catalog import Catalog
+from .ctl import Command
+from .gather import gather
+from .identity import new_secret
+from .process import Desired, Process, State
+from .records import Records, no_process
+from .store import BadVersionError, NodeExistsError, NoNodeError, Store
+from .znodes import INIT_PID, Layout
+
+
+def _being_killed(pid: int) -> FsError:
+    return FsError(errno.ESRCH, f"process {pid} is being killed")
+
+
+class Lifecycle:
+    """fork, exec, kill, stop and start on the deployment's process table."""
+
+    def __init__(self, store: Store, layout: Layout, records: Records, catalog: Catalog):
+        self.store = store
+        self.layout = layout
+        self.records = records
+        self.catalog = catalog
+
+    async def fork(self, ppid: int, name: str | None = None) -> int:
+        """Fork ``ppid``; returns the child's pid once its znodes exist.
+
+        A VM parent gives a child with the same image, flavor, networks and
+        user-data, to be booted at once (state ``creating``); init gives an
+        empty child in state ``new``.  Race-free pid allocation: the
+        ``nextpid`` counter is set with the version read, in the same multi.
+        """
+        L = self.layout
+        while True:
+            parent, counter, ud = await gather(
+                self.records.require(ppid), self.store.get(L.nextpid), self.store.get(L.userdata(ppid)))
+            p = parent.value
+            if p.desired is Desired.KILLED:
+                raise _being_killed(ppid)
+            pid = L.pid_name(counter[0].decode("ascii", "replace")) if counter is not None else None
+            if pid is None or pid < 2:
+                raise FsError(errno.EIO, "the deployment's pid counter is missing or corrupt")
+            boots = p.has_image and ppid != INIT_PID
+            userdata = ud[0] if (ud is not None and p.has_image) else b""
+            child = Process(pid=pid, ppid=ppid, name=name or (p.name if p.has_image else f"p{pid}"),
+                            secret=new_secret())
+            if boots:
+                child.image, child.flavor, child.networks = p.image, p.flavor, list(p.networks)
+                child.state, child.desired, child.gen = State.CREATING, Desired.RUNNING, 1
+            t = self.store.transaction()
+            t.set_data(L.nextpid, str(pid + 1).encode(), counter[1].version)
+            t.check(L.record(ppid), parent.version)
+            t.create(L.record(pid), child.to_json())
+            t.create(L.kids(pid), b"")
+            t.create(L.userdata(pid), userdata)
+            t.create(L.env(pid), b"")
+            t.create(L.wait(pid), b"")
+            t.create(L.kid(ppid, pid), b"")
+            if boots:
+                t.create(L.pending_prefix(pid), b"", sequence=True)
+            try:
+                await self.store.commit(t)
+                return pid
+            except BadVersionError:
+                continue  # another fork took the pid, or the parent changed: read again
+            except NodeExistsError:
+                # the counter is behind existing znodes: retrying cannot help
+                raise FsError(errno.EIO, f"the deployment's pid counter ({pid}) names an existing process") from None
+            except NoNodeError:
+                raise no_process(ppid) from None
+
+    async def exec(self, pid: int, cmd: Command) -> Process:
+        """Run ``pid`` from ``cmd.image`` (boot if new, rebuild if it has a VM).
+
+        EINVAL for an unknown image, flavor or network; EPERM on init.
+        Flavor and networks default to the current ones, else the driver's first.
+        """
+        if pid == INIT_PID:
+            raise FsError(errno.EPERM, "init cannot exec: fork a child and exec that")
+        await _known(self.catalog.image(cmd.image), f"exec: unknown image {cmd.image!r}; see /images")
+        flavors = await self.catalog.flavors()
+        if cmd.flavor is not None:
+            await _known(self.catalog.flavor(cmd.flavor),
+                         f"exec: unknown flavor {cmd.flavor!r}; known: {', '.join(flavors)}")
+        for n in cmd.networks:
+            await _known(self.catalog.network(n), f"exec: unknown network {n!r}; see /net")
+        nets = await self.catalog.networks()
+
+        def change(rec: Process) -> None:
+            if rec.desired is Desired.KILLED:
+                raise _being_killed(pid)
+            rec.image = cmd.image
+            rec.flavor = cmd.flavor or rec.flavor or (flavors[0] if flavors else None)
+            if cmd.networks:
+                rec.networks = list(cmd.networks)
+            elif not rec.networks and nets:
+                rec.networks = [nets[0].name]
+            if cmd.name:
+                rec.name = cmd.name
+            if not rec.secret:  # a record from before credentials existed
+                rec.secret = new_secret()
+            rec.gen += 1
+            rec.desired = Desired.RUNNING
+            rec.state = State.CREATING
+            rec.error = ""
+
+        return (await self.records.update(pid, change, work=True)).value
+
+    async def kill(self, pid: int) -> None:
+        """Mark ``pid`` and all its descendants to be killed.
+
+        Marks top-down (a marked process can no longer fork, so no child is
+        missed); the reconcilers then end them children first, each leaving a
+        wait record with its parent.  EPERM on init.
+        """
+        if pid == INIT_PID:
+            raise FsError(errno.EPERM, "cannot kill init")
+
+        def mark(rec: Process) -> None:
+            rec.desired = Desired.KILLED
+
+        await self.records.update(pid, mark, work=True)
+        todo, seen = [pid], {pid}
+        while todo:
+            p = todo.pop()
+            try:
+                kids = await self.records.kids(p)
+            except FsError as e:
+                if e.errno != errno.ENOENT:
+                    raise
+                continue
+            for k in kids:
+                if k in seen:  # a corrupt tree with a loop
+                    continue
+                seen.add(k)
+                try:
+                    await self.records.update(k, mark, work=True)
+                except FsError as e:
+                    if e.errno != errno.ENOENT:
+                        raise
+                    continue
+                todo.append(k)
+
+    async def set_power(self, pid: int, desired: Desired) -> None:
+        """``stop`` (Desired.STOPPED) or ``start`` (Desired.RUNNING).
+        EINVAL on a process without an image, EPERM on init."""
+        verb = "stop" if desired is Desired.STOPPED else "start"
+        if pid == INIT_PID:
+            raise FsError(errno.EPERM, f"cannot {verb} init")
+
+        def change(rec: Process) -> None:
+            if rec.desired is Desired.KILLED:
+                raise _being_killed(pid)
+            if not rec.has_image:
+                raise FsError(errno.EINVAL, f"{verb}: process {pid} has no image; exec it first")
+            rec.desired = desired
+
+        await self.records.update(pid, change, work=True)
+
+
+async def _known(lookup, message: str) -> None:
+    """Await a catalog lookup; its ENOENT becomes EINVAL with ``message``."""
+    try:
+        await lookup
+    except FsError as e:
+        if e.errno == errno.ENOENT:
+            raise FsError(errno.EINVAL, message) from None
+        raise
