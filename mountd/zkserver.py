@@ -29,6 +29,13 @@ JARS = [
     "slf4j-api.jar", "slf4j-nop.jar", "commons-cli.jar", "metrics-core.jar", "snappy-java.jar",
 ]
 _PR_SET_PDEATHSIG = 1
+#: zoo.cfg autopurge: snapshots (with their transaction logs) kept, and hours
+#: between purges (ZooKeeper's autopurge.snapRetainCount / purgeInterval).
+AUTOPURGE_RETAIN = 3
+AUTOPURGE_HOURS = 1
+#: Transactions between snapshots (a log rolls with each): ZooKeeper's
+#: default is 100,000; fewer keeps each purged generation small.
+SNAP_COUNT = 10_000
 
 
 def free_port() -> int:
@@ -40,13 +47,22 @@ def free_port() -> int:
 
 def answers(port: int) -> bool:
     """True when a ZooKeeper on 127.0.0.1:``port`` answers the ``srvr`` word."""
+    return four_letter_word(port, "srvr", 0.5) != ""
+
+
+def four_letter_word(port: int, word: str, timeout: float = 2.0) -> str:
+    """ZooKeeper's answer to a four-letter word (``srvr``, ``wchs``, ``mntr``:
+    the ones zoo.cfg allows) on 127.0.0.1:``port``; "" if it does not answer."""
+    chunks = []
     try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as s:
-            s.sendall(b"srvr")
-            s.settimeout(1.0)
-            return bool(s.recv(100))
+        with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+            s.sendall(word.encode())
+            s.settimeout(timeout)
+            while chunk := s.recv(65536):
+                chunks.append(chunk)
     except OSError:
-        return False
+        pass
+    return b"".join(chunks).decode(errors="replace")
 
 
 def _die_with_parent() -> None:  # runs in the child between fork and exec
@@ -112,8 +128,13 @@ class ZooKeeperServer:
             "clientPortAddress=127.0.0.1\n"
             "admin.enableServer=false\n"
             "maxClientCnxns=0\n"
-            "4lw.commands.whitelist=srvr,ruok\n"
+            "4lw.commands.whitelist=srvr,ruok,wchs,mntr\n"
             "forceSync=no\n"
+            # keep the newest AUTOPURGE_RETAIN snapshots and their logs, purge
+            # the rest every AUTOPURGE_HOURS: the data dir does not grow forever
+            f"autopurge.snapRetainCount={AUTOPURGE_RETAIN}\n"
+            f"autopurge.purgeInterval={AUTOPURGE_HOURS}\n"
+            f"snapCount={SNAP_COUNT}\n"
         )
         cp = ":".join(os.path.join(JAVA_DIR, j) for j in JARS) + ":/etc/zookeeper/conf"
         with open(self.log_path, "ab") as log:
