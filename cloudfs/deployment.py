@@ -20,11 +20,13 @@ from __future__ import annotations
 import errno
 import re
 import uuid
+from collections.abc import Mapping
 
 from ninep.errors import FsError
 
 from .process import init_record
-from .store import NodeExistsError, Store
+from .quotas import DEFAULT_LIMITS, DEFAULT_MAX_PROCESSES, DESCENDANTS, ENV_BYTES, ENV_KEYS, Quota
+from .store import NodeExistsError, NoNodeError, Store
 from .znodes import INIT_PID, Layout
 
 _ID = re.compile(r"^[0-9a-f]{32}$")
@@ -35,12 +37,15 @@ def new_deployment_id() -> str:
     return uuid.uuid4().hex
 
 
-async def open_deployment(store: Store, layout: Layout) -> str:
-    """Create the deployment's znodes, init (pid 1) and its id if missing
-    (atomic, so concurrent daemons agree; nothing changes when they
+async def open_deployment(store: Store, layout: Layout, max_processes: int = DEFAULT_MAX_PROCESSES,
+                          limits: Mapping[str, int] = DEFAULT_LIMITS) -> str:
+    """Create the deployment's znodes, init (pid 1, whose quota allows
+    ``max_processes`` descendants and the env ``limits``) and its id if
+    missing (atomic, so concurrent daemons agree; nothing changes when they
     exist), and return the id.  FsError(EIO) if ``<root>/id`` holds
     anything but an id; the store's EAGAIN/EIO for connection trouble."""
     L = layout
+    init_quota = Quota({DESCENDANTS: max_processes, ENV_KEYS: limits[ENV_KEYS], ENV_BYTES: limits[ENV_BYTES]})
     if await store.exists(L.nextpid) is None:
         await store.ensure_path(L.root)
         t = store.transaction()
@@ -53,10 +58,17 @@ async def open_deployment(store: Store, layout: Layout) -> str:
         t.create(init[0], init_record().to_json())
         for p in init[1:]:
             t.create(p, b"")
+        t.create(L.quota(INIT_PID), init_quota.to_json())
         try:
             await store.commit(t)
         except NodeExistsError:
             pass  # another daemon made it first
+    if await store.exists(L.quota(INIT_PID)) is None:  # a tree from before quotas: count what is there
+        live = layout.pids(await store.children(L.proc))
+        try:
+            await store.create(L.quota(INIT_PID), init_quota.using(descendants=max(0, len(live) - 1)).to_json())
+        except (NodeExistsError, NoNodeError):
+            pass
     got = await store.get(L.id)
     if got is None:  # a tree from before deployment ids: its servers carry its root
         try:

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 from ninep.errors import FsError
 from ninep.fs import DirEntry, OpenFile, SnapshotFile
 
-from . import ctl
+from . import ctl, quotas
 
 if TYPE_CHECKING:
     from .namespace import CloudFS
@@ -159,6 +159,31 @@ class WaitFile(SnapshotFile):
         """Until a wait record exists (a child watch); consumes nothing."""
         await self.fs.waits.ready(self.pid)
         self._pending = True
+
+
+class LimitsFile(SnapshotFile):
+    """``/proc/<pid>/limits``: ``name limit used`` lines (cloudfs.quotas);
+    each write is one ``name value`` setting.  ``only_lower``: the writer
+    may only lower a limit (a process's view); EPERM otherwise.  EINVAL for
+    a malformed write or a process made before limits existed."""
+
+    def __init__(self, fs: "CloudFS", pid: int, flags: int, only_lower: bool):
+        super().__init__(flags)
+        self.fs, self.pid, self.only_lower = fs, pid, only_lower
+
+    async def produce(self) -> bytes:
+        got = await self.fs.quotas.get(self.pid)
+        if got is None:
+            if not await self.fs.records.exists(self.pid):
+                raise FsError(errno.ENOENT, f"no process {self.pid}")
+            return b""  # made before limits existed: none
+        return got.value.text()
+
+    async def write(self, offset: int, data: bytes) -> int:
+        name, value = quotas.parse_setting(data)
+        self.snapshot = None
+        await self.fs.quotas.set_limit(self.pid, name, value, only_lower=self.only_lower)
+        return len(data)
 
 
 class InfoFile(SnapshotFile):

@@ -13,6 +13,7 @@ is being killed), plus the store's EAGAIN/EIO and the catalog's errors.
 from __future__ import annotations
 
 import errno
+from collections.abc import Mapping
 
 from ninep.errors import FsError
 
@@ -21,6 +22,7 @@ from .ctl import Command
 from .gather import gather
 from .identity import new_secret
 from .process import Desired, Process, State
+from .quotas import DEFAULT_LIMITS, Quotas, charge_fork, child_quota
 from .records import Records, no_process
 from .store import BadVersionError, NodeExistsError, NoNodeError, Store
 from .znodes import INIT_PID, Layout
@@ -31,13 +33,17 @@ def _being_killed(pid: int) -> FsError:
 
 
 class Lifecycle:
-    """fork, exec, kill, stop and start on the deployment's process table."""
+    """fork, exec, kill, stop and start on the deployment's process table.
+    ``limits`` are the quota limits new processes get (cloudfs.quotas)."""
 
-    def __init__(self, store: Store, layout: Layout, records: Records, catalog: Catalog):
+    def __init__(self, store: Store, layout: Layout, records: Records, catalog: Catalog, quotas: Quotas,
+                 limits: Mapping[str, int] = DEFAULT_LIMITS):
         self.store = store
         self.layout = layout
         self.records = records
         self.catalog = catalog
+        self.quotas = quotas
+        self.limits = dict(limits)
 
     async def fork(self, ppid: int, name: str | None = None) -> int:
         """Fork ``ppid``; returns the child's pid once its znodes exist.
@@ -46,11 +52,18 @@ class Lifecycle:
         user-data, to be booted at once (state ``creating``); init gives an
         empty child in state ``new``.  Race-free pid allocation: the
         ``nextpid`` counter is set with the version read, in the same multi.
+        Every ancestor's ``descendants`` count goes up in that multi too
+        (EAGAIN beyond a limit, cloudfs.quotas).
         """
         L = self.layout
+        fresh = False
         while True:
-            parent, counter, ud = await gather(
-                self.records.require(ppid), self.store.get(L.nextpid), self.store.get(L.userdata(ppid)))
+            chain = await self.records.ancestors(ppid, fresh)
+            parent, counter, ud, *quotas = await gather(
+                self.records.require(ppid), self.store.get(L.nextpid), self.store.get(L.userdata(ppid)),
+                *(self.quotas.get(a) for a in chain))
+            counted = [(a, q) for a, q in zip(chain, quotas) if q is not None]
+            charged = charge_fork([(a, q.value) for a, q in counted])
             p = parent.value
             if p.desired is Desired.KILLED:
                 raise _being_killed(ppid)
@@ -72,6 +85,10 @@ class Lifecycle:
             t.create(L.userdata(pid), userdata)
             t.create(L.env(pid), b"")
             t.create(L.wait(pid), b"")
+            parent_quota = charged[0] if counted and counted[0][0] == ppid else None
+            t.create(L.quota(pid), child_quota(parent_quota, self.limits).to_json())
+            for (a, q), new in zip(counted, charged):
+                t.set_data(L.quota(a), new.to_json(), q.version)
             t.create(L.kid(ppid, pid), b"")
             if boots:
                 t.create(L.pending_prefix(pid), b"", sequence=True)
@@ -79,12 +96,16 @@ class Lifecycle:
                 await self.store.commit(t)
                 return pid
             except BadVersionError:
+                fresh = True
                 continue  # another fork took the pid, or the parent changed: read again
             except NodeExistsError:
                 # the counter is behind existing znodes: retrying cannot help
                 raise FsError(errno.EIO, f"the deployment's pid counter ({pid}) names an existing process") from None
             except NoNodeError:
-                raise no_process(ppid) from None
+                if await self.records.get(ppid) is None:
+                    raise no_process(ppid) from None
+                fresh = True
+                continue  # an ancestor ended meanwhile (the tree changed): read it again
 
     async def exec(self, pid: int, cmd: Command) -> Process:
         """Run ``pid`` from ``cmd.image`` (boot if new, rebuild if it has a VM).

@@ -22,7 +22,7 @@ import errno
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 
 import trio
@@ -40,6 +40,7 @@ from .lifecycle import Lifecycle
 from .nodes import OPERATOR, PROCESS, READONLY, RootNode, View
 from .procdata import ProcData
 from .process import Desired
+from .quotas import DEFAULT_LIMITS, DEFAULT_MAX_PROCESSES, Quotas
 from .reconciler import Reconciler
 from .records import Records
 from .store import Store
@@ -60,7 +61,11 @@ class CloudFS(FileSystem):
     ``resync_interval`` seconds between backend status syncs (None: never).
     Call :meth:`start` before serving.
 
-    Its parts, one job each: ``records`` (process records),
+    ``limits`` the quota limits new processes get (cloudfs.quotas:
+    ``descendants``, ``env-keys``, ``env-bytes``; defaults for the ones not
+    given), ``max_processes`` init's ``descendants`` when the tree is made.
+
+    Its parts, one job each: ``records`` (process records), ``quotas``,
     ``lifecycle`` (fork, exec, kill, stop, start), ``data`` (userdata,
     env), ``waits`` (wait records), ``exits`` (ending a process),
     ``catalog`` (the driver's images, flavors and networks, cached),
@@ -69,16 +74,20 @@ class CloudFS(FileSystem):
     """
 
     def __init__(self, store: Store, driver: ComputeDriver, root: str = DEFAULT_ROOT,
-                 daemon_id: str | None = None, resync_interval: float | None = 10.0):
+                 daemon_id: str | None = None, resync_interval: float | None = 10.0, *,
+                 limits: Mapping[str, int] | None = None, max_processes: int = DEFAULT_MAX_PROCESSES):
         self.store = store
         self.driver = driver
         self.layout = L = Layout(root)
+        self.limits = {**DEFAULT_LIMITS, **(limits or {})}
+        self.max_processes = max_processes
         self.records = Records(store, L)
+        self.quotas = Quotas(store, L)
         self.catalog = Catalog(driver)
-        self.lifecycle = Lifecycle(store, L, self.records, self.catalog)
-        self.data = ProcData(store, L)
+        self.lifecycle = Lifecycle(store, L, self.records, self.catalog, self.quotas, self.limits)
+        self.data = ProcData(store, L, self.quotas)
         self.waits = Waits(store, L)
-        self.exits = Exits(store, L, self.records)
+        self.exits = Exits(store, L, self.records, self.quotas)
         self.daemon_id = daemon_id or f"cloudfs-{uuid.uuid4().hex[:12]}"
         self.reconciler = Reconciler(store, L, self.records, self.data, self.exits, driver, self.daemon_id,
                                      resync_interval)
@@ -91,7 +100,7 @@ class CloudFS(FileSystem):
         """Create the deployment's znodes if missing, bind the driver to the
         deployment's id, and run the reconciler in ``nursery``.  ValueError
         if the driver already serves another deployment."""
-        self.deployment_id = await open_deployment(self.store, self.layout)
+        self.deployment_id = await open_deployment(self.store, self.layout, self.max_processes, self.limits)
         self.driver.bind(self.deployment_id, self.layout.root)
         log.info("deployment %s (id %s)", self.layout.root, self.deployment_id)
 
@@ -165,15 +174,18 @@ class CloudFS(FileSystem):
 @asynccontextmanager
 async def open_cloudfs(hosts: str, driver: ComputeDriver, root: str = DEFAULT_ROOT, *,
                        daemon_id: str | None = None, resync_interval: float | None = 10.0,
+                       limits: Mapping[str, int] | None = None, max_processes: int = DEFAULT_MAX_PROCESSES,
                        **store_options) -> AsyncIterator[CloudFS]:
     """Connect to ZooKeeper at ``hosts``, start a CloudFS on ``root`` and
     yield it; on exit stop the reconciler and close the session.
+    ``limits`` and ``max_processes`` as for :class:`CloudFS`;
     ``store_options`` go to :class:`Store` (timeouts)."""
     store = Store(hosts, **store_options)
     await store.start()
     try:
         async with trio.open_nursery() as nursery:
-            fs = CloudFS(store, driver, root, daemon_id, resync_interval)
+            fs = CloudFS(store, driver, root, daemon_id, resync_interval, limits=limits,
+                         max_processes=max_processes)
             await fs.start(nursery)
             try:
                 yield fs

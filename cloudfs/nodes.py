@@ -22,7 +22,7 @@ from . import tree
 from .ctl import valid_name
 from .znodes import parse_pid
 from .files import (
-    ChildrenFile, CtlFile, DirFile, EnvKeyFile, InfoFile, StatusFile, UserdataFile, WaitFile, kv_text,
+    ChildrenFile, CtlFile, DirFile, EnvKeyFile, InfoFile, LimitsFile, StatusFile, UserdataFile, WaitFile, kv_text,
 )
 
 if TYPE_CHECKING:
@@ -252,6 +252,21 @@ class UserdataNode(CNode):
             await self.fs.data.write_userdata(self.pid, 0, b"")
 
 
+class LimitsNode(CNode):
+    """``/proc/<pid>/limits``: everyone reads; the operator sets, a process
+    (itself or an ancestor) may only lower."""
+
+    kind = tree.LIMITS
+    guarded_write = True
+
+    async def setattr(self, change) -> None:
+        await self.view.may_modify(self.pid)
+        await super().setattr(change)
+
+    def _open(self, flags: int) -> OpenFile:
+        return LimitsFile(self.fs, self.pid, flags, only_lower=self.view.rights != OPERATOR)
+
+
 class WaitNode(CNode):
     kind = tree.WAIT
     guarded_read = True
@@ -381,5 +396,5 @@ class NetFileNode(CNode):
 _DIRS = {tree.PROC: ProcNode, tree.IMAGES: ImagesNode, tree.NET: NetNode}
 _PID_NODES = {
     tree.CTL: CtlNode, tree.STATUS: StatusNode, tree.CHILDREN: ChildrenNode,
-    tree.USERDATA: UserdataNode, tree.ENV: EnvNode, tree.WAIT: WaitNode,
+    tree.USERDATA: UserdataNode, tree.ENV: EnvNode, tree.WAIT: WaitNode, tree.LIMITS: LimitsNode,
 }

@@ -4,10 +4,13 @@ each (``proc/<pid>/userdata``, ``proc/<pid>/env/<key>``).
 Writes follow the files' rules (docs/namespace.md): a write at offset 0
 replaces the value, a write at a later offset splices into it (a large
 write split by the kernel), each a compare-and-set on the znode's version.
-Env keys must be checked by the caller (cloudfs.nodes.valid_key) before
-they reach a znode path.  Errors are FsError: ENOENT (no such process, or
-an unset key where one must be set), EFBIG (value over its limit), EAGAIN
-(nonblocking read of an unset key), plus the store's EAGAIN/EIO.
+An env write or unset changes the key and the process's quota counts
+(cloudfs.quotas: ``env-keys``, ``env-bytes``) in one multi.  Env keys must
+be checked by the caller (cloudfs.nodes.valid_key) before they reach a
+znode path.  Errors are FsError: ENOENT (no such process, or an unset key
+where one must be set), EFBIG (value over its limit), EDQUOT (over the
+process's env quota), EAGAIN (nonblocking read of an unset key), plus the
+store's EAGAIN/EIO.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ import errno
 
 from ninep.errors import FsError
 
+from .gather import gather
+from .quotas import Quotas, charge_env, release_env
 from .records import no_process
 from .store import BadVersionError, NodeExistsError, NoNodeError, Store
 from .znodes import ENV_VALUE_MAX, USERDATA_MAX, Layout
@@ -24,9 +29,10 @@ from .znodes import ENV_VALUE_MAX, USERDATA_MAX, Layout
 class ProcData:
     """User-data and env of the deployment's processes."""
 
-    def __init__(self, store: Store, layout: Layout):
+    def __init__(self, store: Store, layout: Layout, quotas: Quotas):
         self.store = store
         self.layout = layout
+        self.quotas = quotas
 
     # -- userdata -----------------------------------------------------------
 
@@ -57,7 +63,7 @@ class ProcData:
         EAGAIN when ``nonblocking`` and unset; ENOENT if there is no such
         process or it ends while the read waits."""
         try:
-            return await self.store.wait_set(self.layout.env_key(pid, key), nonblocking,
+            return await self.store.wait_set(self.layout.env_key(pid, key), self.layout.env(pid), nonblocking,
                                              gone=self.layout.record(pid))
         except FsError as e:
             if e.errno == errno.EAGAIN and nonblocking:
@@ -67,21 +73,56 @@ class ProcData:
             raise
 
     async def env_write(self, pid: int, key: str, offset: int, data: bytes) -> int:
-        """Set (offset 0) or extend ``key``; creates it; EFBIG above ENV_VALUE_MAX."""
-        return await self._write(self.layout.env_key(pid, key), offset, data, ENV_VALUE_MAX,
-                                 "an env value", pid, create=True)
+        """Set (offset 0) or extend ``key``; creates it.  EFBIG above
+        ENV_VALUE_MAX, EDQUOT beyond the process's env quota."""
+        if offset + len(data) > ENV_VALUE_MAX:
+            raise FsError(errno.EFBIG, f"an env value is limited to {ENV_VALUE_MAX} bytes")
+        L = self.layout
+        path = L.env_key(pid, key)
+        while True:
+            got, quota = await gather(self.store.get(path), self.quotas.get(pid))
+            old = got[0] if got is not None else None
+            new = bytes(data) if offset == 0 else (old or b"")[:offset].ljust(offset, b"\0") + data
+            t = self.store.transaction()
+            if got is None:
+                t.create(path, new)
+            else:
+                t.set_data(path, new, got[1].version)
+            if quota is not None:
+                charged = charge_env(pid, quota.value, None if old is None else len(old), len(new))
+                t.set_data(L.quota(pid), charged.to_json(), quota.version)
+            try:
+                await self.store.commit(t)
+                return len(data)
+            except (BadVersionError, NodeExistsError):
+                continue
+            except NoNodeError:
+                if await self.store.exists(L.record(pid)) is None:
+                    raise no_process(pid) from None
+                continue  # the key was unset meanwhile
 
     async def env_unset(self, pid: int, key: str) -> None:
-        """Remove ``key``; ENOENT if it is not set."""
-        try:
-            await self.store.delete(self.layout.env_key(pid, key))
-        except NoNodeError:
-            raise FsError(errno.ENOENT, f"env key {key!r} is not set") from None
+        """Remove ``key`` (and its bytes from the process's quota); ENOENT if
+        it is not set."""
+        L = self.layout
+        path = L.env_key(pid, key)
+        while True:
+            got, quota = await gather(self.store.get(path), self.quotas.get(pid))
+            if got is None:
+                raise FsError(errno.ENOENT, f"env key {key!r} is not set")
+            t = self.store.transaction()
+            t.delete(path, got[1].version)
+            if quota is not None:
+                t.set_data(L.quota(pid), release_env(quota.value, len(got[0])).to_json(), quota.version)
+            try:
+                await self.store.commit(t)
+                return
+            except (BadVersionError, NoNodeError):
+                continue
 
     # -- the write rule -------------------------------------------------------
 
-    async def _write(self, path: str, offset: int, data: bytes, limit: int, what: str, pid: int,
-                     create: bool = False) -> int:
+    async def _write(self, path: str, offset: int, data: bytes, limit: int, what: str, pid: int) -> int:
         if offset + len(data) > limit:
             raise FsError(errno.EFBIG, f"{what} is limited to {limit} bytes")
         while True:
@@ -90,28 +131,13 @@ class ProcData:
             else:
                 got = await self.store.get(path)
                 if got is None:
-                    if not create:
-                        raise no_process(pid)
-                    cur, version = b"", None
-                else:
-                    cur, version = got[0], got[1].version
+                    raise no_process(pid)
+                cur, version = got[0], got[1].version
                 new = cur[:offset].ljust(offset, b"\0") + data
-            if len(new) > limit:
-                raise FsError(errno.EFBIG, f"{what} is limited to {limit} bytes")
             try:
-                if version is None:
-                    raise NoNodeError()
                 await self.store.set(path, new, version)
                 return len(data)
             except BadVersionError:
                 continue
             except NoNodeError:
-                if not create:
-                    raise no_process(pid) from None
-                try:
-                    await self.store.create(path, new)
-                    return len(data)
-                except NodeExistsError:
-                    continue
-                except NoNodeError:
-                    raise no_process(pid) from None
+                raise no_process(pid) from None

@@ -89,6 +89,29 @@ class Records:
             pid = r.ppid
         return False
 
+    async def ancestors(self, pid: int, fresh: bool = False) -> list[int]:
+        """``pid`` and its ancestors up to init, ``pid`` first, from the
+        cached records, or read from ZooKeeper when ``fresh`` (for quota
+        counts: every change of a count is a compare-and-set, so a tree that
+        changed meanwhile makes that write fail and be redone, fresh).  EIO
+        for a loop in a corrupt tree."""
+        chain: list[int] = []
+        seen: set[int] = set()
+        while pid:
+            if pid in seen:
+                raise FsError(errno.EIO, f"the process tree loops at process {pid}")
+            seen.add(pid)
+            chain.append(pid)
+            if fresh:
+                got = await self.get(pid)
+                rec = got.value if got is not None else None
+            else:
+                rec = await self.cached(pid)
+            if rec is None:
+                break
+            pid = rec.ppid
+        return chain
+
     async def pids(self) -> list[int]:
         """Live pids, ascending (one ZooKeeper get_children)."""
         return self.layout.pids(await self.store.children(self.layout.proc))

@@ -10,7 +10,10 @@ kazoo's completion thread) only hands a wake-up to trio through
 
 Watches: :meth:`Store.wait_set` and :meth:`Store.wait_children` block until a
 znode exists / has children.  They register a trio Event in a registry keyed
-by znode path *before* arming a one-shot ZooKeeper watch; the watch callback
+by znode path *before* arming a one-shot ZooKeeper watch (a child watch on
+the parent directory in both cases, so the watches a session holds are
+bounded by the directories waited on, never by the names asked for); the
+watch callback
 only schedules ``_fire(path)`` in trio, which sets every Event of that path.
 Entries are removed in ``finally``, so a cancelled waiter leaves nothing
 behind (:meth:`Store.waiter_count` is 0 when no one waits).
@@ -416,16 +419,21 @@ class Store:
         (0 when no read is blocked there)."""
         return sum(len(v) for p, v in self._waiters.items() if p.startswith(under))
 
-    async def wait_set(self, path: str, nonblocking: bool = False, gone: str | None = None) -> bytes:
-        """The data of ``path``, waiting until the znode exists.
+    async def wait_set(self, path: str, parent: str, nonblocking: bool = False, gone: str | None = None) -> bytes:
+        """The data of ``path`` (a child of ``parent``), waiting until the
+        znode exists.
 
-        Woken by an exists-watch on ``path`` (never by polling).  With
-        ``nonblocking`` a missing znode is FsError(EAGAIN).  If ``gone`` is
-        given (e.g. the owning process's record) and it does not exist or
-        is deleted while waiting, FsError(ENOENT).  Cancellation leaves no
-        waiter behind.
+        Woken by a child watch on ``parent`` (never by polling, and never by
+        a watch on ``path`` itself: a read of a name that is never set, then
+        abandoned, would leave that watch in kazoo and in ZooKeeper for the
+        session's life; one child watch per parent is all a session ever
+        holds, however many names are waited for).  With ``nonblocking`` a
+        missing znode is FsError(EAGAIN).  If ``gone`` is given (e.g. the
+        owning process's record) and it does not exist or is deleted while
+        waiting, FsError(ENOENT); also when ``parent`` does not exist.
+        Cancellation leaves no waiter behind.
         """
-        paths = (path,) if gone is None else (path, gone)
+        paths = (parent,) if gone is None else (parent, gone)
         while True:
             with self.watching(*paths) as ev:
                 # Fast path first: after a wake-up one round trip answers.
@@ -436,8 +444,11 @@ class Store:
                     raise FsError(errno.ENOENT, "no such file: its owner has ended")
                 if nonblocking:
                     raise FsError(errno.EAGAIN, "not set yet")
-                # Arm the watch; a create since the get shows up here.
-                if await self.exists(path, watch=True) is not None:
+                # Arm the child watch; a create since the get shows up here.
+                names = await self.children(parent, watch=True)
+                if names is None:
+                    raise FsError(errno.ENOENT, "no such file: its directory is gone")
+                if path[len(parent) + 1:] in names:
                     continue
                 await ev.wait()
 

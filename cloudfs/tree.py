@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from ninep.fs import qid_type_for_mode
 from ninep.qid import Qid
 
-ROOT, PROC, PID, CTL, STATUS, CHILDREN, USERDATA, ENV, ENVKEY, WAIT, IMAGES, IMAGE, NET, NETFILE = range(1, 15)
+ROOT, PROC, PID, CTL, STATUS, CHILDREN, USERDATA, ENV, ENVKEY, WAIT, IMAGES, IMAGE, NET, NETFILE, LIMITS = range(1, 16)
 
 DIR = stat.S_IFDIR
 REG = stat.S_IFREG
@@ -40,7 +40,7 @@ class Entry:
 TREE: tuple[Entry, ...] = (
     Entry("/", ROOT, DIR | 0o555, "the root: proc, images, net"),
     Entry("/proc", PROC, DIR | 0o555, "one directory per live process, named by pid; 'self' walks to the attached process"),
-    Entry("/proc/<pid>", PID, DIR | 0o555, "a process: ctl status children userdata env wait"),
+    Entry("/proc/<pid>", PID, DIR | 0o555, "a process: ctl status children userdata env wait limits"),
     Entry("/proc/<pid>/ctl", CTL, REG | 0o660,
           "write one command (fork [name=N] | exec <image> [flavor=F] [net=NET] [name=N] | kill | stop | start); "
           "read back its result once (fork: the new pid), then EOF"),
@@ -53,6 +53,9 @@ TREE: tuple[Entry, ...] = (
           "write sets; read blocks until set (O_NONBLOCK: EAGAIN); every name can be looked up"),
     Entry("/proc/<pid>/wait", WAIT, REG | 0o444,
           "each read blocks until a child ended, returns '<pid> <name> <state> <message>' and consumes it"),
+    Entry("/proc/<pid>/limits", LIMITS, REG | 0o660,
+          "'name limit used' lines (descendants env-keys env-bytes); write 'name value' to set one "
+          "(a process may only lower)"),
     Entry("/images", IMAGES, DIR | 0o555, "one file per image of the compute driver"),
     Entry("/images/<name>", IMAGE, REG | 0o444, "key value lines: id name status size disk_format checksum created"),
     Entry("/net", NET, DIR | 0o775, "one file per network; creating a file /net/<name> creates the network"),
@@ -64,7 +67,7 @@ BY_KIND: dict[int, Entry] = {e.kind: e for e in TREE}
 #: The files of a process directory, in listing order.
 PID_FILES: tuple[tuple[str, int], ...] = (
     ("ctl", CTL), ("status", STATUS), ("children", CHILDREN),
-    ("userdata", USERDATA), ("env", ENV), ("wait", WAIT),
+    ("userdata", USERDATA), ("env", ENV), ("wait", WAIT), ("limits", LIMITS),
 )
 #: The root's directories, in listing order.
 ROOT_DIRS: tuple[tuple[str, int], ...] = (("proc", PROC), ("images", IMAGES), ("net", NET))

@@ -16,6 +16,7 @@
     <root>/proc/<pid>/env/<key>      one env key; data is the value
     <root>/proc/<pid>/wait/w-<seq>   JSON wait record of an ended child
                                      (sequential: consumed in order)
+    <root>/proc/<pid>/quota          JSON limits and counts (cloudfs.quotas)
     <root>/pending/<pid>-<seq>       work for the reconciler: the record of
                                      <pid> may differ from the backend
     <root>/owners/<pid>              ephemeral: the daemon (its id as data)
@@ -102,15 +103,20 @@ class Layout:
         """The path to create a sequential wait record with."""
         return f"{self.proc}/{pid}/wait/{_WAIT_PREFIX}"
 
+    def quota(self, pid: int) -> str:
+        return f"{self.proc}/{pid}/quota"
+
     def process_subtree(self, pid: int) -> list[str]:
-        """The fixed znodes of a process, parents first (created by fork)."""
+        """The fixed znodes of a process, parents first (created by fork;
+        its quota znode too, for processes made since quotas exist)."""
         return [self.record(pid), self.kids(pid), self.userdata(pid), self.env(pid), self.wait(pid)]
 
-    def process_znodes(self, pid: int, env_keys: list[str], wait_names: list[str]) -> list[str]:
+    def process_znodes(self, pid: int, env_keys: list[str], wait_names: list[str], quota: bool = True) -> list[str]:
         """Every znode of process ``pid`` with those env keys and wait
-        records, children before parents (the order to delete them in)."""
+        records (and its quota znode when ``quota``), children before
+        parents (the order to delete them in)."""
         paths = [self.env_key(pid, k) for k in env_keys] + [self.wait_record(pid, w) for w in wait_names]
-        return paths + self.process_subtree(pid)[::-1]
+        return paths + ([self.quota(pid)] if quota else []) + self.process_subtree(pid)[::-1]
 
     # -- work items and owners ----------------------------------------------
 

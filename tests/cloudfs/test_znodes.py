@@ -16,8 +16,9 @@ def test_paths():
     assert L.wait_record(7, "w-0000000003") == L.wait_prefix(7) + "0000000003"
     assert L.pending_item("7-0000000001") == L.pending_prefix(7) + "0000000001"
     assert L.owner(7) == "/cloudfs/prod/owners/7"
-    assert L.process_znodes(7, ["a"], ["w-1"]) == [
+    assert L.process_znodes(7, ["a"], ["w-1"], quota=False) == [
         L.env_key(7, "a"), L.wait_record(7, "w-1"), L.wait(7), L.env(7), L.userdata(7), L.kids(7), L.record(7)]
+    assert L.process_znodes(7, [], []) == [L.quota(7), L.wait(7), L.env(7), L.userdata(7), L.kids(7), L.record(7)]
 
 
 @pytest.mark.parametrize("name,pid", [
