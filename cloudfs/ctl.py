@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from ninep.errors import FsError
 
 VERBS = ("fork", "exec", "kill", "stop", "start")
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
 _OPTIONS = {"fork": ("name",), "exec": ("flavor", "net", "name")}
 USAGE = {
     "fork": "fork [name=N]",
@@ -52,7 +52,7 @@ def _bad(msg: str) -> FsError:
 def valid_name(s: str) -> bool:
     """Names (process, image, flavor, network): 1–63 of ``[A-Za-z0-9._-]``,
     starting with a letter or digit."""
-    return bool(_NAME.match(s))
+    return _NAME.fullmatch(s) is not None
 
 
 def parse(data: bytes | str) -> Command:

@@ -84,14 +84,21 @@ def _check_access(mode: int, flags: int) -> None:
 
 
 def valid_key(name: str) -> None:
-    """Env keys: 1–255 bytes, no '/', NUL or control characters.
-    Raises FsError(EINVAL) or FsError(ENAMETOOLONG)."""
+    """Env keys: 1–255 bytes of UTF-8, no '/', NUL or control characters
+    (names that are not UTF-8 reach file code with surrogate escapes: they
+    are refused too).  Raises FsError(EINVAL) or FsError(ENAMETOOLONG)."""
     if not name or name in (".", ".."):
         raise FsError(errno.EINVAL, "empty env key")
-    if len(name.encode()) > 255:
+    if len(name) > 255:
         raise FsError(errno.ENAMETOOLONG, "env key longer than 255 bytes")
-    if any(c == "/" or ord(c) < 0x20 or ord(c) == 0x7F for c in name):
-        raise FsError(errno.EINVAL, f"bad env key {name!r}")
+    try:
+        size = len(name.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise FsError(errno.EINVAL, "env keys are UTF-8") from None
+    if size > 255:
+        raise FsError(errno.ENAMETOOLONG, "env key longer than 255 bytes")
+    if any(c == "/" or ord(c) < 0x20 or 0x7F <= ord(c) < 0xA0 for c in name):
+        raise FsError(errno.EINVAL, f"bad env key {name[:64]!r}")
 
 
 class CNode(Node):

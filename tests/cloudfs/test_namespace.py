@@ -298,6 +298,17 @@ async def test_env_bad_names(root):
     env = await walk(root, "/proc/1/env")
     await fails(errno.EINVAL, env.walk("a\nb"))
     await fails(errno.ENAMETOOLONG, env.walk("k" * 256))
+    await fails(errno.EINVAL, env.walk("bad\udcff"))  # not UTF-8 (a 9P name with surrogate escapes)
+    await fails(errno.EINVAL, env.walk("c1\x85"))
+    await fails(errno.ENAMETOOLONG, env.walk("é" * 128))  # 256 bytes of UTF-8
+
+
+async def test_pids_are_ascii(root):
+    proc = await walk(root, "/proc")
+    for name in ("٠", "١", "²", "1" * 5000, "01", "+1", " 1", "1\udcff"):
+        await fails(errno.ENOENT, proc.walk(name))
+    net = await walk(root, "/net")
+    await fails(errno.EINVAL, net.create("lab\n", 0o644, os.O_RDONLY, 0, 0))
 
 
 async def test_env_read_blocks_until_set(root, cfs):
