@@ -18,6 +18,8 @@ import logging
 import sys
 from pathlib import Path
 
+from cloudfs.quotas import DEFAULT_LIMITS, DEFAULT_MAX_PROCESSES, LIMIT_MAX
+
 from .daemon import DEFAULT_LISTEN, DEFAULT_STATE_DIR
 
 __all__ = ["build_parser", "main", "cmd_import", "cmd_up", "cmd_ps", "cmd_image_build"]
@@ -59,6 +61,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         os_cloud=args.os_cloud,
         debug_9p=args.debug_9p,
         debug_fuse=args.debug_fuse,
+        limits=dict(args.limit or []),
+        max_processes=args.max_processes,
     )
     from cloudfs.drivers.base import DriverError
 
@@ -95,6 +99,19 @@ def cmd_image_build(args: argparse.Namespace) -> int:
     from cloudfs.imagestore import build_image_main
 
     return build_image_main(args.name, Path(args.state_dir))
+
+
+def _count(text: str) -> int:
+    if not text.isascii() or not text.isdigit() or int(text) > LIMIT_MAX:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number from 0 to {LIMIT_MAX}")
+    return int(text)
+
+
+def _limit(text: str) -> tuple[str, int]:
+    name, sep, value = text.partition("=")
+    if not sep or name not in DEFAULT_LIMITS:
+        raise argparse.ArgumentTypeError(f"{text!r}: use NAME=VALUE with NAME one of {', '.join(DEFAULT_LIMITS)}")
+    return name, _count(value)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -136,6 +153,13 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--deployment", metavar="NAME", default="default",
                     help="deployment name: its tree is /cloudfs/NAME in ZooKeeper (default 'default'); "
                          "the tree's unique id, made with it and logged at start, marks its servers")
+    up.add_argument("--limit", metavar="NAME=VALUE", action="append", type=_limit,
+                    help="quota limit new processes get, repeatable: "
+                         f"{', '.join(f'{n}={v}' for n, v in DEFAULT_LIMITS.items())} by default "
+                         "(see /proc/<pid>/limits)")
+    up.add_argument("--max-processes", metavar="N", type=_count, default=DEFAULT_MAX_PROCESSES,
+                    help=f"processes a new deployment may hold in all: init's descendants limit "
+                         f"(default {DEFAULT_MAX_PROCESSES})")
     up.add_argument("--debug-9p", action="store_true", help="log every 9P message")
     up.add_argument("--debug-fuse", action="store_true", help="log every FUSE request")
     up.add_argument("--debug", action="store_true", help="debug logging")

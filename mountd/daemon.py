@@ -34,6 +34,7 @@ import trio
 
 from cloudfs.drivers.base import ComputeDriver
 from cloudfs.namespace import open_cloudfs
+from cloudfs.quotas import DEFAULT_MAX_PROCESSES
 from ninep.dial import listener_address, open_listeners, parse_dial
 from ninep.server import Server
 
@@ -92,6 +93,10 @@ class DaemonOptions:
     #: seconds the kernel may cache FUSE entries and attributes (tree changes
     #: from other hosts show after at most this long; 0: always ask)
     attr_timeout: float = 1.0
+    #: quota limits new processes get (cloudfs.quotas; defaults for the rest)
+    limits: dict[str, int] = field(default_factory=dict)
+    #: init's descendants limit when the deployment's tree is made
+    max_processes: int = DEFAULT_MAX_PROCESSES
 
     @property
     def operator_socket(self) -> Path:
@@ -134,7 +139,8 @@ async def run(opts: DaemonOptions, *, task_status=trio.TASK_STATUS_IGNORED) -> N
             listeners += await open_listeners(dial)
         public = [listener_address(l) for l in listeners]
         driver = await DRIVERS[opts.driver](opts, _loopback_port(public))
-        async with open_cloudfs(hosts, driver, root=opts.zk_root) as fs:
+        async with open_cloudfs(hosts, driver, root=opts.zk_root, limits=opts.limits,
+                                max_processes=opts.max_processes) as fs:
             async with trio.open_nursery() as nursery:
                 await nursery.start(partial(Server(fs.public(), trace=opts.debug_9p).serve_listeners, listeners))
                 bound = public + await nursery.start(Server(fs, trace=opts.debug_9p).serve,
