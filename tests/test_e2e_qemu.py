@@ -348,3 +348,58 @@ async def test_restart_readopts_running_vms(zookeeper, zk_root, state):
             for pid in qpids.values():
                 assert not _alive(pid)
             nursery.cancel_scope.cancel()
+
+
+#: A fork bomb: every process forks twice, records how its forks went, and
+#: stays up.  (Forks of a VM boot with the same user-data.)
+FORK_BOMB = r"""
+for i in 1 2; do
+  if echo fork 2>/tmp/err > /cloud/proc/self/ctl; then r=ok; else r="refused: $(cat /tmp/err)"; fi
+  echo "$r" > /cloud/proc/self/env/fork$i
+done
+sleep 100000
+"""
+
+
+async def test_a_guest_fork_bomb_stops_at_its_quota(cloud):
+    """descendants 4 on the root: exactly 4 VMs more come up, the fifth
+    fork fails with EAGAIN inside the guest, and the operator's kill of the
+    root leaves no QEMU behind."""
+    async with open_client(cloud.operator) as c:
+        root = int(await ctl(c, 1, "fork"))
+        await c.write_file(f"proc/{root}/userdata", FORK_BOMB.encode())
+        await c.write_file(f"proc/{root}/limits", b"descendants 4\n")
+        await ctl(c, root, "exec tiny")
+
+        async def descendants() -> list[int]:
+            out, todo = [], [root]
+            while todo:
+                kids = [int(k) for k in (await c.read_file(f"proc/{todo.pop()}/children")).split()]
+                out += kids
+                todo += kids
+            return out
+
+        async def all_forked():
+            ps = await descendants()
+            if len(ps) < 4:
+                return None
+            results = {}
+            for p in [root] + ps:
+                for i in (1, 2):
+                    results[(p, i)] = await env(c, p, f"fork{i}")
+            return ps, results
+
+        ps, results = await until(all_forked, 4 * BOOT_TIMEOUT, "the fork bomb's forks")
+        assert len(ps) == 4 and len(await descendants()) == 4
+        refused = [v for v in results.values() if v.startswith("refused")]
+        assert len(refused) == 10 - 4, results
+        assert all("Resource temporarily unavailable" in v for v in refused), refused
+        assert (await c.read_file(f"proc/{root}/limits")).startswith(b"descendants 4 4\n")
+        vms = [(await status(c, p))["pid"] for p in [root] + ps]
+        assert len(vms) == 5
+        await ctl(c, root, "kill")
+        with trio.fail_after(BOOT_TIMEOUT):
+            assert (await c.read_file("proc/1/wait")).startswith(f"{root} ".encode())
+        assert await c.listdir("proc") == ["1"]
+    assert not [s for s in await trio.to_thread.run_sync(cloud.driver.servers) if s.status != "exited"]
+    assert not list((cloud.state / "vms").iterdir())
