@@ -43,10 +43,10 @@ class View:
     - ``operator``: everything (the host's FUSE mount, the operator socket);
     - ``process``: as process ``self_pid``: write ``ctl``, ``userdata`` and
       ``env`` of itself and its descendants, read their ``userdata`` and
-      ``wait``; read ``status``, ``children`` and ``env`` of every process,
-      and ``/images``, ``/net``;
-    - ``readonly``: read ``status``, ``children``, ``env``, ``/images`` and
-      ``/net``; nothing else.
+      ``wait``, lower their ``limits``; read ``status``, ``children``,
+      ``env`` and ``limits`` of every process, and ``/images``, ``/net``;
+    - ``readonly``: read ``status``, ``children``, ``env``, ``limits``,
+      ``/images`` and ``/net``; nothing else.
 
     Anything not allowed fails with EACCES before it changes anything.
     """
