@@ -104,6 +104,8 @@ _PLAN9_ERRORS: dict[str, int] = {
     "file name too long": errno.ENAMETOOLONG,
     "name too long": errno.ENAMETOOLONG,
     "authentication not required": errno.ENOENT,
+    "too many fids": errno.EMFILE,  # ninep.server's limits
+    "too many outstanding requests": errno.EAGAIN,
     "i/o error": errno.EIO,
     "not implemented": errno.ENOSYS,
     "function not implemented": errno.ENOSYS,

@@ -9,6 +9,20 @@ Strings are ``n[2]`` then UTF-8 bytes; data is ``count[4]`` then bytes; a qid
 is ``type[1] version[4] path[8]``.  The body layout of each message is its
 class's ``WIRE`` spec (see :mod:`ninep.messages`).
 
+Strings (intro(5): "UTF-8 text without NUL"): a string containing a NUL byte
+is not a 9P string.  :func:`decode` raises :class:`ProtocolError` for one
+(anywhere: message fields, Twalk names, stat records, readdir names), so a
+server closes the connection that sent it rather than reading
+``"9P2000\\0"`` as ``"9P2000"`` or passing ``"a\\0b"`` to a system call that
+would stop at the NUL; :func:`encode` raises ``ValueError``.  Bytes that are
+not UTF-8 (Linux file names are bytes) are kept: each such byte decodes to
+the lone surrogate U+DC80 + byte (Python's ``surrogateescape``, as
+``os.fsdecode``), so a decoded ``str`` gives back exactly the wire bytes with
+``s.encode("utf-8", "surrogateescape")`` and file code that hands names to
+``os`` functions reaches the very file the client named.  File code that
+needs text must expect such surrogates (``str.isprintable`` is False for them;
+``s.encode()`` without an error handler raises UnicodeEncodeError).
+
 Speed: at import, for every (message class, dialect) pair this module writes
 the source of one specialised encoder and one decoder, merging every run of
 fixed-size fields (the header included, when encoding) into one precompiled
@@ -18,8 +32,8 @@ fixed-size fields (the header included, when encoding) into one precompiled
 Errors: :func:`decode` and :class:`FrameReader` raise only
 :class:`ninep.errors.ProtocolError` for bad bytes.  :func:`encode` raises
 ``ValueError`` for field values that do not fit their wire type (an integer
-out of range, a string over 65535 bytes, a frame over 4 GiB) and ``TypeError``
-for something that is not a message.
+out of range, a string over 65535 bytes or with a NUL, a frame over 4 GiB)
+and ``TypeError`` for something that is not a message.
 """
 
 from __future__ import annotations
@@ -64,10 +78,22 @@ def _short(where: str, field: str) -> ProtocolError:
     return ProtocolError(f"{where}: truncated in field {field!r}")
 
 
+def _nul(where: str, field: str) -> ProtocolError:
+    return ProtocolError(f"{where}: NUL byte in string field {field!r}")
+
+
+def _str_bytes(s: str, field: str) -> bytes:
+    """The wire bytes of a 9P string; ValueError if it contains NUL."""
+    b = s.encode("utf-8", "surrogateescape")
+    if 0 in b:
+        raise ValueError(f"NUL in 9P string field {field!r}")
+    return b
+
+
 def _pack_strs(strs: Sequence[str]) -> bytes:
     parts = [_U16.pack(len(strs))]
     for s in strs:
-        b = s.encode("utf-8", "surrogateescape")
+        b = _str_bytes(s, "wname")
         parts.append(_U16.pack(len(b)))
         parts.append(b)
     return b"".join(parts)
@@ -83,6 +109,8 @@ def _read_strs(b, o: int, n: int, count: int, where: str, field: str) -> tuple[t
         e = o + ln
         if e > n:
             raise _short(where, field)
+        if b.find(0, o, e) >= 0:
+            raise _nul(where, field)
         out.append(str(b[o:e], "utf-8", "surrogateescape"))
         o = e
     return tuple(out), o
@@ -108,7 +136,7 @@ def _pack_stat(st: Stat, u: bool) -> bytes:
     names = [st.name, st.uid, st.gid, st.muid]
     if u:
         names.append(st.extension)
-    enc = [s.encode("utf-8", "surrogateescape") for s in names]
+    enc = [_str_bytes(s, "stat") for s in names]
     size = 39 + sum(2 + len(e) for e in enc) + (12 if u else 0)
     q = st.qid
     parts = [
@@ -151,6 +179,8 @@ def _read_stat(b, o: int, end: int, u: bool, where: str) -> tuple[Stat, int]:
         e = p + ln
         if e > lim:
             raise _short(where, "stat string")
+        if b.find(0, p, e) >= 0:
+            raise _nul(where, "stat string")
         strs.append(str(b[p:e], "utf-8", "surrogateescape"))
         p = e
     if u:
@@ -197,6 +227,7 @@ def _wire_fields(cls: type[Message], dialect: Dialect) -> list[tuple[str, str]]:
 def _gen_encoder(cls: type[Message], dialect: Dialect):
     ns: dict = {
         "struct": struct,
+        "_str_bytes": _str_bytes,
         "_pack_strs": _pack_strs,
         "_pack_qids": _pack_qids,
         "_pack_stat_n": _pack_stat_n,
@@ -233,7 +264,7 @@ def _gen_encoder(cls: type[Message], dialect: Dialect):
             fmt += "BIQ"
             exprs += [f"{v}.type", f"{v}.version", f"{v}.path"]
         elif kind == "s":
-            pre.append(f"{v} = m.{name}.encode('utf-8', 'surrogateescape')")
+            pre.append(f"{v} = _str_bytes(m.{name}, {name!r})")
             fmt += "H"
             exprs.append(f"len({v})")
             var(v)
@@ -279,6 +310,7 @@ def _gen_decoder(cls: type[Message], dialect: Dialect):
         "Qid": Qid,
         "ProtocolError": ProtocolError,
         "_short": _short,
+        "_nul": _nul,
         "_read_strs": _read_strs,
         "_read_qids": _read_qids,
         "_read_stat_n": _read_stat_n,
@@ -329,6 +361,7 @@ def _gen_decoder(cls: type[Message], dialect: Dialect):
             post += [
                 f"e = o + {v}n",
                 f"if e > n: raise _short({where!r}, {name!r})",
+                *([f"if b.find(0, o, e) >= 0: raise _nul({where!r}, {name!r})"] if kind == "s" else []),
                 f"{v} = {conv}",
                 "o = e",
             ]
@@ -414,11 +447,13 @@ def decode(frame: bytes | bytearray | memoryview, dialect: Dialect) -> Message:
 
     Raises :class:`ProtocolError` (and nothing else, whatever the bytes) when
     the size field differs from ``len(frame)``, the type is unknown, a field,
-    string, count or stat runs past the end, or bytes trail the last field.
-    Strings that are not UTF-8 (Linux file names are bytes) decode with
-    surrogateescape, as os.fsdecode does, and encode back byte for byte.
-    ``ValueError`` only for an unknown ``dialect``.
+    string, count or stat runs past the end, a string contains NUL, or bytes
+    trail the last field.  Strings that are not UTF-8 (Linux file names are
+    bytes) decode with surrogateescape, as os.fsdecode does, and encode back
+    byte for byte.  ``ValueError`` only for an unknown ``dialect``.
     """
+    if type(frame) is memoryview:
+        frame = frame.tobytes()
     n = len(frame)
     if n < HEADER_SIZE:
         raise ProtocolError(f"frame of {n} bytes is shorter than the 7-byte header")
@@ -462,24 +497,30 @@ class FrameReader:
         """Append bytes received from the peer."""
         self._buf += data
 
-    def frames(self) -> Iterator[bytes]:
-        """Yield every complete frame buffered so far, in order."""
+    def next_frame(self) -> bytes | None:
+        """The next complete frame (removed from the buffer), or None when
+        the buffer holds only part of one.  ProtocolError as :meth:`frames`."""
         buf = self._buf
-        while True:
-            have = len(buf)
-            if have < 4:
-                return
-            (size,) = _U32.unpack_from(buf)
-            if size < HEADER_SIZE:
-                raise ProtocolError(f"frame size {size} is smaller than the 7-byte header")
-            if size > self.max_size:
-                raise ProtocolError(f"frame size {size} exceeds the limit {self.max_size}")
-            if have < size:
-                return
-            # Release both views before resizing buf (bytearray refuses while exported).
-            with memoryview(buf) as mv, mv[:size] as view:
-                frame = view.tobytes()
-            del buf[:size]
+        have = len(buf)
+        if have < 4:
+            return None
+        (size,) = _U32.unpack_from(buf)
+        if size < HEADER_SIZE:
+            raise ProtocolError(f"frame size {size} is smaller than the 7-byte header")
+        if size > self.max_size:
+            raise ProtocolError(f"frame size {size} exceeds the limit {self.max_size}")
+        if have < size:
+            return None
+        # Release both views before resizing buf (bytearray refuses while exported).
+        with memoryview(buf) as mv, mv[:size] as view:
+            frame = view.tobytes()
+        del buf[:size]
+        return frame
+
+    def frames(self) -> Iterator[bytes]:
+        """Yield every complete frame buffered so far, in order.  Stopping the
+        iteration early leaves the rest buffered."""
+        while (frame := self.next_frame()) is not None:
             yield frame
 
     def __len__(self) -> int:
@@ -491,9 +532,10 @@ def pack_dirent(qid: Qid, offset: int, dtype: int, name: str) -> bytes:
     """One 9P2000.L Rreaddir entry: qid[13] offset[8] type[1] name[s].
 
     ``offset`` (u64) is the opaque cookie of the *next* entry; ``dtype`` (u8)
-    is the Linux DT_* type.  Raises ``ValueError`` when a value does not fit.
+    is the Linux DT_* type.  Raises ``ValueError`` when a value does not fit
+    or ``name`` contains NUL.
     """
-    nb = name.encode("utf-8", "surrogateescape")
+    nb = _str_bytes(name, "name")
     try:
         return _DIRENT.pack(qid.type, qid.version, qid.path, offset, dtype, len(nb)) + nb
     except struct.error as e:
@@ -503,7 +545,7 @@ def pack_dirent(qid: Qid, offset: int, dtype: int, name: str) -> bytes:
 def unpack_dirents(data: bytes | bytearray | memoryview) -> list[tuple[Qid, int, int, str]]:
     """Parse Rreaddir data into ``(qid, offset, dtype, name)`` tuples.
 
-    Raises :class:`ProtocolError` for a truncated entry.
+    Raises :class:`ProtocolError` for a truncated entry or a name with NUL.
     """
     out = []
     n = len(data)
@@ -516,6 +558,8 @@ def unpack_dirents(data: bytes | bytearray | memoryview) -> list[tuple[Qid, int,
         e = o + ln
         if e > n:
             raise ProtocolError("readdir data: truncated name")
+        if 0 in data[o:e]:
+            raise ProtocolError("readdir data: NUL byte in a name")
         out.append((Qid(qt, qv, qp), off, dtype, str(data[o:e], "utf-8", "surrogateescape")))
         o = e
     return out
@@ -525,7 +569,8 @@ def pack_stat(stat: Stat, dialect: Dialect) -> bytes:
     """One stat(5) record with its size[2] prefix, as 9P2000/.u directory reads return.
 
     The .u fields (extension, n_uid, n_gid, n_muid) are included only for
-    9P2000.u.  Raises ``ValueError`` when a value does not fit.
+    9P2000.u.  Raises ``ValueError`` when a value does not fit or a string
+    contains NUL.
     """
     try:
         return _pack_stat(stat, _is_u(dialect))
@@ -537,7 +582,7 @@ def unpack_stats(data: bytes | bytearray | memoryview, dialect: Dialect) -> list
     """Parse a 9P2000/.u directory read (concatenated stat(5) records) into Stats.
 
     Raises :class:`ProtocolError` for a truncated record, a size[2] that does not
-    match its contents.
+    match its contents, a string with NUL.
     """
     u = _is_u(dialect)
     n = len(data)

@@ -11,7 +11,12 @@ Shapes
   each client its own view (Plan 9's per-process namespace).
 - A :class:`Node` is a file or directory.  Directories answer :meth:`Node.walk`
   for one path element at a time; names are never ``"."`` or ``".."`` (front ends
-  resolve those themselves) and never contain ``"/"``.
+  resolve those themselves) and never contain ``"/"``.  Over 9P no string
+  (name, aname, uname, symlink target) contains NUL (the codec refuses it,
+  intro(5)), and bytes that are not UTF-8 arrive as lone surrogates
+  U+DC80…U+DCFF (``surrogateescape``, as ``os.fsdecode`` gives them), so
+  ``name.encode("utf-8", "surrogateescape")`` is exactly what the client
+  sent; code that needs real text must check (``name.encode()`` raises).
 - :meth:`Node.open` returns an :class:`OpenFile`, the state of one open (one
   9P fid after Tlopen/Topen, one FUSE file handle).  Reads and writes carry an
   explicit offset; directory listings come whole from :meth:`OpenFile.readdir`

@@ -29,12 +29,28 @@ in Python's file-name convention (undecodable bytes as surrogate escapes, like
 
 Blocking: metadata system calls are fast and run inline on the event loop;
 reads and writes of more than :data:`INLINE_IO_LIMIT` bytes, ``fsync`` and
-directory listings go through ``trio.to_thread.run_sync``.
+directory listings go through ``trio.to_thread.run_sync``.  Every open(2)
+(Tlopen, Tlcreate of an existing name) is non-blocking, so a fifo never stalls
+the loop: a fifo opened for reading with no writer reads as end of file, one
+opened for writing with no reader fails with ENXIO.  Reads (and writes) of one
+open fifo or character device are served one at a time, in arrival order; a
+Tflush cancels a waiting one.
+
+Hostile numbers: every number is range-checked before it reaches the system
+call, with the errno Linux gives for it: modes beyond ``S_IFMT | 0o7777``,
+a file type mknod(2) does not know, a device number that does not fit the
+kernel's dev_t, a uid/gid beyond 32 bits, a negative size or one beyond
+2^63 − 1, times whose seconds do not fit a time_t → EINVAL; sizes beyond
+what the filesystem takes → EFBIG (from the system call).  A NUL in an
+aname or a symlink target → EINVAL (the 9P codec already refuses NUL; this
+is for other callers).  Whatever slips through (ValueError, OverflowError
+from Python's ``os`` wrappers) becomes EINVAL/EOVERFLOW, never a traceback.
 """
 
 from __future__ import annotations
 
 import errno
+import fcntl
 import grp
 import os
 import pwd
@@ -66,6 +82,11 @@ OPEN_FLAGS_KEPT = (
 _O_PATH_DIR = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _U32 = 0xFFFFFFFF
 _U64 = 0xFFFFFFFFFFFFFFFF
+_MAX_OFF = (1 << 63) - 1  # loff_t
+_NS = 1_000_000_000
+_TIME_NS_MIN, _TIME_NS_MAX = -(1 << 63) * _NS, ((1 << 63) - 1) * _NS + _NS - 1  # time_t seconds
+#: the file types mknod(2) knows (0 means a regular file)
+_MKNOD_TYPES = (0, stat.S_IFREG, stat.S_IFCHR, stat.S_IFBLK, stat.S_IFIFO, stat.S_IFSOCK)
 
 T = TypeVar("T")
 
@@ -77,10 +98,49 @@ def _oserror(e: OSError) -> FsError:
 
 @contextmanager
 def _errors() -> Iterator[None]:
+    """OSError → FsError with its errno; the ValueError (an embedded NUL) and
+    OverflowError (a number beyond a C type) of Python's ``os`` wrappers →
+    EINVAL and EOVERFLOW, should one slip past the explicit checks."""
     try:
         yield
     except OSError as e:
         raise _oserror(e) from None
+    except OverflowError as e:
+        raise FsError(errno.EOVERFLOW, str(e)) from None
+    except ValueError as e:
+        raise FsError(errno.EINVAL, str(e)) from None
+
+
+def _check_mode(mode: int) -> None:
+    """EINVAL unless ``mode`` fits a umode_t's type and permission bits."""
+    if not 0 <= mode <= 0o177777:
+        raise FsError(errno.EINVAL, f"mode {mode:#o} out of range")
+
+
+def _check_id(v: int | None, what: str) -> None:
+    """EINVAL unless ``v`` is None, -1 (no change) or a 32-bit uid/gid."""
+    if v is not None and not -1 <= v <= _U32:
+        raise FsError(errno.EINVAL, f"{what} {v} out of range")
+
+
+def _check_time_ns(v: int | None) -> None:
+    if v is not None and not _TIME_NS_MIN <= v <= _TIME_NS_MAX:
+        raise FsError(errno.EINVAL, "time out of range")
+
+
+def _settle_nonblocking(fd: int, flags: int) -> os.stat_result:
+    """After a non-blocking open of ``fd`` (closed on error): its fstat; for
+    anything but a fifo, socket or character device, O_NONBLOCK is cleared
+    again unless the client's ``flags`` ask for it."""
+    try:
+        with _errors():
+            st = os.fstat(fd)
+            if not _is_stream(st.st_mode) and not flags & os.O_NONBLOCK:
+                fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
+    except BaseException:
+        os.close(fd)
+        raise
+    return st
 
 
 def _is_stream(mode: int) -> bool:
@@ -161,7 +221,8 @@ class LocalFS(FileSystem):
         Raises FsError(ENOTDIR) when an element is a link or a file, ENOENT
         when it is gone.
         """
-        fd = os.dup(self.root_fd())
+        with _errors():
+            fd = os.dup(self.root_fd())
         try:
             with _errors():
                 for p in parts:
@@ -213,6 +274,8 @@ class LocalFS(FileSystem):
 
     async def attach(self, uname: str, aname: str, n_uname: int | None = None) -> Node:
         """The directory named by ``aname`` (see the class doc)."""
+        if "\0" in aname:
+            raise FsError(errno.EINVAL, "NUL in aname")
         if aname == "":
             parts: tuple[str, ...] = ()
         else:
@@ -356,15 +419,13 @@ class LocalNode(Node):
         The descriptor is always opened O_NONBLOCK so that opening a fifo never
         stalls the event loop: a fifo opened for reading with no writer reads as
         end of file, one opened for writing with no reader fails with ENXIO
-        (open(2)'s non-blocking fifo rules)."""
+        (open(2)'s non-blocking fifo rules).  Fifos, sockets and character
+        devices keep O_NONBLOCK (their I/O waits in trio); other files have it
+        cleared again unless the client asked for it."""
         flags &= OPEN_FLAGS_KEPT
         with self._at() as (dfd, name), _errors():
             fd = os.open(name, flags | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
-        try:
-            st = os.fstat(fd)
-        except OSError as e:
-            os.close(fd)
-            raise _oserror(e) from None
+        st = _settle_nonblocking(fd, flags)
         self._qid = self.fs.qid_for(st)
         self._mode = st.st_mode
         return LocalFile(self.fs, self.parts, fd, flags, is_dir=stat.S_ISDIR(st.st_mode),
@@ -372,7 +433,18 @@ class LocalNode(Node):
 
     async def setattr(self, change: SetAttr) -> None:
         """chmod, chown, truncate and utimes, in that order (like diod's
-        Tsetattr); a link's mode cannot change (EOPNOTSUPP, as fchmodat)."""
+        Tsetattr); a link's mode cannot change (EOPNOTSUPP, as fchmodat).
+        Every number is checked first (EINVAL, nothing changed): mode within
+        0o177777, uid/gid within 32 bits (or -1), size within 0 … 2^63 − 1,
+        times within a time_t."""
+        if change.mode is not None:
+            _check_mode(change.mode)
+        _check_id(change.uid, "uid")
+        _check_id(change.gid, "gid")
+        if change.size is not None and not 0 <= change.size <= _MAX_OFF:
+            raise FsError(errno.EINVAL, f"size {change.size} out of range")
+        _check_time_ns(change.atime_ns)
+        _check_time_ns(change.mtime_ns)
         if change.mode is not None:
             with self._opath() as fd, _errors():
                 if stat.S_ISLNK(os.fstat(fd).st_mode):
@@ -402,25 +474,30 @@ class LocalNode(Node):
 
     async def create(self, name: str, mode: int, flags: int, uid: int, gid: int) -> tuple[Node, OpenFile]:
         """openat(O_CREAT | the client's flags, mode & 0o7777); O_EXCL is
-        honoured (EEXIST), so is O_TRUNC on an existing file."""
+        honoured (EEXIST), so is O_TRUNC on an existing file.  Opened
+        non-blocking like :meth:`open`: an existing fifo of that name opens
+        at once (ENXIO for writing with no reader) and is served as a stream."""
         _check_name(name, errno.EINVAL)
+        _check_mode(mode)
+        client_flags = flags & OPEN_FLAGS_KEPT
         flags = (flags & (OPEN_FLAGS_KEPT | os.O_EXCL)) | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
         with self._dir() as dfd:
             with _errors():
-                fd = os.open(name, flags, stat.S_IMODE(mode), dir_fd=dfd)
+                fd = os.open(name, flags | os.O_NONBLOCK, stat.S_IMODE(mode), dir_fd=dfd)
+            st = _settle_nonblocking(fd, client_flags)  # closes fd on error
             try:
                 self._chown_new(dfd, name, uid, gid)
-                with _errors():
-                    st = os.fstat(fd)
             except BaseException:
                 os.close(fd)
                 raise
             node = self.fs.node(self.parts + (name,), st)
-        return node, LocalFile(self.fs, node.parts, fd, flags & ~(os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC))
+        return node, LocalFile(self.fs, node.parts, fd, client_flags, is_dir=stat.S_ISDIR(st.st_mode),
+                               stream=_is_stream(st.st_mode))
 
     async def mkdir(self, name: str, mode: int, uid: int, gid: int) -> Node:
         """mkdirat(2) with ``mode & 0o7777`` (less the umask); EEXIST if present."""
         _check_name(name, errno.EINVAL)
+        _check_mode(mode)
         with self._dir() as dfd:
             with _errors():
                 os.mkdir(name, stat.S_IMODE(mode), dir_fd=dfd)
@@ -428,8 +505,11 @@ class LocalNode(Node):
             return self._child(dfd, name)
 
     async def symlink(self, name: str, target: str, uid: int, gid: int) -> Node:
-        """symlinkat(2); ``target`` is stored as given (clients resolve it)."""
+        """symlinkat(2); ``target`` is stored as given (clients resolve it);
+        EINVAL for a NUL in it, ENOENT for an empty one (as symlink(2))."""
         _check_name(name, errno.EINVAL)
+        if "\0" in target:
+            raise FsError(errno.EINVAL, "NUL in symlink target")
         with self._dir() as dfd:
             with _errors():
                 os.symlink(target, name, dir_fd=dfd)
@@ -437,8 +517,21 @@ class LocalNode(Node):
             return self._child(dfd, name)
 
     async def mknod(self, name: str, mode: int, rdev: int, uid: int, gid: int) -> Node:
-        """mknodat(2) for fifos, sockets and regular files; device nodes are EPERM."""
+        """mknodat(2) for fifos, sockets and regular files (file type 0 is a
+        regular file, as in mknod(2)); device nodes and directories are EPERM,
+        an unknown file type, a mode beyond 0o177777 or an ``rdev`` that does
+        not fit the kernel's 32-bit dev_t EINVAL (glibc's check)."""
         _check_name(name, errno.EINVAL)
+        _check_mode(mode)
+        if not 0 <= rdev <= _U32:
+            raise FsError(errno.EINVAL, "device number out of range")
+        fmt = stat.S_IFMT(mode)
+        if fmt == stat.S_IFDIR:
+            raise FsError(errno.EPERM, "mknod cannot make directories")
+        if fmt not in _MKNOD_TYPES:
+            raise FsError(errno.EINVAL, f"unknown file type {fmt:#o}")
+        if fmt == 0:
+            mode |= stat.S_IFREG
         if not (stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode) or stat.S_ISREG(mode)):
             raise FsError(errno.EPERM, "only fifos, sockets and regular files can be made")
         with self._dir() as dfd:
@@ -511,7 +604,10 @@ class LocalFile(OpenFile):
     ``stream`` files (fifos, character devices) ignore offsets and use
     read(2)/write(2) on the non-blocking descriptor; when no data is ready they
     wait in trio (``wait_readable``/``wait_writable``, so a flush cancels the
-    wait) unless the client opened with O_NONBLOCK, which gets EAGAIN.
+    wait) unless the client opened with O_NONBLOCK, which gets EAGAIN.  Reads
+    of one open stream wait one at a time, in order (trio allows one waiter
+    per descriptor and direction), and so do writes; directory listings of
+    one open directory too (they share its offset).
     """
 
     def __init__(self, fs: LocalFS, parts: tuple[str, ...], fd: int, flags: int, *,
@@ -522,6 +618,8 @@ class LocalFile(OpenFile):
         self.fd: int | None = fd
         self.is_dir = is_dir
         self.stream = stream
+        self._read_lock = trio.Lock()
+        self._write_lock = trio.Lock()
 
     def _fd(self) -> int:
         if self.fd is None:
@@ -534,7 +632,10 @@ class LocalFile(OpenFile):
         if self.is_dir:
             raise FsError(errno.EISDIR, "is a directory")
         if self.stream:
-            return await self._stream_io(os.read, trio.lowlevel.wait_readable, fd, count)
+            async with self._read_lock:
+                return await self._stream_io(os.read, trio.lowlevel.wait_readable, fd, count)
+        if not 0 <= offset <= _MAX_OFF:
+            raise FsError(errno.EINVAL, "offset out of range")
         with _errors():
             return await _maybe_thread(count, os.pread, fd, count, offset)
 
@@ -542,8 +643,11 @@ class LocalFile(OpenFile):
         """pwrite(2); EBADF when opened read-only; never returns 0 for data."""
         fd = self._fd()
         if self.stream:
-            n = await self._stream_io(os.write, trio.lowlevel.wait_writable, fd, data)
+            async with self._write_lock:
+                n = await self._stream_io(os.write, trio.lowlevel.wait_writable, fd, data)
         else:
+            if not 0 <= offset <= _MAX_OFF:
+                raise FsError(errno.EINVAL, "offset out of range")
             with _errors():
                 n = await _maybe_thread(len(data), os.pwrite, fd, data, offset)
         if n == 0 and data:
@@ -553,6 +657,8 @@ class LocalFile(OpenFile):
     async def _stream_io(self, op: Callable, wait: Callable, fd: int, arg):
         """``op(fd, arg)`` on a non-blocking descriptor, waiting until it is ready."""
         while True:
+            if self.fd != fd:
+                raise FsError(errno.EBADF, "file released")
             try:
                 return op(fd, arg)
             except BlockingIOError:
@@ -586,8 +692,9 @@ class LocalFile(OpenFile):
                     out.append(DirEntry(e.name, qid_for(st), st.st_mode))
             return out
 
-        with _errors():
-            return await trio.to_thread.run_sync(listing)
+        async with self._read_lock:
+            with _errors():
+                return await trio.to_thread.run_sync(listing)
 
     async def fsync(self) -> None:
         """fsync(2) in a thread."""

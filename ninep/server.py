@@ -29,21 +29,84 @@ fails with EBADF and releases what it opened, so a clunked fid never comes
 back and no open file outlives its fid.  Of two opens of one fid the first
 to finish wins.
 
-Protocol violations (bad framing, unknown types, truncated strings, frames over
-msize, fid or tag reuse, R-messages from a client) close only the offending
-connection, with the reason logged.  Errors of file code (:class:`FsError`) are
-translated exactly once here: Rlerror on 9P2000.L, Rerror with errno on
-9P2000.u, Rerror on 9P2000.
+Protocol violations (bad framing, unknown types, truncated strings, strings
+containing NUL, frames over msize, fid or tag reuse, R-messages from a client)
+close only the offending connection, with the reason logged (rate-limited).
+Errors of file code (:class:`FsError`) are translated exactly once here:
+Rlerror on 9P2000.L, Rerror with errno on 9P2000.u, Rerror on 9P2000; an
+Rerror's ename is cut to :data:`ninep.limits.MAX_ENAME` bytes.  Any other
+exception of file code is answered EIO and logged as one short line (message
+type, tag, fid, exception type and message, never the request); its traceback
+at most once per ``Limits.traceback_interval`` seconds per server, with a count
+of the ones left out.
+
+Numbers are checked before they reach file code where the protocol defines
+their range: read/write offsets below 2^63 (Linux's loff_t), Tsetattr/Twstat
+sizes below 2^63, Tsetattr nanoseconds below 10^9 (the seconds are a signed
+time_t, as Linux's v9fs sends them), Tmknod major < 2^12 and minor < 2^20
+(what fits Linux's dev_t; glibc answers EINVAL otherwise) and mode bits within
+``S_IFMT | 0o7777``; each violation is EINVAL, as mknod(2), truncate(2) and
+utimensat(2) answer.
+
+Limits
+------
+Everything a client can make the server hold is bounded by a
+:class:`ninep.limits.Limits` (``Server(fs, limits=Limits(...))``); defaults
+in brackets:
+
+- fids per connection (``max_fids`` [4096]): a Tattach, Twalk or Txattrwalk
+  whose newfid would exceed it gets EMFILE ("too many fids") and changes
+  nothing.  (Tauth keeps no afid; Tlcreate/Tcreate reuse their fid.)
+- outstanding requests per connection (``max_outstanding`` [64], Tflush not
+  counted): one more is answered at once with EAGAIN ("too many outstanding
+  requests"), with no task and no file code.  Tflush is always handled; at
+  most ``max_outstanding`` of them are outstanding at once, beyond that no
+  frame is read until one is answered.  Tasks per connection are at most
+  ``max_outstanding`` × 2 + MAX_IDLE_WORKERS + 3 (requests and Tflush
+  running, idle workers, the reader, the sender, the Tattach watchdog).
+- reply bytes per connection (``max_queued_msizes`` [8], B = 8 × msize):
+  a request whose reply may be large reserves the largest reply it can get
+  (Tread and Treaddir: 11 + min(count, iounit); Tstat: msize; Treadlink:
+  65544, a string's largest; Tgetlock: its own size) and starts only while
+  the replies queued for the peer plus all reservations fit in B; until then
+  it waits, outstanding (so a Tflush drops it at once) but not started, and
+  frames are still read so that a Tflush reaches blocked requests.  Every
+  other reply is at most ``SMALL_REPLY`` [525] bytes and its request starts
+  while the queue is within B.  While the queued bytes exceed B no request
+  starts and no frame is read: a peer that does not read its replies stops
+  being read.  So at most ``max_outstanding`` requests produce replies, and
+  the replies queued and reserved stay within B + (max_outstanding + 1) ×
+  SMALL_REPLY + 7 × max_outstanding bytes (``Connection.reply_bytes_held``).
+  With the request bodies held (up to max_outstanding Twrites of msize) and
+  the frame being received (msize + 64 KiB), one connection holds at most
+  ``Limits.worst_case_bytes(msize)`` = 73 × msize + 100,109 bytes with the
+  defaults: about 36.6 MiB at the default msize of 512 KiB + 24, 9.2 MiB at
+  msize 128 KiB; per server, ``max_connections`` times that.  (What file
+  code keeps per open file, such as a directory listing snapshot, comes on
+  top.)
+- frames: at most ``pre_version_frame`` [8 KiB] bytes before a successful
+  Tversion (version(5): Tversion is tiny), msize after; a frame that has
+  started to arrive must be complete within ``frame_timeout`` [30 s]; a
+  connection must complete a Tattach within ``attach_timeout`` [60 s].
+  Otherwise the connection is closed, the reason logged (rate-limited).
+- per server: ``max_connections`` [1024] in total and
+  ``max_connections_per_peer`` [64] per TCP peer address; a connection over
+  either is accepted and closed at once (logged, rate-limited).  When
+  accept(2) fails (EMFILE: no descriptors left) the listener backs off for
+  0.1 s and tries again, logging at most once per 10 s; the connections
+  already open keep being served.
 """
 
 from __future__ import annotations
 
 import errno
 import logging
+import math
 import os
 from collections import deque
 import stat as st
 import time
+import traceback
 import types
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -56,6 +119,7 @@ from .codec import FrameReader, decode, encode, pack_dirent, pack_stat
 from .dial import listener_address, open_listeners
 from .errors import FsError, ProtocolError
 from .fs import Attr, FileSystem, Node, OpenFile, SetAttr
+from .limits import MAX_ENAME, SMALL_REPLY, Limits, LogLimiter, shorten
 from .qid import QTDIR
 
 log = logging.getLogger("ninep.server")
@@ -70,9 +134,12 @@ DEFAULT_MSIZE = 512 * 1024 + m.IOHDRSZ
 MAX_IDLE_WORKERS = 4
 #: Seconds a file's release (Tclunk, teardown) may take before it is abandoned.
 RELEASE_DEADLINE = 10.0
-#: Replies (in units of msize) queued for a peer that does not read them
-#: before the connection stops reading new requests from it.
-MAX_QUEUED_MSIZES = 8
+#: The default of :attr:`Limits.max_queued_msizes`: replies (in units of
+#: msize) queued for a peer that does not read them before the connection
+#: stops reading new requests from it.
+MAX_QUEUED_MSIZES = Limits().max_queued_msizes
+#: Seconds the accept loop sleeps after accept(2) failed (EMFILE, ENFILE, ENOMEM …).
+ACCEPT_BACKOFF = 0.1
 
 #: The open(2) flags of a Tlopen/Tlcreate (after :func:`ninep.messages.dotl_flags_to_os`)
 #: that reach file code; the rest (O_SYNC, O_DSYNC, O_DIRECT, O_NOATIME,
@@ -84,6 +151,7 @@ DOTL_FLAGS_PASSED = (
 _ACC_TO_OS = {m.OREAD: os.O_RDONLY, m.OWRITE: os.O_WRONLY, m.ORDWR: os.O_RDWR, m.OEXEC: os.O_RDONLY}
 _NOCHANGE32 = 0xFFFFFFFF
 _NOCHANGE64 = 0xFFFFFFFFFFFFFFFF
+_MAX_OFF = (1 << 63) - 1  # Linux's loff_t
 
 
 def open_mode_to_os(mode: int) -> int:
@@ -160,13 +228,24 @@ class Fid:
 
 @dataclass(slots=True)
 class _Request:
+    """One outstanding tag: ``reserve`` is the largest reply (bytes) it may
+    produce, counted against the reply budget while it runs when it is above
+    SMALL_REPLY; ``started`` once a worker runs it; ``flush`` for a Tflush."""
+
     tag: int
+    reserve: int = SMALL_REPLY
+    flush: bool = False
+    started: bool = False
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     done: trio.Event = field(default_factory=trio.Event)
 
 
 class _EOF(Exception):
     """The peer closed its end."""
+
+
+class _Timeout(Exception):
+    """The peer took too long (a partial frame, a missing Tattach)."""
 
 
 class _Reserved:
@@ -176,17 +255,39 @@ class _Reserved:
 _RESERVED = _Reserved()
 
 
+class _ServerLogs:
+    """The rate limiters one server shares between its connections, so that
+    no client (and no number of clients) can flood the log."""
+
+    def __init__(self, limits: Limits):
+        #: connections closed or refused for cause (protocol errors, timeouts, caps)
+        self.warn = LogLimiter(burst=10, interval=1.0)
+        #: one line per exception of file code
+        self.failure = LogLimiter(burst=10, interval=1.0)
+        #: the tracebacks of those exceptions
+        self.traceback = LogLimiter(burst=1, interval=limits.traceback_interval)
+        #: accept(2) failures
+        self.accept = LogLimiter(burst=1, interval=10.0)
+
+
 class Connection:
     """One 9P connection: its worker tasks, output queue, fid and tag tables.
 
     ``fs`` is the served FileSystem, ``stream`` a trio Stream, ``max_msize`` the
-    largest msize offered (bytes).  :meth:`run` returns when the peer hangs up or
-    breaks the protocol; all request tasks are cancelled and every open file is
-    released before it returns.
+    largest msize offered (bytes), ``limits`` the bounds (see the module doc).
+    :meth:`run` returns when the peer hangs up, breaks the protocol or times
+    out; all request tasks are cancelled and every open file is released
+    before it returns.
+
+    For tests and monitoring: :attr:`fids` (``len(conn.fids)`` counts fids
+    held, including newfids of running requests), :attr:`outstanding`,
+    :attr:`running`, :attr:`reply_bytes_held`, :attr:`requests_seen`,
+    :attr:`closed_reason`.
     """
 
     def __init__(self, fs: FileSystem, stream: trio.abc.Stream, *, max_msize: int = DEFAULT_MSIZE,
-                 trace: bool = False, peer: str = "?"):
+                 trace: bool = False, peer: str = "?", limits: Limits | None = None,
+                 logs: _ServerLogs | None = None):
         self.fs = fs
         self.stream = stream
         self.max_msize = max_msize
@@ -194,8 +295,17 @@ class Connection:
         self.dialect: Dialect | None = None
         self.trace = trace
         self.peer = peer
+        self.limits = limits if limits is not None else Limits()
+        self._logs = logs if logs is not None else _ServerLogs(self.limits)
         self.fids: dict[int, Fid | _Reserved] = {}
+        #: outstanding tags (Tflush included), started or waiting to start
         self.pending: dict[int, _Request] = {}
+        #: requests being run by a worker now (in file code or about to be)
+        self.running = 0
+        #: T-messages decoded so far
+        self.requests_seen = 0
+        self._flushes = 0  # Tflush among pending
+        self._reserved = 0  # reply bytes reserved by running requests (above SMALL_REPLY)
         self._outq: deque[bytes] = deque()
         self._outq_bytes = 0  # bytes in _outq and in the send under way
         self._drained: trio.Event | None = None  # set when _outq_bytes falls to the limit
@@ -206,19 +316,33 @@ class Connection:
         self._fd: int | None = sock.fileno() if sock is not None else None
         self._nursery: trio.Nursery | None = None
         self.closed_reason: str | None = None
-        self._frames = FrameReader(max_msize)
+        self._frames = FrameReader(self.limits.pre_version_frame)
+        self._partial_since: float | None = None  # when we began waiting for the rest of a frame
+        self._attached = trio.Event()  # set by the first successful Tattach
         self._ready: deque[tuple[Callable, Any, _Request, int | None]] = deque()
         self._leading = False  # a worker is reading
         self._idle = trio.lowlevel.ParkingLot()  # parked workers
 
+    @property
+    def outstanding(self) -> int:
+        """Outstanding requests, Tflush not counted (bounded by ``max_outstanding``)."""
+        return len(self.pending) - self._flushes
+
+    @property
+    def reply_bytes_held(self) -> int:
+        """Reply bytes queued or being sent plus the reservations of running
+        requests (bounded, see the module doc)."""
+        return self._outq_bytes + self._reserved
+
     # -- the loops --------------------------------------------------------
 
     async def run(self) -> None:
-        """Serve until EOF or a protocol violation; never raises for either."""
+        """Serve until EOF, a protocol violation or a timeout; never raises for those."""
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 nursery.start_soon(self._worker)
+                nursery.start_soon(self._attach_watchdog)
         finally:
             with trio.CancelScope(shield=True):
                 await self._clunk_all()
@@ -232,6 +356,16 @@ class Connection:
         if self._nursery is not None:
             self._nursery.cancel_scope.cancel()
 
+    def _close_logged(self, reason: str, level: int = logging.WARNING) -> None:
+        self._logs.warn.log(log, level, "9P connection %s closed: %s", self.peer, reason)
+        self._close(reason)
+
+    async def _attach_watchdog(self) -> None:
+        with trio.move_on_after(self.limits.attach_timeout):
+            await self._attached.wait()
+            return
+        self._close_logged(f"no successful Tattach within {self.limits.attach_timeout:g} s")
+
     async def _worker(self) -> None:
         # Whatever ends a read or a send ends the connection, and only it.
         try:
@@ -239,12 +373,19 @@ class Connection:
         except _EOF:
             self._close("EOF")
         except ProtocolError as e:
-            log.warning("9P connection %s closed: protocol error: %s", self.peer, e)
-            self._close(f"protocol error: {e}")
+            self._close_logged(f"protocol error: {shorten(str(e))}")
+        except _Timeout as e:
+            self._close_logged(str(e))
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
             self._close(f"connection lost: {e!r}")
-        except Exception:
-            log.exception("9P connection %s closed: internal error", self.peer)
+        except Exception as e:
+            n = self._logs.traceback.allow()
+            if n is not None:
+                log.exception("9P connection %s closed: internal error (%d tracebacks suppressed before)",
+                              self.peer, n)
+            else:
+                self._logs.failure.log(log, logging.ERROR, "9P connection %s closed: internal error %s",
+                                       self.peer, type(e).__name__)
             self._close("internal error")
 
     async def _work(self) -> None:
@@ -257,12 +398,13 @@ class Connection:
                 if self._drained is None:
                     self._drained = trio.Event()
                 await self._drained.wait()
-            elif ready:
-                await self._run_request(*ready.popleft())
-            elif not self._leading:
+                self._partial_since = None  # our pause does not count against the peer
+            elif ready and (job := self._take_ready()) is not None:
+                await self._run_request(*job)
+            elif not self._leading and self._flushes < self.limits.max_outstanding:
                 self._leading = True
                 try:
-                    await self._read()
+                    await self._lead()
                 finally:
                     self._leading = False
             elif len(idle) >= MAX_IDLE_WORKERS:
@@ -271,40 +413,74 @@ class Connection:
                 await idle.park()
 
     def _outq_limit(self) -> int:
-        return MAX_QUEUED_MSIZES * self.msize
+        """B, the reply budget in bytes."""
+        return self.limits.reply_budget(self.msize)
+
+    def _take_ready(self) -> tuple[Callable, Any, _Request, int | None] | None:
+        """The first ready request that may start now (removed from the ready
+        queue): one with a small reply, one already flushed, or one whose
+        reservation fits in the reply budget; None if there is none."""
+        room = self._outq_limit() - self._outq_bytes - self._reserved
+        ready = self._ready
+        for i, job in enumerate(ready):
+            req = job[2]
+            if req.reserve <= SMALL_REPLY or req.reserve <= room or req.scope.cancel_called:
+                del ready[i]
+                return job
+        return None
 
     def _hand_off(self) -> None:
         """This worker is about to block (in a request or a send): make sure
         other workers read and run the remaining ready requests meanwhile --
         wake parked ones, spawn if none is left."""
-        need = len(self._ready) + (0 if self._leading else 1)
+        need = (1 if self._ready else 0) + (0 if self._leading else 1)
         if need:
             woken = len(self._idle.unpark(count=need))
             for _ in range(need - woken):
                 self._nursery.start_soon(self._worker)  # type: ignore[union-attr]
 
-    async def _read(self) -> None:
-        """Read what the peer sent and dispatch every whole frame in it."""
-        fd = self._fd
-        if fd is not None:
-            # Wait first, then read: on a request/response stream the next
-            # request is rarely there yet, and this saves a failed read.
-            await trio.lowlevel.wait_readable(fd)
-            try:
-                data = os.read(fd, 65536)
-            except BlockingIOError:
-                return
+    async def _lead(self) -> None:
+        """Dispatch the next whole frame buffered, or read more when there is none."""
+        frame = self._frames.next_frame()
+        if frame is None:
+            await self._receive()
+            return
+        self._partial_since = None
+        msg = decode(frame, self.dialect or Dialect.P2000)
+        self.requests_seen += 1
+        if self.trace:
+            trace_log.debug("%s <- %r", self.peer, msg)
+        await self._dispatch(msg, len(frame))
+
+    async def _receive(self) -> None:
+        """Read what the peer sent into the frame buffer.  A frame begun must be
+        complete within ``frame_timeout`` seconds (_Timeout otherwise)."""
+        if len(self._frames):
+            now = trio.current_time()
+            if self._partial_since is None:
+                self._partial_since = now
+            deadline = self._partial_since + self.limits.frame_timeout
         else:
-            data = await self.stream.receive_some(65536)
-        if not data:
-            raise _EOF
-        frames = self._frames
-        frames.feed(data)
-        for frame in frames.frames():
-            msg = decode(frame, self.dialect or Dialect.P2000)
-            if self.trace:
-                trace_log.debug("%s <- %r", self.peer, msg)
-            await self._dispatch(msg)
+            self._partial_since = None
+            deadline = math.inf
+        with trio.move_on_at(deadline):
+            fd = self._fd
+            if fd is not None:
+                # Wait first, then read: on a request/response stream the next
+                # request is rarely there yet, and this saves a failed read.
+                await trio.lowlevel.wait_readable(fd)
+                try:
+                    data = os.read(fd, 65536)
+                except BlockingIOError:
+                    return
+            else:
+                data = await self.stream.receive_some(65536)
+            if not data:
+                raise _EOF
+            self._frames.feed(data)
+            return
+        raise _Timeout(f"partial frame ({len(self._frames)} bytes) not completed within "
+                       f"{self.limits.frame_timeout:g} s")
 
     def _queue(self, msg: Any) -> None:
         """Append a reply to the output queue (in order); :meth:`_transmit` sends it."""
@@ -351,13 +527,19 @@ class Connection:
 
     # -- dispatch ---------------------------------------------------------
 
-    async def _dispatch(self, msg: Any) -> None:
+    async def _refuse(self, tag: int, e: FsError) -> None:
+        """Answer a request at once with an error, without running it."""
+        self._queue(self._error(tag, e))
+        await self._transmit()
+
+    async def _dispatch(self, msg: Any, size: int) -> None:
         tag = msg.tag
-        if type(msg) is m.Tversion:
+        t = type(msg)
+        if t is m.Tversion:
             await self._version(msg)
             await self._transmit()
             return
-        name = type(msg).__name__
+        name = t.__name__
         if name[0] != "T":
             raise _protocol(f"{name} from a client")
         if tag in self.pending:
@@ -366,24 +548,79 @@ class Connection:
             self._queue(m.Rerror(tag=tag, ename="Tversion first", errno=errno.EPROTO))
             await self._transmit()
             return
-        handler = _HANDLERS.get(type(msg))
-        allowed = _DIALECT_OF.get(type(msg))
+        handler = _HANDLERS.get(t)
+        allowed = _DIALECT_OF.get(t)
         if handler is None or (allowed is not None and self.dialect not in allowed):
-            self._queue(self._error(tag, FsError(errno.EOPNOTSUPP, f"{name} not supported on {self.dialect.value}")))
-            await self._transmit()
+            await self._refuse(tag, FsError(errno.EOPNOTSUPP, f"{name} not supported on {self.dialect.value}"))
             return
         # Synchronous fid checks: a newfid must be free (or equal fid, for Twalk).
         newfid = _newfid_of(msg)
-        if newfid is not None and newfid in self.fids and not (type(msg) is m.Twalk and newfid == msg.fid):
+        new = newfid is not None and newfid not in self.fids
+        if newfid is not None and not new and not (t is m.Twalk and newfid == msg.fid):
             raise _protocol(f"{name}: fid {newfid} already in use")
-        if newfid is not None and newfid not in self.fids:
+        flush = t is m.Tflush
+        if not flush:
+            if len(self.pending) - self._flushes >= self.limits.max_outstanding:
+                await self._refuse(tag, FsError(errno.EAGAIN, "too many outstanding requests"))
+                return
+            if new and len(self.fids) >= self.limits.max_fids:
+                await self._refuse(tag, FsError(errno.EMFILE, "too many fids"))
+                return
+        if new:
             self.fids[newfid] = _RESERVED
-        req = _Request(tag)
+        req = _Request(tag, self._reply_bound(msg, size), flush)
         self.pending[tag] = req
+        if flush:
+            self._flushes += 1
         self._ready.append((handler, msg, req, newfid))
+
+    def _reply_bound(self, msg: Any, size: int) -> int:
+        """The largest reply frame (bytes) ``msg`` (a frame of ``size`` bytes) may get."""
+        t = type(msg)
+        if t is m.Tread or t is m.Treaddir:
+            n = 11 + min(msg.count, self._read_cap(msg.fid))  # size[4] type[1] tag[2] count[4] data
+        elif t is m.Tstat:
+            n = self.msize
+        elif t is m.Treadlink:
+            n = min(self.msize, 9 + 0xFFFF)  # size[4] type[1] tag[2] target[s]
+        elif t is m.Tgetlock:
+            n = size  # Rgetlock echoes client_id and is 4 bytes shorter than Tgetlock
+        else:
+            return SMALL_REPLY
+        return n if n > SMALL_REPLY else SMALL_REPLY
+
+    def _read_cap(self, fid: int) -> int:
+        """The most a Tread/Treaddir of ``fid`` returns: the iounit of its open
+        file (when file code set one) or msize − IOHDRSZ."""
+        cap = self.msize - m.IOHDRSZ
+        f = self.fids.get(fid)
+        if isinstance(f, Fid) and f.file is not None and 0 < f.file.iounit < cap:
+            cap = f.file.iounit
+        return cap
+
+    def _retire_unstarted(self, req: _Request) -> None:
+        """Drop a request that no worker has started (Tflush, Tversion): it
+        gets no reply and leaves no fid behind."""
+        for i, job in enumerate(self._ready):
+            if job[2] is req:
+                del self._ready[i]
+                newfid = job[3]
+                if newfid is not None and self.fids.get(newfid) is _RESERVED:
+                    del self.fids[newfid]
+                break
+        req.started = True
+        if self.pending.get(req.tag) is req:
+            del self.pending[req.tag]
+            if req.flush:
+                self._flushes -= 1
+        req.done.set()
 
     async def _run_request(self, handler: Callable, msg: Any, req: _Request, newfid: int | None) -> None:
         frame = None
+        req.started = True
+        reserve = req.reserve if req.reserve > SMALL_REPLY else 0
+        self._reserved += reserve
+        self.running += 1
         try:
             if req.scope.cancel_called:  # flushed before it started: no reply
                 return
@@ -404,10 +641,12 @@ class Connection:
                 except FsError as e:
                     reply = self._error(msg.tag, e)
                 except Exception as e:  # file code bug: answer EIO, keep serving
-                    log.exception("9P %s: %r failed", self.peer, msg)
+                    self._log_failure(msg, e)
                     reply = self._error(msg.tag, FsError(errno.EIO, f"internal error: {type(e).__name__}"))
-                frame = self._encode(reply)
+                frame = self._encode(reply, req.reserve)
         finally:
+            self.running -= 1
+            self._reserved -= reserve
             if newfid is not None and self.fids.get(newfid) is _RESERVED:
                 del self.fids[newfid]
             # Queue the reply (if any), then retire the tag, with no checkpoint in
@@ -416,45 +655,63 @@ class Connection:
                 self._outq.append(frame)
                 self._outq_bytes += len(frame)
             del self.pending[msg.tag]
+            if req.flush:
+                self._flushes -= 1
             req.done.set()
         if frame is not None:
             await self._transmit()
 
-    def _encode(self, reply: Any) -> bytes:
+    def _log_failure(self, msg: Any, e: Exception) -> None:
+        """Log an exception of file code: one short line (message type, tag,
+        fid, exception), never the request itself; the traceback at most once
+        per ``traceback_interval`` seconds per server."""
+        what = (type(msg).__name__, msg.tag, _fid_text(msg), type(e).__name__, shorten(str(e)))
+        logs = self._logs
+        n = logs.traceback.allow()
+        if n is None:
+            logs.failure.log(log, logging.ERROR, "9P %s: %s tag %d fid %s failed in file code: %s: %s "
+                             "(answered EIO)", self.peer, *what)
+            return
+        tb = "".join(traceback.format_tb(e.__traceback__, limit=-30))
+        log.error("9P %s: %s tag %d fid %s failed in file code: %s: %s (answered EIO; %d tracebacks "
+                  "left out before this one)\nTraceback (most recent call last):\n%s%s",
+                  self.peer, *what, n, tb, what[3])
+
+    def _encode(self, reply: Any, bound: int | None = None) -> bytes:
         """Encode a reply; one that cannot be encoded (file code returned an
-        out-of-range value) or would exceed msize becomes an EIO error, logged."""
+        out-of-range value) or would exceed msize (or ``bound``, the bytes its
+        request reserved) becomes an EIO error, logged."""
         if self.trace:
             trace_log.debug("%s -> %r", self.peer, reply)
+        dialect = self.dialect or Dialect.P2000
         try:
-            frame = encode(reply, self.dialect or Dialect.P2000)
+            frame = encode(reply, dialect)
         except (ValueError, TypeError, OverflowError) as e:
-            log.error("9P %s: cannot encode %r: %s", self.peer, reply, e)
-            return encode(self._error(reply.tag, FsError(errno.EIO, "reply not encodable")),
-                          self.dialect or Dialect.P2000)
-        if len(frame) > self.msize:  # Linux drops the whole connection on such a reply
-            log.error("9P %s: %s of %d bytes exceeds msize %d", self.peer, type(reply).__name__, len(frame),
-                      self.msize)
-            return encode(self._error(reply.tag, FsError(errno.EIO, "reply larger than msize")),
-                          self.dialect or Dialect.P2000)
+            self._logs.failure.log(log, logging.ERROR, "9P %s: cannot encode %s tag %s: %s", self.peer,
+                                   type(reply).__name__, getattr(reply, "tag", "?"), shorten(str(e)))
+            return encode(self._error(reply.tag, FsError(errno.EIO, "reply not encodable")), dialect)
+        limit = self.msize if bound is None else min(bound, self.msize)
+        if len(frame) > limit:  # Linux drops the whole connection on a reply over msize
+            self._logs.failure.log(log, logging.ERROR, "9P %s: %s of %d bytes exceeds %s %d", self.peer,
+                                   type(reply).__name__, len(frame), "msize" if bound is None else "its bound",
+                                   limit)
+            return encode(self._error(reply.tag, FsError(errno.EIO, "reply too large")), dialect)
         return frame
 
     def _error(self, tag: int, e: FsError) -> Any:
         if self.dialect is Dialect.L:
             return m.Rlerror(tag=tag, ecode=e.errno)
+        ename = _cut_ename(e.message)
         if self.dialect is Dialect.U:
-            return m.Rerror(tag=tag, ename=e.message, errno=e.errno)
-        return m.Rerror(tag=tag, ename=e.message, errno=0)
+            return m.Rerror(tag=tag, ename=ename, errno=e.errno)
+        return m.Rerror(tag=tag, ename=ename, errno=0)
 
     # -- session management -------------------------------------------------
 
     async def _version(self, msg: m.Tversion) -> None:
         # Tversion aborts all outstanding I/O and clunks every fid (version(5)).
-        while self._ready:  # not started yet: retire them here, unanswered
-            _, old, req, newfid = self._ready.popleft()
-            if newfid is not None and self.fids.get(newfid) is _RESERVED:
-                del self.fids[newfid]
-            del self.pending[old.tag]
-            req.done.set()
+        for job in list(self._ready):  # not started yet: retire them here, unanswered
+            self._retire_unstarted(job[2])
         for req in list(self.pending.values()):
             req.scope.cancel()
         for req in list(self.pending.values()):
@@ -472,6 +729,7 @@ class Connection:
         msize = min(msg.msize, self.max_msize)
         if dialect is None or msize < m.MIN_MSIZE:
             self.dialect = None
+            self._frames.max_size = self.limits.pre_version_frame
             self._queue(m.Rversion(tag=msg.tag, msize=min(msg.msize, self.max_msize), version="unknown"))
             return
         self.dialect = dialect
@@ -496,6 +754,25 @@ class Connection:
 
     def iounit(self) -> int:
         return self.msize - m.IOHDRSZ
+
+
+def _cut_ename(text: str) -> str:
+    """``text`` cut to at most MAX_ENAME bytes of UTF-8, at a character boundary."""
+    b = text.encode("utf-8", "surrogateescape")
+    if len(b) <= MAX_ENAME:
+        return text
+    k = MAX_ENAME - 3
+    while k > 0 and (b[k] & 0xC0) == 0x80:
+        k -= 1
+    return b[:k].decode("utf-8", "surrogateescape") + "..."
+
+
+def _fid_text(msg: Any) -> str:
+    for name in ("fid", "dfid", "dirfid", "olddirfid"):
+        v = getattr(msg, name, None)
+        if v is not None:
+            return str(v)
+    return "-"
 
 
 async def _release(f: Fid) -> None:
@@ -582,16 +859,23 @@ async def _attach(c: Connection, msg: m.Tattach):
     n_uname = msg.n_uname if c.dialect is not Dialect.P2000 else m.NONUNAME
     root = await c.fs.attach(msg.uname, msg.aname, None if n_uname == m.NONUNAME else n_uname)
     c.fids[msg.fid] = Fid(node=root, path=(), root=root, uname=msg.uname, n_uname=n_uname)
+    c._attached.set()
     return m.Rattach(tag=msg.tag, qid=root.qid())
 
 
 @_handles(m.Tflush)
 async def _flush(c: Connection, msg: m.Tflush):
+    # flush(5): the old request is answered before Rflush or not at all.  One
+    # still waiting for reply budget is dropped at once; a running one is
+    # cancelled and waited for (a cancellation, so this does not block).
     old = c.pending.get(msg.oldtag)
     if old is not None and msg.oldtag != msg.tag:
-        old.scope.cancel()
-        with trio.CancelScope(shield=True):
-            await old.done.wait()
+        if not old.started:
+            c._retire_unstarted(old)
+        else:
+            old.scope.cancel()
+            with trio.CancelScope(shield=True):
+                await old.done.wait()
     return m.Rflush(tag=msg.tag)
 
 
@@ -743,7 +1027,7 @@ async def _read(c: Connection, msg: m.Tread):
         raise FsError(errno.EBADF, "fid not open")
     if msg.offset >= 1 << 63:
         raise FsError(errno.EINVAL, "offset out of range")
-    count = min(msg.count, c.iounit())
+    count = min(msg.count, c._read_cap(msg.fid))
     if f.node.qid().type & QTDIR:
         if c.dialect is Dialect.L:
             raise FsError(errno.EISDIR, "use Treaddir on 9P2000.L")
@@ -819,7 +1103,7 @@ async def _readdir(c: Connection, msg: m.Treaddir):
     if msg.offset == 0 or f.dir_entries is None:
         f.dir_entries = list(await f.file.readdir())
     entries = f.dir_entries
-    count = min(msg.count, c.iounit())
+    count = min(msg.count, c._read_cap(msg.fid))
     start = msg.offset
     out: list[bytes] = []
     used = 0
@@ -885,6 +1169,8 @@ async def _wstat(c: Connection, msg: m.Twstat):
     # wstat(5): ~0 / "" fields mean "don't touch"; all-don't-touch is a sync.
     f = c.fid(msg.fid)
     s = msg.stat
+    if s.length != _NOCHANGE64 and s.length > _MAX_OFF:
+        raise FsError(errno.EINVAL, "length out of range")
     change = SetAttr(
         mode=None if s.mode == _NOCHANGE32 else (s.mode & 0o7777),
         size=None if s.length == _NOCHANGE64 else s.length,
@@ -926,11 +1212,20 @@ async def _setattr(c: Connection, msg: m.Tsetattr):
     f = c.fid(msg.fid)
     v = msg.valid
     now = time.time_ns()
+    if v & m.P9_SETATTR_SIZE and msg.size > _MAX_OFF:
+        raise FsError(errno.EINVAL, "size out of range")
 
     def when(bit: int, setbit: int, sec: int, nsec: int) -> int | None:
+        # Linux's v9fs sends a time_t (signed) as u64; utimensat(2) wants nsec < 10^9.
         if not v & bit:
             return None
-        return sec * 1_000_000_000 + nsec if v & setbit else now
+        if not v & setbit:
+            return now
+        if nsec >= 1_000_000_000:
+            raise FsError(errno.EINVAL, "nanoseconds out of range")
+        if sec >= 1 << 63:
+            sec -= 1 << 64
+        return sec * 1_000_000_000 + nsec
 
     change = SetAttr(
         mode=msg.mode & 0o7777 if v & m.P9_SETATTR_MODE else None,
@@ -973,6 +1268,12 @@ async def _symlink(c: Connection, msg: m.Tsymlink):
 async def _mknod(c: Connection, msg: m.Tmknod):
     f = _dir_fid_for_create(c, msg.dfid)
     _check_name(msg.name)
+    # glibc's mknod answers EINVAL for a dev_t that does not fit the kernel's
+    # 32-bit one (major < 2^12, minor < 2^20); mode is a umode_t.
+    if msg.major > 0xFFF or msg.minor > 0xFFFFF:
+        raise FsError(errno.EINVAL, "device number out of range")
+    if msg.mode & ~(st.S_IFMT(0xFFFF) | 0o7777):
+        raise FsError(errno.EINVAL, "mode out of range")
     node = await f.node.mknod(msg.name, msg.mode, os.makedev(msg.major, msg.minor), _uid(f), msg.gid)
     return m.Rmknod(tag=msg.tag, qid=node.qid())
 
@@ -1075,17 +1376,24 @@ class Server:
 
     ``msize`` is the largest message size offered (bytes, ≥ 4096); ``trace``
     logs every T- and R-message to the ``ninep.trace`` logger at DEBUG level
-    (the ``--debug-9p`` switch).  Connections are independent: one that breaks
-    the protocol is closed and logged, the others keep being served.
+    (the ``--debug-9p`` switch); ``limits`` bounds what clients can make the
+    server hold (:class:`ninep.limits.Limits`, defaults when None; see the
+    module doc).  Connections are independent: one that breaks the protocol
+    or a limit is closed and logged, the others keep being served.
     """
 
-    def __init__(self, fs: FileSystem, *, msize: int = DEFAULT_MSIZE, trace: bool = False):
+    def __init__(self, fs: FileSystem, *, msize: int = DEFAULT_MSIZE, trace: bool = False,
+                 limits: Limits | None = None):
         if msize < m.MIN_MSIZE:
             raise ValueError(f"msize {msize} below the minimum {m.MIN_MSIZE}")
         self.fs = fs
         self.msize = msize
         self.trace = trace
+        self.limits = limits if limits is not None else Limits()
         self.connections: set[Connection] = set()
+        self._logs = _ServerLogs(self.limits)
+        self._admitted = 0  # connections counted against max_connections
+        self._per_peer: dict[str, int] = {}  # TCP peer address -> connections
 
     async def serve(self, listen: str, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Listen on the dial string ``listen`` and serve until cancelled.
@@ -1112,34 +1420,82 @@ class Server:
             while True:
                 try:
                     stream = await listener.accept()
-                except OSError as e:  # EMFILE etc.: log and back off briefly
-                    log.warning("accept failed: %s", e)
-                    await trio.sleep(0.1)
+                except OSError as e:  # EMFILE etc.: log (rarely) and back off briefly
+                    self._logs.accept.log(log, logging.WARNING, "9P accept failed: %s (retrying every %g s; "
+                                          "open connections are still served)", e, ACCEPT_BACKOFF)
+                    await trio.sleep(ACCEPT_BACKOFF)
                     continue
-                nursery.start_soon(self.handle_stream, stream)
+                peer, key = _peer_of(stream)
+                if not self._admit(peer, key):
+                    await _shut(stream)
+                    continue
+                nursery.start_soon(self._serve_admitted, stream, peer, key)
 
     async def handle_stream(self, stream: trio.abc.Stream, peer: str | None = None) -> None:
-        """Serve one already-connected stream until it closes."""
-        if peer is None:
-            peer = _peer_name(stream)
-        conn = Connection(self.fs, stream, max_msize=self.msize, trace=self.trace, peer=peer)
-        self.connections.add(conn)
-        log.debug("9P connection from %s", peer)
+        """Serve one already-connected stream until it closes (or close it at
+        once when it is over ``max_connections`` or ``max_connections_per_peer``)."""
+        name, key = _peer_of(stream)
+        peer = peer if peer is not None else name
+        if not self._admit(peer, key):
+            await _shut(stream)
+            return
+        await self._serve_admitted(stream, peer, key)
+
+    def _admit(self, peer: str, key: str | None) -> bool:
+        """Count a new connection against the caps; False (logged) if over one."""
+        lim = self.limits
+        if self._admitted >= lim.max_connections:
+            why = f"max_connections ({lim.max_connections}) reached"
+        elif key is not None and self._per_peer.get(key, 0) >= lim.max_connections_per_peer:
+            why = f"max_connections_per_peer ({lim.max_connections_per_peer}) reached for {key}"
+        else:
+            self._admitted += 1
+            if key is not None:
+                self._per_peer[key] = self._per_peer.get(key, 0) + 1
+            return True
+        self._logs.warn.log(log, logging.WARNING, "9P connection from %s refused: %s", peer, why)
+        return False
+
+    async def _serve_admitted(self, stream: trio.abc.Stream, peer: str, key: str | None) -> None:
         try:
-            await conn.run()
+            conn = Connection(self.fs, stream, max_msize=self.msize, trace=self.trace, peer=peer,
+                              limits=self.limits, logs=self._logs)
+            self.connections.add(conn)
+            log.debug("9P connection from %s", peer)
+            try:
+                await conn.run()
+            finally:
+                self.connections.discard(conn)
+                log.debug("9P connection %s closed (%s)", peer, conn.closed_reason)
         finally:
-            self.connections.discard(conn)
-            log.debug("9P connection %s closed (%s)", peer, conn.closed_reason)
+            self._admitted -= 1
+            if key is not None:
+                left = self._per_peer[key] - 1
+                if left:
+                    self._per_peer[key] = left
+                else:
+                    del self._per_peer[key]
 
 
-def _peer_name(stream: trio.abc.Stream) -> str:
+async def _shut(stream: trio.abc.Stream) -> None:
+    """Close a stream we will not serve."""
+    with trio.CancelScope(shield=True):
+        try:
+            await stream.aclose()
+        except Exception:
+            pass
+
+
+def _peer_of(stream: trio.abc.Stream) -> tuple[str, str | None]:
+    """The peer's dial string and the key it is counted under per peer: the
+    IP address for TCP, None (not counted) for unix sockets and other streams."""
     sock = getattr(stream, "socket", None)
     if sock is None:
-        return "?"
+        return "?", None
     try:
         name = sock.getpeername()
     except OSError:
-        return "?"
+        return "?", None
     if isinstance(name, tuple):
-        return f"tcp!{name[0]}!{name[1]}"
-    return f"unix!{name or '?'}"
+        return f"tcp!{name[0]}!{name[1]}", name[0]
+    return f"unix!{name or '?'}", None

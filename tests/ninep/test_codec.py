@@ -38,7 +38,7 @@ FAST = settings(max_examples=12, deadline=None, suppress_health_check=list(Healt
 # --------------------------------------------------------------------------
 
 _BITS = {"u8": 8, "u16": 16, "u32": 32, "u64": 64}
-texts = st.text(max_size=12)
+texts = st.text(st.characters(codec="utf-8", exclude_characters="\0"), max_size=12)  # intro(5): no NUL in strings
 qids = st.builds(Qid, st.integers(0, 0xFF), st.integers(0, 2**32 - 1), st.integers(0, 2**64 - 1))
 
 

@@ -14,6 +14,7 @@ import trio
 
 from ninep import messages as m
 from ninep.codec import encode, unpack_dirents, unpack_stats
+from ninep.limits import Limits
 from ninep.memfs import MemFS
 from ninep.server import Server
 
@@ -390,7 +391,8 @@ async def test_flush_races(memfs):
     no waiter, tag or fid is left behind; the connection stays usable."""
     rng = random.Random(1234)
     n = 150
-    async with serving(memfs) as (server, addr):
+    # more blocked reads than the default max_outstanding (64) allows
+    async with serving(memfs, limits=Limits(max_outstanding=256)) as (server, addr):
         w = await Wire.open(addr)
         await w.version()
         await w.attach()
