@@ -63,8 +63,7 @@ class ProcData:
         EAGAIN when ``nonblocking`` and unset; ENOENT if there is no such
         process or it ends while the read waits."""
         try:
-            return await self.store.wait_set(self.layout.env_key(pid, key), self.layout.env(pid), nonblocking,
-                                             gone=self.layout.record(pid))
+            return await self.store.wait_set(self.layout.env_key(pid, key), self.layout.env(pid), key, nonblocking)
         except FsError as e:
             if e.errno == errno.EAGAIN and nonblocking:
                 raise FsError(errno.EAGAIN, f"env key {key!r} of process {pid} is not set") from None

@@ -81,6 +81,20 @@ __all__ = [
 _ANSWERS = (NoNodeError, NodeExistsError, BadVersionError, NotEmptyError)
 
 
+class _Listing:
+    """A directory's children as last listed with its child watch armed
+    (``names``; None once the watch fired), shared by :meth:`Store.wait_set`'s
+    waiters on it (``users``); ``gen`` counts the watch's firings."""
+
+    __slots__ = ("names", "gen", "lock", "users")
+
+    def __init__(self) -> None:
+        self.names: frozenset[str] | None = None
+        self.gen = 0
+        self.lock = trio.Lock()
+        self.users = 0
+
+
 def txn_error(results: Sequence[Any]) -> Exception | None:
     """The exception that made a ZooKeeper multi (transaction) fail, or None.
 
@@ -126,6 +140,7 @@ class Store:
         self._state = KazooState.LOST
         self._connected = trio.Event()
         self._waiters: dict[str, set[trio.Event]] = {}
+        self._listings: dict[str, _Listing] = {}  # wait_set's shared directory listings
         # cached_get: znode path -> (data, stat), valid while its data watch is
         # armed and the connection is CONNECTED; _cache_gen counts invalidations.
         self._cache: dict[str, tuple[Any, ZnodeStat, float]] = {}
@@ -394,10 +409,17 @@ class Store:
     def _fire(self, path: str) -> None:
         self._cache.pop(path, None)
         self._cache_gen += 1
+        lst = self._listings.get(path)
+        if lst is not None:
+            lst.names = None
+            lst.gen += 1
         for ev in self._waiters.get(path, ()):
             ev.set()
 
     def _fire_all(self) -> None:
+        for lst in self._listings.values():
+            lst.names = None
+            lst.gen += 1
         for evs in self._waiters.values():
             for ev in evs:
                 ev.set()
@@ -419,38 +441,69 @@ class Store:
         (0 when no read is blocked there)."""
         return sum(len(v) for p, v in self._waiters.items() if p.startswith(under))
 
-    async def wait_set(self, path: str, parent: str, nonblocking: bool = False, gone: str | None = None) -> bytes:
-        """The data of ``path`` (a child of ``parent``), waiting until the
-        znode exists.
+    async def wait_set(self, path: str, parent: str, name: str, nonblocking: bool = False) -> bytes:
+        """The data of ``path`` (the child ``name`` of ``parent``), waiting
+        until the znode exists.
 
         Woken by a child watch on ``parent`` (never by polling, and never by
         a watch on ``path`` itself: a read of a name that is never set, then
         abandoned, would leave that watch in kazoo and in ZooKeeper for the
         session's life; one child watch per parent is all a session ever
-        holds, however many names are waited for).  With ``nonblocking`` a
-        missing znode is FsError(EAGAIN).  If ``gone`` is given (e.g. the
-        owning process's record) and it does not exist or is deleted while
-        waiting, FsError(ENOENT); also when ``parent`` does not exist.
-        Cancellation leaves no waiter behind.
+        holds, however many names are waited for).  Every waiter of one
+        parent shares one listing per change (:meth:`_listing`): n waiters
+        cost one round trip per change, plus a read by the one whose name
+        appeared.  With ``nonblocking`` a missing znode is FsError(EAGAIN);
+        FsError(ENOENT) when ``parent`` does not exist or is deleted while
+        waiting (its owner ended).  Cancellation leaves no waiter behind.
         """
-        paths = (parent,) if gone is None else (parent, gone)
+        first = True
         while True:
-            with self.watching(*paths) as ev:
-                # Fast path first: after a wake-up one round trip answers.
-                got = await self.get(path)
-                if got is not None:
-                    return got[0]
-                if gone is not None and await self.exists(gone, watch=True) is None:
-                    raise FsError(errno.ENOENT, "no such file: its owner has ended")
-                if nonblocking:
-                    raise FsError(errno.EAGAIN, "not set yet")
-                # Arm the child watch; a create since the get shows up here.
-                names = await self.children(parent, watch=True)
+            with self.watching(parent) as ev, self._listing_of(parent) as listing:
+                if first:  # the fast path: one round trip when it is set
+                    got = await self.get(path)
+                    if got is not None:
+                        return got[0]
+                    if nonblocking:
+                        raise FsError(errno.EAGAIN, "not set yet")
+                    first = False
+                names = await self._listing(parent, listing)
                 if names is None:
                     raise FsError(errno.ENOENT, "no such file: its directory is gone")
-                if path[len(parent) + 1:] in names:
-                    continue
+                if name in names:
+                    got = await self.get(path)
+                    if got is not None:
+                        return got[0]
+                    # listed, then deleted: its deletion fires the watch
                 await ev.wait()
+
+    @contextmanager
+    def _listing_of(self, parent: str) -> Iterator["_Listing"]:
+        """The shared listing of ``parent``, kept while someone waits on it."""
+        lst = self._listings.get(parent)
+        if lst is None:
+            lst = self._listings[parent] = _Listing()
+        lst.users += 1
+        try:
+            yield lst
+        finally:
+            lst.users -= 1
+            if lst.users == 0 and self._listings.get(parent) is lst:
+                del self._listings[parent]
+
+    async def _listing(self, parent: str, lst: "_Listing") -> frozenset[str] | None:
+        """``parent``'s children as listed with its child watch armed, read
+        again only after the watch fired (or the connection changed): one
+        listing per change for all waiters.  None if it does not exist."""
+        async with lst.lock:
+            if lst.names is None:
+                gen = lst.gen
+                names = await self.children(parent, watch=True)
+                if names is None:
+                    return None
+                if lst.gen != gen:  # the watch fired meanwhile: this listing may predate it
+                    return frozenset(names)
+                lst.names = frozenset(names)
+            return lst.names
 
     async def wait_children(self, path: str, nonblocking: bool = False) -> list[str]:
         """The children of ``path`` once there is at least one (child watch).

@@ -24,6 +24,7 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import resource
 import signal
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -36,6 +37,7 @@ from cloudfs.drivers.base import ComputeDriver
 from cloudfs.namespace import open_cloudfs
 from cloudfs.quotas import DEFAULT_MAX_PROCESSES
 from ninep.dial import listener_address, open_listeners, parse_dial
+from ninep.limits import Limits
 from ninep.server import Server
 
 from . import zkserver
@@ -142,8 +144,14 @@ async def run(opts: DaemonOptions, *, task_status=trio.TASK_STATUS_IGNORED) -> N
         async with open_cloudfs(hosts, driver, root=opts.zk_root, limits=opts.limits,
                                 max_processes=opts.max_processes) as fs:
             async with trio.open_nursery() as nursery:
-                await nursery.start(partial(Server(fs.public(), trace=opts.debug_9p).serve_listeners, listeners))
-                bound = public + await nursery.start(Server(fs, trace=opts.debug_9p).serve,
+                nofile = raise_nofile()
+                pub_limits, op_limits = public_limits(nofile), OPERATOR_LIMITS
+                log.info("9P limits: public face %d connections (%d per peer), %d requests outstanding each; "
+                         "%d descriptors", pub_limits.max_connections, pub_limits.max_connections_per_peer,
+                         pub_limits.max_outstanding, nofile)
+                await nursery.start(partial(Server(fs.public(), msize=PUBLIC_MSIZE, trace=opts.debug_9p,
+                                                   limits=pub_limits).serve_listeners, listeners))
+                bound = public + await nursery.start(Server(fs, trace=opts.debug_9p, limits=op_limits).serve,
                                                      f"unix!{opts.operator_socket}")
                 socket_bound = True
                 if opts.mount is not None:
@@ -174,6 +182,43 @@ async def run(opts: DaemonOptions, *, task_status=trio.TASK_STATUS_IGNORED) -> N
             except OSError:
                 pass
         os.close(lock)
+
+
+#: The largest msize the public face offers (guests mount with 64 KiB + 24):
+#: a client's reply budget and pipelined writes are counted in msizes.
+PUBLIC_MSIZE = 128 * 1024 + 24
+#: Descriptors kept for everything but 9P connections: ZooKeeper, QMP and
+#: driver calls, VM files, the FUSE device, logs.
+FD_RESERVE = 256
+#: The operator socket's 9P limits: one trusted user, few connections, many
+#: blocked reads (``cat`` of env keys and wait in parallel).
+OPERATOR_LIMITS = Limits(max_outstanding=1024, max_queued_msizes=32, max_connections=64)
+
+
+def public_limits(nofile: int) -> Limits:
+    """The 9P limits of the public face (guests and anonymous clients, see
+    ninep.limits): 256 requests outstanding per connection (each blocked env
+    or wait read reserves 8 KiB of the reply budget of 32 msizes, so they
+    never starve other reads); connections at most ``nofile`` less
+    FD_RESERVE (so 9P alone never runs the daemon out of descriptors), at
+    most 1024, and 256 per peer address: every QEMU guest arrives from
+    127.0.0.1 through user-mode networking."""
+    return Limits(max_outstanding=256, max_queued_msizes=32,
+                  max_connections=max(16, min(1024, nofile - FD_RESERVE)), max_connections_per_peer=256)
+
+
+def raise_nofile(want: int = 65536) -> int:
+    """Raise the soft RLIMIT_NOFILE towards the hard limit (at most
+    ``want``); returns the soft limit now."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = want if hard == resource.RLIM_INFINITY else min(want, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass
+    return int(soft if soft != resource.RLIM_INFINITY else want)
 
 
 def _lock_state_dir(state_dir: Path) -> int:

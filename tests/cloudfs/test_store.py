@@ -57,7 +57,7 @@ async def test_wait_set_woken_by_watch(store, zk_root):
     got = []
 
     async def reader():
-        got.append(await store.wait_set(p, zk_root))
+        got.append(await store.wait_set(p, zk_root, "k"))
 
     async with trio.open_nursery() as n:
         n.start_soon(reader)
@@ -70,14 +70,14 @@ async def test_wait_set_woken_by_watch(store, zk_root):
 
 async def test_wait_set_nonblocking(store, zk_root):
     with pytest.raises(FsError) as e:
-        await store.wait_set(f"{zk_root}/nope", zk_root, nonblocking=True)
+        await store.wait_set(f"{zk_root}/nope", zk_root, "nope", nonblocking=True)
     assert e.value.errno == errno.EAGAIN
     assert store.waiter_count() == 0
 
 
 async def test_cancelled_wait_leaves_no_waiter(store, zk_root):
     with trio.move_on_after(0.2):
-        await store.wait_set(f"{zk_root}/never", zk_root)
+        await store.wait_set(f"{zk_root}/never", zk_root, "never")
     with trio.move_on_after(0.2):
         await store.wait_children(zk_root)
     assert store.waiter_count() == 0

@@ -216,6 +216,7 @@ def test_500_blocked_readers_do_not_stall_others(daemon):
 
         async def release():
             async with open_client(daemon.operator) as c:
+                await c.write_file("proc/1/limits", b"env-keys 1000")  # init's default is 256
                 for i in range(n):
                     await c.write_file(f"proc/1/env/k{i}", b"v%d\n" % i)
 

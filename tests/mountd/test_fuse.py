@@ -31,6 +31,7 @@ import trio
 from mountd.fuse import is_stale_mount
 from ninep.client import open_client
 from ninep.errors import FsError
+from ninep.limits import Limits
 from ninep.memfs import MemFS
 from tests.ninep.wire import serving
 
@@ -110,6 +111,9 @@ class Import:
 @contextlib.asynccontextmanager
 async def imported(tmp_path: Path):
     """Serve a MemFS and mount it with ``cloudfs import``; yields (fs, mnt, addr, Import).
+    The server lets the one connection keep 1,024 requests outstanding, each
+    with a reply budget of an msize (the importer carries every blocked
+    reader of the mount on it, and each blocked Tread reserves its reply).
 
     Children registered in ``children`` (a list attribute on the Import) are
     killed on the way out, before the importer is stopped.
@@ -117,7 +121,7 @@ async def imported(tmp_path: Path):
     fs = MemFS()
     mnt = tmp_path / "mnt"
     mnt.mkdir()
-    async with serving(fs) as (_server, addr):
+    async with serving(fs, limits=Limits(max_outstanding=1024, max_queued_msizes=1024)) as (_server, addr):
         imp = Import(addr, mnt, tmp_path / "import.log")
         imp.children = []  # type: ignore[attr-defined]
         try:
