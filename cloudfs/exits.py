@@ -74,17 +74,15 @@ class Exits:
         if L.pids(await self.store.children(L.kids(pid))) and not reparent:
             return False
         await self._clear(pid)
-        if reparent:
-            await self._move_kids(pid)
         last: Exception | None = None
         for attempt in range(MAX_ATTEMPTS):
+            if reparent:  # again after a race: a child may have been forked meanwhile
+                await self._move_kids(pid)
             cur = await self.records.get(pid)
             if cur is None:
                 return True
             try:
-                if await self._remove(pid, cur, state, message, reparent):
-                    return True
-                return False
+                return await self._remove(pid, cur, state, message, reparent)
             except _RACES as e:
                 log.debug("ending %d raced (%s); again", pid, type(e).__name__)
                 last = e
@@ -129,11 +127,14 @@ class Exits:
             if not kids:
                 return
             batch = kids[:KIDS_PER_MULTI]
-            chain = [a for a in await self.records.ancestors(pid, fresh=True) if a != INIT_PID]
+            records = await self.records.chain(pid)
+            chain = [r.value.pid for r in records if r.value.pid != INIT_PID]
             got = await gather(*(self.records.get(k) for k in batch), *(self.quotas.get(k) for k in batch),
                                *(self.quotas.get(a) for a in chain))
             recs, kid_quotas, quotas = got[:len(batch)], got[len(batch):2 * len(batch)], got[2 * len(batch):]
             t = self.store.transaction()
+            for r in records[1:]:  # the ancestors whose counts change are still the ancestors
+                t.check(L.record(r.value.pid), r.version)
             moved = 0
             for k, kid, kq in zip(batch, recs, kid_quotas):
                 t.delete(L.kid(pid, k))
@@ -163,10 +164,13 @@ class Exits:
             if not reparent:
                 return False
             raise NotEmptyError()  # forked meanwhile: move them too
-        chain = (await self.records.ancestors(pid, fresh=True))[1:]
-        parent, *quotas = await gather(self.records.get(rec.ppid) if rec.ppid else _none(),
-                                       *(self.quotas.get(a) for a in chain))
+        records = (await self.records.chain(pid))[1:]
+        chain = [r.value.pid for r in records]
+        quotas = await gather(*(self.quotas.get(a) for a in chain))
+        parent = records[0] if records and records[0].value.pid == rec.ppid else None
         t = self.store.transaction()
+        for r in records[1:]:  # the ancestors whose counts change are still the ancestors
+            t.check(L.record(r.value.pid), r.version)
         # every child name is deleted, also ones this code would not write,
         # or the parent znodes could never go
         for name in kids or ():
@@ -213,10 +217,6 @@ def _batches(paths: list[str]) -> list[list[str]]:
         out[-1].append(p)
         size += cost
     return out
-
-
-async def _none() -> None:
-    return None
 
 
 def _stuck(pid: int, last: Exception | None) -> FsError:

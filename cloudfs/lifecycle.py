@@ -15,6 +15,8 @@ from __future__ import annotations
 import errno
 from collections.abc import Mapping
 
+import trio
+
 from ninep.errors import FsError
 
 from .catalog import Catalog
@@ -26,6 +28,11 @@ from .quotas import DEFAULT_LIMITS, Quotas, charge_fork, child_quota
 from .records import Records, no_process
 from .store import BadVersionError, NodeExistsError, NoNodeError, Store
 from .znodes import INIT_PID, Layout
+
+
+#: Attempts at a fork's multi before EAGAIN (each failure is another
+#: daemon's fork or change in the parent's ancestry).
+MAX_ATTEMPTS = 200
 
 
 def _being_killed(pid: int) -> FsError:
@@ -56,12 +63,16 @@ class Lifecycle:
         (EAGAIN beyond a limit, cloudfs.quotas).
         """
         L = self.layout
-        fresh = False
-        while True:
-            chain = await self.records.ancestors(ppid, fresh)
-            parent, counter, ud, *quotas = await gather(
-                self.records.require(ppid), self.store.get(L.nextpid), self.store.get(L.userdata(ppid)),
-                *(self.quotas.get(a) for a in chain))
+        for attempt in range(MAX_ATTEMPTS):
+            if attempt:
+                await trio.sleep(min(0.05, 0.001 * attempt))  # contention: back off a little
+            records = await self.records.chain(ppid)
+            if not records or records[0].value.pid != ppid:
+                raise no_process(ppid)
+            chain = [r.value.pid for r in records]
+            counter, ud, *quotas = await gather(
+                self.store.get(L.nextpid), self.store.get(L.userdata(ppid)), *(self.quotas.get(a) for a in chain))
+            parent = records[0]
             counted = [(a, q) for a, q in zip(chain, quotas) if q is not None]
             charged = charge_fork([(a, q.value) for a, q in counted])
             p = parent.value
@@ -79,7 +90,8 @@ class Lifecycle:
                 child.state, child.desired, child.gen = State.CREATING, Desired.RUNNING, 1
             t = self.store.transaction()
             t.set_data(L.nextpid, str(pid + 1).encode(), counter[1].version)
-            t.check(L.record(ppid), parent.version)
+            for r in records:  # the parent, and the ancestors counted below, are still who they were
+                t.check(L.record(r.value.pid), r.version)
             t.create(L.record(pid), child.to_json())
             t.create(L.kids(pid), b"")
             t.create(L.userdata(pid), userdata)
@@ -96,16 +108,15 @@ class Lifecycle:
                 await self.store.commit(t)
                 return pid
             except BadVersionError:
-                fresh = True
-                continue  # another fork took the pid, or the parent changed: read again
+                continue  # another fork took the pid, or an ancestor changed: read again
             except NodeExistsError:
                 # the counter is behind existing znodes: retrying cannot help
                 raise FsError(errno.EIO, f"the deployment's pid counter ({pid}) names an existing process") from None
             except NoNodeError:
                 if await self.records.get(ppid) is None:
                     raise no_process(ppid) from None
-                fresh = True
                 continue  # an ancestor ended meanwhile (the tree changed): read it again
+        raise FsError(errno.EAGAIN, f"fork of {ppid}: the tree kept changing ({MAX_ATTEMPTS} attempts); try again")
 
     async def exec(self, pid: int, cmd: Command) -> Process:
         """Run ``pid`` from ``cmd.image`` (boot if new, rebuild if it has a VM).

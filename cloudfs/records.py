@@ -89,28 +89,24 @@ class Records:
             pid = r.ppid
         return False
 
-    async def ancestors(self, pid: int, fresh: bool = False) -> list[int]:
-        """``pid`` and its ancestors up to init, ``pid`` first, from the
-        cached records, or read from ZooKeeper when ``fresh`` (for quota
-        counts: every change of a count is a compare-and-set, so a tree that
-        changed meanwhile makes that write fail and be redone, fresh).  EIO
-        for a loop in a corrupt tree."""
-        chain: list[int] = []
+    async def chain(self, pid: int) -> list[Versioned[Process]]:
+        """The records of ``pid`` and its ancestors up to init, ``pid`` first,
+        read from ZooKeeper with their versions: a multi that depends on who
+        the ancestors are checks each version (``t.check``), so it fails if
+        any of them moved meanwhile (a reparented subtree).  Shorter when a
+        record is missing; EIO for a loop in a corrupt tree."""
+        out: list[Versioned[Process]] = []
         seen: set[int] = set()
         while pid:
             if pid in seen:
                 raise FsError(errno.EIO, f"the process tree loops at process {pid}")
             seen.add(pid)
-            chain.append(pid)
-            if fresh:
-                got = await self.get(pid)
-                rec = got.value if got is not None else None
-            else:
-                rec = await self.cached(pid)
-            if rec is None:
+            got = await self.get(pid)
+            if got is None:
                 break
-            pid = rec.ppid
-        return chain
+            out.append(got)
+            pid = got.value.ppid
+        return out
 
     async def pids(self) -> list[int]:
         """Live pids, ascending (one ZooKeeper get_children)."""

@@ -191,3 +191,58 @@ def test_the_pure_rules():
     for bad in (b"{}", b'{"limits": {}, "used": {}}', b'{"limits": {"descendants": -1}, "used": {}}', b"[]"):
         with pytest.raises(FsError):
             Quota.from_json(bad)
+
+
+async def test_a_fork_racing_the_end_of_an_ancestor_counts_right(cfs):
+    """a → g → p; p forks while g ends by itself (its children go to init):
+    the fork's multi must not charge a and g for a child that is no longer
+    theirs, whichever happens first."""
+    from cloudfs.process import State
+
+    op = await cfs.attach("", "")
+    a = await vm(op)
+    g = int(await ctl(op, a, "fork"))
+    p = int(await ctl(op, g, "fork"))
+    entered, go = trio.Event(), trio.Event()
+    real = cfs.records.chain
+
+    async def slow_chain(pid):
+        got = await real(pid)
+        if pid == p and not go.is_set():
+            entered.set()
+            await go.wait()
+        return got
+
+    cfs.records.chain = slow_chain
+    forked = []
+    async with trio.open_nursery() as n:
+        async def fork():
+            forked.append(int(await ctl(op, p, "fork")))
+
+        n.start_soon(fork)
+        await entered.wait()  # the fork read a → g → p
+        assert await cfs.exits.end(g, State.EXITED, "gone", reparent=True)
+        go.set()
+    assert forked
+    assert (await limits(op, a))["descendants"][1] == 0
+    assert (await limits(op, p))["descendants"][1] == 1
+
+
+async def test_a_fork_while_a_process_ends_with_children_moves_that_child_too(cfs):
+    from cloudfs.process import State
+
+    op = await cfs.attach("", "")
+    g = await vm(op)
+    k = int(await ctl(op, g, "fork"))
+    real = cfs.exits._remove
+    raced = []
+
+    async def remove_after_a_fork(pid, *args):
+        if not raced:
+            raced.append(int(await ctl(op, g, "fork")))  # a child appears after the others moved
+        return await real(pid, *args)
+
+    cfs.exits._remove = remove_after_a_fork
+    assert await cfs.exits.end(g, State.EXITED, "gone", reparent=True)
+    kids = (await cat(op, "/proc/1/children")).split()
+    assert str(k).encode() in kids and str(raced[0]).encode() in kids
