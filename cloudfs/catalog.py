@@ -34,8 +34,9 @@ from typing import Generic, TypeVar
 import trio
 
 from ninep.errors import FsError
+from ninep.limits import LogLimiter
 
-from .drivers.base import ComputeDriver, DriverError, Image, Network
+from .drivers.base import ComputeDriver, DriverError, Image, Network, ServerStats
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,10 @@ log = logging.getLogger(__name__)
 CATALOG_TTL = 5.0
 #: Seconds between two fetches of one kind caused by misses or after a failure.
 MISS_INTERVAL = 1.0
+#: Seconds a server's stats sample or console is shared by all readers, and
+#: how many such answers are kept at most.
+SAMPLE_TTL = 1.0
+SAMPLES_MAX = 4096
 
 T = TypeVar("T")
 
@@ -74,6 +79,8 @@ class Catalog:
         # bumped when a kind's listing is dropped: a fetch that began before
         # does not store what it got (it may predate the change)
         self._gens = {k: 0 for k in self._lists}
+        self._samples: dict[tuple, tuple[float, object]] = {}
+        self._warnings = LogLimiter(burst=10, interval=10.0)
         self._fetchers = {"images": "list_images", "flavors": "list_flavors", "networks": "list_networks"}
 
     # -- listings ---------------------------------------------------------
@@ -124,6 +131,55 @@ class Catalog:
         the next use fetches it, and a fetch under way is not kept."""
         self._gens[kind] += 1
         self._lists[kind] = _Listing()
+
+    # -- servers -------------------------------------------------------------
+
+    async def stats(self, server_id: str) -> ServerStats:
+        """One sample of the server's counters, at most SAMPLE_TTL seconds
+        old (however many clients read ``stats``, the driver is asked once
+        per interval per server); all unknown if it is gone."""
+        async def fetch() -> ServerStats:
+            try:
+                got = await self._call(f"stats of {server_id}", lambda: self.driver.stats(server_id))
+            except FsError as e:
+                if e.errno == errno.ENOENT:
+                    return ServerStats()
+                raise
+            if not isinstance(got, ServerStats):
+                raise DriverError(f"stats of {server_id}: the driver answered {type(got).__name__}")
+            return got
+
+        return await self._sampled(("stats", server_id), fetch)
+
+    async def console(self, server_id: str, limit: int) -> bytes:
+        """The last ``limit`` bytes of the server's console, at most
+        SAMPLE_TTL seconds old (one driver call per interval per server);
+        empty if it is gone."""
+        async def fetch() -> bytes:
+            try:
+                got = await self._call(f"console of {server_id}", lambda: self.driver.console(server_id, limit))
+            except FsError as e:
+                if e.errno == errno.ENOENT:
+                    return b""
+                raise
+            if not isinstance(got, (bytes, bytearray)):
+                raise DriverError(f"console of {server_id}: the driver answered {type(got).__name__}")
+            return bytes(got[-limit:]) if limit else b""
+
+        return await self._sampled(("console", server_id, limit), fetch)
+
+    async def _sampled(self, key: tuple, fetch: Callable[[], Awaitable[T]]) -> T:
+        """``fetch()``'s answer, shared for SAMPLE_TTL seconds; the table of
+        answers is dropped whole when it passes SAMPLES_MAX entries."""
+        now = trio.current_time()
+        hit = self._samples.get(key)
+        if hit is not None and now - hit[0] < SAMPLE_TTL:
+            return hit[1]
+        value = await fetch()
+        if len(self._samples) >= SAMPLES_MAX:
+            self._samples.clear()
+        self._samples[key] = (now, value)
+        return value
 
     # -- internals ----------------------------------------------------------
 
@@ -184,8 +240,8 @@ class Catalog:
         try:
             return await fn()
         except DriverError as e:
-            log.warning("compute driver: %s: %s", what, e.message)
+            self._warnings.log(log, logging.WARNING, "compute driver: %s: %s", what, e.message)
             raise
         except Exception as e:  # an SDK or QMP failure the driver did not wrap
-            log.warning("compute driver: %s: %s: %s", what, type(e).__name__, e)
+            self._warnings.log(log, logging.WARNING, "compute driver: %s: %s: %s", what, type(e).__name__, e)
             raise DriverError(f"{what}: {type(e).__name__}: {e}") from e

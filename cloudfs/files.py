@@ -20,6 +20,7 @@ from ninep.errors import FsError
 from ninep.fs import DirEntry, OpenFile, SnapshotFile
 
 from . import ctl, quotas
+from .drivers.base import ServerStats
 
 if TYPE_CHECKING:
     from .namespace import CloudFS
@@ -110,14 +111,25 @@ class UserdataFile(SnapshotFile):
         return await self.fs.data.write_userdata(self.pid, offset, data)
 
 
+#: The iounit of files whose reads may block (env keys, wait): a 9P server
+#: reserves each outstanding read's reply (ninep.limits), so blocked reads
+#: of a small iounit leave a connection's reply budget for the others.
+BLOCKING_IOUNIT = 8192
+
+
 class EnvKeyFile(SnapshotFile):
     """``/proc/<pid>/env/<key>``: reading blocks until the key is set (by any
     daemon; woken by a ZooKeeper watch), EAGAIN with O_NONBLOCK; a write at
-    offset 0 sets the value, later offsets extend it."""
+    offset 0 sets the value, later offsets extend it.  An open for reading
+    only has an iounit of BLOCKING_IOUNIT (its reads may block); one that
+    writes keeps the full msize (Linux's v9fs splits writes by the iounit,
+    and a blocked reader would see the first piece alone)."""
 
     def __init__(self, fs: "CloudFS", pid: int, key: str, flags: int):
         super().__init__(flags)
         self.fs, self.pid, self.key = fs, pid, key
+        if flags & os.O_ACCMODE == os.O_RDONLY:
+            self.iounit = BLOCKING_IOUNIT
         self._seen_set = False  # a key once set stays readable until unset; poll re-checks via wait_readable
 
     async def produce(self) -> bytes:
@@ -141,6 +153,8 @@ class EnvKeyFile(SnapshotFile):
 class WaitFile(SnapshotFile):
     """``/proc/<pid>/wait``: each read at offset 0 blocks until a child has
     ended and consumes the oldest record: ``<pid> <name> <state> <message>\\n``."""
+
+    iounit = BLOCKING_IOUNIT
 
     def __init__(self, fs: "CloudFS", pid: int, flags: int):
         super().__init__(flags)
@@ -184,6 +198,53 @@ class LimitsFile(SnapshotFile):
         self.snapshot = None
         await self.fs.quotas.set_limit(self.pid, name, value, only_lower=self.only_lower)
         return len(data)
+
+
+class StatsFile(SnapshotFile):
+    """``/proc/<pid>/stats``: one sample of the VM's counters per read at
+    offset 0 (ServerStats.text; all ``-`` for a process without a VM)."""
+
+    def __init__(self, fs: "CloudFS", pid: int, flags: int):
+        super().__init__(flags)
+        self.fs, self.pid = fs, pid
+
+    async def produce(self) -> bytes:
+        rec = await self.fs.records.cached(self.pid)
+        if rec is None:
+            raise FsError(errno.ENOENT, f"no process {self.pid}")
+        return (await self.fs.catalog.stats(rec.vm) if rec.vm else ServerStats()).text()
+
+
+#: The most console bytes ``/proc/<pid>/console`` shows (its last part; the
+#: QEMU driver keeps about 1.5 MiB).
+CONSOLE_LIMIT = 2 << 20
+
+
+async def console_of(fs: "CloudFS", pid: int) -> bytes:
+    """The last CONSOLE_LIMIT bytes of ``pid``'s VM console (empty without a VM)."""
+    rec = await fs.records.cached(pid)
+    if rec is None:
+        raise FsError(errno.ENOENT, f"no process {pid}")
+    return await fs.catalog.console(rec.vm, CONSOLE_LIMIT) if rec.vm else b""
+
+
+class ConsoleFile(SnapshotFile):
+    """``/proc/<pid>/console``: a read at offset 0, or past what this open
+    has seen, takes the console as it is now; other reads page through that
+    copy.  So ``cat`` sees one consistent text and ``tail -f`` (which reads
+    from the last size it saw) gets what was written since."""
+
+    def __init__(self, fs: "CloudFS", pid: int, flags: int):
+        super().__init__(flags)
+        self.fs, self.pid = fs, pid
+
+    async def produce(self) -> bytes:
+        return await console_of(self.fs, self.pid)
+
+    async def read(self, offset: int, count: int) -> bytes:
+        if offset == 0 or self.snapshot is None or offset >= len(self.snapshot):
+            self.snapshot = await self.produce()
+        return self.snapshot[offset:offset + count]
 
 
 class InfoFile(SnapshotFile):

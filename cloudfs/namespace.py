@@ -107,7 +107,10 @@ class CloudFS(FileSystem):
         async def run(task_status=trio.TASK_STATUS_IGNORED):
             with trio.CancelScope() as cs:
                 self._cancel = cs
-                await self.reconciler.run(task_status=task_status)
+                async with trio.open_nursery() as inner:
+                    inner.start_soon(self.driver.run)
+                    await inner.start(self.reconciler.run)
+                    task_status.started()
 
         await nursery.start(run)
 

@@ -8,6 +8,7 @@ which is how ``/proc/self`` resolves.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import os
 import stat
@@ -22,7 +23,8 @@ from . import tree
 from .ctl import valid_name
 from .znodes import parse_pid
 from .files import (
-    ChildrenFile, CtlFile, DirFile, EnvKeyFile, InfoFile, LimitsFile, StatusFile, UserdataFile, WaitFile, kv_text,
+    ChildrenFile, ConsoleFile, CtlFile, DirFile, EnvKeyFile, InfoFile, LimitsFile, StatsFile, StatusFile,
+    UserdataFile, WaitFile, console_of, kv_text,
 )
 
 if TYPE_CHECKING:
@@ -274,6 +276,32 @@ class LimitsNode(CNode):
         return LimitsFile(self.fs, self.pid, flags, only_lower=self.view.rights != OPERATOR)
 
 
+class StatsNode(CNode):
+    kind = tree.STATS
+
+    def _open(self, flags: int) -> OpenFile:
+        return StatsFile(self.fs, self.pid, flags)
+
+
+class ConsoleNode(CNode):
+    """``/proc/<pid>/console``: readable by the operator, the process and
+    its ancestors (it is the user-data's output); ``stat`` gives its length."""
+
+    kind = tree.CONSOLE
+    guarded_read = True
+
+    async def getattr(self) -> Attr:
+        attr = await super().getattr()
+        try:
+            await self.view.may_modify(self.pid)
+        except FsError:
+            return attr  # not theirs to read: not even its length
+        return dataclasses.replace(attr, size=len(await console_of(self.fs, self.pid)))
+
+    def _open(self, flags: int) -> OpenFile:
+        return ConsoleFile(self.fs, self.pid, flags)
+
+
 class WaitNode(CNode):
     kind = tree.WAIT
     guarded_read = True
@@ -404,4 +432,5 @@ _DIRS = {tree.PROC: ProcNode, tree.IMAGES: ImagesNode, tree.NET: NetNode}
 _PID_NODES = {
     tree.CTL: CtlNode, tree.STATUS: StatusNode, tree.CHILDREN: ChildrenNode,
     tree.USERDATA: UserdataNode, tree.ENV: EnvNode, tree.WAIT: WaitNode, tree.LIMITS: LimitsNode,
+    tree.STATS: StatsNode, tree.CONSOLE: ConsoleNode,
 }

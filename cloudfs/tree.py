@@ -20,7 +20,8 @@ from dataclasses import dataclass
 from ninep.fs import qid_type_for_mode
 from ninep.qid import Qid
 
-ROOT, PROC, PID, CTL, STATUS, CHILDREN, USERDATA, ENV, ENVKEY, WAIT, IMAGES, IMAGE, NET, NETFILE, LIMITS = range(1, 16)
+(ROOT, PROC, PID, CTL, STATUS, CHILDREN, USERDATA, ENV, ENVKEY, WAIT, IMAGES, IMAGE, NET, NETFILE, LIMITS, STATS,
+ CONSOLE) = range(1, 18)
 
 DIR = stat.S_IFDIR
 REG = stat.S_IFREG
@@ -40,7 +41,7 @@ class Entry:
 TREE: tuple[Entry, ...] = (
     Entry("/", ROOT, DIR | 0o555, "the root: proc, images, net"),
     Entry("/proc", PROC, DIR | 0o555, "one directory per live process, named by pid; 'self' walks to the attached process"),
-    Entry("/proc/<pid>", PID, DIR | 0o555, "a process: ctl status children userdata env wait limits"),
+    Entry("/proc/<pid>", PID, DIR | 0o555, "a process: ctl status children userdata env wait limits stats console"),
     Entry("/proc/<pid>/ctl", CTL, REG | 0o660,
           "write one command (fork [name=N] | exec <image> [flavor=F] [net=NET] [name=N] | kill | stop | start); "
           "read back its result once (fork: the new pid), then EOF"),
@@ -56,6 +57,10 @@ TREE: tuple[Entry, ...] = (
     Entry("/proc/<pid>/limits", LIMITS, REG | 0o660,
           "'name limit used' lines (descendants env-keys env-bytes); write 'name value' to set one "
           "(a process may only lower)"),
+    Entry("/proc/<pid>/stats", STATS, REG | 0o444,
+          "key value lines: cpu_ns memory_bytes memory_used_bytes block_* net_* uptime_s ('-' where unknown)"),
+    Entry("/proc/<pid>/console", CONSOLE, REG | 0o440,
+          "the VM's console output (the last 1 MiB); size is its length, so tail -f follows it"),
     Entry("/images", IMAGES, DIR | 0o555, "one file per image of the compute driver"),
     Entry("/images/<name>", IMAGE, REG | 0o444, "key value lines: id name status size disk_format checksum created"),
     Entry("/net", NET, DIR | 0o775, "one file per network; creating a file /net/<name> creates the network"),
@@ -67,7 +72,8 @@ BY_KIND: dict[int, Entry] = {e.kind: e for e in TREE}
 #: The files of a process directory, in listing order.
 PID_FILES: tuple[tuple[str, int], ...] = (
     ("ctl", CTL), ("status", STATUS), ("children", CHILDREN),
-    ("userdata", USERDATA), ("env", ENV), ("wait", WAIT), ("limits", LIMITS),
+    ("userdata", USERDATA), ("env", ENV), ("wait", WAIT), ("limits", LIMITS), ("stats", STATS),
+    ("console", CONSOLE),
 )
 #: The root's directories, in listing order.
 ROOT_DIRS: tuple[tuple[str, int], ...] = (("proc", PROC), ("images", IMAGES), ("net", NET))

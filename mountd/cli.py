@@ -1,8 +1,11 @@
-"""The ``cloudfs`` command: ``cloudfs up|ps|import|image``.
+"""The ``cloudfs`` command: ``cloudfs up|ps|top|ctl|kill|import|image``.
 
 - ``cloudfs up``: the daemon (:mod:`mountd.daemon`): ZooKeeper, the namespace,
   9P listeners, a FUSE mount, the reconciler; foreground.
 - ``cloudfs ps [--tree]``: the process table (:mod:`mountd.ps`).
+- ``cloudfs top``: processes and what their VMs use, live (:mod:`mountd.top`).
+- ``cloudfs ctl PID COMMAND…``, ``cloudfs kill PID…``: ctl writes that print
+  the daemon's message on failure (:mod:`mountd.ctlcmd`).
 - ``cloudfs import DIALSTRING DIR``: mount a remote 9P namespace with FUSE
   (:mod:`mountd.importer`).
 - ``cloudfs image build NAME``: build a guest image into the state dir's
@@ -22,7 +25,8 @@ from cloudfs.quotas import DEFAULT_LIMITS, DEFAULT_MAX_PROCESSES, LIMIT_MAX
 
 from .daemon import DEFAULT_LISTEN, DEFAULT_STATE_DIR
 
-__all__ = ["build_parser", "main", "cmd_import", "cmd_up", "cmd_ps", "cmd_image_build"]
+__all__ = ["build_parser", "main", "cmd_import", "cmd_up", "cmd_ps", "cmd_ctl", "cmd_kill", "cmd_top",
+           "cmd_image_build"]
 
 
 def cmd_import(args: argparse.Namespace) -> int:
@@ -91,6 +95,75 @@ def cmd_ps(args: argparse.Namespace) -> int:
         print(f"cloudfs ps: {e}", file=sys.stderr)
         return 1
     sys.stdout.write(out)
+    return 0
+
+
+def _operator(args: argparse.Namespace) -> str:
+    return args.server or f"unix!{Path(args.state_dir) / 'cloudfs.sock'}"
+
+
+def cmd_ctl(args: argparse.Namespace) -> int:
+    """``cloudfs ctl PID COMMAND…``: one ctl write; prints its result, or the
+    daemon's message and exits 1."""
+    import trio
+
+    from ninep.errors import FsError
+
+    from .ctlcmd import ctl
+
+    try:
+        out = trio.run(ctl, _operator(args), args.pid, " ".join(args.command))
+    except (FsError, OSError, ValueError) as e:
+        print(f"cloudfs ctl: {args.pid}: {getattr(e, 'message', None) or e}", file=sys.stderr)
+        return 1
+    sys.stdout.write(out)
+    return 0
+
+
+def cmd_kill(args: argparse.Namespace) -> int:
+    """``cloudfs kill PID…``: ``kill`` to each; exits 1 if any failed."""
+    import trio
+
+    from .ctlcmd import kill
+
+    try:
+        results = trio.run(kill, _operator(args), args.pids)
+    except ValueError as e:
+        print(f"cloudfs kill: {e}", file=sys.stderr)
+        return 1
+    status = 0
+    for pid, e in results:
+        if e is not None:
+            print(f"cloudfs kill: {pid}: {getattr(e, 'message', None) or e}", file=sys.stderr)
+            status = 1
+    return status
+
+
+def cmd_top(args: argparse.Namespace) -> int:
+    """``cloudfs top``: the live table; exit status."""
+    import trio
+
+    from ninep.errors import FsError
+
+    from .top import top
+
+    server = None if args.mount else _operator(args)
+    try:
+        trio.run(lambda: top(mount=Path(args.mount) if args.mount else None, server=server, batch=args.batch,
+                             iterations=args.iterations, delay=args.delay, sort=args.sort))
+    except KeyboardInterrupt:
+        return 0
+    except (FsError, OSError, ValueError) as e:
+        print(f"cloudfs top: {e}", file=sys.stderr)
+        return 1
+    except BaseExceptionGroup as eg:  # from the sampling tasks
+        first = eg.exceptions[0]
+        while isinstance(first, BaseExceptionGroup):
+            first = first.exceptions[0]
+        if not isinstance(first, (FsError, OSError)):
+            raise
+        print(f"cloudfs top: {first}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -175,6 +248,41 @@ def build_parser() -> argparse.ArgumentParser:
     ps.add_argument("--state-dir", metavar="DIR", default=str(DEFAULT_STATE_DIR),
                     help=f"where the operator socket is (default {DEFAULT_STATE_DIR})")
     ps.set_defaults(func=cmd_ps)
+
+    def operator_args(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--server", metavar="DIALSTRING", help="the daemon's 9P address (default: the operator socket)")
+        sp.add_argument("--state-dir", metavar="DIR", default=str(DEFAULT_STATE_DIR),
+                        help=f"where the operator socket is (default {DEFAULT_STATE_DIR})")
+
+    ctl = sub.add_parser("ctl", help="write a command to /proc/PID/ctl, with the daemon's message on failure",
+                         description="Write one ctl command (fork, exec IMAGE …, kill, stop, start) to "
+                                     "/proc/PID/ctl over 9P2000.u and print its result (fork: the new pid). "
+                                     "On failure print the daemon's message (FUSE can only say the errno) "
+                                     "and exit 1.")
+    ctl.add_argument("pid", metavar="PID")
+    ctl.add_argument("command", metavar="COMMAND", nargs="+", help="e.g. exec tiny flavor=m1.small")
+    operator_args(ctl)
+    ctl.set_defaults(func=cmd_ctl)
+
+    kl = sub.add_parser("kill", help="kill processes (and their descendants)",
+                        description="Write kill to each PID's ctl; print the daemon's message for each "
+                                    "that fails and exit 1.")
+    kl.add_argument("pids", metavar="PID", nargs="+")
+    operator_args(kl)
+    kl.set_defaults(func=cmd_kill)
+
+    tp = sub.add_parser("top", help="a live table of processes and what their VMs use",
+                        description="Like top(1)/virt-top: pid, ppid, name, state, host, CPU %, memory, block "
+                                    "and network rates of every process, refreshed every DELAY seconds, read "
+                                    "from /proc/<pid>/status and /proc/<pid>/stats (a mount or 9P).")
+    tp.add_argument("-b", "--batch", action="store_true", help="print frames one after another (for scripts)")
+    tp.add_argument("-n", "--iterations", type=int, metavar="N", help="stop after N frames")
+    tp.add_argument("-d", "--delay", type=float, default=1.0, metavar="S", help="seconds between frames (1)")
+    tp.add_argument("-s", "--sort", default="cpu", choices=["cpu", "mem", "pid", "blk", "net"],
+                    help="sort by this column, biggest first (default cpu)")
+    tp.add_argument("--mount", metavar="DIR", help="read a mounted namespace instead of 9P")
+    operator_args(tp)
+    tp.set_defaults(func=cmd_top)
 
     image = sub.add_parser("image", help="manage guest images")
     isub = image.add_subparsers(dest="image_command", required=True, metavar="ACTION")

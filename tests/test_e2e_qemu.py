@@ -403,3 +403,77 @@ async def test_a_guest_fork_bomb_stops_at_its_quota(cloud):
         assert await c.listdir("proc") == ["1"]
     assert not [s for s in await trio.to_thread.run_sync(cloud.driver.servers) if s.status != "exited"]
     assert not list((cloud.state / "vms").iterdir())
+
+
+#: Writes to its console, fills 16 MiB of its scratch disk, burns CPU for
+#: 3 s, then echoes what the host asks for to its console, for ever.
+WATCHED = r"""
+echo console-marker-one
+dd if=/dev/zero of=/dev/vda bs=1M count=16 2>/dev/null; sync
+echo done > /cloud/proc/self/env/disk
+end=$(( $(date +%s) + 3 )); while [ $(date +%s) -lt $end ]; do :; done
+echo done > /cloud/proc/self/env/cpu
+n=0
+while true; do
+  echo "said: $(cat /cloud/proc/self/env/say$n)"
+  n=$((n + 1))
+done
+"""
+
+#: Tries to read another process's console.
+PEEKER = r"""
+other=$(cat /cloud/proc/self/env/other)
+if cat /cloud/proc/$other/console >/dev/null 2>/tmp/err; then r=read; else r="refused: $(cat /tmp/err)"; fi
+echo "$r" > /cloud/proc/self/env/peek
+sleep 100000
+"""
+
+
+def _kv(text: bytes) -> dict[str, str]:
+    return dict(line.split(" ", 1) for line in text.decode().splitlines())
+
+
+async def test_stats_and_console_of_a_real_guest(cloud, tmp_path):
+    """vCPU time and block counters grow as the guest burns CPU and disk;
+    its console shows what it printed; ``tail -f console`` on a FUSE mount
+    sees a line written after it started; a sibling guest may not read it."""
+    from mountd.fuse import mount
+
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    async with open_client(cloud.operator) as c, trio.open_nursery() as nursery:
+        await nursery.start(lambda task_status: mount(cloud.fs, str(mnt), task_status=task_status))
+        try:
+            pid = await start_vm(c, WATCHED)
+            assert await env(c, pid, "disk") == "done"
+            first = _kv(await c.read_file(f"proc/{pid}/stats"))
+            assert int(first["block_write_bytes"]) >= 16 << 20 and int(first["block_write_ops"]) > 0
+            assert first["memory_bytes"] == str(256 << 20) and first["net_rx_bytes"] == "-"
+            assert await env(c, pid, "cpu") == "done"
+            second = _kv(await c.read_file(f"proc/{pid}/stats"))
+            assert int(second["cpu_ns"]) - int(first["cpu_ns"]) >= 1_500_000_000, (first, second)
+            assert int(second["uptime_s"]) >= 3
+            text = await c.read_file(f"proc/{pid}/console")
+            assert b"console-marker-one" in text
+            size = (await (await c.walk(f"proc/{pid}/console")).getattr()).size
+            assert size >= len(text) > 0
+
+            tail = await trio.lowlevel.open_process(["tail", "-n", "0", "-f", str(mnt / f"proc/{pid}/console")],
+                                                    stdout=subprocess.PIPE)
+            try:
+                await trio.sleep(2)  # tail has read to the end and follows
+                await c.write_file(f"proc/{pid}/env/say0", b"after-tail-started")
+                seen = b""
+                with trio.fail_after(60):
+                    while b"said: after-tail-started" not in seen:
+                        seen += await tail.stdout.receive_some(4096)
+            finally:
+                tail.kill()
+                await tail.wait()
+
+            peeker = await start_vm(c, PEEKER)
+            await c.write_file(f"proc/{peeker}/env/other", str(pid).encode())
+            assert (await env(c, peeker, "peek")).startswith("refused: ")
+            assert "ermission denied" in await env(c, peeker, "peek")
+        finally:
+            nursery.cancel_scope.cancel()

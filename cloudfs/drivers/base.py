@@ -27,7 +27,9 @@ from __future__ import annotations
 import abc
 import errno
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+
+import trio
 
 from ninep.errors import FsError
 
@@ -116,6 +118,33 @@ class Server:
     host: str
     addresses: tuple[str, ...] = field(default=())
     message: str = ""
+
+
+@dataclass(frozen=True)
+class ServerStats:
+    """What a VM uses, as the backend can tell (None where it cannot):
+    ``cpu_ns`` guest vCPU time (ns), ``memory_bytes`` memory given to the
+    VM, ``memory_used_bytes`` what the guest uses, block and network
+    counters (bytes, operations, packets, since the VM started) and
+    ``uptime_s`` (whole seconds).  Lines of ``/proc/<pid>/stats``."""
+
+    cpu_ns: int | None = None
+    memory_bytes: int | None = None
+    memory_used_bytes: int | None = None
+    block_read_bytes: int | None = None
+    block_write_bytes: int | None = None
+    block_read_ops: int | None = None
+    block_write_ops: int | None = None
+    net_rx_bytes: int | None = None
+    net_tx_bytes: int | None = None
+    net_rx_packets: int | None = None
+    net_tx_packets: int | None = None
+    uptime_s: int | None = None
+
+    def text(self) -> bytes:
+        """``key value`` lines in field order, ``-`` where unknown."""
+        return "".join(f"{f.name} {'-' if getattr(self, f.name) is None else getattr(self, f.name)}\n"
+                       for f in fields(self)).encode()
 
 
 @dataclass(frozen=True)
@@ -228,6 +257,26 @@ class ComputeDriver(abc.ABC):
     async def status(self, server_id: str) -> Server:
         """The server now; NotFound if it does not exist (or is another
         deployment's)."""
+
+    async def run(self) -> None:
+        """The driver's background work while a daemon serves (run in the
+        daemon's nursery, cancelled at its end; e.g. the QEMU driver keeps
+        its consoles bounded).  The default has none."""
+        await trio.sleep_forever()
+
+    async def stats(self, server_id: str) -> ServerStats:
+        """What the server uses now (one sample); fields the backend cannot
+        tell are None.  NotFound if it does not exist (or is another
+        deployment's).  The default knows nothing."""
+        await self.status(server_id)
+        return ServerStats()
+
+    async def console(self, server_id: str, limit: int) -> bytes:
+        """The last ``limit`` bytes (at most) the server wrote to its
+        console (QEMU's serial port, Nova's console output).  NotFound if
+        it does not exist.  The default has none (empty)."""
+        await self.status(server_id)
+        return b""
 
     @abc.abstractmethod
     async def list_images(self) -> list[Image]:

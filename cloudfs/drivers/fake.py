@@ -21,7 +21,9 @@ import uuid
 
 import trio
 
-from .base import META_PID, ComputeDriver, DriverError, Image, Network, NotFound, NotOurs, Server, ServerSpec
+from .base import (
+    META_PID, ComputeDriver, DriverError, Image, Network, NotFound, NotOurs, Server, ServerSpec, ServerStats,
+)
 
 
 class FakeDriver(ComputeDriver):
@@ -44,6 +46,9 @@ class FakeDriver(ComputeDriver):
         self.userdata: dict[str, bytes] = {}
         self.metadata: dict[str, dict[str, str]] = {}
         self.secrets: dict[str, str] = {}
+        #: what each server "wrote" to its console (tests append to it)
+        self.consoles: dict[str, bytes] = {}
+        self._born: dict[str, float] = {}
         self.calls: list[tuple[str, str]] = []
         self.listings: collections.Counter[str] = collections.Counter()
         self._failures: dict[str, str] = {}
@@ -90,6 +95,8 @@ class FakeDriver(ComputeDriver):
         self.userdata[sid] = bytes(spec.userdata)
         self.metadata[sid] = md
         self.secrets[sid] = spec.secret
+        self.consoles[sid] = f"fake console of {spec.name}\n".encode()
+        self._born[sid] = trio.current_time()
         self.calls.append(("create", sid))
         return s
 
@@ -147,6 +154,21 @@ class FakeDriver(ComputeDriver):
     async def status(self, server_id):
         await trio.lowlevel.checkpoint()
         return self._get(server_id)
+
+    async def stats(self, server_id):
+        """Made-up counters that grow with the server's age (1 ms of CPU and
+        4 KiB written per second); no memory use or network counters."""
+        await trio.lowlevel.checkpoint()
+        self._get(server_id)
+        age = trio.current_time() - self._born.get(server_id, trio.current_time())
+        return ServerStats(cpu_ns=int(age * 1e6), memory_bytes=256 << 20, block_read_bytes=0,
+                           block_write_bytes=int(age) * 4096, block_read_ops=0, block_write_ops=int(age),
+                           uptime_s=int(age))
+
+    async def console(self, server_id, limit):
+        await trio.lowlevel.checkpoint()
+        self._get(server_id)
+        return self.consoles.get(server_id, b"")[-limit:] if limit else b""
 
     async def list_images(self):
         await trio.lowlevel.checkpoint()

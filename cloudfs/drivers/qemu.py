@@ -60,6 +60,7 @@ files) runs in worker threads under deadlines.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -80,7 +81,7 @@ import trio
 from .. import imagestore
 from ..guestimage import append_files
 from .base import (
-    META_PID, ComputeDriver, DriverError, Image, Network, NotFound, NotOurs, Server, ServerSpec,
+    META_PID, ComputeDriver, DriverError, Image, Network, NotFound, NotOurs, Server, ServerSpec, ServerStats,
 )
 
 log = logging.getLogger(__name__)
@@ -98,6 +99,20 @@ FORWARD_ADDRESS = "10.0.2.100"
 GUEST_9P_PORT = 564
 #: Flavors: name → (memory MiB, vCPUs); the first is the default.
 FLAVORS: dict[str, tuple[int, int]] = {"m1.tiny": (256, 1), "m1.small": (512, 1)}
+#: Each flavor's scratch disk (GiB): a sparse raw file per VM, the guest's
+#: /dev/vda (vdb when the image has a disk), made anew at create and rebuild.
+SCRATCH_GIB: dict[str, int] = {"m1.tiny": 1, "m1.small": 2}
+#: Console bytes kept per VM: when STATE/vms/<id>/console.log passes this,
+#: its last half moves to console.log.1 (the older half is dropped), checked
+#: every CONSOLE_CHECK seconds by :meth:`QemuDriver.run`; so a VM's console
+#: takes at most 1.5 × CONSOLE_MAX plus what it writes in CONSOLE_CHECK.
+CONSOLE_MAX = 1 << 20
+CONSOLE_CHECK = 1.0
+#: Consoles of deleted VMs kept in STATE/logs (the newest).
+LOGS_KEEP = 256
+#: Free space (bytes) the state dir's filesystem must keep beyond a new VM's
+#: whole scratch disk for create to go ahead.
+DISK_RESERVE = 1 << 30
 USER_NET = Network("net-user", "user", "10.0.2.0/24", "active")
 
 #: ``/sbin/cloudfs-mount`` in the guest: (re)mount the namespace at /cloud.
@@ -246,6 +261,61 @@ def probe_kvm(qemu: str, kernel: Path, timeout: float = 5.0) -> bool:
     return p.returncode == 0 and b"Linux version" in out
 
 
+def _console_tail(vm: "_Vm", limit: int) -> bytes:
+    """Blocking: the last ``limit`` bytes of the older and current halves."""
+    out = b""
+    for p in (vm.console, vm.console_old):  # newest first
+        if len(out) >= limit:
+            break
+        try:
+            with open(p, "rb") as f:
+                f.seek(0, os.SEEK_END)
+                f.seek(max(0, f.tell() - (limit - len(out))))
+                out = f.read(limit - len(out)) + out
+        except OSError:
+            continue
+    return out[-limit:] if limit else b""
+
+
+def _rotate(current: Path, old: Path, keep: int) -> None:
+    """Blocking: move the last ``keep`` bytes of ``current`` to ``old`` and
+    truncate ``current`` (its writer appends: it goes on at offset 0)."""
+    with open(current, "rb") as f:
+        f.seek(0, os.SEEK_END)
+        f.seek(max(0, f.tell() - keep))
+        tail = f.read(keep)
+    fd = os.open(old, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(tail)
+    os.truncate(current, 0)
+
+
+def _free_bytes(path: Path) -> int:
+    """Blocking: bytes free for unprivileged use on ``path``'s filesystem."""
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
+
+
+def _task_ticks(pid: int, tid: int) -> int | None:
+    """utime + stime (clock ticks) of thread ``tid`` of ``pid`` (proc(5))."""
+    try:
+        stat = Path(f"/proc/{pid}/task/{tid}/stat").read_bytes()
+        fields_ = stat[stat.rindex(b")") + 2:].split()
+        return int(fields_[11]) + int(fields_[12])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _uptime(pid: int) -> int | None:
+    """Seconds since process ``pid`` started (its starttime, proc(5))."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_bytes()
+        start = int(stat[stat.rindex(b")") + 2:].split()[19]) / os.sysconf("SC_CLK_TCK")
+        return max(0, int(float(Path("/proc/uptime").read_text().split()[0]) - start))
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def _boot_id() -> str:
     """This host boot's id (changes at every reboot)."""
     try:
@@ -297,6 +367,14 @@ class _Vm:
     def pidfile(self) -> Path:
         return self.dir / "qemu.pid"
 
+    @property
+    def console_old(self) -> Path:
+        return self.dir / "console.log.1"
+
+    @property
+    def scratch(self) -> Path:
+        return self.dir / "scratch.img"
+
     def to_json(self) -> str:
         return json.dumps({"id": self.id, "name": self.name, "image": self.image, "flavor": self.flavor,
                            "networks": self.networks, "metadata": self.metadata, "secret": self.secret,
@@ -322,12 +400,8 @@ class _Vm:
 
     def exit_message(self) -> str:
         """The last ``cloudfs-exit:`` line of the console, as ``exit <st>: <msg>``."""
-        try:
-            with open(self.console, "rb") as f:
-                f.seek(0, os.SEEK_END)
-                f.seek(max(0, f.tell() - 65536))
-                tail = f.read().decode(errors="replace")
-        except OSError:
+        tail = _console_tail(self, 65536).decode(errors="replace")  # also across a cut
+        if not tail:
             return "QEMU exited"
         for line in reversed(tail.splitlines()):
             line = line.strip()
@@ -376,6 +450,7 @@ class QemuDriver(ComputeDriver):
         self.bios = bios
         self._accel_chosen: str | None = None if accel == "auto" else accel
         self._lock = trio.Lock()
+        self._trimming = False
         self.vms_dir.mkdir(parents=True, exist_ok=True)
         os.chmod(self.vms_dir, 0o700)
 
@@ -438,13 +513,25 @@ class QemuDriver(ComputeDriver):
         return self._server(keep)
 
     def _remove(self, vm: _Vm) -> None:
-        """Blocking: end QEMU and remove the VM directory, keeping its console log."""
+        """Blocking: end QEMU and remove the VM directory, keeping its console
+        (both halves, at most CONSOLE_MAX bytes) as STATE/logs/<id>.console.log."""
         self._kill(vm)
         self.logs_dir.mkdir(parents=True, exist_ok=True)
         with contextlib.suppress(OSError):
-            os.replace(vm.console, self.logs_dir / f"{vm.id}.console.log")
+            kept = _console_tail(vm, CONSOLE_MAX)
+            fd = os.open(self.logs_dir / f"{vm.id}.console.log", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(kept)
+        with contextlib.suppress(OSError):  # the newest LOGS_KEEP consoles stay
+            logs = sorted(self.logs_dir.glob("*.console.log"), key=lambda p: p.stat().st_mtime, reverse=True)
+            for old in logs[LOGS_KEEP:]:
+                old.unlink(missing_ok=True)
         (vm.dir / "meta.json").unlink(missing_ok=True)
         shutil.rmtree(vm.dir, ignore_errors=True)
+
+    def console_path(self, server_id: str) -> Path:
+        """Where the console of ``server_id`` is kept once it is deleted."""
+        return self.logs_dir / f"{server_id}.console.log"
 
     def _ours(self, pid: int) -> list[_Vm]:
         """Blocking: the VMs of the bound deployment tagged with ``pid``, oldest first."""
@@ -480,7 +567,7 @@ class QemuDriver(ComputeDriver):
         return Server(vm.id, vm.name, "unknown", self.host, addrs, f"QEMU reports {status or 'no status'}")
 
     def _argv(self, vm: _Vm, image: imagestore.StoredImage) -> list[str]:
-        memory, cpus = FLAVORS[vm.flavor]
+        memory, cpus = FLAVORS.get(vm.flavor, next(iter(FLAVORS.values())))
         netdev = f"user,id=n0,restrict=on,net=10.0.2.0/24,{guestfwd_rule(GUEST_9P_PORT, self.ninep_port)}"
         argv = [
             self.qemu, "-name", f"cloudfs-{vm.id}", "-accel", vm.accel, "-m", str(memory), "-smp", str(cpus),
@@ -497,6 +584,8 @@ class QemuDriver(ComputeDriver):
             argv += ["-netdev", netdev, "-device", "virtio-net-pci,netdev=n0"]
         if image.disk is not None:
             argv += ["-drive", f"file={image.disk},if=virtio,snapshot=on"]
+        argv += ["-drive", f"file={vm.scratch},if=virtio,format=raw,id=scratch",
+                 "-device", "virtio-balloon-pci,id=balloon0"]
         return argv
 
     def _prepare(self, vm: _Vm, image: imagestore.StoredImage, userdata: bytes) -> None:
@@ -516,9 +605,16 @@ class QemuDriver(ComputeDriver):
             os.umask(old)
 
     def _launch(self, vm: _Vm, image: imagestore.StoredImage) -> None:
-        """Blocking: start QEMU (daemonized, own session); DriverError on failure."""
-        for p in (vm.qmp, vm.pidfile):
+        """Blocking: start QEMU (daemonized, own session) with a fresh
+        scratch disk; DriverError on failure."""
+        for p in (vm.qmp, vm.pidfile, vm.scratch):
             p.unlink(missing_ok=True)
+        gib = SCRATCH_GIB.get(vm.flavor, 1)
+        fd = os.open(vm.scratch, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.ftruncate(fd, gib << 30)  # sparse: takes no space until the guest writes
+        finally:
+            os.close(fd)
         with open(vm.console, "ab") as f:
             f.write(f"--- cloudfs: starting {vm.id} ({vm.accel}) at {time.strftime('%H:%M:%S')} ---\n".encode())
         try:
@@ -529,6 +625,10 @@ class QemuDriver(ComputeDriver):
         if p.returncode != 0 or vm.pid() is None:
             err = (p.stderr or b"").decode(errors="replace").strip()[-1500:]
             raise DriverError(f"QEMU failed to start (status {p.returncode}): {err or 'no message'}")
+        # the guest's balloon driver reports its memory use every few seconds
+        with contextlib.suppress(QmpError):
+            qmp_command(vm.qmp, "qom-set", {"path": "/machine/peripheral/balloon0",
+                                            "property": "guest-stats-polling-interval", "value": 2})
 
     def _kill(self, vm: _Vm, grace: float = 5.0) -> None:
         """Blocking: end QEMU (QMP quit, then SIGKILL after ``grace`` s)."""
@@ -572,6 +672,11 @@ class QemuDriver(ComputeDriver):
         for n in networks:
             if n != USER_NET.name:
                 raise NotFound(f"no network {n!r}")
+        need = (SCRATCH_GIB.get(flavor, 1) << 30) + DISK_RESERVE
+        free = await trio.to_thread.run_sync(_free_bytes, self.state_dir)
+        if free < need:
+            raise DriverError(f"not enough disk for a {flavor} VM's scratch disk: {free >> 20} MiB free in "
+                              f"{self.state_dir}, {need >> 20} MiB needed")
         accel = await self._choose_accel(img.kernel)
         vid = f"vm-{uuid.uuid4().hex[:12]}"
         vm = _Vm(id=vid, dir=self.vms_dir / vid, name=spec.name, image=spec.image, flavor=flavor,
@@ -692,10 +797,90 @@ class QemuDriver(ComputeDriver):
 
     async def status(self, server_id: str) -> Server:
         """The VM now: ``running``/``stopped`` (QMP query-status), ``exited``
-        (QEMU is gone; the message is the guest's ``cloudfs-exit`` line) or
-        ``error``.  NotFound if there is no such VM directory."""
+        (QEMU is gone; the message is the guest's ``cloudfs-exit`` line and
+        where its console is kept) or ``error``.  NotFound if there is no
+        such VM directory."""
         vm = await trio.to_thread.run_sync(self._vm, server_id)
-        return await trio.to_thread.run_sync(self._server, vm)
+        s = await trio.to_thread.run_sync(self._server, vm)
+        if s.status == "exited":
+            s = dataclasses.replace(s, message=f"{s.message} (console: {self.console_path(vm.id)})")
+        return s
+
+    async def stats(self, server_id: str) -> ServerStats:
+        """One sample: vCPU time (QMP ``query-cpus-fast`` thread ids, their
+        utime+stime in /proc), memory given (the flavor) and used (the
+        guest's virtio-balloon statistics, once its driver reported), block
+        counters (QMP ``query-blockstats``, all disks), uptime (QEMU's start
+        time).  No network counters: QMP has none for user-mode networking.
+        NotFound if there is no such VM."""
+        vm = await trio.to_thread.run_sync(self._vm, server_id)
+        return await trio.to_thread.run_sync(self._stats, vm)
+
+    def _stats(self, vm: _Vm) -> ServerStats:
+        memory = FLAVORS.get(vm.flavor, next(iter(FLAVORS.values())))[0] << 20
+        pid = vm.pid()
+        if pid is None:
+            return ServerStats(memory_bytes=memory)
+        out: dict[str, int | None] = {"memory_bytes": memory, "uptime_s": _uptime(pid)}
+        with contextlib.suppress(QmpError):
+            cpus = qmp_command(vm.qmp, "query-cpus-fast", timeout=3.0)
+            tids = [c.get("thread-id") for c in cpus if isinstance(c, dict)] if isinstance(cpus, list) else []
+            ticks = [_task_ticks(pid, t) for t in tids if isinstance(t, int)]
+            if ticks and None not in ticks:
+                out["cpu_ns"] = sum(ticks) * 1_000_000_000 // os.sysconf("SC_CLK_TCK")
+        with contextlib.suppress(QmpError):
+            blocks = qmp_command(vm.qmp, "query-blockstats", timeout=3.0)
+            if isinstance(blocks, list) and blocks:
+                for key, field_ in (("rd_bytes", "block_read_bytes"), ("wr_bytes", "block_write_bytes"),
+                                    ("rd_operations", "block_read_ops"), ("wr_operations", "block_write_ops")):
+                    vals = [b.get("stats", {}).get(key) for b in blocks if isinstance(b, dict)]
+                    if vals and all(isinstance(v, int) for v in vals):
+                        out[field_] = sum(vals)
+        with contextlib.suppress(QmpError):
+            got = qmp_command(vm.qmp, "qom-get", {"path": "/machine/peripheral/balloon0",
+                                                   "property": "guest-stats"}, timeout=3.0)
+            st = got.get("stats", {}) if isinstance(got, dict) else {}
+            total, avail = st.get("stat-total-memory"), st.get("stat-available-memory")
+            if isinstance(got, dict) and got.get("last-update") and isinstance(total, int) and isinstance(avail, int) \
+                    and 0 <= avail <= total:
+                out["memory_used_bytes"] = total - avail
+        return ServerStats(**out)
+
+    async def console(self, server_id: str, limit: int) -> bytes:
+        """The last ``limit`` bytes of the VM's serial console (what it
+        wrote since its last create, at most about 1.5 × CONSOLE_MAX bytes
+        kept: the older half of the last cut, then what came since).
+        NotFound if there is no such VM."""
+        vm = await trio.to_thread.run_sync(self._vm, server_id)
+        return await trio.to_thread.run_sync(_console_tail, vm, limit)
+
+    async def run(self) -> None:
+        """Forever: every CONSOLE_CHECK seconds cut the console of each VM
+        over CONSOLE_MAX bytes to its last half (QEMU appends to the file,
+        ``append=on``: its next write lands at the new end; what it writes
+        between the copy and the truncation, a few bytes at most, is lost).
+        One trimmer per driver, however many daemons share it; a failure is
+        logged and the next round tries again."""
+        if self._trimming:
+            await trio.sleep_forever()
+        self._trimming = True
+        try:
+            while True:
+                try:
+                    await trio.to_thread.run_sync(self._trim_consoles)
+                except Exception:  # never take the daemon down for this
+                    log.exception("trimming consoles")
+                await trio.sleep(CONSOLE_CHECK)
+        finally:
+            self._trimming = False
+
+    def _trim_consoles(self) -> None:
+        for d in self.vms_dir.iterdir() if self.vms_dir.is_dir() else ():
+            try:
+                if (d / "console.log").stat().st_size > CONSOLE_MAX:
+                    _rotate(d / "console.log", d / "console.log.1", CONSOLE_MAX // 2)
+            except OSError:
+                continue
 
     async def list_images(self) -> list[Image]:
         """The image store (STATE/images), by name."""

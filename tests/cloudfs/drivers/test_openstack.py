@@ -151,6 +151,13 @@ async def test_lifecycle_reaches_nova(drv, conn):
     assert (await drv.start(s.id)).status == "running"
     assert conn.compute.get_server(s.id).status == "ACTIVE"
 
+    # diagnostics (microversion 2.48) and console output of Nova's fake hypervisor
+    stats = await drv.stats(s.id)
+    assert stats.cpu_ns and stats.uptime_s and stats.memory_bytes and stats.memory_bytes % (1 << 20) == 0
+    assert stats.block_write_bytes and stats.block_write_ops and stats.net_rx_bytes and stats.net_tx_packets
+    assert b"FAKE CONSOLE OUTPUT" in await drv.console(s.id, 1 << 20)
+    assert len(await drv.console(s.id, 4)) == 4
+
     rb = await drv.rebuild(s.id, "tiny", b"second life")
     assert (rb.id, rb.status, rb.addresses) == (s.id, "running", s.addresses)
     assert await drv.userdata(s.id) == b"second life"
@@ -412,6 +419,12 @@ async def test_proc_lifecycle_reaches_nova(openstack_cloud, zookeeper, os_root, 
         assert await drv.userdata(vm) == b"#cloud-config\nruncmd: [true]\n"
         port_ips = [ip["ip_address"] for p in conn.network.ports(device_id=vm) for ip in p.fixed_ips]
         assert st["addresses"] == " ".join(port_ips) and st["flavor"] in ("m1.tiny", "-")
+
+        from tests.cloudfs.fsops import cat
+
+        stats = dict(line.split(" ", 1) for line in (await cat(root, f"/proc/{pid}/stats")).decode().splitlines())
+        assert stats["cpu_ns"].isdigit() and stats["net_rx_bytes"].isdigit(), stats
+        assert b"FAKE CONSOLE OUTPUT" in await cat(root, f"/proc/{pid}/console")
 
         await ctl(root, pid, "stop")
         await wait_state(root, pid, "stopped")

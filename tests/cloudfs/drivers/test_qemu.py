@@ -158,7 +158,7 @@ async def test_lifecycle_readoption_rebuild_and_exit(state, memfs_port):
     assert r.id == s.id and r.status == "running"
     assert d2.qemu_pid(s.id) not in (None, qpid)
     exited = await until(lambda: _exited(d2, s.id), what="guest exit")
-    assert exited.message == "exit 3: user-data exited with status 3", exited
+    assert exited.message == f"exit 3: user-data exited with status 3 (console: {d2.console_path(s.id)})", exited
     assert bytes(fs.root.children["two"].data) == b"two\n"
     with pytest.raises(DriverError):
         await d2.start(s.id)
