@@ -76,7 +76,7 @@ def parse_stats(text: str) -> dict[str, int | None]:
 
 
 async def sample(listdir: Callable[[str], Awaitable[list[str]]], read: Callable[[str], Awaitable[bytes]],
-                 concurrency: int = 32) -> dict[int, Sample]:
+                 concurrency: int = 64) -> dict[int, Sample]:
     """Every live process's status and stats now, read ``concurrency`` at a
     time; processes that end meanwhile are left out."""
     out: dict[int, Sample] = {}
