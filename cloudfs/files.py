@@ -24,6 +24,7 @@ from .drivers.base import ServerStats
 
 if TYPE_CHECKING:
     from .namespace import CloudFS
+    from .process import Process
 
 
 class DirFile(OpenFile):
@@ -70,6 +71,14 @@ class CtlFile(OpenFile):
         return chunk
 
 
+async def record_of(fs: "CloudFS", pid: int) -> "Process":
+    """``pid``'s record from the watched cache; FsError(ENOENT) if it ended."""
+    rec = await fs.records.cached(pid)
+    if rec is None:
+        raise FsError(errno.ENOENT, f"no process {pid}")
+    return rec
+
+
 class StatusFile(SnapshotFile):
     """``/proc/<pid>/status``: Process.status_text() of the record now."""
 
@@ -78,10 +87,7 @@ class StatusFile(SnapshotFile):
         self.fs, self.pid = fs, pid
 
     async def produce(self) -> bytes:
-        rec = await self.fs.records.cached(self.pid)
-        if rec is None:
-            raise FsError(errno.ENOENT, f"no process {self.pid}")
-        return rec.status_text().encode()
+        return (await record_of(self.fs, self.pid)).status_text().encode()
 
 
 class ChildrenFile(SnapshotFile):
@@ -209,9 +215,7 @@ class StatsFile(SnapshotFile):
         self.fs, self.pid = fs, pid
 
     async def produce(self) -> bytes:
-        rec = await self.fs.records.cached(self.pid)
-        if rec is None:
-            raise FsError(errno.ENOENT, f"no process {self.pid}")
+        rec = await record_of(self.fs, self.pid)
         return (await self.fs.catalog.stats(rec.vm) if rec.vm else ServerStats()).text()
 
 
@@ -222,9 +226,7 @@ CONSOLE_LIMIT = 2 << 20
 
 async def console_of(fs: "CloudFS", pid: int) -> bytes:
     """The last CONSOLE_LIMIT bytes of ``pid``'s VM console (empty without a VM)."""
-    rec = await fs.records.cached(pid)
-    if rec is None:
-        raise FsError(errno.ENOENT, f"no process {pid}")
+    rec = await record_of(fs, pid)
     return await fs.catalog.console(rec.vm, CONSOLE_LIMIT) if rec.vm else b""
 
 

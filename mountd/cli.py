@@ -88,7 +88,7 @@ def cmd_ps(args: argparse.Namespace) -> int:
 
     from .ps import ps
 
-    server = args.server or f"unix!{Path(args.state_dir) / 'cloudfs.sock'}"
+    server = _operator(args)
     try:
         out = trio.run(lambda: ps(mount=Path(args.mount) if args.mount else None, server=server, tree=args.tree))
     except (FsError, OSError, ValueError) as e:

@@ -106,13 +106,17 @@ class Canary:
         self.reads = 0
         self.failures: list[str] = []
 
+    async def target(self) -> str | trio.abc.Stream:
+        """What each read connects to (a dial string, or a connected stream)."""
+        return self.dial
+
     async def run(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
         while True:
             t0 = trio.current_time()
             try:
                 with trio.fail_after(5):
-                    async with open_client(self.dial) as c:
+                    async with open_client(await self.target()) as c:
                         assert (await c.read_file("proc/1/status")).startswith(b"pid 1\n")
             except Exception as e:  # noqa: BLE001 - recorded, asserted on by the test
                 self.failures.append(repr(e))
