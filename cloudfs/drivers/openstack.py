@@ -765,8 +765,9 @@ class OpenStackDriver(ComputeDriver):
         default policy), parsed here: openstacksdk's own parsing of it is
         wrong for 2.48.  CPU time (ns) summed over ``cpu_details``, memory
         from ``memory_details`` (MiB), disk and NIC counters summed, uptime;
-        fields Nova leaves out or sends malformed are unknown.  NotFound if
-        the server is gone (or another deployment's)."""
+        fields Nova leaves out or sends malformed are unknown, and all of
+        them when Nova refuses (403: the credentials are not an admin's).
+        NotFound if the server is gone (or another deployment's)."""
         await self._get(server_id)
         raw = await self._call(f"diagnostics of {server_id}", self._diagnostics, server_id)
         return _diagnostics_stats(raw)
@@ -775,6 +776,8 @@ class OpenStackDriver(ComputeDriver):
         import openstack.exceptions as osx
 
         resp = self.conn.compute.get(f"/servers/{server_id}/diagnostics", microversion="2.48")
+        if resp.status_code == 403:  # not an admin (Nova's default policy): nothing is known
+            return None
         osx.raise_from_response(resp)
         return resp.json()
 
