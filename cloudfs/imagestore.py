@@ -31,6 +31,7 @@ from __future__ import annotations
 import json
 import lzma
 import os
+import re
 import struct
 import zlib
 import shutil
@@ -47,6 +48,7 @@ __all__ = ["StoredImage", "images_dir", "install_image", "list_images", "get_ima
 #: Images :func:`build_image_main` knows how to build.
 KNOWN_IMAGES = ("tiny",)
 FORMAT = "kernel+initramfs"
+_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,62}")
 
 
 @dataclass(frozen=True)
@@ -172,14 +174,39 @@ def install_image(state_dir: Path, image: TinyImage) -> StoredImage:
     return got
 
 
+def _name_ok(name: object) -> bool:
+    """An image or file name of the store: 1–63 of ``[A-Za-z0-9._-]``, not
+    starting with a dot (no path, no ``..``)."""
+    return isinstance(name, str) and bool(_NAME.fullmatch(name))
+
+
+def _inside(d: Path, name: object) -> Path:
+    """The file ``name`` of image directory ``d``; ValueError unless it is a
+    plain file name there (a manifest is input: never an absolute path, a
+    ``..`` or a link out of the store)."""
+    if not _name_ok(name):
+        raise ValueError(f"bad file name {name!r} in the manifest of {d}")
+    p = d / str(name)
+    if p.is_symlink() or p.resolve().parent != d.resolve():
+        raise ValueError(f"{p} is not a file of its image directory")
+    return p
+
+
 def get_image(state_dir: Path, name: str) -> StoredImage | None:
-    """The stored image ``name``, or None if missing or its files are gone."""
+    """The stored image ``name``, or None if missing, its files are gone,
+    the name is not a plain image name, or its manifest names anything but
+    plain files of its own directory (what comes from ZooKeeper or a
+    manifest is input: never a path the daemon would boot from elsewhere)."""
+    if not _name_ok(name):
+        return None
     d = images_dir(state_dir) / name
     try:
+        if d.is_symlink() or not d.is_dir():
+            return None
         m = json.loads((d / "manifest.json").read_text())
-        kernel, initramfs = d / m["kernel"], d / m["initramfs"]
-        disk = d / m["disk"] if m.get("disk") else None
-        pvh = d / m["kernel_pvh"] if m.get("kernel_pvh") else None
+        kernel, initramfs = _inside(d, m["kernel"]), _inside(d, m["initramfs"])
+        disk = _inside(d, m["disk"]) if m.get("disk") else None
+        pvh = _inside(d, m["kernel_pvh"]) if m.get("kernel_pvh") else None
         if not kernel.is_file() or not initramfs.is_file() or (disk is not None and not disk.is_file()):
             return None
         return StoredImage(name=m["name"], id=m["id"], size=int(m["size"]), format=m["format"],
