@@ -18,6 +18,7 @@ the same name made that way shares them).
 from __future__ import annotations
 
 import errno
+import logging
 import re
 import uuid
 from collections.abc import Mapping
@@ -27,6 +28,8 @@ from ninep.errors import FsError
 from .process import init_record
 from .quotas import DEFAULT_LIMITS, DEFAULT_MAX_PROCESSES, DESCENDANTS, ENV_BYTES, ENV_KEYS, Quota
 from .store import NodeExistsError, NoNodeError, Store
+
+log = logging.getLogger(__name__)
 from .znodes import INIT_PID, Layout
 
 _ID = re.compile(r"^[0-9a-f]{32}$")
@@ -47,6 +50,7 @@ async def open_deployment(store: Store, layout: Layout, max_processes: int = DEF
     L = layout
     init_quota = Quota({DESCENDANTS: max_processes, ENV_KEYS: limits[ENV_KEYS], ENV_BYTES: limits[ENV_BYTES]})
     if await store.exists(L.nextpid) is None:
+        await store.ensure_path(L.parent, open_acl=True)  # shared by deployments: listing it tells only names
         await store.ensure_path(L.root)
         t = store.transaction()
         t.create(L.id, new_deployment_id().encode())
@@ -83,5 +87,8 @@ async def open_deployment(store: Store, layout: Layout, max_processes: int = DEF
         text = ""
     if not _ID.match(text) and text != L.root:
         raise FsError(errno.EIO, f"{L.id} does not hold a deployment id (32 hex digits)")
+    secured = await store.secure(L.root)  # a tree made before ACLs (or by a daemon without a credential)
+    if secured:
+        log.warning("gave %d znodes of %s the deployment's ACL", secured, L.root)
     return text
 

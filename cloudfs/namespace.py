@@ -96,13 +96,20 @@ class CloudFS(FileSystem):
         self._cancel: trio.CancelScope | None = None
         self._public: PublicFS | None = None
 
+    async def prepare(self) -> None:
+        """Create the deployment's znodes if missing and bind the driver to
+        the deployment's id.  FsError (EACCES: not the deployment's ZooKeeper
+        credential; the store's EIO/EAGAIN), ValueError if the driver already
+        serves another deployment."""
+        if self.deployment_id is None:
+            self.deployment_id = await open_deployment(self.store, self.layout, self.max_processes, self.limits)
+            self.driver.bind(self.deployment_id, self.layout.root)
+            log.info("deployment %s (id %s)", self.layout.root, self.deployment_id)
+
     async def start(self, nursery: trio.Nursery) -> None:
-        """Create the deployment's znodes if missing, bind the driver to the
-        deployment's id, and run the reconciler in ``nursery``.  ValueError
-        if the driver already serves another deployment."""
-        self.deployment_id = await open_deployment(self.store, self.layout, self.max_processes, self.limits)
-        self.driver.bind(self.deployment_id, self.layout.root)
-        log.info("deployment %s (id %s)", self.layout.root, self.deployment_id)
+        """:meth:`prepare` if not done, then run the reconciler and the
+        driver's background work in ``nursery``."""
+        await self.prepare()
 
         async def run(task_status=trio.TASK_STATUS_IGNORED):
             with trio.CancelScope() as cs:
@@ -178,17 +185,19 @@ class CloudFS(FileSystem):
 async def open_cloudfs(hosts: str, driver: ComputeDriver, root: str = DEFAULT_ROOT, *,
                        daemon_id: str | None = None, resync_interval: float | None = 10.0,
                        limits: Mapping[str, int] | None = None, max_processes: int = DEFAULT_MAX_PROCESSES,
-                       **store_options) -> AsyncIterator[CloudFS]:
+                       zk_auth: str | None = None, **store_options) -> AsyncIterator[CloudFS]:
     """Connect to ZooKeeper at ``hosts``, start a CloudFS on ``root`` and
     yield it; on exit stop the reconciler and close the session.
-    ``limits`` and ``max_processes`` as for :class:`CloudFS`;
+    ``limits`` and ``max_processes`` as for :class:`CloudFS`; ``zk_auth`` a
+    digest credential ``user:password``: every znode of the deployment then
+    carries an ACL only holders of it pass (None: open, as for tests);
     ``store_options`` go to :class:`Store` (timeouts)."""
-    store = Store(hosts, **store_options)
+    store = Store(hosts, auth=zk_auth, **store_options)
     await store.start()
     try:
+        fs = CloudFS(store, driver, root, daemon_id, resync_interval, limits=limits, max_processes=max_processes)
+        await fs.prepare()  # its errors come as themselves, not in an exception group
         async with trio.open_nursery() as nursery:
-            fs = CloudFS(store, driver, root, daemon_id, resync_interval, limits=limits,
-                         max_processes=max_processes)
             await fs.start(nursery)
             try:
                 yield fs

@@ -49,6 +49,7 @@ from kazoo.exceptions import (
     ConnectionClosedError,
     ConnectionLoss,
     KazooException,
+    NoAuthError,
     NoNodeError,
     NodeExistsError,
     NotEmptyError,
@@ -57,6 +58,7 @@ from kazoo.exceptions import (
     SessionExpiredError,
 )
 from kazoo.protocol.states import ZnodeStat
+from kazoo.security import OPEN_ACL_UNSAFE, make_digest_acl
 
 from ninep.errors import FsError
 
@@ -127,14 +129,25 @@ class Store:
         session_timeout: float = 10.0,
         op_timeout: float = 10.0,
         suspend_wait: float = 2.0,
+        auth: str | None = None,
     ):
         self.hosts = hosts
         self.op_timeout = op_timeout
         self.suspend_wait = suspend_wait
+        #: the ACL every znode this session creates gets (None: ZooKeeper's open ACL)
+        self.acl = None
+        extra: dict[str, Any] = {}
+        if auth is not None:
+            user, sep, password = auth.partition(":")
+            if not sep or not user or not password:
+                raise ValueError("a ZooKeeper digest credential is 'user:password'")
+            self.acl = [make_digest_acl(user, password, all=True)]
+            extra = {"auth_data": [("digest", auth)], "default_acl": self.acl}
         self.client = KazooClient(
             hosts=hosts,
             timeout=session_timeout,
             connection_retry={"max_tries": -1, "delay": 0.05, "backoff": 1.5, "max_delay": 0.5},
+            **extra,
         )
         self._token: trio.lowlevel.TrioToken | None = None
         self._state = KazooState.LOST
@@ -255,6 +268,9 @@ class Store:
             raise FsError(errno.EAGAIN, "ZooKeeper connection lost; try again") from exc
         if isinstance(exc, (SessionExpiredError, ConnectionClosedError)):
             raise FsError(errno.EIO, "ZooKeeper session lost") from exc
+        if isinstance(exc, NoAuthError):
+            raise FsError(errno.EACCES, "ZooKeeper refused: this daemon's credential is not the deployment's "
+                                        "(cloudfs up --zookeeper-auth)") from exc
         if isinstance(exc, KazooException):
             raise FsError(errno.EIO, f"ZooKeeper error: {type(exc).__name__}") from exc
         raise exc
@@ -343,9 +359,40 @@ class Store:
         """Delete one znode (NoNodeError, NotEmptyError, BadVersionError)."""
         await self._write(self.client.delete_async, path, version)
 
-    async def ensure_path(self, path: str) -> None:
-        """Create ``path`` and its missing parents (no error if it exists)."""
-        await self._write(self.client.ensure_path_async, path)
+    async def ensure_path(self, path: str, *, open_acl: bool = False) -> None:
+        """Create ``path`` and its missing parents (no error if it exists),
+        with this session's ACL, or ZooKeeper's open one when ``open_acl``
+        (for parents several deployments share)."""
+        await self._write(self.client.ensure_path_async, path, OPEN_ACL_UNSAFE if open_acl else None)
+
+    async def secure(self, root: str) -> int:
+        """Give ``root`` and every znode below it this session's ACL where
+        it is not there yet (a tree made before ACLs); returns how many
+        znodes changed.  Nothing to do without a credential."""
+        if self.acl is None:
+            return 0
+        try:
+            acls, _ = await self._call(self.client.get_acls_async, root)
+        except NoNodeError:
+            return 0
+        if list(acls) == list(self.acl):
+            return 0  # made with it: so is everything below (every create carries it)
+        changed = 0
+        todo = [root]
+        while todo:
+            path = todo.pop()
+            try:
+                acls, _ = await self._call(self.client.get_acls_async, path)
+            except NoNodeError:
+                continue
+            if list(acls) != list(self.acl):
+                try:
+                    await self._call(self.client.set_acls_async, path, self.acl)
+                    changed += 1
+                except NoNodeError:
+                    continue
+            todo += [f"{path}/{name}" for name in await self.children(path) or ()]
+        return changed
 
     def transaction(self):
         """A kazoo ``TransactionRequest``; add ops, then ``await store.commit(t)``."""

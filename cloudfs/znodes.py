@@ -62,6 +62,8 @@ class Layout:
 
     def __init__(self, root: str):
         self.root = root.rstrip("/")
+        #: the root's parent, shared by deployments (``/cloudfs``)
+        self.parent = self.root.rsplit("/", 1)[0] or "/"
         self.id = f"{self.root}/id"
         self.nextpid = f"{self.root}/nextpid"
         self.proc = f"{self.root}/proc"

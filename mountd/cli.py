@@ -66,15 +66,16 @@ def cmd_up(args: argparse.Namespace) -> int:
         debug_9p=args.debug_9p,
         debug_fuse=args.debug_fuse,
         limits=dict(args.limit or []),
+        zookeeper_auth=Path(args.zookeeper_auth) if args.zookeeper_auth else None,
         max_processes=args.max_processes,
     )
-    from cloudfs.drivers.base import DriverError
+    from ninep.errors import FsError
 
     if args.debug_9p:
         logging.getLogger("ninep.trace").setLevel(logging.DEBUG)
     try:
         trio.run(run, opts)
-    except (ValueError, RuntimeError, OSError, DriverError) as e:
+    except (ValueError, RuntimeError, OSError, FsError) as e:
         logging.getLogger("cloudfs").error("cloudfs up: %s", e)
         return 1
     return 0
@@ -217,6 +218,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help=f"9P listen address, repeatable (default {DEFAULT_LISTEN})")
     up.add_argument("--zookeeper", metavar="HOSTS",
                     help="ZooKeeper hosts, e.g. 10.0.0.5:2181 (default: start an embedded one, data in the state dir)")
+    up.add_argument("--zookeeper-auth", metavar="FILE",
+                    help="ZooKeeper digest credential 'user:password' (mode 0600); every znode of the deployment "
+                         "carries an ACL only it passes (default: STATE/zookeeper.auth, made on first start; give "
+                         "the other daemons of a deployment a copy)")
     up.add_argument("--driver", default="qemu", choices=["qemu", "fake", "openstack"],
                     help="compute driver: qemu (local QEMU VMs, default), openstack, or fake (records only)")
     up.add_argument("--os-cloud", metavar="NAME",

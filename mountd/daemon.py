@@ -25,6 +25,7 @@ import fcntl
 import logging
 import os
 import resource
+import secrets
 import signal
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -86,6 +87,9 @@ class DaemonOptions:
     mount: Path | None = None
     listen: list[str] = field(default_factory=lambda: [DEFAULT_LISTEN])
     zookeeper: str | None = None
+    #: file holding the ZooKeeper digest credential ``user:password`` (made,
+    #: mode 0600, at STATE/zookeeper.auth when not given and missing)
+    zookeeper_auth: Path | None = None
     driver: str = "qemu"
     os_cloud: str | None = None
     state_dir: Path = DEFAULT_STATE_DIR
@@ -124,6 +128,7 @@ async def run(opts: DaemonOptions, *, task_status=trio.TASK_STATUS_IGNORED) -> N
     if opts.driver not in DRIVERS:
         raise ValueError(f"unknown driver {opts.driver!r} (known: {', '.join(sorted(DRIVERS))})")
     opts.state_dir.mkdir(parents=True, exist_ok=True)
+    os.chmod(opts.state_dir, 0o700)  # ZooKeeper's data, VM identities, consoles: the daemon's user only
     lock = _lock_state_dir(opts.state_dir)  # one daemon per state dir
     zk = None
     socket_bound = False
@@ -141,7 +146,9 @@ async def run(opts: DaemonOptions, *, task_status=trio.TASK_STATUS_IGNORED) -> N
             listeners += await open_listeners(dial)
         public = [listener_address(l) for l in listeners]
         driver = await DRIVERS[opts.driver](opts, _loopback_port(public))
-        async with open_cloudfs(hosts, driver, root=opts.zk_root, limits=opts.limits,
+        auth = zookeeper_credential(opts.zookeeper_auth or opts.state_dir / "zookeeper.auth",
+                                    make=opts.zookeeper_auth is None)
+        async with open_cloudfs(hosts, driver, root=opts.zk_root, limits=opts.limits, zk_auth=auth,
                                 max_processes=opts.max_processes) as fs:
             async with trio.open_nursery() as nursery:
                 nofile = raise_nofile()
@@ -205,6 +212,26 @@ def public_limits(nofile: int) -> Limits:
     127.0.0.1 through user-mode networking."""
     return Limits(max_outstanding=256, max_queued_msizes=32,
                   max_connections=max(16, min(1024, nofile - FD_RESERVE)), max_connections_per_peer=256)
+
+
+def zookeeper_credential(path: Path, make: bool) -> str:
+    """The ZooKeeper digest credential ``user:password`` in ``path``; when
+    ``make`` and the file is missing, a new one (``cloudfs:`` and 192 random
+    bits) is written there, mode 0600.  Every daemon of a deployment needs
+    the same (give the others ``--zookeeper-auth`` with a copy).
+    ValueError if the file is readable by others or malformed; OSError if it
+    cannot be read."""
+    if make and not path.exists():
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(f"cloudfs:{secrets.token_hex(24)}\n")
+    if path.stat().st_mode & 0o077:
+        raise ValueError(f"{path} must not be readable by others (chmod 600): it opens the deployment's ZooKeeper tree")
+    text = path.read_text().strip()
+    user, sep, password = text.partition(":")
+    if not sep or not user or not password or any(c.isspace() for c in text):
+        raise ValueError(f"{path} must hold one line 'user:password'")
+    return text
 
 
 def raise_nofile(want: int = 65536) -> int:

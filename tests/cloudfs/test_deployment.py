@@ -126,3 +126,32 @@ async def test_a_record_under_another_pid_is_corrupt(cfs):
         await ctl(root, a, "kill")
     assert e.value.errno == errno.EIO and f"says it is process {b}" in e.value.message
     assert (await status(root, b))["desired"] == "new"  # b untouched
+
+
+async def test_the_tree_is_closed_to_clients_without_the_credential(zookeeper, zk_root):
+    """A tree made open (before ACLs, or by tests) gets the deployment's
+    digest ACL on its first start with a credential; then a client without
+    it gets NoAuth, one with another credential cannot even start."""
+    from kazoo.client import KazooClient
+    from kazoo.exceptions import NoAuthError
+
+    async with open_cloudfs(zookeeper.hosts, FakeDriver(), zk_root) as fs:
+        pid = int(await ctl(await fs.attach("", ""), 1, "fork"))
+    async with open_cloudfs(zookeeper.hosts, FakeDriver(), zk_root, zk_auth="cloudfs:s3cret") as fs:
+        root = await fs.attach("", "")
+        kid = int(await ctl(root, pid, "fork"))  # made with the ACL
+        assert await ls(root, "/proc") == ["1", str(pid), str(kid)]
+    zk = KazooClient(hosts=zookeeper.hosts)
+    zk.start(timeout=10)
+    try:
+        for path in (f"{zk_root}/proc/{pid}", f"{zk_root}/proc/{kid}", f"{zk_root}/id"):
+            with pytest.raises(NoAuthError):
+                zk.get(path)
+        assert "cloudfs" not in str(zk.get_acls(zk_root.rsplit("/", 1)[0] or "/"))  # the shared parent stays open
+    finally:
+        zk.stop()
+        zk.close()
+    with pytest.raises(FsError) as e:
+        async with open_cloudfs(zookeeper.hosts, FakeDriver(), zk_root, zk_auth="cloudfs:wrong"):
+            pass
+    assert e.value.errno == errno.EACCES and "credential" in e.value.message

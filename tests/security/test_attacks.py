@@ -126,7 +126,12 @@ async def test_5_a_process_with_ten_thousand_env_keys_is_killed(daemon):
     async with open_client(daemon.operator) as op:
         pid = int(await _ctl(op, 1, "fork"))
     root = daemon.root
-    zk = KazooClient(hosts=daemon.zk.hosts)
+    from kazoo.security import make_digest_acl
+
+    cred = (daemon.state / "zookeeper.auth").read_text().strip()  # the tree is the daemons' alone
+    user, _, password = cred.partition(":")
+    zk = KazooClient(hosts=daemon.zk.hosts, auth_data=[("digest", cred)],
+                     default_acl=[make_digest_acl(user, password, all=True)])
     zk.start(timeout=10)
     try:
         t = None
