@@ -123,6 +123,7 @@ class Lifecycle:
 
         EINVAL for an unknown image, flavor or network; EPERM on init.
         Flavor and networks default to the current ones, else the driver's first.
+        The process gets a new secret (its guest gets it at the rebuild).
         """
         if pid == INIT_PID:
             raise FsError(errno.EPERM, "init cannot exec: fork a child and exec that")
@@ -146,8 +147,7 @@ class Lifecycle:
                 rec.networks = [nets[0].name]
             if cmd.name:
                 rec.name = cmd.name
-            if not rec.secret:  # a record from before credentials existed
-                rec.secret = new_secret()
+            rec.secret = new_secret()  # a new program, a new credential: the old one attaches no more
             rec.gen += 1
             rec.desired = Desired.RUNNING
             rec.state = State.CREATING

@@ -337,7 +337,7 @@ class Reconciler:
                     pid=pid, ppid=rec.ppid, name=rec.name, image=rec.image or "", flavor=rec.flavor or "",
                     networks=tuple(rec.networks), userdata=userdata, secret=rec.secret))
             else:
-                server = await self.driver.rebuild(action.vm, rec.image or "", userdata)
+                server = await self.driver.rebuild(action.vm, rec.image or "", userdata, secret=rec.secret)
         except DriverError as e:
             try:
                 await self.records.update(pid, lambda now: d.build_failed(now, e.message, gen, creating))

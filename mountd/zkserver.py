@@ -66,12 +66,14 @@ def four_letter_word(port: int, word: str, timeout: float = 2.0) -> str:
 
 
 def _die_with_parent() -> None:  # runs in the child between fork and exec
+    os.umask(0o077)  # its snapshots and logs hold every secret: the daemon's user only
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
     os.setsid()
 
 
 def _own_session() -> None:  # runs in the child between fork and exec
+    os.umask(0o077)
     os.setsid()
 
 
@@ -118,6 +120,8 @@ class ZooKeeperServer:
         if shutil.which("java") is None:
             raise RuntimeError("java not found: install Debian's zookeeper package (scripts/install-deps)")
         (self.dir / "data").mkdir(parents=True, exist_ok=True)
+        for d in (self.dir, self.dir / "data"):
+            os.chmod(d, 0o700)
         cfg = self.dir / "zoo.cfg"
         cfg.write_text(
             f"tickTime={self.tick_ms}\n"

@@ -99,6 +99,7 @@ in brackets:
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import logging
 import math
@@ -449,7 +450,7 @@ class Connection:
         msg = decode(frame, self.dialect or Dialect.P2000)
         self.requests_seen += 1
         if self.trace:
-            trace_log.debug("%s <- %r", self.peer, msg)
+            trace_log.debug("%s <- %r", self.peer, redacted(msg))
         await self._dispatch(msg, len(frame))
 
     async def _receive(self) -> None:
@@ -1484,6 +1485,17 @@ async def _shut(stream: trio.abc.Stream) -> None:
             await stream.aclose()
         except Exception:
             pass
+
+
+def redacted(msg: Any) -> Any:
+    """``msg`` fit for a log: a Tattach's or Tauth's ``aname`` keeps its
+    first two path elements (``proc/7/…``) and ``uname`` is hidden, as
+    either may carry a credential (cloudfs's ``proc/<pid>/<secret>``)."""
+    if type(msg) in (m.Tattach, m.Tauth):
+        parts = msg.aname.split("/")
+        aname = "/".join(parts[:2]) + ("/…" if len(parts) > 2 else "")
+        return dataclasses.replace(msg, aname=aname, uname="…" if msg.uname else "")
+    return msg
 
 
 def _peer_of(stream: trio.abc.Stream) -> tuple[str, str | None]:

@@ -236,9 +236,10 @@ class ComputeDriver(abc.ABC):
         record names no server (a create whose reply was lost)."""
 
     @abc.abstractmethod
-    async def rebuild(self, server_id: str, image: str, userdata: bytes) -> Server:
+    async def rebuild(self, server_id: str, image: str, userdata: bytes, *, secret: str = "") -> Server:
         """Rebuild in place from ``image`` keeping id and addresses (Nova
-        rebuild); NotFound for an unknown server (or another deployment's)."""
+        rebuild), handing the guest ``secret`` (META_SECRET; "" keeps the
+        old one); NotFound for an unknown server (or another deployment's)."""
 
     @abc.abstractmethod
     async def delete(self, server_id: str) -> None:

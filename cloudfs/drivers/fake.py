@@ -113,10 +113,12 @@ class FakeDriver(ComputeDriver):
             raise NotOurs(f"server {sid} is not deployment {self.deployment}'s")
         return s
 
-    async def rebuild(self, server_id, image, userdata):
+    async def rebuild(self, server_id, image, userdata, *, secret=""):
         await trio.lowlevel.checkpoint()
         self._maybe_fail("rebuild")
         s = self._get(server_id)
+        if secret:
+            self.secrets[server_id] = secret
         if image not in self.images:
             raise NotFound(f"no image {image!r}")
         s = Server(s.id, s.name, "running", s.host, s.addresses)

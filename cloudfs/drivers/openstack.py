@@ -684,12 +684,15 @@ class OpenStackDriver(ComputeDriver):
                     log.warning("could not look at or delete failed server %s: %s", s.id, e)
             raise
 
-    async def rebuild(self, server_id: str, image: str, userdata: bytes) -> OSServer:
+    async def rebuild(self, server_id: str, image: str, userdata: bytes, *, secret: str = "") -> OSServer:
         """Nova rebuild from ``image`` with new user data, keeping id and
         addresses; waits for ``ACTIVE``.  NotFound for an unknown server or
         image; DriverError with the fault message if it ends in ERROR."""
         await self._get(server_id)  # NotFound unless it is this deployment's
         image_id = await self._lookup("image", image, self._load_images)
+        if secret:  # the guest reads it from the metadata service after the rebuild
+            await self._call(f"metadata of {server_id}", self.conn.compute.set_server_metadata, server_id,
+                             **{META_SECRET: secret})
         ud = base64.b64encode(bytes(userdata)).decode("ascii")
         if len(ud) > MAX_USERDATA_B64:
             raise DriverError(f"openstack: user data is {len(userdata)} bytes; Nova takes at most 48 KiB (64 KiB base64)")

@@ -516,7 +516,7 @@ class QemuDriver(ComputeDriver):
         """Blocking: end QEMU and remove the VM directory, keeping its console
         (both halves, at most CONSOLE_MAX bytes) as STATE/logs/<id>.console.log."""
         self._kill(vm)
-        self.logs_dir.mkdir(parents=True, exist_ok=True)
+        self.logs_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         with contextlib.suppress(OSError):
             kept = _console_tail(vm, CONSOLE_MAX)
             fd = os.open(self.logs_dir / f"{vm.id}.console.log", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -577,6 +577,10 @@ class QemuDriver(ComputeDriver):
             "-chardev", f"file,id=con,path={vm.console},append=on", "-serial", "chardev:con",
             "-qmp", f"unix:{vm.qmp},server=on,wait=off",
             "-pidfile", str(vm.pidfile), "-daemonize",
+            # seccomp: no obsolete system calls, no scheduler/affinity changes
+            # (spawn stays allowed: -daemonize forks and guestfwd runs the
+            # connector; elevateprivileges=deny stops QEMU 7.2 from starting)
+            "-sandbox", "on,obsolete=deny,resourcecontrol=deny",
         ]
         if self.bios:
             argv += ["-bios", self.bios]
@@ -615,7 +619,8 @@ class QemuDriver(ComputeDriver):
             os.ftruncate(fd, gib << 30)  # sparse: takes no space until the guest writes
         finally:
             os.close(fd)
-        with open(vm.console, "ab") as f:
+        fd = os.open(vm.console, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)  # the user-data's output
+        with os.fdopen(fd, "ab") as f:
             f.write(f"--- cloudfs: starting {vm.id} ({vm.accel}) at {time.strftime('%H:%M:%S')} ---\n".encode())
         try:
             p = subprocess.run(self._argv(vm, image), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
@@ -725,7 +730,7 @@ class QemuDriver(ComputeDriver):
                 n += 1
                 with contextlib.suppress(DriverError):
                     self._kill(vm, grace=2.0)
-            self.logs_dir.mkdir(parents=True, exist_ok=True)
+            self.logs_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
             with contextlib.suppress(OSError):
                 os.replace(vm.console, self.logs_dir / f"{vm.id}.console.log")
             shutil.rmtree(d, ignore_errors=True)
@@ -744,7 +749,7 @@ class QemuDriver(ComputeDriver):
 
         return await trio.to_thread.run_sync(scan)
 
-    async def rebuild(self, server_id: str, image: str, userdata: bytes) -> Server:
+    async def rebuild(self, server_id: str, image: str, userdata: bytes, *, secret: str = "") -> Server:
         """End QEMU, rewrite the initramfs from ``image`` and ``userdata``
         (same id, secret and metadata) and boot again."""
         vm = await trio.to_thread.run_sync(self._vm, server_id)
@@ -755,6 +760,8 @@ class QemuDriver(ComputeDriver):
         def again() -> Server:
             self._kill(vm)
             vm.image = image
+            if secret:
+                vm.secret = secret
             self._prepare(vm, img, userdata)
             (vm.dir / "meta.json").write_text(vm.to_json())
             self._launch(vm, img)

@@ -130,6 +130,7 @@ async def test_lifecycle_readoption_rebuild_and_exit(state, memfs_port):
     assert b"-kernel\0" + str(state / "images" / "tiny" / "vmlinux").encode() in cmdline
     qemu_ppid = int(open(f"/proc/{qpid}/stat").read().rsplit(") ", 1)[1].split()[1])
     assert os.getsid(qpid) != os.getsid(0) and qemu_ppid != os.getpid()  # own session, not our child
+    assert "Seccomp:\t2" in open(f"/proc/{qpid}/status").read()  # -sandbox on: a seccomp filter
     assert stat.S_IMODE((vmdir / "meta.json").stat().st_mode) == 0o600
     assert stat.S_IMODE(vmdir.stat().st_mode) == 0o700
 
