@@ -79,7 +79,8 @@ class Catalog:
         # bumped when a kind's listing is dropped: a fetch that began before
         # does not store what it got (it may predate the change)
         self._gens = {k: 0 for k in self._lists}
-        self._samples: dict[tuple, tuple[float, object]] = {}
+        self._samples: dict[tuple, tuple[float, object, FsError | None]] = {}
+        self._sample_locks: dict[tuple, trio.Lock] = {}
         self._warnings = LogLimiter(burst=10, interval=10.0)
         self._fetchers = {"images": "list_images", "flavors": "list_flavors", "networks": "list_networks"}
 
@@ -169,17 +170,30 @@ class Catalog:
         return await self._sampled(("console", server_id, limit), fetch)
 
     async def _sampled(self, key: tuple, fetch: Callable[[], Awaitable[T]]) -> T:
-        """``fetch()``'s answer, shared for SAMPLE_TTL seconds; the table of
+        """``fetch()``'s answer (or failure), shared for SAMPLE_TTL seconds
+        and by everyone who asks while it is being fetched; the table of
         answers is dropped whole when it passes SAMPLES_MAX entries."""
-        now = trio.current_time()
-        hit = self._samples.get(key)
-        if hit is not None and now - hit[0] < SAMPLE_TTL:
-            return hit[1]
-        value = await fetch()
-        if len(self._samples) >= SAMPLES_MAX:
-            self._samples.clear()
-        self._samples[key] = (now, value)
-        return value
+        lock = self._sample_locks.get(key)
+        if lock is None:
+            lock = self._sample_locks[key] = trio.Lock()
+        try:
+            async with lock:  # concurrent askers wait for the one fetch
+                now = trio.current_time()
+                hit = self._samples.get(key)
+                if hit is None or now - hit[0] >= SAMPLE_TTL:
+                    try:
+                        hit = (now, await fetch(), None)
+                    except FsError as e:
+                        hit = (now, None, e)
+                    if len(self._samples) >= SAMPLES_MAX:
+                        self._samples.clear()
+                    self._samples[key] = hit
+        finally:
+            if not lock.statistics().tasks_waiting and self._sample_locks.get(key) is lock:
+                del self._sample_locks[key]
+        if hit[2] is not None:
+            raise FsError(hit[2].errno, hit[2].message)
+        return hit[1]
 
     # -- internals ----------------------------------------------------------
 

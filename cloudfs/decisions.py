@@ -213,15 +213,15 @@ class Superseded(Exception):
         self.record = record
 
 
-def built(now: Process, server: Server, gen: int, scope: str, creating: bool) -> Process:
+def built(now: Process, server: Server, gen: int, scope: str, creating: bool, secret: str = "") -> Process:
     """``now`` with ``server`` recorded as built from exec ``gen`` by a
-    driver of ``scope``.  Superseded for a create when ``now`` names another
+    driver of ``scope`` (and, for a rebuild, the guest's new ``secret``).  Superseded for a create when ``now`` names another
     server (another daemon's create won) or is being killed (a kill came
     while it booted; the kill may not have seen this server)."""
     if creating and ((now.vm is not None and now.vm != server.id) or now.desired is Desired.KILLED):
         raise Superseded(now)
     rec = dataclasses.replace(now, vm=server.id, host=server.host, addresses=list(server.addresses), scope=scope,
-                              built_gen=max(now.built_gen, gen), error="")
+                              built_gen=max(now.built_gen, gen), error="", secret=secret or now.secret)
     if now.desired is not Desired.KILLED:
         rec.state = _POWER.get(server.status, State.RUNNING)
     return rec

@@ -41,13 +41,21 @@ def new_deployment_id() -> str:
 
 
 async def open_deployment(store: Store, layout: Layout, max_processes: int = DEFAULT_MAX_PROCESSES,
-                          limits: Mapping[str, int] = DEFAULT_LIMITS) -> str:
+                          limits: Mapping[str, int] = DEFAULT_LIMITS, adopt_open: bool = False) -> str:
     """Create the deployment's znodes, init (pid 1, whose quota allows
     ``max_processes`` descendants and the env ``limits``) and its id if
     missing (atomic, so concurrent daemons agree; nothing changes when they
     exist), and return the id.  FsError(EIO) if ``<root>/id`` holds
-    anything but an id; the store's EAGAIN/EIO for connection trouble."""
+    anything but an id; the store's EAGAIN/EIO for connection trouble.
+
+    With a credential (the store's ACL), a tree that exists without it
+    (made before ACLs, or by anyone who can reach ZooKeeper: the shared
+    parent is open) is refused with EACCES unless ``adopt_open``: its
+    records could be planted.  Adopted, every znode of it gets the ACL."""
     L = layout
+    if await store.is_secured(L.root) is False and not adopt_open:
+        raise FsError(errno.EACCES, f"{L.root} exists without the deployment's ACL (made before ACLs, or by "
+                                    "someone else): check it, then start once with --adopt-open-tree")
     init_quota = Quota({DESCENDANTS: max_processes, ENV_KEYS: limits[ENV_KEYS], ENV_BYTES: limits[ENV_BYTES]})
     if await store.exists(L.nextpid) is None:
         await store.ensure_path(L.parent, open_acl=True)  # shared by deployments: listing it tells only names

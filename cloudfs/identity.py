@@ -1,6 +1,7 @@
 """Per-process identity: the credential a VM presents when it attaches over 9P.
 
-Each process (except init) gets a random secret at fork
+Each process (except init) gets a random secret at fork, and a new one
+when a rebuild (``exec`` of a VM) succeeds
 (:func:`new_secret`), kept in its ZooKeeper record (field ``secret`` of
 :class:`cloudfs.process.Process`, never shown in any file of the tree and
 never put in user-data).  The compute driver hands it to the guest at boot
@@ -78,7 +79,8 @@ def parse_attach(uname: str, aname: str) -> Credential | None:
     if pid is not None:
         secret = parts[2] if len(parts) == 3 else (uname or None)
         return Credential(pid, secret)
-    raise FsError(errno.EACCES, f"unknown aname {aname!r}: use '' (read-only) or 'proc/<pid>/<secret>'")
+    # the aname is not echoed: it may carry a credential (and 9P traces log replies)
+    raise FsError(errno.EACCES, "unknown aname: use '' (read-only) or 'proc/<pid>/<secret>'")
 
 
 def secret_matches(expected: str, given: str | None) -> bool:

@@ -209,6 +209,8 @@ def get_image(state_dir: Path, name: str) -> StoredImage | None:
         pvh = _inside(d, m["kernel_pvh"]) if m.get("kernel_pvh") else None
         if not kernel.is_file() or not initramfs.is_file() or (disk is not None and not disk.is_file()):
             return None
+        if m["name"] != name or not all(isinstance(m[k], str) for k in ("id", "format", "checksum", "created")):
+            return None  # a copy of another image's directory, or a manifest cloudfs did not write
         return StoredImage(name=m["name"], id=m["id"], size=int(m["size"]), format=m["format"],
                            checksum=m["checksum"], created=m["created"], kernel=kernel,
                            initramfs=initramfs, disk=disk, kernel_pvh=pvh if pvh and pvh.is_file() else None)

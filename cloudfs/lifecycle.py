@@ -123,7 +123,8 @@ class Lifecycle:
 
         EINVAL for an unknown image, flavor or network; EPERM on init.
         Flavor and networks default to the current ones, else the driver's first.
-        The process gets a new secret (its guest gets it at the rebuild).
+        (A rebuild gives the process a new secret once it succeeds:
+        cloudfs.reconciler.)
         """
         if pid == INIT_PID:
             raise FsError(errno.EPERM, "init cannot exec: fork a child and exec that")
@@ -147,7 +148,8 @@ class Lifecycle:
                 rec.networks = [nets[0].name]
             if cmd.name:
                 rec.name = cmd.name
-            rec.secret = new_secret()  # a new program, a new credential: the old one attaches no more
+            if not rec.secret:  # a record from before credentials existed
+                rec.secret = new_secret()
             rec.gen += 1
             rec.desired = Desired.RUNNING
             rec.state = State.CREATING

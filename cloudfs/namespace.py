@@ -63,7 +63,9 @@ class CloudFS(FileSystem):
 
     ``limits`` the quota limits new processes get (cloudfs.quotas:
     ``descendants``, ``env-keys``, ``env-bytes``; defaults for the ones not
-    given), ``max_processes`` init's ``descendants`` when the tree is made.
+    given), ``max_processes`` init's ``descendants`` when the tree is made,
+    ``adopt_open``: take over (and close) a tree without the store's ACL
+    (cloudfs.deployment.open_deployment).
 
     Its parts, one job each: ``records`` (process records), ``quotas``,
     ``lifecycle`` (fork, exec, kill, stop, start), ``data`` (userdata,
@@ -75,12 +77,14 @@ class CloudFS(FileSystem):
 
     def __init__(self, store: Store, driver: ComputeDriver, root: str = DEFAULT_ROOT,
                  daemon_id: str | None = None, resync_interval: float | None = 10.0, *,
-                 limits: Mapping[str, int] | None = None, max_processes: int = DEFAULT_MAX_PROCESSES):
+                 limits: Mapping[str, int] | None = None, max_processes: int = DEFAULT_MAX_PROCESSES,
+                 adopt_open: bool = False):
         self.store = store
         self.driver = driver
         self.layout = L = Layout(root)
         self.limits = {**DEFAULT_LIMITS, **(limits or {})}
         self.max_processes = max_processes
+        self.adopt_open = adopt_open
         self.records = Records(store, L)
         self.quotas = Quotas(store, L)
         self.catalog = Catalog(driver)
@@ -102,7 +106,8 @@ class CloudFS(FileSystem):
         credential; the store's EIO/EAGAIN), ValueError if the driver already
         serves another deployment."""
         if self.deployment_id is None:
-            self.deployment_id = await open_deployment(self.store, self.layout, self.max_processes, self.limits)
+            self.deployment_id = await open_deployment(self.store, self.layout, self.max_processes, self.limits,
+                                                       self.adopt_open)
             self.driver.bind(self.deployment_id, self.layout.root)
             log.info("deployment %s (id %s)", self.layout.root, self.deployment_id)
 
@@ -149,7 +154,7 @@ class CloudFS(FileSystem):
         try:
             cred = parse_attach("", aname)
         except FsError:
-            raise FsError(errno.ENOENT, f"unknown aname {aname!r}: use '', 'proc/<pid>' or 'proc/<pid>/<secret>'") \
+            raise FsError(errno.ENOENT, "unknown aname: use '', 'proc/<pid>' or 'proc/<pid>/<secret>'") \
                 from None
         if cred is None:
             return self.view_for(None)
@@ -185,7 +190,8 @@ class CloudFS(FileSystem):
 async def open_cloudfs(hosts: str, driver: ComputeDriver, root: str = DEFAULT_ROOT, *,
                        daemon_id: str | None = None, resync_interval: float | None = 10.0,
                        limits: Mapping[str, int] | None = None, max_processes: int = DEFAULT_MAX_PROCESSES,
-                       zk_auth: str | None = None, **store_options) -> AsyncIterator[CloudFS]:
+                       zk_auth: str | None = None, adopt_open: bool = False,
+                       **store_options) -> AsyncIterator[CloudFS]:
     """Connect to ZooKeeper at ``hosts``, start a CloudFS on ``root`` and
     yield it; on exit stop the reconciler and close the session.
     ``limits`` and ``max_processes`` as for :class:`CloudFS`; ``zk_auth`` a
@@ -195,7 +201,8 @@ async def open_cloudfs(hosts: str, driver: ComputeDriver, root: str = DEFAULT_RO
     store = Store(hosts, auth=zk_auth, **store_options)
     await store.start()
     try:
-        fs = CloudFS(store, driver, root, daemon_id, resync_interval, limits=limits, max_processes=max_processes)
+        fs = CloudFS(store, driver, root, daemon_id, resync_interval, limits=limits, max_processes=max_processes,
+                     adopt_open=adopt_open)
         await fs.prepare()  # its errors come as themselves, not in an exception group
         async with trio.open_nursery() as nursery:
             await fs.start(nursery)

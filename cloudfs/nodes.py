@@ -294,9 +294,11 @@ class ConsoleNode(CNode):
         attr = await super().getattr()
         try:
             await self.view.may_modify(self.pid)
-        except FsError:
-            return attr  # not theirs to read: not even its length
-        return dataclasses.replace(attr, size=len(await console_of(self.fs, self.pid)))
+            return dataclasses.replace(attr, size=len(await console_of(self.fs, self.pid)))
+        except FsError as e:
+            if e.errno == errno.ENOENT:
+                raise
+            return attr  # not theirs to read (not even its length), or the driver cannot tell now
 
     def _open(self, flags: int) -> OpenFile:
         return ConsoleFile(self.fs, self.pid, flags)

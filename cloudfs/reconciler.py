@@ -46,6 +46,7 @@ from ninep.errors import FsError
 from . import decisions as d
 from .drivers.base import ComputeDriver, DriverError, NotFound, NotOurs, Server, ServerSpec
 from .exits import Exits
+from .identity import new_secret
 from .procdata import ProcData
 from .process import CorruptRecord, Desired, Process, State, Versioned
 from .records import Records
@@ -330,6 +331,9 @@ class Reconciler:
     async def _build(self, rec: Process, action: d.Create | d.Rebuild) -> Server | None:
         """Create or rebuild; record the server, or the failure as state error."""
         pid, gen, creating = rec.pid, rec.gen, isinstance(action, d.Create)
+        # a rebuilt VM runs a new program: a new credential, recorded only if
+        # the rebuild succeeds (until then the old guest keeps attaching)
+        secret = "" if creating else new_secret()
         try:
             userdata = await self.data.userdata(pid)
             if creating:
@@ -337,7 +341,7 @@ class Reconciler:
                     pid=pid, ppid=rec.ppid, name=rec.name, image=rec.image or "", flavor=rec.flavor or "",
                     networks=tuple(rec.networks), userdata=userdata, secret=rec.secret))
             else:
-                server = await self.driver.rebuild(action.vm, rec.image or "", userdata, secret=rec.secret)
+                server = await self.driver.rebuild(action.vm, rec.image or "", userdata, secret=secret)
         except DriverError as e:
             try:
                 await self.records.update(pid, lambda now: d.build_failed(now, e.message, gen, creating))
@@ -346,7 +350,7 @@ class Reconciler:
             return None
         scope = self.driver.scope
         try:
-            await self.records.update(pid, lambda now: d.built(now, server, gen, scope, creating))
+            await self.records.update(pid, lambda now: d.built(now, server, gen, scope, creating, secret))
         except d.Superseded as lost:
             await self._superseded(pid, server.id, lost.record)
             return None

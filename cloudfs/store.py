@@ -365,33 +365,38 @@ class Store:
         (for parents several deployments share)."""
         await self._write(self.client.ensure_path_async, path, OPEN_ACL_UNSAFE if open_acl else None)
 
-    async def secure(self, root: str) -> int:
-        """Give ``root`` and every znode below it this session's ACL where
-        it is not there yet (a tree made before ACLs); returns how many
-        znodes changed.  Nothing to do without a credential."""
-        if self.acl is None:
-            return 0
+    async def is_secured(self, root: str) -> bool | None:
+        """Whether ``root`` carries this session's ACL (None: no such znode).
+        :meth:`secure` sets it last, so it means the whole tree has it."""
         try:
             acls, _ = await self._call(self.client.get_acls_async, root)
         except NoNodeError:
+            return None
+        return self.acl is None or list(acls) == list(self.acl)
+
+    async def secure(self, root: str) -> int:
+        """Give every znode of the tree at ``root`` this session's ACL where
+        it is not there yet (a tree made before ACLs), children before
+        parents and ``root`` last, so that a walk cut short (a lost
+        connection, a killed daemon) leaves ``root`` open and the next one
+        starts over; returns how many znodes changed."""
+        if self.acl is None or await self.is_secured(root) is not False:
             return 0
-        if list(acls) == list(self.acl):
-            return 0  # made with it: so is everything below (every create carries it)
         changed = 0
+        order: list[str] = []
         todo = [root]
-        while todo:
+        while todo:  # every path, parents before children
             path = todo.pop()
+            order.append(path)
+            todo += [f"{path}/{name}" for name in await self.children(path) or ()]
+        for path in reversed(order):
             try:
                 acls, _ = await self._call(self.client.get_acls_async, path)
-            except NoNodeError:
-                continue
-            if list(acls) != list(self.acl):
-                try:
+                if list(acls) != list(self.acl):
                     await self._call(self.client.set_acls_async, path, self.acl)
                     changed += 1
-                except NoNodeError:
-                    continue
-            todo += [f"{path}/{name}" for name in await self.children(path) or ()]
+            except NoNodeError:
+                continue
         return changed
 
     def transaction(self):
@@ -403,6 +408,9 @@ class Store:
         (NodeExistsError, BadVersionError …) if it was rolled back."""
         results = await self._write(txn.commit_async)
         err = txn_error(results)
+        if isinstance(err, NoAuthError):
+            raise FsError(errno.EACCES, "ZooKeeper refused: this daemon's credential is not the deployment's "
+                                        "(cloudfs up --zookeeper-auth)") from err
         if err is not None:
             raise err
         return results

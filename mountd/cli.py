@@ -67,6 +67,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         debug_fuse=args.debug_fuse,
         limits=dict(args.limit or []),
         zookeeper_auth=Path(args.zookeeper_auth) if args.zookeeper_auth else None,
+        adopt_open_tree=args.adopt_open_tree,
         max_processes=args.max_processes,
     )
     from ninep.errors import FsError
@@ -222,6 +223,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="ZooKeeper digest credential 'user:password' (mode 0600); every znode of the deployment "
                          "carries an ACL only it passes (default: STATE/zookeeper.auth, made on first start; give "
                          "the other daemons of a deployment a copy)")
+    up.add_argument("--adopt-open-tree", action="store_true",
+                    help="take over a deployment tree that exists without the credential's ACL (made before "
+                         "ACLs, or by any ZooKeeper client): check it first, then start once with this")
     up.add_argument("--driver", default="qemu", choices=["qemu", "fake", "openstack"],
                     help="compute driver: qemu (local QEMU VMs, default), openstack, or fake (records only)")
     up.add_argument("--os-cloud", metavar="NAME",

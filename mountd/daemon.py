@@ -90,6 +90,8 @@ class DaemonOptions:
     #: file holding the ZooKeeper digest credential ``user:password`` (made,
     #: mode 0600, at STATE/zookeeper.auth when not given and missing)
     zookeeper_auth: Path | None = None
+    #: take over a deployment tree that exists without the credential's ACL
+    adopt_open_tree: bool = False
     driver: str = "qemu"
     os_cloud: str | None = None
     state_dir: Path = DEFAULT_STATE_DIR
@@ -127,8 +129,11 @@ async def run(opts: DaemonOptions, *, task_status=trio.TASK_STATUS_IGNORED) -> N
     """
     if opts.driver not in DRIVERS:
         raise ValueError(f"unknown driver {opts.driver!r} (known: {', '.join(sorted(DRIVERS))})")
-    opts.state_dir.mkdir(parents=True, exist_ok=True)
-    os.chmod(opts.state_dir, 0o700)  # ZooKeeper's data, VM identities, consoles: the daemon's user only
+    if not opts.state_dir.exists():
+        opts.state_dir.mkdir(mode=0o700, parents=True)  # ZooKeeper's data, VM identities, consoles: ours only
+    elif opts.state_dir.stat().st_mode & 0o077:
+        log.warning("state dir %s is open to other users; what holds secrets in it is not (0700/0600)",
+                    opts.state_dir)
     lock = _lock_state_dir(opts.state_dir)  # one daemon per state dir
     zk = None
     socket_bound = False
@@ -149,6 +154,7 @@ async def run(opts: DaemonOptions, *, task_status=trio.TASK_STATUS_IGNORED) -> N
         auth = zookeeper_credential(opts.zookeeper_auth or opts.state_dir / "zookeeper.auth",
                                     make=opts.zookeeper_auth is None)
         async with open_cloudfs(hosts, driver, root=opts.zk_root, limits=opts.limits, zk_auth=auth,
+                                adopt_open=opts.adopt_open_tree,
                                 max_processes=opts.max_processes) as fs:
             async with trio.open_nursery() as nursery:
                 nofile = raise_nofile()
@@ -222,9 +228,19 @@ def zookeeper_credential(path: Path, make: bool) -> str:
     ValueError if the file is readable by others or malformed; OSError if it
     cannot be read."""
     if make and not path.exists():
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        # written whole, then linked into place: a crash never leaves an empty one
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
             f.write(f"cloudfs:{secrets.token_hex(24)}\n")
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            pass  # another start made it first
+        finally:
+            tmp.unlink(missing_ok=True)
     if path.stat().st_mode & 0o077:
         raise ValueError(f"{path} must not be readable by others (chmod 600): it opens the deployment's ZooKeeper tree")
     text = path.read_text().strip()

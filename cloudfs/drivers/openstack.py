@@ -690,12 +690,12 @@ class OpenStackDriver(ComputeDriver):
         image; DriverError with the fault message if it ends in ERROR."""
         await self._get(server_id)  # NotFound unless it is this deployment's
         image_id = await self._lookup("image", image, self._load_images)
-        if secret:  # the guest reads it from the metadata service after the rebuild
-            await self._call(f"metadata of {server_id}", self.conn.compute.set_server_metadata, server_id,
-                             **{META_SECRET: secret})
         ud = base64.b64encode(bytes(userdata)).decode("ascii")
         if len(ud) > MAX_USERDATA_B64:
             raise DriverError(f"openstack: user data is {len(userdata)} bytes; Nova takes at most 48 KiB (64 KiB base64)")
+        if secret:  # the guest reads it from the metadata service after the rebuild
+            await self._call(f"metadata of {server_id}", self.conn.compute.set_server_metadata, server_id,
+                             **{META_SECRET: secret})
         await self._call(f"rebuild server {server_id}", self.conn.compute.rebuild_server,
                          server_id, image_id, user_data=ud)
         return await self.wait(server_id, ("running",))

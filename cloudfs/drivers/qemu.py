@@ -751,7 +751,8 @@ class QemuDriver(ComputeDriver):
 
     async def rebuild(self, server_id: str, image: str, userdata: bytes, *, secret: str = "") -> Server:
         """End QEMU, rewrite the initramfs from ``image`` and ``userdata``
-        (same id, secret and metadata) and boot again."""
+        (same id and metadata; ``secret`` for the guest, "" keeping the old
+        one) and boot again."""
         vm = await trio.to_thread.run_sync(self._vm, server_id)
         img = await trio.to_thread.run_sync(imagestore.get_image, self.state_dir, image)
         if img is None:

@@ -129,15 +129,21 @@ async def test_a_record_under_another_pid_is_corrupt(cfs):
 
 
 async def test_the_tree_is_closed_to_clients_without_the_credential(zookeeper, zk_root):
-    """A tree made open (before ACLs, or by tests) gets the deployment's
-    digest ACL on its first start with a credential; then a client without
-    it gets NoAuth, one with another credential cannot even start."""
+    """A tree made open (before ACLs, or by anyone: the shared parent is
+    open) is refused until it is adopted on purpose; then every znode has
+    the deployment's digest ACL, a client without it gets NoAuth, and one
+    with another credential cannot even start."""
     from kazoo.client import KazooClient
     from kazoo.exceptions import NoAuthError
 
+    zk_root = f"/cloudfs-test{zk_root}"  # under a shared parent, as /cloudfs/<name>
     async with open_cloudfs(zookeeper.hosts, FakeDriver(), zk_root) as fs:
         pid = int(await ctl(await fs.attach("", ""), 1, "fork"))
-    async with open_cloudfs(zookeeper.hosts, FakeDriver(), zk_root, zk_auth="cloudfs:s3cret") as fs:
+    with pytest.raises(FsError) as e:
+        async with open_cloudfs(zookeeper.hosts, FakeDriver(), zk_root, zk_auth="cloudfs:s3cret"):
+            pass
+    assert e.value.errno == errno.EACCES and "--adopt-open-tree" in e.value.message
+    async with open_cloudfs(zookeeper.hosts, FakeDriver(), zk_root, zk_auth="cloudfs:s3cret", adopt_open=True) as fs:
         root = await fs.attach("", "")
         kid = int(await ctl(root, pid, "fork"))  # made with the ACL
         assert await ls(root, "/proc") == ["1", str(pid), str(kid)]
@@ -147,7 +153,7 @@ async def test_the_tree_is_closed_to_clients_without_the_credential(zookeeper, z
         for path in (f"{zk_root}/proc/{pid}", f"{zk_root}/proc/{kid}", f"{zk_root}/id"):
             with pytest.raises(NoAuthError):
                 zk.get(path)
-        assert "cloudfs" not in str(zk.get_acls(zk_root.rsplit("/", 1)[0] or "/"))  # the shared parent stays open
+        assert zk.get_children("/cloudfs-test")  # the shared parent stays open: names only
     finally:
         zk.stop()
         zk.close()
@@ -155,3 +161,43 @@ async def test_the_tree_is_closed_to_clients_without_the_credential(zookeeper, z
         async with open_cloudfs(zookeeper.hosts, FakeDriver(), zk_root, zk_auth="cloudfs:wrong"):
             pass
     assert e.value.errno == errno.EACCES and "credential" in e.value.message
+
+
+async def test_a_cut_short_securing_is_finished_at_the_next_start(zookeeper, zk_root):
+    """The root gets the ACL last: a walk cut short leaves it open, and the
+    next start (still adopting) closes what is left."""
+    from kazoo.client import KazooClient
+    from kazoo.exceptions import NoAuthError
+
+    from cloudfs.store import Store
+
+    async with open_cloudfs(zookeeper.hosts, FakeDriver(), zk_root) as fs:
+        pid = int(await ctl(await fs.attach("", ""), 1, "fork"))
+    store = Store(zookeeper.hosts, auth="cloudfs:s3cret")
+    await store.start()
+    calls = 0
+    real = store.client.set_acls_async
+
+    def failing(*a, **kw):
+        nonlocal calls
+        calls += 1
+        if calls > 3:
+            raise RuntimeError("connection lost")
+        return real(*a, **kw)
+
+    store.client.set_acls_async = failing
+    with pytest.raises(RuntimeError):
+        await store.secure(zk_root)
+    assert await store.is_secured(zk_root) is False
+    await store.close()
+    async with open_cloudfs(zookeeper.hosts, FakeDriver(), zk_root, zk_auth="cloudfs:s3cret", adopt_open=True):
+        pass
+    zk = KazooClient(hosts=zookeeper.hosts)
+    zk.start(timeout=10)
+    try:
+        for path in (zk_root, f"{zk_root}/proc", f"{zk_root}/proc/{pid}", f"{zk_root}/proc/{pid}/env"):
+            with pytest.raises(NoAuthError):
+                zk.get_children(path)
+    finally:
+        zk.stop()
+        zk.close()

@@ -193,3 +193,17 @@ async def test_work_left_by_a_failing_driver_is_retried(zookeeper, zk_root, driv
         await ctl(root, pid, "exec tiny")
         await state_is(root, pid, "running")
         assert len(calls) == 2
+
+
+async def test_a_rebuild_rotates_the_secret_only_when_it_succeeds(cfs):
+    root = await cfs.attach("", "")
+    pid = await vm(root)
+    first = (await cfs.records.require(pid)).value.secret
+    cfs.driver.fail_next("rebuild", "quota exceeded")
+    await ctl(root, pid, "exec alpine")
+    await state_is(root, pid, "error")
+    assert (await cfs.records.require(pid)).value.secret == first  # the old guest keeps attaching
+    await ctl(root, pid, "exec tiny")
+    await state_is(root, pid, "running")
+    rec = (await cfs.records.require(pid)).value
+    assert rec.secret != first and cfs.driver.secrets[rec.vm] == rec.secret

@@ -81,14 +81,22 @@ async def test_another_local_user_reads_no_secret(daemon):
 async def test_exec_rotates_the_secret(daemon):
     import json
 
+    async def rebuilt(gen: int) -> str:
+        with trio.fail_after(10):
+            while True:
+                rec = json.loads(_record(daemon, int(pid)))
+                if rec["built_gen"] >= gen and rec["state"] == "running":
+                    return rec["secret"]
+                await trio.sleep(0.05)
+
     async with open_client(daemon.operator) as op:
         pid = await _ctl(op, 1, "fork")
         await _ctl(op, pid, "exec tiny")
-        first = json.loads(_record(daemon, int(pid)))["secret"]
+        first = await rebuilt(1)
         async with open_client(daemon.tcp, aname=f"proc/{pid}/{first}") as guest:
             assert (await guest.read_file("proc/self/status")).startswith(f"pid {pid}\n".encode())
-        await _ctl(op, pid, "exec tiny")
-        second = json.loads(_record(daemon, int(pid)))["secret"]
+        await _ctl(op, pid, "exec tiny")  # a rebuild: a new program, a new credential
+        second = await rebuilt(2)
     assert second != first
     from ninep.errors import FsError
 
