@@ -36,6 +36,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from cloudfs.drivers.fake import FakeDriver  # noqa: E402
 from cloudfs.namespace import open_cloudfs  # noqa: E402
 from cloudfs.process import Process  # noqa: E402
+from cloudfs.quotas import ENV_KEYS  # noqa: E402
 from tests.zookeeper import ZooKeeperServer  # noqa: E402
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results" / "cloudfs.json"
@@ -150,8 +151,10 @@ async def main(args) -> dict:
     try:
         driver = FakeDriver()
         root = f"/bench-{os.getpid()}"
-        async with open_cloudfs(zk.hosts, driver, root, daemon_id="A") as A, \
-                open_cloudfs(zk.hosts, driver, root, daemon_id="B") as B:
+        # Room for every fork and env key the run makes (the defaults bound a guest, not a benchmark).
+        room = dict(max_processes=args.forks + 100, limits={ENV_KEYS: args.releases + 1})
+        async with open_cloudfs(zk.hosts, driver, root, daemon_id="A", **room) as A, \
+                open_cloudfs(zk.hosts, driver, root, daemon_id="B", **room) as B:
             a, b = await A.attach("", ""), await B.attach("", "")
             await bench_fork(a, b, 50)  # warm up
             forks = await bench_fork(a, b, args.forks)
