@@ -54,8 +54,6 @@ class Desired(enum.StrEnum):
 
 #: States a process ends in (only in wait records).
 FINAL_STATES = frozenset({State.EXITED, State.KILLED})
-#: Power states a VM can be in, and be asked for.
-POWER_STATES = frozenset({State.RUNNING, State.STOPPED})
 
 
 class CorruptRecord(FsError):
