@@ -195,4 +195,4 @@ async def test_6_running_out_of_descriptors(daemon):
         assert (await c.read_file("proc/1/status")).startswith(b"pid 1\n")
     log = daemon.log.read_text()
     assert daemon.alive() and "Session has expired" not in log and not daemon.tracebacks()
-    assert log.count("accept failed") < 20
+    assert 0 < log.count("accept failed") < 20  # it did run out, and said so briefly
