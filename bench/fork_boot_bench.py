@@ -4,8 +4,7 @@
 Starts its own ZooKeeper (Debian's package, loopback, temporary data dir,
 killed at the end), a CloudFS with the QEMU driver (state in a temporary
 directory, the cached "tiny" image of tests/guestfixtures), and serves the
-public 9P face on a loopback port (guests) and the operator face on a unix
-socket.  A parent VM is started the documented way (fork init, userdata,
+VMs' channels (guests) and the operator face on a unix socket.  A parent VM is started the documented way (fork init, userdata,
 exec); then, N times, the parent is forked through the operator face and we
 time until a blocked read of the child's ``env/mounted`` returns: the
 child's user-data writes it as its first command, right after
@@ -36,11 +35,12 @@ import trio
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
+from cloudfs.channel import Channels  # noqa: E402
 from cloudfs.drivers.qemu import QemuDriver  # noqa: E402
 from cloudfs.guestimage import build_tiny  # noqa: E402
 from cloudfs.imagestore import install_image  # noqa: E402
 from cloudfs.namespace import open_cloudfs  # noqa: E402
-from mountd.zkserver import ZooKeeperServer, free_port  # noqa: E402
+from mountd.zkserver import ZooKeeperServer  # noqa: E402
 from ninep.client import open_client  # noqa: E402
 from ninep.server import Server  # noqa: E402
 from tests.guestfixtures import CACHE_DIR  # noqa: E402
@@ -84,11 +84,10 @@ async def run(forks: int, accel: str) -> dict:
     driver = None
     try:
         install_image(state, image)
-        port = free_port()
-        driver = QemuDriver(state, port, accel=accel)
+        driver = QemuDriver(state, accel=accel)
         async with open_cloudfs(zk.hosts, driver, "/bench/fork-boot", resync_interval=1.0) as fs:
+            driver.channel_handler = Channels(fs).serve  # the guests' 9P, as cloudfs up serves it
             async with trio.open_nursery() as nursery:
-                await nursery.start(Server(fs.public()).serve, f"tcp!127.0.0.1!{port}")
                 sock = f"unix!{state}/cloudfs.sock"
                 await nursery.start(Server(fs).serve, sock)
                 async with open_client(sock) as c:

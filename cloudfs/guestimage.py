@@ -5,7 +5,8 @@ Debian kernel (``linux-image-amd64``'s versioned dependency, e.g.
 ``linux-image-6.1.0-56-amd64``) and an initramfs holding only static busybox
 (``busybox-static``), the kernel modules for 9P over TCP and virtio networking,
 and an ``/init`` shell script.  The guest reaches the host only through QEMU
-user networking (10.0.2.15/24, gateway 10.0.2.2, ``guestfwd`` to 10.0.2.100).
+user networking (10.0.2.15/24, gateway 10.0.2.2: cloudfs VMs find their
+channel there, cloudfs.drivers.netns; test guests use ``guestfwd`` rules).
 
 Building never installs anything on the host: ``apt-get download`` fetches the
 ``.deb`` files into the cache, ``dpkg -x`` unpacks them there, and the initramfs

@@ -4,9 +4,11 @@ Each process (except init) gets a random secret at fork, and a new one
 when a rebuild (``exec`` of a VM) succeeds
 (:func:`new_secret`), kept in its ZooKeeper record (field ``secret`` of
 :class:`cloudfs.process.Process`, never shown in any file of the tree and
-never put in user-data).  The compute driver hands it to the guest at boot
-(the QEMU driver writes it into the VM's own initramfs as
-``/etc/cloudfs/identity``).  The guest attaches with
+never put in user-data).  A driver whose guests reach the daemon over the
+network hands it to the guest at boot (OpenStack: server metadata
+``cloudfs-secret``, read from the metadata service, docs/openstack.md);
+QEMU guests get none, their channel is their identity (cloudfs.channel).
+Over TCP the guest attaches with
 
     aname = "proc/<pid>/<secret>"
 

@@ -69,6 +69,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         zookeeper_auth=Path(args.zookeeper_auth) if args.zookeeper_auth else None,
         adopt_open_tree=args.adopt_open_tree,
         max_processes=args.max_processes,
+        qemu_user=None if args.qemu_user == "root" else args.qemu_user,
     )
     from ninep.errors import FsError
 
@@ -211,8 +212,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "the reconciler of the compute driver. SIGINT/SIGTERM: unmount, close connections, "
                     "stop the embedded ZooKeeper; VMs keep running and are re-adopted on the next start.",
         epilog="9P: the --listen addresses serve the public face (a process's view for a guest's "
-               "pid/secret credential, else read-only); STATE/cloudfs.sock serves the operator's view "
-               "with full rights. Several daemons share one deployment with --zookeeper HOSTS.",
+               "pid/secret credential, else read-only); each QEMU VM attaches over its own channel (a "
+               "listener in the VM's network namespace) as its process; STATE/cloudfs.sock serves the "
+               "operator's view with full rights. Several daemons share one deployment with --zookeeper "
+               "HOSTS. Not as root: give --state-dir and a --listen port of 1024 or more.",
     )
     up.add_argument("--mount", metavar="DIR", help="mount the namespace here with FUSE")
     up.add_argument("--listen", metavar="DIALSTRING", action="append",
@@ -228,6 +231,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "ACLs, or by any ZooKeeper client): check it first, then start once with this")
     up.add_argument("--driver", default="qemu", choices=["qemu", "fake", "openstack"],
                     help="compute driver: qemu (local QEMU VMs, default), openstack, or fake (records only)")
+    up.add_argument("--qemu-user", metavar="USER", default="nobody",
+                    help="qemu driver, daemon run as root: the user QEMU drops to once it has opened its files "
+                         "(-runas; default nobody; 'root' keeps root)")
     up.add_argument("--os-cloud", metavar="NAME",
                     help="openstack driver: the clouds.yaml entry (default: OS_CLOUD or the OS_* variables)")
     up.add_argument("--state-dir", metavar="DIR", default=str(DEFAULT_STATE_DIR),

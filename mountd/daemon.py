@@ -8,9 +8,11 @@
    znode, with the reconciler of the chosen compute driver;
 3. 9P: on every ``--listen`` dial string (default ``tcp!127.0.0.1!564``) the
    public face (:class:`cloudfs.identity.PublicFS`: a process's view for a
-   valid pid/secret credential, else read-only; guests come in here), and on
-   the operator's unix socket ``STATE/cloudfs.sock`` the operator's view with
-   full rights (mode 0600: file permissions are its credential);
+   valid pid/secret credential, else read-only; OpenStack guests come in
+   here), on each QEMU VM's channel that process's view
+   (cloudfs.channel), and on the operator's unix socket
+   ``STATE/cloudfs.sock`` the operator's view with full rights (mode 0600:
+   file permissions are its credential);
 4. FUSE: the same tree mounted at ``--mount`` (a stale mount left by a crash is
    cleaned first).
 
@@ -34,6 +36,7 @@ from pathlib import Path
 
 import trio
 
+from cloudfs.channel import Channels
 from cloudfs.drivers.base import ComputeDriver
 from cloudfs.namespace import open_cloudfs
 from cloudfs.quotas import DEFAULT_MAX_PROCESSES
@@ -58,9 +61,8 @@ async def _fake_driver(opts: "DaemonOptions", ninep_port: int | None) -> Compute
 async def _qemu_driver(opts: "DaemonOptions", ninep_port: int | None) -> ComputeDriver:
     from cloudfs.drivers.qemu import QemuDriver
 
-    if ninep_port is None:
-        raise ValueError("the qemu driver needs a tcp!127.0.0.1!PORT listener for its guests")
-    return QemuDriver(opts.state_dir, ninep_port)
+    # guests come in over their own channels (served below), not the listeners
+    return QemuDriver(opts.state_dir, qemu_user=opts.qemu_user)
 
 
 async def _openstack_driver(opts: "DaemonOptions", ninep_port: int | None) -> ComputeDriver:
@@ -105,6 +107,8 @@ class DaemonOptions:
     limits: dict[str, int] = field(default_factory=dict)
     #: init's descendants limit when the deployment's tree is made
     max_processes: int = DEFAULT_MAX_PROCESSES
+    #: the user QEMU drops to (-runas) when the daemon runs as root (None: root)
+    qemu_user: str | None = "nobody"
 
     @property
     def operator_socket(self) -> Path:
@@ -156,6 +160,8 @@ async def run(opts: DaemonOptions, *, task_status=trio.TASK_STATUS_IGNORED) -> N
         async with open_cloudfs(hosts, driver, root=opts.zk_root, limits=opts.limits, zk_auth=auth,
                                 adopt_open=opts.adopt_open_tree,
                                 max_processes=opts.max_processes) as fs:
+            if hasattr(driver, "channel_handler"):  # VMs with a channel each (the QEMU driver)
+                driver.channel_handler = Channels(fs, trace=opts.debug_9p).serve
             async with trio.open_nursery() as nursery:
                 nofile = raise_nofile()
                 pub_limits, op_limits = public_limits(nofile), OPERATOR_LIMITS
@@ -173,7 +179,8 @@ async def run(opts: DaemonOptions, *, task_status=trio.TASK_STATUS_IGNORED) -> N
                     await clean_stale_mount(str(opts.mount))
                     opts.mount.mkdir(parents=True, exist_ok=True)
                     await nursery.start(partial(mount, fs, str(opts.mount), fsname=f"cloudfs:{opts.deployment}",
-                                                debug=opts.debug_fuse, timeout=opts.attr_timeout))
+                                                debug=opts.debug_fuse, timeout=opts.attr_timeout,
+                                                owner=(os.geteuid(), os.getegid())))
                 info = {"listen": bound, "mount": str(opts.mount) if opts.mount else None, "zookeeper": hosts,
                         "fs": fs}
                 log.info("cloudfs up: 9P on %s%s; ZooKeeper %s; driver %s; deployment %s (id %s)", ", ".join(bound),

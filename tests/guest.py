@@ -38,18 +38,56 @@ import itertools
 import os
 import re
 import secrets
+import shlex
 import subprocess
+import sys
 import threading
 import time
 import weakref
 from pathlib import Path
 from typing import Iterator, Mapping
 
-from cloudfs.drivers.qemu import FORWARD_ADDRESS as GUEST_FWD_ADDR, guestfwd_rule
 from cloudfs.guestimage import TinyImage
 
 __all__ = ["Guest", "GuestError", "GuestTimeout", "Pending", "BackgroundJob", "booted_guest",
-           "GUEST_FWD_ADDR"]
+           "GUEST_FWD_ADDR", "guestfwd_rule"]
+
+#: The guest-side address of the test guests' guestfwd rules.
+GUEST_FWD_ADDR = "10.0.2.100"
+
+#: Run by QEMU (via /bin/sh) per guest connection to a guestfwd address
+#: (forward_mode "cmd"): copy between stdin/stdout (QEMU's end of the guest
+#: connection) and 127.0.0.1:argv[1], closing each direction when the other
+#: side does.  A test harness only: cloudfs's own VMs reach the daemon over
+#: their channels (cloudfs.drivers.netns), with no process per connection.
+_CONNECTOR = r"""
+import os, socket, sys, threading
+s = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
+def up():
+    while True:
+        d = os.read(0, 65536)
+        if not d:
+            break
+        s.sendall(d)
+    try:
+        s.shutdown(socket.SHUT_WR)
+    except OSError:
+        pass
+threading.Thread(target=up, daemon=True).start()
+while True:
+    d = s.recv(65536)
+    if not d:
+        break
+    os.write(1, d)
+"""
+
+
+def guestfwd_rule(guest_port: int, host_port: int) -> str:
+    """The ``-netdev user`` option forwarding the guest's connections to
+    GUEST_FWD_ADDR:``guest_port`` to 127.0.0.1:``host_port``, each through
+    its own connector process.  QEMU option values escape commas by doubling."""
+    connector = f"{shlex.quote(sys.executable)} -c {shlex.quote(_CONNECTOR)} {int(host_port)}"
+    return f"guestfwd=tcp:{GUEST_FWD_ADDR}:{int(guest_port)}-cmd:{connector.replace(',', ',,')}"
 
 
 _READY = re.compile(rb"cloudfs-guest: shell ready\r?\n")

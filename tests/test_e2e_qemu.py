@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import trio
 
+from cloudfs.channel import Channels
 from cloudfs.drivers.qemu import QemuDriver
 from cloudfs.imagestore import install_image
 from cloudfs.namespace import CloudFS, open_cloudfs
@@ -43,7 +44,7 @@ class Cloud:
 
 
 def _reap_vms(state: Path) -> None:
-    QemuDriver(state, 1, accel="tcg").kill_all()
+    QemuDriver(state, accel="tcg").kill_all()
 
 
 @pytest.fixture
@@ -57,6 +58,9 @@ def state(tiny_image, tmp_path):
 
 
 async def _serve(fs: CloudFS, state: Path, port: int, nursery: trio.Nursery) -> str:
+    """Serve ``fs`` as ``cloudfs up`` does: the VMs' channels, the public
+    face on ``port``, the operator socket (returned)."""
+    fs.driver.channel_handler = Channels(fs).serve
     await nursery.start(Server(fs.public()).serve, f"tcp!127.0.0.1!{port}")
     sock = f"unix!{state}/cloudfs.sock"
     await nursery.start(Server(fs).serve, sock)
@@ -66,7 +70,7 @@ async def _serve(fs: CloudFS, state: Path, port: int, nursery: trio.Nursery) -> 
 @pytest.fixture
 async def cloud(zookeeper, zk_root, state):
     port = free_port()
-    driver = QemuDriver(state, port, accel="tcg")
+    driver = QemuDriver(state, accel="tcg")
     async with open_cloudfs(zookeeper.hosts, driver, zk_root, resync_interval=1.0) as fs:
         async with trio.open_nursery() as nursery:
             sock = await _serve(fs, state, port, nursery)
@@ -140,13 +144,13 @@ if echo kill 2>/tmp/err > $C/$other/ctl; then r=allowed; else r="refused: $(cat 
 echo "$r" > $C/self/env/refused
 mkdir -p /x /ro
 o="trans=tcp,port=564,version=9p2000.L"
-if mount -t 9p -o "$o,aname=proc/$CLOUDFS_PID/00000000000000000000000000000000" 10.0.2.100 /x; then
-  echo mounted > $C/self/env/badsecret
+if mount -t 9p -o "$o,aname=proc/$other" 10.0.2.2 /x; then
+  echo mounted > $C/self/env/asother
 else
-  echo refused > $C/self/env/badsecret
+  echo refused > $C/self/env/asother
 fi
-mount -t 9p -o "$o" 10.0.2.100 /ro && awk '$1 == "pid" {print $2}' /ro/proc/$CLOUDFS_PID/status > $C/self/env/anonread
-if echo x 2>/dev/null > /ro/proc/$CLOUDFS_PID/env/anon; then echo allowed; else echo refused; fi > $C/self/env/anonwrite
+if mount -t 9p -o "$o,aname=" 10.0.2.2 /x; then awk '$1 == "pid" {print $2}' /x/proc/self/status; fi > $C/self/env/noaname
+if nc -w 3 10.0.2.2 22 </dev/null; then echo reached; else echo unreachable; fi > $C/self/env/otherport
 cat $C/self/env/quit
 """
 
@@ -172,10 +176,10 @@ async def test_guest_uses_its_namespace(cloud):
         refused = await env(c, a, "refused")
         assert refused.startswith("refused") and "denied" in refused, refused
         assert (await status(c, other))["state"] == "new"  # nothing changed
-        assert await env(c, a, "badsecret") == "refused"          # a wrong secret cannot mount
-        assert await env(c, a, "anonread") == str(a)              # no credential: read-only view
-        assert await env(c, a, "anonwrite") == "refused"
-        assert "anon" not in await c.listdir(f"proc/{a}/env")
+        # the channel attaches as its own process only, and nothing else is reachable
+        assert await env(c, a, "asother") == "refused"
+        assert await env(c, a, "noaname") == str(a)
+        assert await env(c, a, "otherport") == "unreachable"
         for kid in (b, c_pid):
             assert await env(c, kid, "up") == "up"
             st = await status(c, kid)
@@ -272,13 +276,15 @@ async def _only(c: Client, pids: list[int]) -> bool:
 DAEMON = r"""
 import sys, trio
 from pathlib import Path
+from cloudfs.channel import Channels
 from cloudfs.drivers.qemu import QemuDriver
 from cloudfs.namespace import open_cloudfs
 from ninep.server import Server
 hosts, root, state, port = sys.argv[1], sys.argv[2], Path(sys.argv[3]), int(sys.argv[4])
 async def main():
-    driver = QemuDriver(state, port, accel="tcg")
+    driver = QemuDriver(state, accel="tcg")
     async with open_cloudfs(hosts, driver, root, daemon_id="daemon-1", resync_interval=1.0) as fs:
+        driver.channel_handler = Channels(fs).serve
         async with trio.open_nursery() as n:
             await n.start(Server(fs.public()).serve, f"tcp!127.0.0.1!{port}")
             await n.start(Server(fs).serve, f"unix!{state}/cloudfs.sock")
@@ -316,7 +322,7 @@ async def test_restart_readopts_running_vms(zookeeper, zk_root, state):
         assert ps.stdout.decode().splitlines() == [
             "1 init [running]", f"└─ {a} p{a} [running] tiny", f"   └─ {b} p{a} [running] tiny"], ps.stdout
         vms_before = sorted(d.name for d in (state / "vms").iterdir())
-        driver = QemuDriver(state, port, accel="tcg")
+        driver = QemuDriver(state, accel="tcg")
         qpids = {v: driver.qemu_pid(v) for v in vms_before}
         assert len(vms_before) == 2 and all(qpids.values())
         proc.send_signal(signal.SIGKILL)  # the daemon dies without any cleanup

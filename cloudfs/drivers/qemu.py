@@ -5,7 +5,7 @@ daemon (also after ``kill -9``) re-adopts them::
 
     STATE/images/<name>/        the image store (cloudfs.imagestore)
     STATE/vms/<id>/meta.json    the server: id, name, image, flavor, metadata
-                                (deployment/pid/ppid tags), secret, created (0600)
+                                (deployment/pid/ppid tags), created (0600)
     STATE/vms/<id>/qemu.pid     QEMU's pid (QEMU's -pidfile)
     STATE/vms/<id>/qmp.sock     QMP (docs/interop/qmp-spec) control socket
     STATE/vms/<id>/console.log  the guest's serial console
@@ -28,28 +28,36 @@ directly by QEMU: about 2 s faster under TCG), else its bzImage; the kernel
 command line is ``console=ttyS0 cloudfs.mode=boot quiet panic=-1``.
 
 The guest (image "tiny", cloudfs.guestimage) gets, appended to its
-initramfs: ``/etc/cloudfs/identity`` (``CLOUDFS_PID``, ``CLOUDFS_SECRET``,
-server address and port), ``/etc/cloudfs/userdata``, ``/sbin/cloudfs-mount``
-(:data:`MOUNT_SCRIPT`) and ``/etc/cloudfs/boot``
-(:data:`BOOT_SCRIPT`), which mounts the namespace at ``/cloud`` with the
-kernel's 9P client::
+initramfs: ``/etc/cloudfs/identity`` (``CLOUDFS_PID``, server address and
+port), ``/etc/cloudfs/userdata``, ``/sbin/cloudfs-mount``
+(:data:`MOUNT_SCRIPT`) and ``/etc/cloudfs/boot`` (:data:`BOOT_SCRIPT`), which
+mounts the namespace at ``/cloud`` with the kernel's 9P client::
 
-    mount -t 9p -o trans=tcp,port=564,version=9p2000.L,aname=proc/<pid>/<secret> 10.0.2.100 /cloud
+    mount -t 9p -o trans=tcp,port=564,version=9p2000.L,aname=proc/<pid> 10.0.2.2 /cloud
 
 (the command is ``/sbin/cloudfs-mount``, which user-data may run again to
 remount after the daemon restarted), runs ``sh /etc/cloudfs/userdata``
 (``$CLOUDFS_PID`` set), prints
 ``cloudfs-exit: <status> <message>`` on the console and powers off, which
 ends QEMU (``-no-reboot``): :meth:`QemuDriver.status` then says ``exited``
-with that message.  The secret is never on QEMU's command line (host users
-could read it from ``ps``).
+with that message.  The guest holds no secret: its identity is its channel.
 
-Networking: only the ``user`` network (QEMU user-mode networking,
-10.0.2.0/24, guest 10.0.2.15) with ``restrict=on``: the guest's only way out
-is ``guestfwd`` from 10.0.2.100:564 to the daemon's 9P port on 127.0.0.1.
-The forward runs a small connector command per guest connection (QEMU 7.2's
-``guestfwd=…-tcp:`` connects once at start and carries a single connection,
-see tests/guest.py), so the guest can mount, unmount and mount again.
+The channel (cloudfs.drivers.netns): QEMU runs in a network namespace of its
+own whose only interface is ``lo``, with the ``user`` network (QEMU
+user-mode networking, 10.0.2.0/24, guest 10.0.2.15, ``restrict=off`` since
+there is nothing to restrict to).  The guest's connections to 10.0.2.2:564
+arrive at a TCP listener the driver opens *inside that namespace* and hands,
+with the VM's pid, to :attr:`QemuDriver.channel_handler` (the daemon serves
+that process's view there, cloudfs.channel).  No host process runs per
+guest connection; the guest reaches nothing else (no route leaves the
+namespace); the listener a connection arrives on is the VM's identity.  A
+restarted daemon opens new listeners in the running VMs' namespaces.
+
+Privileges: as root, QEMU drops to ``qemu_user`` (``-runas``, default
+``nobody``) once it has opened its files (kernel, initramfs, disks, console,
+QMP socket and pidfile are opened as root before); not as root, QEMU runs
+as the daemon's user in a user namespace of its own (``unshare --user
+--map-root-user``).  Either way with ``-sandbox`` (seccomp).
 
 Power: ``stop`` pauses the vCPUs (QMP ``stop``; state ``stopped``), ``start``
 resumes them (``cont``); ``delete`` sends QMP ``quit`` and SIGKILLs QEMU if it
@@ -64,22 +72,23 @@ import dataclasses
 import json
 import logging
 import os
-import shlex
 import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import trio
 
 from .. import imagestore
 from ..guestimage import append_files
+from ..znodes import parse_pid
+from .netns import NetnsError, listen_in, netns_argv
 from .base import (
     META_PID, ComputeDriver, DriverError, Image, Network, NotFound, NotOurs, Server, ServerSpec, ServerStats,
 )
@@ -87,16 +96,22 @@ from .base import (
 log = logging.getLogger(__name__)
 
 __all__ = ["QemuDriver", "QmpError", "qmp_command", "probe_kvm", "BOOT_SCRIPT", "MOUNT_SCRIPT", "GUEST_MOUNT",
-           "GUEST_ADDRESS", "FORWARD_ADDRESS", "FLAVORS"]
+           "GUEST_ADDRESS", "SERVER_ADDRESS", "GUEST_9P_PORT", "FLAVORS", "ChannelHandler"]
 
 #: Where the guest mounts the namespace.
 GUEST_MOUNT = "/cloud"
 #: The guest's address on the user network.
 GUEST_ADDRESS = "10.0.2.15"
-#: The guest-side address of the guestfwd rule to the daemon's 9P port.
-FORWARD_ADDRESS = "10.0.2.100"
-#: The guest-side 9P port.
+#: The daemon as the guest sees it: user-mode networking's host alias, which
+#: QEMU maps to 127.0.0.1 in the VM's network namespace (cloudfs.drivers.netns).
+SERVER_ADDRESS = "10.0.2.2"
+#: The 9P port the guest dials, and where the channel listens in the VM's namespace.
 GUEST_9P_PORT = 564
+#: Connections a VM's channel queues before the daemon accepts them (listen(2)).
+CHANNEL_BACKLOG = 8
+#: Seconds between the channel supervisor's scans of running VMs (a create,
+#: rebuild or start wakes it at once).
+CHANNEL_CHECK = 1.0
 #: Flavors: name → (memory MiB, vCPUs); the first is the default.
 FLAVORS: dict[str, tuple[int, int]] = {"m1.tiny": (256, 1), "m1.small": (512, 1)}
 #: Each flavor's scratch disk (GiB): a sparse raw file per VM, the guest's
@@ -115,6 +130,18 @@ LOGS_KEEP = 256
 DISK_RESERVE = 1 << 30
 USER_NET = Network("net-user", "user", "10.0.2.0/24", "active")
 
+#: Serves one VM's channel: ``(pid, listener)``, until cancelled (QemuDriver).
+ChannelHandler = Callable[[int, trio.SocketListener], Awaitable[None]]
+
+
+@dataclass
+class _Channel:
+    """A VM's channel being served: which QEMU it is in (pid, QEMU's pid) and
+    the scope that ends it."""
+
+    key: tuple[int, int]
+    scope: trio.CancelScope
+
 #: ``/sbin/cloudfs-mount`` in the guest: (re)mount the namespace at /cloud.
 #: The boot script uses it; user-data may call it again to remount after the
 #: daemon restarted (a 9P connection does not survive its server).
@@ -124,7 +151,7 @@ MOUNT_SCRIPT = r"""#!/bin/sh
 . /etc/cloudfs/identity
 mkdir -p /cloud
 umount -l /cloud 2>/dev/null
-exec mount -t 9p -o "trans=tcp,port=$CLOUDFS_PORT,version=9p2000.L,msize=65560,aname=proc/$CLOUDFS_PID/$CLOUDFS_SECRET" \
+exec mount -t 9p -o "trans=tcp,port=$CLOUDFS_PORT,version=9p2000.L,msize=65560,aname=proc/$CLOUDFS_PID" \
     "$CLOUDFS_SERVER" /cloud
 """
 
@@ -151,41 +178,6 @@ echo "cloudfs-exit: $st user-data exited with status $st"
 umount /cloud 2>/dev/null
 exit 0
 """
-
-#: Run by QEMU (via /bin/sh) per guest connection to 10.0.2.100:564: copy
-#: between stdin/stdout (QEMU's end of the guest connection) and
-#: 127.0.0.1:argv[1], closing each direction when the other side does.
-_CONNECTOR = r"""
-import os, socket, sys, threading
-s = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
-def up():
-    while True:
-        d = os.read(0, 65536)
-        if not d:
-            break
-        s.sendall(d)
-    try:
-        s.shutdown(socket.SHUT_WR)
-    except OSError:
-        pass
-threading.Thread(target=up, daemon=True).start()
-while True:
-    d = s.recv(65536)
-    if not d:
-        break
-    os.write(1, d)
-"""
-
-
-def guestfwd_rule(guest_port: int, host_port: int) -> str:
-    """The ``-netdev user`` option forwarding the guest's connections to
-    FORWARD_ADDRESS:``guest_port`` to 127.0.0.1:``host_port``, each through
-    its own host connection (QEMU runs the connector per guest connection;
-    ``guestfwd=…-tcp:`` would connect once at start and carry one connection
-    per boot).  QEMU option values escape commas by doubling them."""
-    connector = f"{shlex.quote(sys.executable)} -c {shlex.quote(_CONNECTOR)} {int(host_port)}"
-    return f"guestfwd=tcp:{FORWARD_ADDRESS}:{int(guest_port)}-cmd:{connector.replace(',', ',,')}"
-
 
 class QmpError(DriverError):
     """QMP failed: the socket is gone, timed out, or QEMU answered an error."""
@@ -351,7 +343,6 @@ class _Vm:
     flavor: str
     networks: list[str]
     metadata: dict[str, str]
-    secret: str
     created: str
     accel: str = "tcg"
 
@@ -377,7 +368,7 @@ class _Vm:
 
     def to_json(self) -> str:
         return json.dumps({"id": self.id, "name": self.name, "image": self.image, "flavor": self.flavor,
-                           "networks": self.networks, "metadata": self.metadata, "secret": self.secret,
+                           "networks": self.networks, "metadata": self.metadata,
                            "created": self.created, "accel": self.accel}, indent=2) + "\n"
 
     @classmethod
@@ -385,7 +376,7 @@ class _Vm:
         try:
             m = json.loads((d / "meta.json").read_text())
             return cls(id=m["id"], dir=d, name=m["name"], image=m["image"], flavor=m["flavor"],
-                       networks=list(m["networks"]), metadata=dict(m["metadata"]), secret=m.get("secret", ""),
+                       networks=list(m["networks"]), metadata=dict(m["metadata"]),
                        created=m["created"], accel=m.get("accel", "tcg"))
         except (OSError, ValueError, KeyError, TypeError):
             return None
@@ -418,29 +409,35 @@ class QemuDriver(ComputeDriver):
     """VMs as local QEMU processes (module docstring for layout and guest).
 
     ``state_dir``: the daemon's state directory (``STATE``; created if
-    missing).  ``ninep_port``: the daemon's 9P TCP port on 127.0.0.1 that
-    guests reach through guestfwd (serve ``CloudFS.public()`` there).
-    ``accel``: ``"auto"`` (probe KVM once, else TCG), ``"tcg"`` or ``"kvm"``.
-    ``kvm_probe_timeout`` seconds.  ``qemu`` the binary.  ``host`` the name
-    reported as each server's host (default: this machine's hostname).
-    ``kernel_args`` extra guest kernel arguments; ``bios`` a firmware file
-    for ``-bios`` (e.g. /usr/share/qemu/qboot.rom; None: QEMU's default).
-    ``ninep_port`` may be set after construction (e.g. once a port-0
-    listener is bound), before the first ``create``.
+    missing).  ``accel``: ``"auto"`` (probe KVM once, else TCG), ``"tcg"`` or
+    ``"kvm"``.  ``kvm_probe_timeout`` seconds.  ``qemu`` the binary.  ``host``
+    the name reported as each server's host (default: this machine's
+    hostname).  ``kernel_args`` extra guest kernel arguments; ``bios`` a
+    firmware file for ``-bios`` (e.g. /usr/share/qemu/qboot.rom; None:
+    QEMU's default).  ``qemu_user``: the user QEMU runs as (``-runas``) when
+    the daemon is root (None: stays root); ignored otherwise.
+
+    :attr:`channel_handler` (settable at any time, e.g. once the namespace
+    exists): an async function ``(pid, listener)`` that serves the VM of
+    process ``pid`` on ``listener`` (a trio SocketListener in the VM's
+    network namespace, see cloudfs.drivers.netns) until cancelled;
+    :meth:`run` opens a listener per running VM of the bound deployment and
+    runs the handler for it, cancelling it when that QEMU ends.  None: guests
+    find nobody to mount from.
 
     Errors: NotFound (unknown image, flavor, network, server), DriverError
     (QEMU failed to start; its stderr is in the message), QmpError (QMP).
     """
 
-    def __init__(self, state_dir: Path, ninep_port: int, *, accel: str = "auto", kvm_probe_timeout: float = 5.0,
+    def __init__(self, state_dir: Path, *, accel: str = "auto", kvm_probe_timeout: float = 5.0,
                  qemu: str = "qemu-system-x86_64", host: str | None = None, kernel_args: str = "",
-                 bios: str | None = None):
+                 bios: str | None = None, qemu_user: str | None = "nobody",
+                 channel_handler: ChannelHandler | None = None):
         if accel not in ("auto", "tcg", "kvm"):
             raise ValueError(f"accel must be auto, tcg or kvm, not {accel!r}")
         self.state_dir = Path(state_dir).resolve()
         self.vms_dir = self.state_dir / "vms"
         self.logs_dir = self.state_dir / "logs"
-        self.ninep_port = int(ninep_port)
         self.accel = accel
         self.kvm_probe_timeout = kvm_probe_timeout
         self.qemu = qemu
@@ -448,9 +445,14 @@ class QemuDriver(ComputeDriver):
         self.scope = f"qemu!{self.host}!{self.state_dir}"  # only this daemon reaches its VMs
         self.kernel_args = kernel_args
         self.bios = bios
+        self.rootless = os.geteuid() != 0
+        self.qemu_user = None if self.rootless else qemu_user
+        self.channel_handler = channel_handler
         self._accel_chosen: str | None = None if accel == "auto" else accel
         self._lock = trio.Lock()
-        self._trimming = False
+        self._running = False
+        self._channels: dict[str, _Channel] = {}
+        self._poke = trio.Event()
         self.vms_dir.mkdir(parents=True, exist_ok=True)
         os.chmod(self.vms_dir, 0o700)
 
@@ -568,8 +570,9 @@ class QemuDriver(ComputeDriver):
 
     def _argv(self, vm: _Vm, image: imagestore.StoredImage) -> list[str]:
         memory, cpus = FLAVORS.get(vm.flavor, next(iter(FLAVORS.values())))
-        netdev = f"user,id=n0,restrict=on,net=10.0.2.0/24,{guestfwd_rule(GUEST_9P_PORT, self.ninep_port)}"
-        argv = [
+        # the VM's own network namespace: the guest reaches only its channel
+        netdev = "user,id=n0,restrict=off,net=10.0.2.0/24"
+        argv = netns_argv(self.rootless) + [
             self.qemu, "-name", f"cloudfs-{vm.id}", "-accel", vm.accel, "-m", str(memory), "-smp", str(cpus),
             "-nodefaults", "-display", "none", "-no-reboot",
             "-kernel", str(image.kernel_pvh or image.kernel), "-initrd", str(vm.dir / "initramfs.cpio.gz"),
@@ -578,10 +581,12 @@ class QemuDriver(ComputeDriver):
             "-qmp", f"unix:{vm.qmp},server=on,wait=off",
             "-pidfile", str(vm.pidfile), "-daemonize",
             # seccomp: no obsolete system calls, no scheduler/affinity changes
-            # (spawn stays allowed: -daemonize forks and guestfwd runs the
-            # connector; elevateprivileges=deny stops QEMU 7.2 from starting)
+            # (spawn stays allowed: -daemonize forks; elevateprivileges=deny
+            # stops QEMU 7.2 from starting, and -runas needs setuid)
             "-sandbox", "on,obsolete=deny,resourcecontrol=deny",
         ]
+        if self.qemu_user:
+            argv += ["-runas", self.qemu_user]
         if self.bios:
             argv += ["-bios", self.bios]
         if vm.networks:
@@ -595,8 +600,7 @@ class QemuDriver(ComputeDriver):
     def _prepare(self, vm: _Vm, image: imagestore.StoredImage, userdata: bytes) -> None:
         """Blocking: write the VM's initramfs (identity, user-data, boot script)."""
         pid = vm.metadata.get(META_PID, "0")
-        identity = (f"CLOUDFS_PID={int(pid)}\nCLOUDFS_SECRET={vm.secret}\n"
-                    f"CLOUDFS_SERVER={FORWARD_ADDRESS}\nCLOUDFS_PORT={GUEST_9P_PORT}\n")
+        identity = f"CLOUDFS_PID={int(pid)}\nCLOUDFS_SERVER={SERVER_ADDRESS}\nCLOUDFS_PORT={GUEST_9P_PORT}\n"
         old = os.umask(0o077)
         try:
             append_files(image.initramfs, {
@@ -660,8 +664,8 @@ class QemuDriver(ComputeDriver):
         """Find or boot the VM of ``spec.pid``: the oldest running VM of this
         deployment tagged with that pid is adopted (any other of that pid is
         deleted); otherwise write its directory and initramfs and start QEMU; returns
-        it ``running`` (the guest is booting).  ``spec.secret`` goes to the
-        guest (``/etc/cloudfs/identity``), the tags to meta.json.  NotFound
+        it ``running`` (the guest is booting).  The tags go to meta.json;
+        ``spec.secret`` is not used (the guest's channel is its identity).  NotFound
         for an unknown image/flavor/network."""
         adopted = await trio.to_thread.run_sync(self._adopt, spec.pid)
         if adopted is not None:
@@ -685,7 +689,7 @@ class QemuDriver(ComputeDriver):
         accel = await self._choose_accel(img.kernel)
         vid = f"vm-{uuid.uuid4().hex[:12]}"
         vm = _Vm(id=vid, dir=self.vms_dir / vid, name=spec.name, image=spec.image, flavor=flavor,
-                 networks=networks, metadata=meta, secret=spec.secret,
+                 networks=networks, metadata=meta,
                  created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), accel=accel)
 
         def boot() -> Server:
@@ -707,6 +711,7 @@ class QemuDriver(ComputeDriver):
             return Server(vm.id, vm.name, "running", self.host, (GUEST_ADDRESS,) if vm.networks else ())
 
         server = await trio.to_thread.run_sync(boot)
+        self._poke_channels()
         log.info("created %s (%s) for pid %d of deployment %s", vm.id, accel, spec.pid, self.deployment)
         return server
 
@@ -751,8 +756,8 @@ class QemuDriver(ComputeDriver):
 
     async def rebuild(self, server_id: str, image: str, userdata: bytes, *, secret: str = "") -> Server:
         """End QEMU, rewrite the initramfs from ``image`` and ``userdata``
-        (same id and metadata; ``secret`` for the guest, "" keeping the old
-        one) and boot again."""
+        (same id and metadata; ``secret`` is not used, as for create) and
+        boot again in a new network namespace (a new channel)."""
         vm = await trio.to_thread.run_sync(self._vm, server_id)
         img = await trio.to_thread.run_sync(imagestore.get_image, self.state_dir, image)
         if img is None:
@@ -761,14 +766,14 @@ class QemuDriver(ComputeDriver):
         def again() -> Server:
             self._kill(vm)
             vm.image = image
-            if secret:
-                vm.secret = secret
             self._prepare(vm, img, userdata)
             (vm.dir / "meta.json").write_text(vm.to_json())
             self._launch(vm, img)
             return Server(vm.id, vm.name, "running", self.host, (GUEST_ADDRESS,) if vm.networks else ())
 
-        return await trio.to_thread.run_sync(again)
+        server = await trio.to_thread.run_sync(again)
+        self._poke_channels()
+        return server
 
     async def delete(self, server_id: str) -> None:
         """End QEMU (QMP quit, SIGKILL after 5 s) and remove the VM directory
@@ -863,24 +868,114 @@ class QemuDriver(ComputeDriver):
         return await trio.to_thread.run_sync(_console_tail, vm, limit)
 
     async def run(self) -> None:
-        """Forever: every CONSOLE_CHECK seconds cut the console of each VM
-        over CONSOLE_MAX bytes to its last half (QEMU appends to the file,
+        """Forever, once per driver however many daemons share it: serve the
+        VMs' channels (:meth:`_serve_channels`) and trim their consoles:
+        every CONSOLE_CHECK seconds the console of each VM over CONSOLE_MAX
+        bytes is cut to its last half (QEMU appends to the file,
         ``append=on``: its next write lands at the new end; what it writes
         between the copy and the truncation, a few bytes at most, is lost).
-        One trimmer per driver, however many daemons share it; a failure is
-        logged and the next round tries again."""
-        if self._trimming:
+        A failure is logged and the next round tries again."""
+        if self._running:
             await trio.sleep_forever()
-        self._trimming = True
+        self._running = True
         try:
-            while True:
-                try:
-                    await trio.to_thread.run_sync(self._trim_consoles)
-                except Exception:  # never take the daemon down for this
-                    log.exception("trimming consoles")
-                await trio.sleep(CONSOLE_CHECK)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._serve_channels, nursery)
+                while True:
+                    try:
+                        await trio.to_thread.run_sync(self._trim_consoles)
+                    except Exception:  # never take the daemon down for this
+                        log.exception("trimming consoles")
+                    await trio.sleep(CONSOLE_CHECK)
         finally:
-            self._trimming = False
+            self._running = False
+            for ch in self._channels.values():
+                ch.scope.cancel()
+            self._channels.clear()
+
+    def _poke_channels(self) -> None:
+        """Have the channel supervisor look at the VMs now (a QEMU started)."""
+        self._poke.set()
+
+    def _live_channels(self) -> dict[str, tuple[int, int]]:
+        """Blocking: server id → (pid, QEMU's pid) of each running VM of the
+        bound deployment that is in a network namespace of its own (a QEMU
+        sharing the daemon's namespace gets no channel: listening "in" it
+        would take the host's port)."""
+        if self.deployment is None:
+            return {}
+        try:
+            own = os.stat("/proc/self/ns/net").st_ino
+        except OSError:
+            return {}
+        live = {}
+        for d in self.vms_dir.iterdir() if self.vms_dir.is_dir() else ():
+            vm = _Vm.load(d)
+            if vm is None or not self.ours(vm.metadata):
+                continue
+            qpid = vm.pid()
+            pid = parse_pid(vm.metadata.get(META_PID, ""))
+            if qpid is None or pid is None:
+                continue
+            try:
+                if os.stat(f"/proc/{qpid}/ns/net").st_ino == own:
+                    continue
+            except OSError:
+                continue
+            live[vm.id] = (pid, qpid)
+        return live
+
+    async def _serve_channels(self, nursery: trio.Nursery) -> None:
+        """Keep one channel per running VM: open a listener in each new
+        QEMU's namespace and run :attr:`channel_handler` on it; cancel the
+        channel of a VM that ended or was rebuilt (a new QEMU).  A listener
+        that cannot be made is logged and tried again next round."""
+        failed: set[tuple[int, int]] = set()
+        while True:
+            if self.channel_handler is not None:
+                try:
+                    live = await trio.to_thread.run_sync(self._live_channels)
+                except OSError as e:
+                    log.warning("cannot list VMs for their channels: %s", e)
+                    live = {}
+                for vid, ch in list(self._channels.items()):
+                    if live.get(vid) != ch.key:
+                        ch.scope.cancel()
+                        del self._channels[vid]
+                for vid, key in live.items():
+                    if vid in self._channels:
+                        continue
+                    try:
+                        sock = await trio.to_thread.run_sync(
+                            partial(listen_in, key[1], GUEST_9P_PORT, backlog=CHANNEL_BACKLOG, rootless=self.rootless))
+                    except NetnsError as e:
+                        if key not in failed:
+                            log.warning("no channel for %s (pid %d): %s", vid, key[0], e)
+                            failed.add(key)
+                        continue
+                    failed.discard(key)
+                    ch = _Channel(key, trio.CancelScope())
+                    self._channels[vid] = ch
+                    nursery.start_soon(self._channel, vid, ch, sock)
+            with trio.move_on_after(CHANNEL_CHECK):
+                await self._poke.wait()
+            self._poke = trio.Event()
+
+    async def _channel(self, vid: str, ch: _Channel, sock: socket.socket) -> None:
+        listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
+        with ch.scope:
+            try:
+                log.info("channel of %s (pid %d) open", vid, ch.key[0])
+                handler = self.channel_handler
+                if handler is not None:
+                    await handler(ch.key[0], listener)
+            except Exception:  # the next round opens it again
+                log.exception("channel of %s (pid %d) failed", vid, ch.key[0])
+            finally:
+                with trio.CancelScope(shield=True):
+                    await listener.aclose()
+        if self._channels.get(vid) is ch:
+            del self._channels[vid]
 
     def _trim_consoles(self) -> None:
         for d in self.vms_dir.iterdir() if self.vms_dir.is_dir() else ():

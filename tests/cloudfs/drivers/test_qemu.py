@@ -1,8 +1,8 @@
 """cloudfs.drivers.qemu against real QEMU (TCG) and a real 9P server.
 
-The guests mount a :class:`ninep.memfs.MemFS` served on a loopback port (the
-driver does not care what serves the namespace), so the driver is tested on
-its own: create, status, stop/start over QMP, find by a second driver
+The guests mount a :class:`ninep.memfs.MemFS` served on each VM's channel
+(the driver does not care what serves the namespace), so the driver is
+tested on its own: create, status, stop/start over QMP, find by a second driver
 instance (re-adoption), rebuild, a guest's own exit and its message, delete.
 Every QEMU is killed when the test ends (``kill_all`` in a finally).
 """
@@ -10,6 +10,7 @@ Every QEMU is killed when the test ends (``kill_all`` in a finally).
 from __future__ import annotations
 
 import os
+import pwd
 import stat
 import time
 
@@ -19,7 +20,6 @@ import trio
 from cloudfs import imagestore
 from cloudfs.drivers.base import META_DEPLOYMENT, META_PID, DriverError, NotFound, ServerSpec
 from cloudfs.drivers.qemu import FLAVORS, QemuDriver, probe_kvm
-from mountd.zkserver import free_port
 from ninep.memfs import MemFS
 from ninep.server import Server
 from tests.guestfixtures import CACHE_DIR
@@ -30,9 +30,9 @@ SECRET = "0123456789abcdef0123456789abcdef"
 DEPLOYMENT = "d" * 32
 
 
-def driver(state, port: int, deployment: str = DEPLOYMENT, **kw) -> QemuDriver:
+def driver(state, deployment: str = DEPLOYMENT, **kw) -> QemuDriver:
     """A QEMU driver bound to ``deployment`` (TCG unless told)."""
-    d = QemuDriver(state, port, **{"accel": "tcg", **kw})
+    d = QemuDriver(state, **{"accel": "tcg", **kw})
     d.bind(deployment, "/test/qemu")
     return d
 
@@ -49,16 +49,44 @@ def state(tiny_image, tmp_path):
     try:
         yield s
     finally:
-        QemuDriver(s, 1, accel="tcg").kill_all()
+        QemuDriver(s, accel="tcg").kill_all()
+
+
+class Served:
+    """One MemFS and the drivers that serve it on their VMs' channels:
+    :meth:`driver` makes a driver whose :meth:`QemuDriver.run` (the channel
+    supervisor) runs until :meth:`stop` (a daemon going away)."""
+
+    def __init__(self, state, nursery: trio.Nursery):
+        self.fs, self.state, self.nursery = MemFS(), state, nursery
+        self.pids: list[int] = []  # the pids channels were served for
+        self.scopes: dict[int, trio.CancelScope] = {}
+
+    async def serve(self, pid: int, listener) -> None:
+        self.pids.append(pid)
+        await Server(self.fs).serve_listeners([listener])
+
+    def driver(self, deployment: str = DEPLOYMENT, **kw) -> QemuDriver:
+        d = driver(self.state, deployment, channel_handler=self.serve, **kw)
+        scope = trio.CancelScope()
+
+        async def run():
+            with scope:
+                await d.run()
+
+        self.scopes[id(d)] = scope
+        self.nursery.start_soon(run)
+        return d
+
+    def stop(self, d: QemuDriver) -> None:
+        self.scopes.pop(id(d)).cancel()
 
 
 @pytest.fixture
-async def memfs_port():
-    fs, port = MemFS(), free_port()
+async def served(state):
     async with trio.open_nursery() as nursery:
-        await nursery.start(Server(fs).serve, f"tcp!127.0.0.1!{port}")
         try:
-            yield fs, port
+            yield Served(state, nursery)
         finally:
             nursery.cancel_scope.cancel()
 
@@ -74,7 +102,7 @@ async def until(check, timeout: float = 90.0, what: str = "condition"):
 
 
 async def test_store_flavors_networks(state, tiny_image):
-    d = driver(state, 1)
+    d = driver(state)
     [img] = await d.list_images()
     assert (img.name, img.id, img.size, img.checksum) == ("tiny", tiny_image.id, tiny_image.size,
                                                           tiny_image.checksum)
@@ -116,9 +144,9 @@ def test_build_image_main_installs_and_caches(tmp_path, tiny_image, capsys):
     assert [i.name for i in imagestore.list_images(state)] == ["tiny"]
 
 
-async def test_lifecycle_readoption_rebuild_and_exit(state, memfs_port):
-    fs, port = memfs_port
-    d = driver(state, port)
+async def test_lifecycle_readoption_rebuild_and_exit(state, served):
+    fs = served.fs
+    d = served.driver()
     userdata = b"echo one > /cloud/one\ncat /cloud/wait/go\n"
     s = await d.create(spec(userdata=userdata, secret=SECRET))
     assert s.status == "running" and s.addresses == ("10.0.2.15",)
@@ -131,6 +159,10 @@ async def test_lifecycle_readoption_rebuild_and_exit(state, memfs_port):
     qemu_ppid = int(open(f"/proc/{qpid}/stat").read().rsplit(") ", 1)[1].split()[1])
     assert os.getsid(qpid) != os.getsid(0) and qemu_ppid != os.getpid()  # own session, not our child
     assert "Seccomp:\t2" in open(f"/proc/{qpid}/status").read()  # -sandbox on: a seccomp filter
+    if os.geteuid() == 0:  # -runas: QEMU dropped root once its files were open
+        assert os.stat(f"/proc/{qpid}").st_uid == pwd.getpwnam("nobody").pw_uid
+    # its own network namespace: the guest's only peer is the channel
+    assert os.stat(f"/proc/{qpid}/ns/net").st_ino != os.stat("/proc/self/ns/net").st_ino
     assert stat.S_IMODE((vmdir / "meta.json").stat().st_mode) == 0o600
     assert stat.S_IMODE(vmdir.stat().st_mode) == 0o700
 
@@ -139,6 +171,7 @@ async def test_lifecycle_readoption_rebuild_and_exit(state, memfs_port):
     assert bytes(fs.root.children["one"].data) == b"one\n"
     console = (vmdir / "console.log").read_text(errors="replace")
     assert "cloudfs-boot: mounted /cloud as process 7" in console
+    assert served.pids == [7]
 
     # QMP power control
     assert (await d.stop(s.id)).status == "stopped"
@@ -147,7 +180,8 @@ async def test_lifecycle_readoption_rebuild_and_exit(state, memfs_port):
 
     # a second driver instance (a restarted daemon) finds it by its tags,
     # and its create adopts it instead of booting another
-    d2 = driver(state, port)
+    served.stop(d)
+    d2 = served.driver()
     [found] = await d2.find(7)
     assert found.id == s.id and found.status == "running"
     assert await d2.find(8) == []
@@ -171,9 +205,8 @@ async def test_lifecycle_readoption_rebuild_and_exit(state, memfs_port):
     assert await d2.find(7) == []
 
 
-async def test_delete_ends_a_running_qemu(state, memfs_port):
-    _, port = memfs_port
-    d = driver(state, port)
+async def test_delete_ends_a_running_qemu(state, served):
+    d = served.driver()
     s = await d.create(spec(userdata=b"sleep 1000\n", flavor=""))
     qpid = d.qemu_pid(s.id)
     t = time.monotonic()
@@ -202,15 +235,14 @@ async def _exited(d: QemuDriver, sid: str):
     return s if s.status == "exited" else None
 
 
-async def test_another_deployments_vms_are_never_touched(state, memfs_port):
+async def test_another_deployments_vms_are_never_touched(state):
     """A state dir whose VMs belong to an earlier deployment (the daemon was
     started again with a fresh ZooKeeper tree: a new deployment id): the new
     deployment's pid 7 gets its own VM, and the old VM is never found,
     powered, rebuilt or deleted by it."""
-    _, port = memfs_port
-    old = driver(state, port, deployment="a" * 32)
+    old = driver(state, deployment="a" * 32)
     theirs = await old.create(spec(userdata=b"sleep 1000\n"))
-    new = driver(state, port, deployment="b" * 32)
+    new = driver(state, deployment="b" * 32)
     assert await new.find(7) == []
     mine = await new.create(spec(userdata=b"sleep 1000\n"))
     assert mine.id != theirs.id
@@ -227,10 +259,10 @@ async def test_another_deployments_vms_are_never_touched(state, memfs_port):
 
 
 async def test_auto_accel_probes_once_and_remembers(state, tiny_image):
-    d = QemuDriver(state, 1, accel="auto", kvm_probe_timeout=5.0)
+    d = QemuDriver(state, accel="auto", kvm_probe_timeout=5.0)
     [img] = imagestore.list_images(state)
     first = await d._choose_accel(img.kernel)
     assert first in ("kvm", "tcg")
     t = time.monotonic()
-    again = await QemuDriver(state, 1, accel="auto")._choose_accel(img.kernel)  # a restarted daemon
+    again = await QemuDriver(state, accel="auto")._choose_accel(img.kernel)  # a restarted daemon
     assert again == first and time.monotonic() - t < 1.0
