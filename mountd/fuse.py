@@ -169,19 +169,24 @@ class _Watch:
 class FuseAdapter(pyfuse3.Operations):
     """pyfuse3 operations over a :class:`ninep.fs.FileSystem`.
 
-    ``FuseAdapter(fs, uname=None, aname="", timeout=1.0)``: ``uname`` is the
-    name given to ``fs.attach`` (default: the effective user's name, with
-    ``n_uname`` its uid); ``timeout`` is the entry/attribute cache time in
-    seconds told to the kernel.  Call :meth:`start` (attach + watcher task)
+    ``FuseAdapter(fs, uname=None, aname="", timeout=1.0, owner=None)``:
+    ``uname`` is the name given to ``fs.attach`` (default: the effective
+    user's name, with ``n_uname`` its uid); ``timeout`` is the
+    entry/attribute cache time in seconds told to the kernel; ``owner`` a
+    (uid, gid) shown for files the tree says root owns (uid 0, gid 0), so
+    a tree served by a non-root daemon, whose files are all "root's",
+    belongs to that daemon's user under ``default_permissions``.  Call :meth:`start` (attach + watcher task)
     before ``pyfuse3.init``; :func:`mount` does all of that.
     """
 
     enable_writeback_cache = False
     enable_acl = False
 
-    def __init__(self, fs: FileSystem, *, uname: str | None = None, aname: str = "", timeout: float = 1.0):
+    def __init__(self, fs: FileSystem, *, uname: str | None = None, aname: str = "", timeout: float = 1.0,
+                 owner: tuple[int, int] | None = None):
         super().__init__()
         self.fs = fs
+        self.owner = owner
         self.uname = uname if uname is not None else default_uname()
         self.aname = aname
         self.timeout = timeout
@@ -276,6 +281,9 @@ class FuseAdapter(pyfuse3.Operations):
         e.st_nlink = max(1, a.nlink)
         e.st_uid = a.uid
         e.st_gid = a.gid
+        if self.owner is not None:
+            e.st_uid = self.owner[0] if a.uid == 0 else a.uid
+            e.st_gid = self.owner[1] if a.gid == 0 else a.gid
         e.st_rdev = a.rdev
         e.st_size = a.size
         e.st_blksize = a.blksize or 4096
@@ -812,6 +820,7 @@ async def mount(
     aname: str = "",
     timeout: float = 1.0,
     allow_other: bool = False,
+    owner: tuple[int, int] | None = None,
     task_status=trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``fs`` at ``mountpoint`` through the kernel's FUSE until cancelled
@@ -824,14 +833,15 @@ async def mount(
     carries the rights of whoever attached (for ``cloudfs up``, the
     operator's), so only the mounting user may use it unless ``allow_other``
     (FUSE's option of that name; needs root) opens it to every local user.
-    ``debug``
+    ``owner`` as for :class:`FuseAdapter` (``cloudfs up`` passes its own
+    uid and gid: the mount is the user's who runs the daemon).  ``debug``
     turns on libfuse's request trace.  ``task_status.started(adapter)`` is
     called once mounted.  One mount per process (pyfuse3 is global).
     Raises RuntimeError from pyfuse3 when mounting fails.
     """
     mountpoint = os.path.abspath(mountpoint)
     await clean_stale_mount(mountpoint)
-    adapter = FuseAdapter(fs, uname=uname, aname=aname, timeout=timeout)
+    adapter = FuseAdapter(fs, uname=uname, aname=aname, timeout=timeout, owner=owner)
     adapter.mountpoint = mountpoint
     options = set(pyfuse3.default_options)
     options.add(f"fsname={fsname}")
