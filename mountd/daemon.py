@@ -58,7 +58,7 @@ async def _fake_driver(opts: "DaemonOptions", ninep_port: int | None) -> Compute
     return FakeDriver()
 
 
-async def _qemu_driver(opts: "DaemonOptions", ninep_port: int | None) -> ComputeDriver:
+async def _qemu_driver(opts: "DaemonOptions", _ninep_port: int | None) -> ComputeDriver:
     from cloudfs.drivers.qemu import QemuDriver
 
     # guests come in over their own channels (served below), not the listeners
@@ -221,8 +221,8 @@ def public_limits(nofile: int) -> Limits:
     or wait read reserves 8 KiB of the reply budget of 32 msizes, so they
     never starve other reads); connections at most ``nofile`` less
     FD_RESERVE (so 9P alone never runs the daemon out of descriptors), at
-    most 1024, and 256 per peer address: every QEMU guest arrives from
-    127.0.0.1 through user-mode networking."""
+    most 1024, and 256 per peer address (QEMU guests come over their own
+    channels, cloudfs.channel, not here)."""
     return Limits(max_outstanding=256, max_queued_msizes=32,
                   max_connections=max(16, min(1024, nofile - FD_RESERVE)), max_connections_per_peer=256)
 

@@ -7,9 +7,10 @@ root) whose only interface is ``lo``.  QEMU's user-mode network stack
 (libslirp) makes the guest's connections to the host alias 10.0.2.2 as
 connections from QEMU to 127.0.0.1 *in that namespace*, so the guest can reach
 exactly one thing: a TCP listener the daemon puts there with
-:func:`listen_in` (a short-lived helper enters the namespace with
-``nsenter``, binds 127.0.0.1:``port``, and hands the listening socket back
-over a unix socket pair, SCM_RIGHTS, unix(7)).  Every guest connection is one
+:func:`listen_in` (a short-lived helper enters the namespace, open as a
+descriptor the caller pinned, with ``nsenter``, binds 127.0.0.1:``port``,
+and hands the listening socket back over a unix socket pair, SCM_RIGHTS,
+unix(7); the socket's own namespace is checked with SIOCGSKNS).  Every guest connection is one
 TCP connection accepted by the daemon itself: no host process per
 connection, closes travel both ways, and the listener a connection came in
 on says which VM it is (see cloudfs.channel).  Nothing else is reachable:
@@ -35,6 +36,7 @@ ECONNREFUSED, any other address ENETUNREACH.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import socket
@@ -83,45 +85,89 @@ s.listen(int(sys.argv[3]))
 socket.send_fds(c, [b"L"], [s.fileno()])
 """
 
+#: ioctl(2) on a socket: a descriptor of its network namespace (sock_ioctl, Linux ≥ 4.9).
+SIOCGSKNS = 0x894C
 
-def listen_in(target_pid: int, port: int, *, backlog: int = 8, rootless: bool | None = None,
+
+def _ns_inode(fd: int) -> int:
+    return os.fstat(fd).st_ino
+
+
+def listen_in(netns_fd: int, port: int, *, userns_fd: int | None = None, backlog: int = 8,
               timeout: float = 10.0) -> socket.socket:
     """Blocking: a TCP socket listening on 127.0.0.1:``port`` in the network
-    namespace of process ``target_pid`` (a QEMU started under
-    :func:`netns_argv`; ``rootless`` as there), close-on-exec, blocking.
-    Takes one short helper process (nsenter + Python, ~50 ms).  Raises
-    NetnsError when the namespace cannot be entered (the process is gone,
-    no permission) or the port is taken there."""
-    if rootless is None:
-        rootless = os.geteuid() != 0
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    namespace open as ``netns_fd`` (``/proc/<pid>/ns/net`` of a process
+    started under :func:`netns_argv`, opened by the caller after checking
+    that pid, so the namespace cannot change under it), close-on-exec,
+    blocking.  ``userns_fd``: the namespace's user namespace, which a
+    non-root caller must enter too.  Takes one short helper process
+    (nsenter + Python, ~50 ms).  Raises NetnsError when ``netns_fd`` is this
+    process's own namespace (that would listen on the host), when the
+    namespace cannot be entered, the port is taken there, or what comes
+    back is not that listener."""
     try:
-        argv = [_tool("nsenter"), f"--target={int(target_pid)}", "--net"]
-        if rootless:  # keep our ids: setgroups is denied in a --map-root-user namespace
-            argv += ["--user", "--preserve-credentials"]
+        if _ns_inode(netns_fd) == os.stat("/proc/self/ns/net").st_ino:
+            raise NetnsError("refusing to listen in this process's own network namespace")
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    except OSError as e:
+        if isinstance(e, NetnsError):
+            raise
+        raise NetnsError(f"cannot make a channel listener: {e}") from e
+    try:
+        fds = [theirs.fileno(), netns_fd] + ([userns_fd] if userns_fd is not None else [])
+        argv = [_tool("nsenter"), f"--net=/proc/self/fd/{netns_fd}"]
+        if userns_fd is not None:  # keep our ids: setgroups is denied in a --map-root-user namespace
+            argv += [f"--user=/proc/self/fd/{userns_fd}", "--preserve-credentials"]
         argv += ["--", sys.executable, "-I", "-c", _HELPER, str(theirs.fileno()), str(int(port)), str(int(backlog))]
         try:
-            p = subprocess.run(argv, pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=timeout)
+            p = subprocess.run(argv, pass_fds=fds, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, timeout=timeout)
         except (OSError, subprocess.TimeoutExpired) as e:
-            raise NetnsError(f"cannot enter the network namespace of {target_pid}: {e}") from e
+            raise NetnsError(f"cannot enter the VM's network namespace: {e}") from e
         theirs.close()
         if p.returncode != 0:
             err = p.stderr.decode(errors="replace").strip().splitlines()
-            raise NetnsError(f"cannot listen in the network namespace of {target_pid}: "
+            raise NetnsError(f"cannot listen in the VM's network namespace: "
                              f"{err[-1] if err else f'status {p.returncode}'}")
         ours.settimeout(timeout)
         try:
-            msg, fds, _flags, _addr = socket.recv_fds(ours, 16, 1)
+            msg, got, _flags, _addr = socket.recv_fds(ours, 16, 1, socket.MSG_CMSG_CLOEXEC)
         except OSError as e:
-            raise NetnsError(f"no listener from the network namespace of {target_pid}: {e}") from e
-        if msg != b"L" or len(fds) != 1:
-            for fd in fds:
+            raise NetnsError(f"no listener from the VM's network namespace: {e}") from e
+        if msg != b"L" or len(got) != 1:
+            for fd in got:
                 os.close(fd)
-            raise NetnsError(f"no listener from the network namespace of {target_pid}")
-        os.set_inheritable(fds[0], False)
-        return socket.socket(fileno=fds[0])
+            raise NetnsError("no listener from the VM's network namespace")
+        try:
+            os.set_inheritable(got[0], False)
+            s = socket.socket(fileno=got[0])
+        except OSError as e:
+            os.close(got[0])
+            raise NetnsError(f"the helper sent no socket: {e}") from e
+        try:
+            _check_listener(s, port, _ns_inode(netns_fd))
+        except BaseException:
+            s.close()
+            raise
+        return s
     finally:
         ours.close()
         theirs.close()
 
+
+def _check_listener(s: socket.socket, port: int, ns_inode: int) -> None:
+    """NetnsError unless ``s`` listens on 127.0.0.1:``port`` over TCP in the
+    namespace of inode ``ns_inode`` (SIOCGSKNS)."""
+    try:
+        ok = (s.family == socket.AF_INET and s.type == socket.SOCK_STREAM
+              and s.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN) == 1
+              and s.getsockname() == ("127.0.0.1", port))
+        nsfd = fcntl.ioctl(s.fileno(), SIOCGSKNS)
+        try:
+            ok = ok and _ns_inode(nsfd) == ns_inode
+        finally:
+            os.close(nsfd)
+    except OSError as e:
+        raise NetnsError(f"cannot check the channel listener: {e}") from e
+    if not ok:
+        raise NetnsError("the helper's socket is not the VM's 127.0.0.1 listener")

@@ -72,6 +72,7 @@ import dataclasses
 import json
 import logging
 import os
+import pwd
 import shutil
 import signal
 import socket
@@ -112,6 +113,11 @@ CHANNEL_BACKLOG = 8
 #: Seconds between the channel supervisor's scans of running VMs (a create,
 #: rebuild or start wakes it at once).
 CHANNEL_CHECK = 1.0
+#: Channel listeners being made at once (one nsenter helper each), the
+#: seconds one may take, and the seconds before a failed one is tried again.
+CHANNEL_OPENS = 4
+CHANNEL_TIMEOUT = 5.0
+CHANNEL_RETRY = 5.0
 #: Flavors: name → (memory MiB, vCPUs); the first is the default.
 FLAVORS: dict[str, tuple[int, int]] = {"m1.tiny": (256, 1), "m1.small": (512, 1)}
 #: Each flavor's scratch disk (GiB): a sparse raw file per VM, the guest's
@@ -136,11 +142,15 @@ ChannelHandler = Callable[[int, trio.SocketListener], Awaitable[None]]
 
 @dataclass
 class _Channel:
-    """A VM's channel being served: which QEMU it is in (pid, QEMU's pid) and
-    the scope that ends it."""
+    """A VM's channel being served: which QEMU it is in (pid, QEMU's pid,
+    network namespace inode) and the scope that ends it."""
 
-    key: tuple[int, int]
+    key: tuple[int, int, int]
     scope: trio.CancelScope
+
+
+#: A VM that should have no channel (QemuDriver._channel_states).
+_GONE = (0, 0, 0)
 
 #: ``/sbin/cloudfs-mount`` in the guest: (re)mount the namespace at /cloud.
 #: The boot script uses it; user-data may call it again to remount after the
@@ -164,7 +174,7 @@ export CLOUDFS_PID PATH=/sbin:/usr/sbin:/bin:/usr/bin HOME=/root
 n=0
 until cloudfs-mount; do
   n=$((n + 1))
-  if [ "$n" -ge 10 ]; then
+  if [ "$n" -ge 30 ]; then
     echo "cloudfs-exit: 255 cannot mount the namespace from $CLOUDFS_SERVER:$CLOUDFS_PORT"
     exit 255
   fi
@@ -374,7 +384,15 @@ class _Vm:
     @classmethod
     def load(cls, d: Path) -> "_Vm | None":
         try:
-            m = json.loads((d / "meta.json").read_text())
+            return cls.parse(d, (d / "meta.json").read_bytes())
+        except OSError:
+            return None
+
+    @classmethod
+    def parse(cls, d: Path, raw: bytes) -> "_Vm | None":
+        """The VM of directory ``d`` from its meta.json bytes; None if malformed."""
+        try:
+            m = json.loads(raw)
             return cls(id=m["id"], dir=d, name=m["name"], image=m["image"], flavor=m["flavor"],
                        networks=list(m["networks"]), metadata=dict(m["metadata"]),
                        created=m["created"], accel=m.get("accel", "tcg"))
@@ -415,7 +433,8 @@ class QemuDriver(ComputeDriver):
     hostname).  ``kernel_args`` extra guest kernel arguments; ``bios`` a
     firmware file for ``-bios`` (e.g. /usr/share/qemu/qboot.rom; None:
     QEMU's default).  ``qemu_user``: the user QEMU runs as (``-runas``) when
-    the daemon is root (None: stays root); ignored otherwise.
+    the daemon is root (None: stays root; ValueError if there is no such
+    user); ignored otherwise.
 
     :attr:`channel_handler` (settable at any time, e.g. once the namespace
     exists): an async function ``(pid, listener)`` that serves the VM of
@@ -447,6 +466,11 @@ class QemuDriver(ComputeDriver):
         self.bios = bios
         self.rootless = os.geteuid() != 0
         self.qemu_user = None if self.rootless else qemu_user
+        if self.qemu_user is not None:
+            try:
+                pwd.getpwnam(self.qemu_user)
+            except KeyError:
+                raise ValueError(f"no user {self.qemu_user!r} for QEMU to run as") from None
         self.channel_handler = channel_handler
         self._accel_chosen: str | None = None if accel == "auto" else accel
         self._lock = trio.Lock()
@@ -897,83 +921,134 @@ class QemuDriver(ComputeDriver):
         """Have the channel supervisor look at the VMs now (a QEMU started)."""
         self._poke.set()
 
-    def _live_channels(self) -> dict[str, tuple[int, int]]:
-        """Blocking: server id → (pid, QEMU's pid) of each running VM of the
-        bound deployment that is in a network namespace of its own (a QEMU
-        sharing the daemon's namespace gets no channel: listening "in" it
-        would take the host's port)."""
+    def _channel_states(self) -> dict[str, tuple[int, int, int] | None] | None:
+        """Blocking: for each VM directory, the channel it should have now:
+        ``(pid, QEMU's pid, network namespace inode)`` for a running VM of
+        the bound deployment in a namespace of its own; _GONE for a VM that
+        is not running, not ours, or shares the daemon's namespace (a QEMU
+        from before channels: listening "in" it would take the host's port);
+        None where it cannot be told now (a read failed: keep what runs).
+        None for all when the VM directory cannot be listed."""
         if self.deployment is None:
             return {}
         try:
             own = os.stat("/proc/self/ns/net").st_ino
+            dirs = list(self.vms_dir.iterdir()) if self.vms_dir.is_dir() else []
         except OSError:
-            return {}
-        live = {}
-        for d in self.vms_dir.iterdir() if self.vms_dir.is_dir() else ():
-            vm = _Vm.load(d)
-            if vm is None or not self.ours(vm.metadata):
-                continue
-            qpid = vm.pid()
-            pid = parse_pid(vm.metadata.get(META_PID, ""))
-            if qpid is None or pid is None:
-                continue
+            return None
+        return {d.name: self._channel_state(d, own) for d in dirs}
+
+    def _channel_state(self, d: Path, own: int) -> tuple[int, int, int] | None:
+        try:
+            raw = (d / "meta.json").read_bytes()
+            qpid = int((d / "qemu.pid").read_text().strip())
+            with open(f"/proc/{qpid}/stat", "rb") as f:
+                st = f.read()
+            with open(f"/proc/{qpid}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+            ino = os.stat(f"/proc/{qpid}/ns/net").st_ino
+        except (FileNotFoundError, ProcessLookupError, ValueError):
+            return _GONE
+        except OSError:
+            return None
+        vm = _Vm.parse(d, raw)
+        if vm is None or not self.ours(vm.metadata) or st[st.rindex(b")") + 2:][:1] in (b"Z", b"X") or ino == own:
+            return _GONE
+        pid = parse_pid(vm.metadata.get(META_PID, ""))
+        qmp = str(vm.qmp).encode()
+        if pid is None or not argv or not Path(argv[0].decode(errors="replace")).name.startswith("qemu-system") \
+                or not any(qmp in a for a in argv):
+            return _GONE
+        return (pid, qpid, ino)
+
+    def _listen(self, vid: str, key: tuple[int, int, int]) -> socket.socket:
+        """Blocking: a listener in the namespace of VM ``vid``'s QEMU
+        ``key``: the namespace is opened first, then the VM is checked to
+        still be that QEMU in that namespace (so a reused pid cannot lead
+        elsewhere), then cloudfs.drivers.netns.listen_in enters it by that
+        descriptor.  NetnsError otherwise."""
+        qpid = key[1]
+        fds: list[int] = []
+        try:
             try:
-                if os.stat(f"/proc/{qpid}/ns/net").st_ino == own:
-                    continue
-            except OSError:
-                continue
-            live[vm.id] = (pid, qpid)
-        return live
+                fds.append(os.open(f"/proc/{qpid}/ns/net", os.O_RDONLY | os.O_CLOEXEC))
+                if self.rootless:
+                    fds.append(os.open(f"/proc/{qpid}/ns/user", os.O_RDONLY | os.O_CLOEXEC))
+                own = os.stat("/proc/self/ns/net").st_ino
+            except OSError as e:
+                raise NetnsError(f"cannot open the namespace of QEMU {qpid}: {e}") from e
+            if self._channel_state(self.vms_dir / vid, own) != key or os.fstat(fds[0]).st_ino != key[2]:
+                raise NetnsError(f"QEMU {qpid} of {vid} changed while its channel was being made")
+            return listen_in(fds[0], GUEST_9P_PORT, userns_fd=fds[1] if self.rootless else None,
+                             backlog=CHANNEL_BACKLOG, timeout=CHANNEL_TIMEOUT)
+        finally:
+            for fd in fds:
+                os.close(fd)
 
     async def _serve_channels(self, nursery: trio.Nursery) -> None:
-        """Keep one channel per running VM: open a listener in each new
-        QEMU's namespace and run :attr:`channel_handler` on it; cancel the
-        channel of a VM that ended or was rebuilt (a new QEMU).  A listener
-        that cannot be made is logged and tried again next round."""
-        failed: set[tuple[int, int]] = set()
+        """Keep one channel per running VM: for each new QEMU, a task opens a
+        listener in its namespace and runs :attr:`channel_handler` on it
+        (at most CHANNEL_OPENS listeners being made at once); the channel of
+        a VM that ended or was rebuilt (a new QEMU) is cancelled.  A round
+        whose listing fails changes nothing; a VM whose state cannot be read
+        keeps its channel; a listener that cannot be made is logged and
+        tried again after CHANNEL_RETRY seconds."""
+        failed: dict[tuple[int, int, int], float] = {}
+        limiter = trio.CapacityLimiter(CHANNEL_OPENS)
         while True:
             if self.channel_handler is not None:
                 try:
-                    live = await trio.to_thread.run_sync(self._live_channels)
-                except OSError as e:
-                    log.warning("cannot list VMs for their channels: %s", e)
-                    live = {}
-                for vid, ch in list(self._channels.items()):
-                    if live.get(vid) != ch.key:
-                        ch.scope.cancel()
-                        del self._channels[vid]
-                for vid, key in live.items():
-                    if vid in self._channels:
-                        continue
-                    try:
-                        sock = await trio.to_thread.run_sync(
-                            partial(listen_in, key[1], GUEST_9P_PORT, backlog=CHANNEL_BACKLOG, rootless=self.rootless))
-                    except NetnsError as e:
-                        if key not in failed:
-                            log.warning("no channel for %s (pid %d): %s", vid, key[0], e)
-                            failed.add(key)
-                        continue
-                    failed.discard(key)
-                    ch = _Channel(key, trio.CancelScope())
-                    self._channels[vid] = ch
-                    nursery.start_soon(self._channel, vid, ch, sock)
+                    states = await trio.to_thread.run_sync(self._channel_states)
+                except Exception:  # never take the driver down for this
+                    log.exception("listing VMs for their channels")
+                    states = None
+                if states is not None:
+                    for vid, ch in list(self._channels.items()):
+                        st = states.get(vid, _GONE)
+                        if st is not None and st != ch.key:
+                            ch.scope.cancel()
+                            del self._channels[vid]
+                    now = trio.current_time()
+                    live = {k for k in states.values() if k not in (None, _GONE)}
+                    for k in [k for k in failed if k not in live]:
+                        del failed[k]
+                    for vid, key in states.items():
+                        if key in (None, _GONE) or vid in self._channels or failed.get(key, 0) > now:
+                            continue
+                        ch = _Channel(key, trio.CancelScope())
+                        self._channels[vid] = ch
+                        nursery.start_soon(self._channel, vid, ch, limiter, failed)
             with trio.move_on_after(CHANNEL_CHECK):
                 await self._poke.wait()
             self._poke = trio.Event()
 
-    async def _channel(self, vid: str, ch: _Channel, sock: socket.socket) -> None:
-        listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
+    async def _channel(self, vid: str, ch: _Channel, limiter: trio.CapacityLimiter,
+                       failed: dict[tuple[int, int, int], float]) -> None:
+        pid = ch.key[0]
         with ch.scope:
             try:
-                log.info("channel of %s (pid %d) open", vid, ch.key[0])
-                handler = self.channel_handler
-                if handler is not None:
-                    await handler(ch.key[0], listener)
-            except Exception:  # the next round opens it again
-                log.exception("channel of %s (pid %d) failed", vid, ch.key[0])
-            finally:
-                with trio.CancelScope(shield=True):
-                    await listener.aclose()
+                sock = await trio.to_thread.run_sync(self._listen, vid, ch.key, limiter=limiter)
+            except Exception as e:  # NetnsError, or anything unexpected: try again later
+                if ch.key not in failed:
+                    log.warning("no channel for %s (pid %d): %s", vid, pid, e)
+                failed[ch.key] = trio.current_time() + CHANNEL_RETRY
+            else:
+                failed.pop(ch.key, None)
+                listener = None
+                try:
+                    listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
+                    log.info("channel of %s (pid %d) open", vid, pid)
+                    handler = self.channel_handler
+                    if handler is not None:
+                        await handler(pid, listener)
+                except Exception:  # the next round opens it again
+                    log.exception("channel of %s (pid %d) failed", vid, pid)
+                finally:
+                    with trio.CancelScope(shield=True):
+                        if listener is not None:
+                            await listener.aclose()
+                        else:
+                            sock.close()
         if self._channels.get(vid) is ch:
             del self._channels[vid]
 

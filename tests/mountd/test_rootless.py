@@ -100,7 +100,7 @@ def test_cloudfs_up_as_a_user(home):
         assert f"greeting hello from {pid}" in lines, out
         assert "state running" in lines, out
         assert any(line.startswith(f"wait {pid} ") and "exit 0" in line for line in lines), out
-        qemus = subprocess.run(["pgrep", "-u", str(pw.pw_uid), "qemu-system"], capture_output=True)
+        qemus = subprocess.run(["pgrep", "-f", f"qemu-system.*{home / 'state'}"], capture_output=True)
         assert qemus.stdout == b""  # the VM ended with its process
     finally:
         up.terminate()

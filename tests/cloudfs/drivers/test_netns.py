@@ -1,6 +1,7 @@
 """cloudfs.drivers.netns on real namespaces: a listener made in a process's
 network namespace is reachable from inside it only (also in the rootless
-form, a user namespace that maps the caller to root)."""
+form, a user namespace that maps the caller to root), and never made in the
+caller's own namespace."""
 
 from __future__ import annotations
 
@@ -38,29 +39,44 @@ def sleeper(request):
         p.wait()
 
 
+def _ns(pid: int, kind: str) -> int:
+    return os.open(f"/proc/{pid}/ns/{kind}", os.O_RDONLY | os.O_CLOEXEC)
+
+
 def test_listener_is_reachable_from_inside_only(sleeper):
     pid, rootless = sleeper
     assert os.stat(f"/proc/{pid}/ns/net").st_ino != os.stat("/proc/self/ns/net").st_ino
     port = free_port()
-    lsock = listen_in(pid, port, rootless=rootless)
+    net, user = _ns(pid, "net"), _ns(pid, "user") if rootless else None
     try:
-        assert lsock.getsockname() == ("127.0.0.1", port) and not lsock.get_inheritable()
-        with pytest.raises(ConnectionRefusedError):  # not in our namespace
-            socket.create_connection(("127.0.0.1", port), 2).close()
-        enter = ["nsenter", f"--target={pid}", "--net"] + (["--user", "--preserve-credentials"] if rootless else [])
-        client = subprocess.Popen(enter + [sys.executable, "-c", CLIENT, str(port)], stdout=subprocess.PIPE)
-        lsock.settimeout(10)
-        conn, peer = lsock.accept()
-        with conn:
-            assert peer[0] == "127.0.0.1" and conn.recv(100) == b"ping\n"
-            conn.sendall(b"pong\n")
-        assert client.communicate(timeout=10)[0] == b"pong\n"
-        with pytest.raises(NetnsError, match="in use"):  # the port is taken there now
-            listen_in(pid, port, rootless=rootless)
+        lsock = listen_in(net, port, userns_fd=user)
+        try:
+            assert lsock.getsockname() == ("127.0.0.1", port) and not lsock.get_inheritable()
+            with pytest.raises(ConnectionRefusedError):  # not in our namespace
+                socket.create_connection(("127.0.0.1", port), 2).close()
+            enter = ["nsenter", f"--target={pid}", "--net"] + (["--user", "--preserve-credentials"] if rootless
+                                                               else [])
+            client = subprocess.Popen(enter + [sys.executable, "-c", CLIENT, str(port)], stdout=subprocess.PIPE)
+            lsock.settimeout(10)
+            conn, peer = lsock.accept()
+            with conn:
+                assert peer[0] == "127.0.0.1" and conn.recv(100) == b"ping\n"
+                conn.sendall(b"pong\n")
+            assert client.communicate(timeout=10)[0] == b"pong\n"
+            with pytest.raises(NetnsError, match="in use"):  # the port is taken there now
+                listen_in(net, port, userns_fd=user)
+        finally:
+            lsock.close()
     finally:
-        lsock.close()
+        os.close(net)
+        if user is not None:
+            os.close(user)
 
 
-def test_no_such_process():
-    with pytest.raises(NetnsError):
-        listen_in(2 ** 22 + 1, free_port())
+def test_never_in_our_own_namespace():
+    own = _ns(os.getpid(), "net")
+    try:
+        with pytest.raises(NetnsError, match="own network namespace"):
+            listen_in(own, free_port())
+    finally:
+        os.close(own)

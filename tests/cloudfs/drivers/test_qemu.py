@@ -192,6 +192,11 @@ async def test_lifecycle_readoption_rebuild_and_exit(state, served):
     r = await d2.rebuild(s.id, "tiny", b"echo two > /cloud/two\nexit 3\n")
     assert r.id == s.id and r.status == "running"
     assert d2.qemu_pid(s.id) not in (None, qpid)
+    assert bytes(fs.root.children["one"].data) == b"one\n"
+    await until(lambda: _has(fs, "two"), what="the rebuilt guest wrote /two")
+    # the old QEMU's channel was closed, the new one's opened
+    assert all(ch.key[1] != qpid for ch in d2._channels.values())
+    assert len(served.pids) >= 2 and set(served.pids) == {7}
     exited = await until(lambda: _exited(d2, s.id), what="guest exit")
     assert exited.message == f"exit 3: user-data exited with status 3 (console: {d2.console_path(s.id)})", exited
     assert bytes(fs.root.children["two"].data) == b"two\n"
