@@ -6,7 +6,7 @@ reconciler's executor once the VM is gone.
 ZooKeeper refuses a request over its ``jute.maxbuffer`` (1 MiB), so a
 process with many env keys, wait records, work items or children is ended
 in steps, each one multi under :data:`MULTI_BYTES` and :data:`MULTI_OPS`:
-first its env keys, wait records and work items are deleted in batches,
+first its env keys, wait records, notes, pipes and work items are deleted in batches,
 then its children are moved to init in batches (each batch with the counts
 of the ancestors it leaves), and last one multi removes the process itself
 and writes the wait record.  Only that last step is what others see as the
@@ -92,13 +92,19 @@ class Exits:
     # -- the steps -------------------------------------------------------------
 
     async def _clear(self, pid: int) -> None:
-        """Delete ``pid``'s env keys, wait records and work items, in batches."""
+        """Delete ``pid``'s env keys, wait records, notes, pipes and work items, in batches."""
         L = self.layout
         last: Exception | None = None
         for attempt in range(MAX_ATTEMPTS):
-            envs, waits, pend = await gather(self.store.children(L.env(pid)), self.store.children(L.wait(pid)),
-                                             self.store.children(L.pending))
+            envs, waits, notes, pend = await gather(
+                self.store.children(L.env(pid)), self.store.children(L.wait(pid)), self.store.children(L.notes(pid)),
+                self.store.children(L.pending))
             paths = [L.env_key(pid, k) for k in envs or ()] + [L.wait_record(pid, w) for w in waits or ()]
+            paths += [L.note_record(pid, n) for n in notes or ()]
+            pipes = await self._pipes(pid)
+            for name, kids in (pipes or {}).items():  # messages and opens, then the pipes
+                paths += [f"{L.pipe(pid, name)}/{k}" for k in kids]
+            paths += [L.pipe(pid, name) for name in pipes or {}]
             paths += [L.pending_item(n) for n in pend or () if L.pending_pid(n) == pid]
             if not paths:
                 return
@@ -113,6 +119,15 @@ class Exits:
                 last = e
                 await trio.sleep(min(0.5, 0.01 * attempt))
         raise _stuck(pid, last)
+
+    async def _pipes(self, pid: int) -> dict[str, list[str]] | None:
+        """``pid``'s pipes, each with its children (None: no pipe znode)."""
+        L = self.layout
+        names = await self.store.children(L.pipes(pid))
+        if names is None:
+            return None
+        kids = await gather(*(self.store.children(L.pipe(pid, n)) for n in names))
+        return {n: list(k) for n, k in zip(names, kids) if k is not None}
 
     async def _move_kids(self, pid: int) -> None:
         """Make ``pid``'s children init's, KIDS_PER_MULTI at a time: each
@@ -157,9 +172,9 @@ class Exits:
         ``reparent``: they are moved first)."""
         L = self.layout
         rec = cur.value
-        kids, envs, waits, quota = await gather(
+        kids, envs, waits, notes, pipes, quota = await gather(
             self.store.children(L.kids(pid)), self.store.children(L.env(pid)), self.store.children(L.wait(pid)),
-            self.quotas.get(pid))
+            self.store.children(L.notes(pid)), self._pipes(pid), self.quotas.get(pid))
         if L.pids(kids):
             if not reparent:
                 return False
@@ -175,7 +190,8 @@ class Exits:
         # or the parent znodes could never go
         for name in kids or ():
             t.delete(L.kid_entry(pid, name))
-        for path in L.process_znodes(pid, list(envs or ()), list(waits or ()), quota=quota is not None):
+        for path in L.process_znodes(pid, list(envs or ()), list(waits or ()), quota=quota is not None,
+                                     note_names=None if notes is None else list(notes), pipes=pipes):
             if path == L.record(pid):
                 t.delete(path, cur.version)
             elif quota is not None and path == L.quota(pid):

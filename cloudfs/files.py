@@ -21,6 +21,8 @@ from ninep.fs import DirEntry, OpenFile, SnapshotFile
 
 from . import ctl, quotas
 from .drivers.base import ServerStats
+from .notes import parse_note
+from .pipes import PIPE_MSG_MAX, READER, WRITER
 
 if TYPE_CHECKING:
     from .namespace import CloudFS
@@ -179,6 +181,98 @@ class WaitFile(SnapshotFile):
         """Until a wait record exists (a child watch); consumes nothing."""
         await self.fs.waits.ready(self.pid)
         self._pending = True
+
+
+class NoteFile(SnapshotFile):
+    """``/proc/<pid>/note`` (proc(3)): each write posts one note
+    (cloudfs.notes.parse_note; the offset is ignored); each read at offset
+    0 blocks until a note is pending, takes the oldest and returns it with a
+    newline (EAGAIN with O_NONBLOCK)."""
+
+    def __init__(self, fs: "CloudFS", pid: int, flags: int):
+        super().__init__(flags)
+        self.fs, self.pid = fs, pid
+        if flags & os.O_ACCMODE == os.O_RDONLY:
+            self.iounit = BLOCKING_IOUNIT
+        self._pending = False
+
+    async def produce(self) -> bytes:
+        note = await self.fs.notes.next(self.pid, self.nonblocking)
+        self._pending = False
+        return note + b"\n"
+
+    def readable(self) -> bool:
+        return self._pending
+
+    async def wait_readable(self) -> None:
+        """Until a note is pending; takes nothing."""
+        await self.fs.notes.ready(self.pid)
+        self._pending = True
+
+    async def write(self, offset: int, data: bytes) -> int:
+        await self.fs.notes.post(self.pid, parse_note(data))
+        return len(data)
+
+
+class NotepgFile(OpenFile):
+    """``/proc/<pid>/notepg`` (proc(3)): write-only; each write posts the
+    note to the process and every descendant (cloudfs.notes.Notes.post_group)."""
+
+    def __init__(self, fs: "CloudFS", pid: int, flags: int):
+        super().__init__(flags)
+        self.fs, self.pid = fs, pid
+
+    async def write(self, offset: int, data: bytes) -> int:
+        await self.fs.notes.post_group(self.pid, parse_note(data))
+        return len(data)
+
+
+class PipeFile(OpenFile):
+    """An open of ``/proc/<pid>/pipe/<name>`` (cloudfs.pipes): each write
+    is one message; each read takes one message (its first ``count``
+    bytes), blocking until one arrives, 0 bytes at EOF; offsets are
+    ignored (a stream).  ``ends``: the open's writer/reader znodes, dropped
+    at release (clunk, close, or the connection's end)."""
+
+    iounit = PIPE_MSG_MAX
+
+    def __init__(self, fs: "CloudFS", pid: int, name: str, flags: int, ends: list[tuple[str, str]],
+                 lazy: bool = False):
+        super().__init__(flags)
+        self.fs, self.pid, self.name, self.ends = fs, pid, name, ends
+        #: the open that made the pipe (``touch``) counts as a reader or
+        #: writer only from its first read or write
+        self.lazy = lazy
+        self._continues: tuple[int, int] | None = None
+
+    async def _counted(self, kind: str) -> None:
+        if self.lazy and all(k != kind for _, k in self.ends):
+            self.ends.append((await self.fs.pipes.open_end(self.pid, self.name, kind), kind))
+
+    async def read(self, offset: int, count: int) -> bytes:
+        # Linux's v9fs repeats a read(2) until it has the count asked for
+        # (p9_client_read), which would join messages: the read that
+        # continues one (this open, where that message ended, for what was
+        # left of the count) gets 0 bytes, so read(2) returns one message.
+        if self._continues is not None and self._continues == (offset, count):
+            self._continues = None
+            return b""
+        await self._counted(READER)
+        data = await self.fs.pipes.read(self.pid, self.name, count, self.nonblocking)
+        self._continues = (offset + len(data), count - len(data)) if 0 < len(data) < count else None
+        return data
+
+    async def write(self, offset: int, data: bytes) -> int:
+        await self._counted(WRITER)
+        return await self.fs.pipes.write(self.pid, self.name, data, self.nonblocking)
+
+    async def release(self) -> None:
+        ends, self.ends = self.ends, []
+        for end, kind in ends:
+            try:
+                await self.fs.pipes.close_end(self.pid, self.name, end, kind)
+            except FsError:  # the store is away: the ephemeral end goes with the session
+                pass
 
 
 class LimitsFile(SnapshotFile):

@@ -40,6 +40,8 @@ from .lifecycle import Lifecycle
 from .nodes import OPERATOR, PROCESS, READONLY, RootNode, View
 from .procdata import ProcData
 from .process import Desired
+from .notes import Notes
+from .pipes import Pipes
 from .quotas import DEFAULT_LIMITS, DEFAULT_MAX_PROCESSES, Quotas
 from .reconciler import Reconciler
 from .records import Records
@@ -91,6 +93,8 @@ class CloudFS(FileSystem):
         self.lifecycle = Lifecycle(store, L, self.records, self.catalog, self.quotas, self.limits)
         self.data = ProcData(store, L, self.quotas)
         self.waits = Waits(store, L)
+        self.notes = Notes(store, L, self.records, self.quotas)
+        self.pipes = Pipes(store, L, self.quotas)
         self.exits = Exits(store, L, self.records, self.quotas)
         self.daemon_id = daemon_id or f"cloudfs-{uuid.uuid4().hex[:12]}"
         self.reconciler = Reconciler(store, L, self.records, self.data, self.exits, driver, self.daemon_id,

@@ -13,6 +13,8 @@ import errno
 import os
 import stat
 from dataclasses import dataclass
+
+import trio
 from typing import TYPE_CHECKING
 
 from ninep.errors import FsError
@@ -21,10 +23,11 @@ from ninep.qid import Qid
 
 from . import tree
 from .ctl import valid_name
+from .pipes import READER, WRITER
 from .znodes import parse_pid
 from .files import (
-    ChildrenFile, ConsoleFile, CtlFile, DirFile, EnvKeyFile, InfoFile, LimitsFile, StatsFile, StatusFile,
-    UserdataFile, WaitFile, console_of, kv_text,
+    ChildrenFile, ConsoleFile, CtlFile, DirFile, EnvKeyFile, InfoFile, LimitsFile, NotepgFile, NoteFile, PipeFile,
+    StatsFile, StatusFile, UserdataFile, WaitFile, console_of, kv_text,
 )
 
 if TYPE_CHECKING:
@@ -43,9 +46,11 @@ class View:
     ENOENT).  ``rights``:
 
     - ``operator``: everything (the host's FUSE mount, the operator socket);
-    - ``process``: as process ``self_pid``: write ``ctl``, ``userdata`` and
-      ``env`` of itself and its descendants, read their ``userdata`` and
-      ``wait``, lower their ``limits``; read ``status``, ``children``,
+    - ``process``: as process ``self_pid``: write ``ctl``, ``userdata``,
+      ``env`` and ``note``/``notepg`` of itself and its descendants, read
+      their ``userdata`` and ``wait``, lower their ``limits``, make and
+      remove their pipes; read its own ``note``, read its own pipes and
+      write those of itself and its ancestors; read ``status``, ``children``,
       ``env`` and ``limits`` of every process, and ``/images``, ``/net``;
     - ``readonly``: read ``status``, ``children``, ``env``, ``limits``,
       ``/images`` and ``/net``; nothing else.
@@ -68,6 +73,23 @@ class View:
             raise FsError(errno.EACCES, f"process {self.self_pid} may only change itself and its descendants, "
                                         f"not process {pid}")
         raise FsError(errno.EACCES, "read-only view: attach with a process credential or as the operator")
+
+    def may_take_notes(self, pid: int) -> None:
+        """Raise FsError(EACCES) unless this view may read (take) ``pid``'s
+        notes: the operator, or the process itself."""
+        if self.rights == OPERATOR or (self.rights == PROCESS and self.self_pid == pid):
+            return
+        raise FsError(errno.EACCES, f"only process {pid} itself (or the operator) reads its notes")
+
+    async def may_write_pipe(self, pid: int) -> None:
+        """Raise FsError(EACCES) unless this view may write ``pid``'s pipes:
+        the operator, the process itself, its descendants."""
+        if self.rights == OPERATOR:
+            return
+        if self.rights == PROCESS and self.self_pid is not None \
+                and await self.fs.records.is_descendant(self.self_pid, pid):
+            return
+        raise FsError(errno.EACCES, f"only process {pid}, its descendants and the operator write its pipes")
 
     def may_administer(self) -> None:
         """Raise FsError(EACCES) unless this is the operator (e.g. creating networks)."""
@@ -312,6 +334,118 @@ class WaitNode(CNode):
         return WaitFile(self.fs, self.pid, flags)
 
 
+class NoteNode(CNode):
+    """``/proc/<pid>/note``: the operator, the process and its ancestors
+    post (write); the process itself and the operator take (read)."""
+
+    kind = tree.NOTE
+    guarded_write = True
+
+    async def open(self, flags: int) -> OpenFile:
+        if flags & os.O_ACCMODE != os.O_WRONLY:
+            self.view.may_take_notes(self.pid)
+        return await super().open(flags)
+
+    async def setattr(self, change) -> None:
+        await self.view.may_modify(self.pid)
+        await super().setattr(change)
+
+    def _open(self, flags: int) -> OpenFile:
+        return NoteFile(self.fs, self.pid, flags)
+
+
+class NotepgNode(CNode):
+    """``/proc/<pid>/notepg``: write-only; who may post to ``note`` may post here."""
+
+    kind = tree.NOTEPG
+    guarded_write = True
+
+    async def setattr(self, change) -> None:
+        await self.view.may_modify(self.pid)
+        await super().setattr(change)
+
+    def _open(self, flags: int) -> OpenFile:
+        return NotepgFile(self.fs, self.pid, flags)
+
+
+class PipeDirNode(CNode):
+    """``/proc/<pid>/pipe``: its pipes; creating a file makes a pipe, ``rm``
+    removes one (the process itself, its ancestors, the operator)."""
+
+    kind = tree.PIPEDIR
+
+    async def walk(self, name: str) -> Node:
+        _pipe_name(name)
+        if not await self.fs.pipes.exists(self.pid, name):
+            await self._alive()
+            raise FsError(errno.ENOENT, f"no pipe {name!r} of process {self.pid}")
+        return PipeNode(self.view, self.pid, name)
+
+    async def _entries(self) -> list[DirEntry]:
+        return [self._entry(n, PipeNode(self.view, self.pid, n)) for n in await self.fs.pipes.names(self.pid)]
+
+    async def create(self, name: str, mode: int, flags: int, uid: int, gid: int) -> tuple[Node, OpenFile]:
+        _pipe_name(name)
+        await self.view.may_modify(self.pid)
+        await self.fs.pipes.create(self.pid, name)
+        node = PipeNode(self.view, self.pid, name)
+        return node, await node.open(flags & ~(os.O_CREAT | os.O_EXCL | os.O_TRUNC), lazy=True)
+
+    async def unlink(self, name: str, is_dir: bool) -> None:
+        if is_dir:
+            raise FsError(errno.ENOTDIR, "pipes are files")
+        _pipe_name(name)
+        await self.view.may_modify(self.pid)
+        await self.fs.pipes.remove(self.pid, name)
+
+
+def _pipe_name(name: str) -> None:
+    if not valid_name(name):
+        raise FsError(errno.EINVAL, f"bad pipe name {name[:64]!r} (1-63 of letters, digits, '.', '_', '-')")
+
+
+class PipeNode(CNode):
+    """``/proc/<pid>/pipe/<name>``: the process, its descendants and the
+    operator open it for writing; the process itself and the operator for
+    reading.  Truncating (``exec 5>pipe``) changes nothing."""
+
+    kind = tree.PIPE
+
+    async def _alive(self) -> None:
+        if not await self.fs.pipes.exists(self.pid, self.key):
+            raise FsError(errno.ENOENT, f"no pipe {self.key!r} of process {self.pid}")
+
+    async def setattr(self, change) -> None:
+        if change.only_truncate_to_zero():
+            return
+        await super().setattr(change)
+
+    async def open(self, flags: int, lazy: bool = False) -> OpenFile:
+        """``lazy`` (the open that created the pipe): counted as a reader or
+        writer only from its first read or write, so ``touch`` leaves no
+        trace (a writer counted and gone would mean EOF)."""
+        _check_access(self.mode, flags)
+        acc = flags & os.O_ACCMODE
+        kinds = []
+        if acc in (os.O_WRONLY, os.O_RDWR):
+            await self.view.may_write_pipe(self.pid)
+            kinds.append(WRITER)
+        if acc in (os.O_RDONLY, os.O_RDWR):
+            self.view.may_take_notes(self.pid)  # the same rule: the process itself, or the operator
+            kinds.append(READER)
+        ends: list[tuple[str, str]] = []
+        if lazy:
+            return PipeFile(self.fs, self.pid, self.key, flags, ends, lazy=True)
+        try:
+            for kind in kinds:
+                ends.append((await self.fs.pipes.open_end(self.pid, self.key, kind), kind))
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await PipeFile(self.fs, self.pid, self.key, flags, ends).release()
+            raise
+        return PipeFile(self.fs, self.pid, self.key, flags, ends)
+
+
 class EnvNode(CNode):
     """``/proc/<pid>/env``: every valid name walks (set or not); ``create``
     opens a key (the write sets it); ``unlink`` unsets (ENOENT if unset)."""
@@ -434,5 +568,6 @@ _DIRS = {tree.PROC: ProcNode, tree.IMAGES: ImagesNode, tree.NET: NetNode}
 _PID_NODES = {
     tree.CTL: CtlNode, tree.STATUS: StatusNode, tree.CHILDREN: ChildrenNode,
     tree.USERDATA: UserdataNode, tree.ENV: EnvNode, tree.WAIT: WaitNode, tree.LIMITS: LimitsNode,
-    tree.STATS: StatsNode, tree.CONSOLE: ConsoleNode,
+    tree.STATS: StatsNode, tree.CONSOLE: ConsoleNode, tree.NOTE: NoteNode, tree.NOTEPG: NotepgNode,
+    tree.PIPEDIR: PipeDirNode,
 }

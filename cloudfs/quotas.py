@@ -2,7 +2,7 @@
 process (and the code in its VM) may make the deployment hold.
 
 Each process has a znode ``proc/<pid>/quota`` (JSON: ``limits`` and
-``used``) with three limits:
+``used``) with six limits:
 
 - ``descendants``: how many processes its subtree may hold (itself not
   counted).  A fork adds one to the ``used`` of *every* ancestor, each a
@@ -14,6 +14,14 @@ Each process has a znode ``proc/<pid>/quota`` (JSON: ``limits`` and
 - ``env-keys`` and ``env-bytes``: how many env keys the process may have
   set, and their values' bytes in all; a write beyond them fails with EDQUOT
   and changes nothing (the key and the quota znode change in one multi).
+- ``notes``: how many notes may wait for the process to read them
+  (cloudfs.notes; Plan 9 keeps NNOTE = 5 per process); a note posted
+  beyond it fails with EAGAIN and is dropped, as Plan 9 drops it.
+- ``pipes`` and ``pipe-bytes``: how many pipes the process may own
+  (cloudfs.pipes; EAGAIN beyond it) and how many bytes of messages may wait
+  unread in them (a write beyond it waits until the reader makes room).
+  A quota znode from before notes or pipes counts none and gets the
+  default limits.
 
 A new process gets the daemon's defaults (:data:`DEFAULT_LIMITS`, or
 ``cloudfs up --limit NAME=VALUE``), but never more ``descendants`` than its
@@ -45,12 +53,17 @@ from .records import no_process
 from .store import BadVersionError, NoNodeError, Store
 from .znodes import Layout
 
-DESCENDANTS, ENV_KEYS, ENV_BYTES = "descendants", "env-keys", "env-bytes"
+DESCENDANTS, ENV_KEYS, ENV_BYTES, NOTES = "descendants", "env-keys", "env-bytes", "notes"
+PIPES, PIPE_BYTES = "pipes", "pipe-bytes"
 #: The limits, in the order /proc/<pid>/limits lists them.
-NAMES = (DESCENDANTS, ENV_KEYS, ENV_BYTES)
+NAMES = (DESCENDANTS, ENV_KEYS, ENV_BYTES, NOTES, PIPES, PIPE_BYTES)
 #: Limits a new process gets unless the daemon is told others: a guest's
-#: subtree of 16 VMs; 256 env keys and 1 MiB of env values per process.
-DEFAULT_LIMITS: Mapping[str, int] = {DESCENDANTS: 16, ENV_KEYS: 256, ENV_BYTES: 1 << 20}
+#: subtree of 16 VMs; 256 env keys and 1 MiB of env values per process;
+#: 32 pending notes; 16 pipes holding 1 MiB of unread messages in all.
+DEFAULT_LIMITS: Mapping[str, int] = {DESCENDANTS: 16, ENV_KEYS: 256, ENV_BYTES: 1 << 20, NOTES: 32,
+                                     PIPES: 16, PIPE_BYTES: 1 << 20}
+#: Limits a quota znode written before that limit existed gets when read.
+_ADDED_LATER: Mapping[str, int] = {n: DEFAULT_LIMITS[n] for n in (NOTES, PIPES, PIPE_BYTES)}
 #: Init's ``descendants``: the processes a deployment may hold in all.
 DEFAULT_MAX_PROCESSES = 256
 #: The largest value a limit may be set to (2^31 - 1).
@@ -102,6 +115,9 @@ class Quota:
         for part in ("limits", "used"):
             vals = {}
             for n in NAMES:
+                if n in _ADDED_LATER and n not in raw[part]:
+                    vals[n] = _ADDED_LATER[n] if part == "limits" else 0
+                    continue
                 v = raw[part].get(n)
                 if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= LIMIT_MAX:
                     raise CorruptRecord("quota", f"{part}.{n} is {v!r}")
@@ -153,6 +169,14 @@ def charge_env(pid: int, q: Quota, old: int | None, new: int) -> Quota:
 def release_env(q: Quota, old: int) -> Quota:
     """``q`` after a key of value length ``old`` is unset."""
     return q.using(env_keys=-1, env_bytes=-old)
+
+
+def charge_note(pid: int, q: Quota) -> Quota:
+    """``q`` after one more note waits for ``pid``.  FsError(EAGAIN) over
+    ``notes`` (the note is not posted)."""
+    if q.used[NOTES] + 1 > q.limits[NOTES]:
+        raise FsError(errno.EAGAIN, f"process {pid} has {q.used[NOTES]} notes not yet read (limit {NOTES})")
+    return q.using(notes=1)
 
 
 def parse_setting(data: bytes) -> tuple[str, int]:

@@ -21,7 +21,7 @@ from ninep.fs import qid_type_for_mode
 from ninep.qid import Qid
 
 (ROOT, PROC, PID, CTL, STATUS, CHILDREN, USERDATA, ENV, ENVKEY, WAIT, IMAGES, IMAGE, NET, NETFILE, LIMITS, STATS,
- CONSOLE) = range(1, 18)
+ CONSOLE, NOTE, NOTEPG, PIPEDIR, PIPE) = range(1, 22)
 
 DIR = stat.S_IFDIR
 REG = stat.S_IFREG
@@ -41,7 +41,8 @@ class Entry:
 TREE: tuple[Entry, ...] = (
     Entry("/", ROOT, DIR | 0o555, "the root: proc, images, net"),
     Entry("/proc", PROC, DIR | 0o555, "one directory per live process, named by pid; 'self' walks to the attached process"),
-    Entry("/proc/<pid>", PID, DIR | 0o555, "a process: ctl status children userdata env wait limits stats console"),
+    Entry("/proc/<pid>", PID, DIR | 0o555,
+          "a process: ctl status children userdata env wait limits stats console note notepg pipe"),
     Entry("/proc/<pid>/ctl", CTL, REG | 0o660,
           "write one command (fork [name=N] | exec <image> [flavor=F] [net=NET] [name=N] | kill | stop | start); "
           "read back its result once (fork: the new pid), then EOF"),
@@ -55,12 +56,21 @@ TREE: tuple[Entry, ...] = (
     Entry("/proc/<pid>/wait", WAIT, REG | 0o444,
           "each read blocks until a child ended, returns '<pid> <name> <state> <message>' and consumes it"),
     Entry("/proc/<pid>/limits", LIMITS, REG | 0o660,
-          "'name limit used' lines (descendants env-keys env-bytes); write 'name value' to set one "
+          "'name limit used' lines (descendants env-keys env-bytes notes pipes pipe-bytes); write 'name value' "
+          "to set one "
           "(a process may only lower)"),
     Entry("/proc/<pid>/stats", STATS, REG | 0o444,
           "key value lines: cpu_ns memory_bytes memory_used_bytes block_* net_* uptime_s ('-' where unknown)"),
     Entry("/proc/<pid>/console", CONSOLE, REG | 0o440,
           "the VM's console output (the last 1 MiB); size is its length, so tail -f follows it"),
+    Entry("/proc/<pid>/note", NOTE, REG | 0o660,
+          "write posts one note (a line of at most 127 bytes); a read by the process itself blocks until a note "
+          "is pending and takes the oldest (O_NONBLOCK: EAGAIN)"),
+    Entry("/proc/<pid>/notepg", NOTEPG, REG | 0o220, "write posts the note to the process and every descendant"),
+    Entry("/proc/<pid>/pipe", PIPEDIR, DIR | 0o775, "the process's pipes; creating a file makes a pipe, rm removes it"),
+    Entry("/proc/<pid>/pipe/<name>", PIPE, REG | 0o660,
+          "each write is one message (at most 64 KiB); each read takes one, blocking; EOF once every writer "
+          "closed; EPIPE once the reader closed"),
     Entry("/images", IMAGES, DIR | 0o555, "one file per image of the compute driver"),
     Entry("/images/<name>", IMAGE, REG | 0o444, "key value lines: id name status size disk_format checksum created"),
     Entry("/net", NET, DIR | 0o775, "one file per network; creating a file /net/<name> creates the network"),
@@ -73,7 +83,7 @@ BY_KIND: dict[int, Entry] = {e.kind: e for e in TREE}
 PID_FILES: tuple[tuple[str, int], ...] = (
     ("ctl", CTL), ("status", STATUS), ("children", CHILDREN),
     ("userdata", USERDATA), ("env", ENV), ("wait", WAIT), ("limits", LIMITS), ("stats", STATS),
-    ("console", CONSOLE),
+    ("console", CONSOLE), ("note", NOTE), ("notepg", NOTEPG), ("pipe", PIPEDIR),
 )
 #: The root's directories, in listing order.
 ROOT_DIRS: tuple[tuple[str, int], ...] = (("proc", PROC), ("images", IMAGES), ("net", NET))

@@ -16,6 +16,10 @@
     <root>/proc/<pid>/env/<key>      one env key; data is the value
     <root>/proc/<pid>/wait/w-<seq>   JSON wait record of an ended child
                                      (sequential: consumed in order)
+    <root>/proc/<pid>/note/n-<seq>   a pending note (its text; sequential:
+                                     taken in order, cloudfs.notes)
+    <root>/proc/<pid>/pipe/<name>/…  a pipe, its messages and opens
+                                     (cloudfs.pipes)
     <root>/proc/<pid>/quota          JSON limits and counts (cloudfs.quotas)
     <root>/pending/<pid>-<seq>       work for the reconciler: the record of
                                      <pid> may differ from the backend
@@ -42,6 +46,7 @@ INIT_PID = 1
 PID_MAX = 2**31 - 1
 
 _WAIT_PREFIX = "w-"
+_NOTE_PREFIX = "n-"
 
 
 def parse_pid(name: str) -> int | None:
@@ -108,16 +113,46 @@ class Layout:
     def quota(self, pid: int) -> str:
         return f"{self.proc}/{pid}/quota"
 
+    def notes(self, pid: int) -> str:
+        return f"{self.proc}/{pid}/note"
+
+    def note_record(self, pid: int, name: str) -> str:
+        """A pending note's znode from its child name (as listed under :meth:`notes`)."""
+        return f"{self.proc}/{pid}/note/{name}"
+
+    def note_prefix(self, pid: int) -> str:
+        """The path to create a sequential note with."""
+        return f"{self.proc}/{pid}/note/{_NOTE_PREFIX}"
+
+    def pipes(self, pid: int) -> str:
+        return f"{self.proc}/{pid}/pipe"
+
+    def pipe(self, pid: int, name: str) -> str:
+        """A pipe's znode (``name`` checked, or as listed under :meth:`pipes`)."""
+        return f"{self.proc}/{pid}/pipe/{name}"
+
     def process_subtree(self, pid: int) -> list[str]:
         """The fixed znodes of a process, parents first (created by fork;
-        its quota znode too, for processes made since quotas exist)."""
+        its quota and note znodes too, for processes made since those
+        exist)."""
         return [self.record(pid), self.kids(pid), self.userdata(pid), self.env(pid), self.wait(pid)]
 
-    def process_znodes(self, pid: int, env_keys: list[str], wait_names: list[str], quota: bool = True) -> list[str]:
+    def process_znodes(self, pid: int, env_keys: list[str], wait_names: list[str], quota: bool = True,
+                       note_names: list[str] | None = None,
+                       pipes: dict[str, list[str]] | None = None) -> list[str]:
         """Every znode of process ``pid`` with those env keys and wait
-        records (and its quota znode when ``quota``), children before
-        parents (the order to delete them in)."""
+        records (and its quota znode when ``quota``; its note znode and
+        those notes unless ``note_names`` is None, its pipe znode and those
+        pipes, name → children, unless ``pipes`` is None: they are made
+        with the first note or pipe), children before parents (the order
+        to delete them in)."""
         paths = [self.env_key(pid, k) for k in env_keys] + [self.wait_record(pid, w) for w in wait_names]
+        if note_names is not None:
+            paths += [self.note_record(pid, n) for n in note_names] + [self.notes(pid)]
+        if pipes is not None:
+            for name, kids in pipes.items():
+                paths += [f"{self.pipe(pid, name)}/{k}" for k in kids] + [self.pipe(pid, name)]
+            paths.append(self.pipes(pid))
         return paths + ([self.quota(pid)] if quota else []) + self.process_subtree(pid)[::-1]
 
     # -- work items and owners ----------------------------------------------
@@ -153,6 +188,12 @@ class Layout:
         """Whether a child of ``wait`` is a wait record this layout wrote."""
         seq = name[len(_WAIT_PREFIX):]
         return name.startswith(_WAIT_PREFIX) and seq.isascii() and seq.isdigit()
+
+    @staticmethod
+    def is_note_name(name: str) -> bool:
+        """Whether a child of ``note`` is a note this layout wrote."""
+        seq = name[len(_NOTE_PREFIX):]
+        return name.startswith(_NOTE_PREFIX) and seq.isascii() and seq.isdigit()
 
     def pids(self, names: list[str] | None) -> list[int]:
         """The pids among child names (of ``proc`` or ``kids``), ascending;

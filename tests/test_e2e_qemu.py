@@ -25,6 +25,7 @@ from cloudfs.imagestore import install_image
 from cloudfs.namespace import CloudFS, open_cloudfs
 from mountd.zkserver import free_port
 from ninep.client import Client, open_client
+from ninep.errors import FsError
 from ninep.server import Server
 
 pytestmark = pytest.mark.guest
@@ -490,3 +491,48 @@ async def test_stats_and_console_of_a_real_guest(cloud, tmp_path):
             assert "ermission denied" in await env(c, peeker, "peek")
         finally:
             nursery.cancel_scope.cancel()
+
+
+# -- notes ---------------------------------------------------------------------
+
+#: Names a note handler (custom notes land in env/custom), traps SIGHUP
+#: (env/hup), says it is ready and loops until a note ends it.
+NOTED = r"""
+mkdir -p /run/cloudfs
+printf '#!/bin/sh\necho "$1" > /cloud/proc/self/env/custom\n' > /run/cloudfs/note-handler
+chmod +x /run/cloudfs/note-handler
+trap 'echo hup > /cloud/proc/self/env/hup' HUP
+echo ready > /cloud/proc/self/env/ready
+while :; do sleep 0.2; done
+"""
+
+
+async def _env_is(c: Client, pid: int, key: str, value: str) -> bool:
+    try:
+        return (await c.read_file(f"proc/{pid}/env/{key}")).decode().strip() == value
+    except FsError:
+        return False
+
+
+async def test_notes_reach_the_guest(cloud):
+    async with open_client(cloud.operator) as c:
+        p = await start_vm(c, NOTED)
+        k = int(await ctl(c, p, "fork"))  # same image and user-data, p's child
+        for pid in (p, k):
+            assert await env(c, pid, "ready") == "ready", console(cloud, (await cloud.fs.records.require(pid)).value.vm)
+        await c.write_file(f"proc/{p}/note", b"hello there\n")            # a custom note: the handler
+        await until(lambda: _env_is(c, p, "custom", "hello there"), timeout=30, what="custom note")
+        await c.write_file(f"proc/{p}/notepg", b"everyone\n")              # the subtree
+        for pid in (p, k):
+            await until(lambda: _env_is(c, pid, "custom", "everyone"), timeout=30, what=f"notepg at {pid}")
+        await c.write_file(f"proc/{k}/note", b"hangup\n")                  # SIGHUP to its process group
+        await until(lambda: _env_is(c, k, "hup", "hup"), timeout=30, what="hangup")
+        await c.write_file(f"proc/{k}/note", b"interrupt\n")               # SIGINT ends the user-data loop
+        with trio.fail_after(60):
+            rec = (await c.read_file(f"proc/{p}/wait")).decode()
+        assert rec.startswith(f"{k} ") and "exit 130: user-data exited with status 130" in rec, rec
+        await c.write_file(f"proc/{p}/note", b"kill\n")                    # powers off at once
+        with trio.fail_after(60):
+            rec = (await c.read_file("proc/1/wait")).decode()
+        assert rec.startswith(f"{p} ") and "exit 137: note kill" in rec, rec
+    assert list((cloud.state / "vms").iterdir()) == []

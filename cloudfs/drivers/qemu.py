@@ -37,7 +37,11 @@ mounts the namespace at ``/cloud`` with the kernel's 9P client::
 
 (the command is ``/sbin/cloudfs-mount``, which user-data may run again to
 remount after the daemon restarted), runs ``sh /etc/cloudfs/userdata``
-(``$CLOUDFS_PID`` set), prints
+(``$CLOUDFS_PID`` set; in a process group of its own) while it takes the
+process's notes (``/cloud/proc/self/note``: ``interrupt``/``hangup`` signal
+that group, ``kill`` powers off at once with ``cloudfs-exit: 137 note
+kill``, others run ``/run/cloudfs/note-handler NOTE`` if the user-data made
+it), prints
 ``cloudfs-exit: <status> <message>`` on the console and powers off, which
 ends QEMU (``-no-reboot``): :meth:`QemuDriver.status` then says ``exited``
 with that message.  The guest holds no secret: its identity is its channel.
@@ -182,12 +186,34 @@ until cloudfs-mount; do
 done
 echo "cloudfs-boot: mounted /cloud as process $CLOUDFS_PID"
 cd /
-sh /etc/cloudfs/userdata </dev/null
+mkdir -p /run/cloudfs
+# notes (proc(3)), taken one by one while the user-data runs: interrupt and
+# hangup signal its process group, kill powers off at once, any other goes
+# to /run/cloudfs/note-handler (made by the user-data) as its argument
+setsid sh -c '
+  while :; do
+    note=$(cat /cloud/proc/self/note 2>/dev/null) || { sleep 1; continue; }
+    ud=$(cat /run/cloudfs/userdata.pid 2>/dev/null)
+    case "$note" in
+      interrupt) [ -n "$ud" ] && kill -INT -"$ud" ;;
+      hangup) [ -n "$ud" ] && kill -HUP -"$ud" ;;
+      kill) echo "cloudfs-exit: 137 note kill"; sync; poweroff -f ;;
+      *) if [ -x /run/cloudfs/note-handler ]; then /run/cloudfs/note-handler "$note" </dev/null &
+         else echo "cloudfs-note: $note (no /run/cloudfs/note-handler)"; fi ;;
+    esac
+  done' </dev/null &
+notes=$!
+# the user-data in the foreground (an asynchronous list would ignore SIGINT)
+# and in a process group of its own (it leads it: setsid), so a note reaches
+# all it started
+setsid sh -c 'echo $$ > /run/cloudfs/userdata.pid; exec sh /etc/cloudfs/userdata' </dev/null
 st=$?
+kill -TERM -"$notes" 2>/dev/null
 echo "cloudfs-exit: $st user-data exited with status $st"
 umount /cloud 2>/dev/null
 exit 0
 """
+
 
 class QmpError(DriverError):
     """QMP failed: the socket is gone, timed out, or QEMU answered an error."""

@@ -8,10 +8,11 @@ MNT=${1:-/mnt/cloud}
 N=${2:-3}
 HERE=$(cd "$(dirname "$0")" && pwd)
 
-tree() {  # tree PID INDENT: one line per process, children indented
-  line=$(awk '$1 == "pid" || $1 == "name" || $1 == "state" { printf "%s%s", sep, $2; sep = " " }' "$MNT/proc/$1/status")
+tree() {  # tree PID INDENT: one line per process, children indented (one that ends meanwhile is left out)
+  line=$(awk '$1 == "pid" || $1 == "name" || $1 == "state" { printf "%s%s", sep, $2; sep = " " }' \
+    "$MNT/proc/$1/status" 2>/dev/null) || return 0
   echo "$2$line"
-  for kid in $(cat "$MNT/proc/$1/children"); do tree "$kid" "$2  "; done
+  for kid in $(cat "$MNT/proc/$1/children" 2>/dev/null); do tree "$kid" "$2  "; done
 }
 
 exec 3<>"$MNT/proc/1/ctl"
@@ -24,8 +25,7 @@ echo "exec tiny name=montecarlo" > "$MNT/proc/$pid/ctl"
 echo "montecarlo: coordinator is process $pid"
 
 workers=$(cat "$MNT/proc/$pid/env/workers")    # blocks until it has forked them
-for w in $workers; do cat "$MNT/proc/$w/env/points" >/dev/null; done
-tree 1 ""
+tree 1 ""                                      # the workers live until the coordinator has all their points
 pi=$(cat "$MNT/proc/$pid/env/pi")             # blocks until the answer appears
 echo "pi ~ $pi"
 if [ -z "$KEEP" ]; then echo kill > "$MNT/proc/$pid/ctl"; fi

@@ -12,7 +12,7 @@ import errno
 import pytest
 import trio
 
-from cloudfs.quotas import Quota, charge_env, charge_fork, child_quota, parse_setting
+from cloudfs.quotas import Quota, charge_env, charge_note, charge_fork, child_quota, parse_setting
 from ninep.errors import FsError
 from tests.cloudfs.fsops import cat, ctl, echo, ls, state_is, vm, walk
 
@@ -125,7 +125,8 @@ async def test_children_inherit_no_more_than_the_parent_has(zookeeper, zk_root, 
         op = await fs.attach("", "")
         assert (await limits(op, 1))["descendants"] == (3, 0)
         a = int(await ctl(op, 1, "fork"))
-        assert await limits(op, a) == {"descendants": (2, 0), "env-keys": (7, 0), "env-bytes": (1 << 20, 0)}
+        assert await limits(op, a) == {"descendants": (2, 0), "env-keys": (7, 0), "env-bytes": (1 << 20, 0),
+                                       "notes": (32, 0), "pipes": (16, 0), "pipe-bytes": (1 << 20, 0)}
         await echo(op, f"/proc/{a}/limits", "env-keys 3")
         b = int(await ctl(op, a, "fork"))
         assert (await limits(op, b))["env-keys"] == (3, 0) and (await limits(op, b))["descendants"] == (1, 0)
@@ -191,6 +192,15 @@ def test_the_pure_rules():
     for bad in (b"{}", b'{"limits": {}, "used": {}}', b'{"limits": {"descendants": -1}, "used": {}}', b"[]"):
         with pytest.raises(FsError):
             Quota.from_json(bad)
+    # notes: a quota znode from before notes gets the default limit and counts none
+    old = Quota.from_json(b'{"limits": {"descendants": 1, "env-keys": 1, "env-bytes": 10}, '
+                          b'"used": {"descendants": 0, "env-keys": 0, "env-bytes": 0}}')
+    assert (old.limits["notes"], old.used["notes"]) == (32, 0)
+    full = Quota({**old.limits, "notes": 1}, dict(old.used))
+    assert charge_note(7, full).used["notes"] == 1
+    with pytest.raises(FsError) as e:
+        charge_note(7, charge_note(7, full))
+    assert e.value.errno == errno.EAGAIN and "limit notes" in e.value.message
 
 
 async def test_a_fork_racing_the_end_of_an_ancestor_counts_right(cfs):

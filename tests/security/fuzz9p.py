@@ -29,6 +29,7 @@ from ninep.dial import dial
 
 D = m.Dialect.L
 NAMES = ["proc", "1", "self", "ctl", "status", "env", "wait", "limits", "children", "userdata", "images", "net",
+         "note", "notepg", "pipe", "p",
          "tiny", "..", ".", "", "٠", "²", "x" * 300, "a\x00b", "\udcff", "9" * 40, "proc/1", "k"]
 
 
