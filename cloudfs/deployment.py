@@ -26,7 +26,7 @@ from collections.abc import Mapping
 from ninep.errors import FsError
 
 from .process import init_record
-from .quotas import DEFAULT_LIMITS, DEFAULT_MAX_PROCESSES, DESCENDANTS, ENV_BYTES, ENV_KEYS, Quota
+from .quotas import DEFAULT_LIMITS, DEFAULT_MAX_PROCESSES, DESCENDANTS, NAMES, Quota
 from .store import NodeExistsError, NoNodeError, Store
 
 log = logging.getLogger(__name__)
@@ -56,7 +56,7 @@ async def open_deployment(store: Store, layout: Layout, max_processes: int = DEF
     if await store.is_secured(L.root) is False and not adopt_open:
         raise FsError(errno.EACCES, f"{L.root} exists without the deployment's ACL (made before ACLs, or by "
                                     "someone else): check it, then start once with --adopt-open-tree")
-    init_quota = Quota({DESCENDANTS: max_processes, ENV_KEYS: limits[ENV_KEYS], ENV_BYTES: limits[ENV_BYTES]})
+    init_quota = Quota({**{n: limits.get(n, DEFAULT_LIMITS[n]) for n in NAMES}, DESCENDANTS: max_processes})
     if await store.exists(L.nextpid) is None:
         await store.ensure_path(L.parent, open_acl=True)  # shared by deployments: listing it tells only names
         await store.ensure_path(L.root)

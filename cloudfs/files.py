@@ -16,6 +16,8 @@ import os
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING
 
+import trio
+
 from ninep.errors import FsError
 from ninep.fs import DirEntry, OpenFile, SnapshotFile
 
@@ -231,25 +233,38 @@ class PipeFile(OpenFile):
     """An open of ``/proc/<pid>/pipe/<name>`` (cloudfs.pipes): each write
     is one message; each read takes one message (its first ``count``
     bytes), blocking until one arrives, 0 bytes at EOF; offsets are
-    ignored (a stream).  ``ends``: the open's writer/reader znodes, dropped
-    at release (clunk, close, or the connection's end)."""
+    ignored (a stream).  ``ends``: the open's ``(znode, kind)`` writer and
+    reader znodes, dropped at release (clunk, close, or the connection's
+    end).  ``check``: for the open that made the pipe (``touch``), which
+    counts as a reader or writer only from its first read or write: an
+    async function of the kind that raises FsError(EACCES) unless that
+    use is allowed."""
 
     iounit = PIPE_MSG_MAX
 
     def __init__(self, fs: "CloudFS", pid: int, name: str, flags: int, ends: list[tuple[str, str]],
-                 lazy: bool = False):
+                 check: Callable[[str], Awaitable[None]] | None = None):
         super().__init__(flags)
         self.fs, self.pid, self.name, self.ends = fs, pid, name, ends
-        #: the open that made the pipe (``touch``) counts as a reader or
-        #: writer only from its first read or write
-        self.lazy = lazy
+        self.check = check
+        self._lock = trio.Lock()
         self._continues: tuple[int, int] | None = None
 
-    async def _counted(self, kind: str) -> None:
-        if self.lazy and all(k != kind for _, k in self.ends):
-            self.ends.append((await self.fs.pipes.open_end(self.pid, self.name, kind), kind))
+    async def _end(self, kind: str) -> str:
+        async with self._lock:
+            for end, k in self.ends:
+                if k == kind:
+                    return end
+            if self.check is None:
+                raise FsError(errno.EBADF, "pipe not open for that")
+            await self.check(kind)
+            end = await self.fs.pipes.open_end(self.pid, self.name, kind)
+            self.ends.append((end, kind))
+            return end
 
     async def read(self, offset: int, count: int) -> bytes:
+        if count == 0:
+            return b""
         # Linux's v9fs repeats a read(2) until it has the count asked for
         # (p9_client_read), which would join messages: the read that
         # continues one (this open, where that message ended, for what was
@@ -257,22 +272,19 @@ class PipeFile(OpenFile):
         if self._continues is not None and self._continues == (offset, count):
             self._continues = None
             return b""
-        await self._counted(READER)
-        data = await self.fs.pipes.read(self.pid, self.name, count, self.nonblocking)
+        end = await self._end(READER)
+        data = await self.fs.pipes.read(self.pid, self.name, end, count, self.nonblocking)
         self._continues = (offset + len(data), count - len(data)) if 0 < len(data) < count else None
         return data
 
     async def write(self, offset: int, data: bytes) -> int:
-        await self._counted(WRITER)
-        return await self.fs.pipes.write(self.pid, self.name, data, self.nonblocking)
+        end = await self._end(WRITER)
+        return await self.fs.pipes.write(self.pid, self.name, end, data, self.nonblocking)
 
     async def release(self) -> None:
         ends, self.ends = self.ends, []
         for end, kind in ends:
-            try:
-                await self.fs.pipes.close_end(self.pid, self.name, end, kind)
-            except FsError:  # the store is away: the ephemeral end goes with the session
-                pass
+            await self.fs.pipes.close_end(self.pid, self.name, end, kind)
 
 
 class LimitsFile(SnapshotFile):

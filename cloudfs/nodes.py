@@ -420,22 +420,26 @@ class PipeNode(CNode):
             return
         await super().setattr(change)
 
-    async def open(self, flags: int, lazy: bool = False) -> OpenFile:
-        """``lazy`` (the open that created the pipe): counted as a reader or
-        writer only from its first read or write, so ``touch`` leaves no
-        trace (a writer counted and gone would mean EOF)."""
-        _check_access(self.mode, flags)
-        acc = flags & os.O_ACCMODE
-        kinds = []
-        if acc in (os.O_WRONLY, os.O_RDWR):
+    async def _may(self, kind: str) -> None:
+        if kind == WRITER:
             await self.view.may_write_pipe(self.pid)
-            kinds.append(WRITER)
-        if acc in (os.O_RDONLY, os.O_RDWR):
+        else:
             self.view.may_take_notes(self.pid)  # the same rule: the process itself, or the operator
-            kinds.append(READER)
-        ends: list[tuple[str, str]] = []
+
+    async def open(self, flags: int, lazy: bool = False) -> OpenFile:
+        """``lazy`` (the open that made the pipe): its rights are checked,
+        and it is counted as a reader or writer, only from its first read
+        or write, so ``touch`` by an ancestor works and leaves no trace (a
+        writer counted and gone would mean EOF)."""
+        _check_access(self.mode, flags)
         if lazy:
-            return PipeFile(self.fs, self.pid, self.key, flags, ends, lazy=True)
+            return PipeFile(self.fs, self.pid, self.key, flags, [], check=self._may)
+        acc = flags & os.O_ACCMODE
+        kinds = ([WRITER] if acc in (os.O_WRONLY, os.O_RDWR) else []) + \
+            ([READER] if acc in (os.O_RDONLY, os.O_RDWR) else [])
+        for kind in kinds:
+            await self._may(kind)
+        ends: list[tuple[str, str]] = []
         try:
             for kind in kinds:
                 ends.append((await self.fs.pipes.open_end(self.pid, self.key, kind), kind))

@@ -93,9 +93,12 @@ class Notes:
         full is skipped (logged)."""
         if not await self.records.exists(pid):
             raise no_process(pid)
-        posted, todo = 0, [pid]
+        posted, todo, seen = 0, [pid], set()
         while todo:
             p = todo.pop()
+            if p in seen:  # a loop in corrupt records: each process once
+                continue
+            seen.add(p)
             try:
                 await self.post(p, note)
                 posted += 1

@@ -45,7 +45,7 @@ async def test_init_is_pid_1(root):
 
 async def test_proc_pid_dir(root):
     assert await ls(root, "/proc/1") == ["ctl", "status", "children", "userdata", "env", "wait", "limits", "stats", "console",
-                                         "note", "notepg"]
+                                         "note", "notepg", "pipe"]
     await fails(errno.ENOENT, walk(root, "/proc/99"))
     await fails(errno.ENOENT, walk(root, "/proc/01"))
     await fails(errno.ENOENT, walk(root, "/proc/x"))

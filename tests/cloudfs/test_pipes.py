@@ -117,7 +117,7 @@ async def test_quotas(cfs):
     op = cfs.view_for(None)
     owner = int(await ctl(op, 1, "fork"))
     await echo(op, f"/proc/{owner}/limits", "pipes 1")
-    await echo(op, f"/proc/{owner}/limits", "pipe-bytes 10")
+    await echo(op, f"/proc/{owner}/limits", "pipe-bytes 520")  # each message counts its length + 256
     await mkpipe(op, owner, "one")
     e = await fails(errno.EAGAIN, mkpipe(op, owner, "two"))
     assert "limit pipes" in e.message
@@ -125,10 +125,10 @@ async def test_quotas(cfs):
     w = await opened(op, path, os.O_WRONLY)
     r = await opened(op, path, os.O_RDONLY)
     await w.write(0, b"12345678")
-    await fails(errno.EFBIG, w.write(0, b"x" * 11))
+    await fails(errno.EFBIG, w.write(0, b"x" * 300))     # over the whole limit with its cost
     nb = await opened(op, path, os.O_WRONLY | os.O_NONBLOCK)
     await fails(errno.EAGAIN, nb.write(0, b"abc"))       # would pass pipe-bytes: no room now
-    assert b"pipe-bytes 10 8\n" in await cat(op, f"/proc/{owner}/limits")
+    assert b"pipe-bytes 520 264\n" in await cat(op, f"/proc/{owner}/limits")
     async with trio.open_nursery() as n:
         done = trio.Event()
 
@@ -141,8 +141,101 @@ async def test_quotas(cfs):
         assert not done.is_set()
         assert await r.read(0, 100) == b"12345678"
     assert await r.read(0, 100) == b"abc"
+    assert await r.read(0, 0) == b""                     # a read of 0 bytes takes nothing
     for f in (nb, w, r):
         await f.release()
+    assert b"pipe-bytes 520 0\n" in await cat(op, f"/proc/{owner}/limits")
+
+
+async def test_many_small_messages_and_rm(cfs):
+    """Tiny messages are bounded by their znode cost, and rm deletes any
+    number of them in multis under ZooKeeper's request limit."""
+    op = cfs.view_for(None)
+    owner = int(await ctl(op, 1, "fork"))
+    await mkpipe(op, owner)
+    w = await opened(op, f"/proc/{owner}/pipe/p", os.O_WRONLY | os.O_NONBLOCK)
+    n = 0
+    with pytest.raises(FsError) as e:
+        while True:
+            await w.write(0, b"x")
+            n += 1
+    assert e.value.errno == errno.EAGAIN and n == (1 << 20) // 257, n
+    await (await walk(op, f"/proc/{owner}/pipe")).unlink("p", False)
+    await fails(errno.EPIPE, w.write(0, b"x"))
+    await w.release()
+    assert b"pipes 16 0\npipe-bytes 1048576 0\n" in await cat(op, f"/proc/{owner}/limits")
+
+
+async def test_opens_act_on_the_pipe_they_opened(cfs):
+    op = cfs.view_for(None)
+    owner = int(await ctl(op, 1, "fork"))
+    await mkpipe(op, owner)
+    path = f"/proc/{owner}/pipe/p"
+    old_w, old_r = await opened(op, path, os.O_WRONLY), await opened(op, path, os.O_RDONLY)
+    await (await walk(op, f"/proc/{owner}/pipe")).unlink("p", False)
+    await mkpipe(op, owner)  # the same name again
+    new_w, new_r = await opened(op, path, os.O_WRONLY), await opened(op, path, os.O_RDONLY)
+    await fails(errno.EPIPE, old_w.write(0, b"stale"))
+    await fails(errno.ENOENT, old_r.read(0, 100))
+    await old_r.release()  # closing an old reader does not close the new pipe
+    await old_w.release()
+    await new_w.write(0, b"fresh")
+    assert await new_r.read(0, 100) == b"fresh"
+    await new_w.release()
+    assert await new_r.read(0, 100) == b""
+    await new_r.release()
+
+
+async def test_a_reader_gone_with_its_daemon_closes_the_pipe(cfs):
+    op = cfs.view_for(None)
+    owner = int(await ctl(op, 1, "fork"))
+    await mkpipe(op, owner)
+    path = f"/proc/{owner}/pipe/p"
+    w = await opened(op, path, os.O_WRONLY)
+    r = await opened(op, path, os.O_RDONLY)
+    [(end, _)] = r.ends
+    await cfs.store.delete(end)  # what the expiry of the reader's daemon's session does
+    await fails(errno.EPIPE, w.write(0, b"nobody reads"))
+    await w.release()
+
+
+async def test_an_ancestor_makes_a_pipe_for_its_child(cfs):
+    op = cfs.view_for(None)
+    parent = int(await ctl(op, 1, "fork"))
+    kid = int(await ctl(op, parent, "fork"))
+    await mkpipe(cfs.view_for(parent), kid, "fromparent")  # touch: no error, nothing counted
+    assert await ls(op, f"/proc/{kid}/pipe") == ["fromparent"]
+    d = await walk(cfs.view_for(parent), f"/proc/{kid}/pipe")
+    _, f = await d.create("another", 0o660, os.O_RDWR | os.O_CREAT, 0, 0)
+    await fails(errno.EACCES, f.read(0, 10))   # the parent may not read its child's pipe
+    await fails(errno.EACCES, f.write(0, b"x"))  # nor write it (it is no descendant of its child)
+    await f.release()
+
+
+def test_a_v9fs_read_loop_gets_one_message():
+    """The read sequence Linux's v9fs sends for one read(2) of 65536 bytes:
+    the continuation right after a message gets 0 bytes."""
+    from cloudfs.files import PipeFile
+
+    class FakePipes:
+        def __init__(self):
+            self.msgs = [b"join 3\n", b"12 20\n"]
+
+        async def read(self, pid, name, end, count, nonblocking):
+            return self.msgs.pop(0)[:count] if self.msgs else b""
+
+    class FakeFs:
+        pipes = FakePipes()
+
+    async def main():
+        f = PipeFile(FakeFs(), 2, "p", os.O_RDONLY, [("r-1", "r")])
+        assert await f.read(0, 65536) == b"join 3\n"
+        assert await f.read(7, 65536 - 7) == b""       # v9fs continuing: the read(2) ends here
+        assert await f.read(7, 65536) == b"12 20\n"     # the next read(2)
+        assert await f.read(13, 65536 - 6) == b""
+        assert await f.read(13, 65536) == b""            # EOF
+
+    trio.run(main)
 
 
 async def test_writers_on_two_daemons_keep_their_order(cfs, cfs2, tmp_path):
