@@ -127,6 +127,18 @@ class Catalog:
         finally:
             self.forget("networks")
 
+    async def delete_network(self, name: str) -> None:
+        """Ask the driver to delete network ``name`` (``rm /net/<name>``).
+        FsError: ENOENT if there is none, EBUSY while a server is on it,
+        the driver's error otherwise."""
+        await self.network(name)
+        try:
+            await self._call(f"delete network {name!r}", lambda: self.driver.delete_network(name))
+        except DriverError as e:
+            raise DriverError(f"cannot delete network {name!r}: {e.message}", errno=e.errno) from None
+        finally:
+            self.forget("networks")
+
     def forget(self, kind: str) -> None:
         """Drop ``kind``'s listing (``images``, ``flavors``, ``networks``):
         the next use fetches it, and a fetch under way is not kept."""

@@ -546,6 +546,14 @@ class NetNode(CNode):
         # The new file is read-only: the creating open reads, whatever its flags.
         return node, node._open(os.O_RDONLY)
 
+    async def unlink(self, name: str, is_dir: bool) -> None:
+        """``rm /net/<name>``: the operator deletes a network (EBUSY while a
+        VM is on it)."""
+        if is_dir:
+            raise FsError(errno.ENOTDIR, "networks are files")
+        self.view.may_administer()
+        await self.fs.catalog.delete_network(name)
+
 
 class NetFileNode(CNode):
     """``/net/<name>``: id name cidr status."""

@@ -73,7 +73,8 @@ TREE: tuple[Entry, ...] = (
           "closed; EPIPE once the reader closed"),
     Entry("/images", IMAGES, DIR | 0o555, "one file per image of the compute driver"),
     Entry("/images/<name>", IMAGE, REG | 0o444, "key value lines: id name status size disk_format checksum created"),
-    Entry("/net", NET, DIR | 0o775, "one file per network; creating a file /net/<name> creates the network"),
+    Entry("/net", NET, DIR | 0o775,
+          "one file per network; creating a file /net/<name> creates the network, rm deletes it (EBUSY while used)"),
     Entry("/net/<name>", NETFILE, REG | 0o444, "key value lines: id name cidr status"),
 )
 

@@ -9,6 +9,8 @@ Every QEMU a test starts is killed when the test ends, pass or fail.
 
 from __future__ import annotations
 
+import errno
+import ipaddress
 import os
 import signal
 import subprocess
@@ -536,3 +538,56 @@ async def test_notes_reach_the_guest(cloud):
             rec = (await c.read_file("proc/1/wait")).decode()
         assert rec.startswith(f"{p} ") and "exit 137: note kill" in rec, rec
     assert list((cloud.state / "vms").iterdir()) == []
+
+
+# -- networks in /net ----------------------------------------------------------
+
+#: Says ready, then pings the address written to env/target and reports.
+PINGER = r"""
+echo ready > /cloud/proc/self/env/ready
+t=$(cat /cloud/proc/self/env/target)
+if ping -c 2 -W 3 "$t" >/dev/null 2>&1; then echo yes; else echo no; fi > /cloud/proc/self/env/reach
+cat /cloud/proc/self/env/quit
+"""
+
+
+async def test_vms_on_a_network_reach_each_other_and_no_one_else(cloud):
+    async with open_client(cloud.operator) as c:
+        root = await c.root()
+        async with await root.walk("net") as net:  # touch /net/lab, /net/other
+            for name in ("lab", "other"):
+                f = await net.create(name, os.O_RDONLY, 0o644)
+                await f.clunk()
+        info = {n: dict(line.split(" ", 1) for line in (await c.read_file(f"net/{n}")).decode().splitlines())
+                for n in ("lab", "other")}
+        assert info["lab"]["cidr"] != info["other"]["cidr"] and info["lab"]["status"] == "active"
+        pids = {}
+        for name, nets in (("a", "lab"), ("b", "lab"), ("c", "other")):
+            pid = int(await ctl(c, 1, "fork"))
+            await c.write_file(f"proc/{pid}/userdata", PINGER.encode())
+            await ctl(c, pid, f"exec tiny net=user,{nets}")
+            pids[name] = pid
+        for pid in pids.values():
+            assert await env(c, pid, "ready") == "ready"
+        addrs = {n: (await status(c, p))["addresses"].split() for n, p in pids.items()}
+        assert addrs["a"][0] == "10.0.2.15" and len(addrs["a"]) == 2, addrs
+        lab, other = (ipaddress.ip_network(info[n]["cidr"]) for n in ("lab", "other"))
+        assert ipaddress.ip_address(addrs["a"][1]) in lab and ipaddress.ip_address(addrs["c"][1]) in other
+        await c.write_file(f"proc/{pids['a']}/env/target", addrs["b"][1].encode())   # same network
+        await c.write_file(f"proc/{pids['c']}/env/target", addrs["a"][1].encode())   # another network
+        await c.write_file(f"proc/{pids['b']}/env/target", addrs["c"][1].encode())
+        assert await env(c, pids["a"], "reach") == "yes"
+        assert await env(c, pids["c"], "reach") == "no"
+        assert await env(c, pids["b"], "reach") == "no"
+        with pytest.raises(FsError) as e:  # rm /net/lab while a VM is on it
+            await c.remove("net/lab")
+        assert e.value.errno == errno.EBUSY
+        for pid in pids.values():
+            await ctl(c, pid, "kill")
+        with trio.fail_after(60):
+            for _ in pids:
+                await c.read_file("proc/1/wait")
+        await c.remove("net/lab")
+        await c.remove("net/other")
+        assert await c.listdir("net") == ["user"]
+    assert not list((cloud.state / "nets").iterdir())

@@ -295,3 +295,9 @@ class ComputeDriver(abc.ABC):
     async def create_network(self, name: str, cidr: str | None = None) -> Network:
         """Create a network (``cidr`` None: the driver picks a free /24).
         DriverError if the name is taken."""
+
+    async def delete_network(self, name: str) -> None:
+        """Delete network ``name``.  NotFound if there is none;
+        DriverError(EBUSY) while a server is on it; DriverError(EOPNOTSUPP)
+        from drivers that cannot."""
+        raise DriverError("this compute driver cannot delete networks", errno=errno.EOPNOTSUPP)

@@ -15,6 +15,7 @@ put into ``servers`` by a test) are left alone, as the interface requires.
 from __future__ import annotations
 
 import collections
+import errno
 import ipaddress
 import itertools
 import uuid
@@ -43,6 +44,7 @@ class FakeDriver(ComputeDriver):
             "user": Network("net-user-0001", "user", "10.0.0.0/24", "active"),
         }
         self.servers: dict[str, Server] = {}
+        self.on_networks: dict[str, tuple[str, ...]] = {}  # server id → its networks' names
         self.userdata: dict[str, bytes] = {}
         self.metadata: dict[str, dict[str, str]] = {}
         self.secrets: dict[str, str] = {}
@@ -95,6 +97,7 @@ class FakeDriver(ComputeDriver):
         self.userdata[sid] = bytes(spec.userdata)
         self.metadata[sid] = md
         self.secrets[sid] = spec.secret
+        self.on_networks[sid] = tuple(spec.networks or (next(iter(self.networks)),))
         self.consoles[sid] = f"fake console of {spec.name}\n".encode()
         self._born[sid] = trio.current_time()
         self.calls.append(("create", sid))
@@ -133,6 +136,7 @@ class FakeDriver(ComputeDriver):
         if server_id in self.servers:
             self._get(server_id)  # NotFound for another deployment's
         self.servers.pop(server_id, None)
+        self.on_networks.pop(server_id, None)
         self.userdata.pop(server_id, None)
         self.metadata.pop(server_id, None)
         self.secrets.pop(server_id, None)
@@ -206,3 +210,14 @@ class FakeDriver(ComputeDriver):
         self._addr[name] = itertools.count(10)
         self.calls.append(("create_network", name))
         return net
+
+    async def delete_network(self, name):
+        """As a real driver: NotFound if missing, EBUSY while a server is on it."""
+        await trio.lowlevel.checkpoint()
+        self._maybe_fail("delete_network")
+        if name not in self.networks:
+            raise NotFound(f"no network {name!r}")
+        if any(name in nets for nets in self.on_networks.values()):
+            raise DriverError(f"network {name!r} is in use", errno=errno.EBUSY)
+        del self.networks[name]
+        self.calls.append(("delete_network", name))

@@ -42,6 +42,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import datetime
+import errno
 import hashlib
 import ipaddress
 import logging
@@ -886,11 +887,20 @@ class OpenStackDriver(ComputeDriver):
         return net
 
     async def delete_network(self, name_or_id: str) -> None:
-        """Delete a network (its subnets go with it); no error if gone."""
+        """Delete a network (Neutron deletes its subnets and DHCP ports with
+        it); no error if gone.  DriverError(EBUSY), and nothing deleted,
+        while a server has a port on it."""
         def work() -> None:
-            for n in list(self.conn.network.networks(name=name_or_id)) or [self.conn.network.find_network(name_or_id)]:
-                if n is not None:
-                    self.conn.network.delete_network(n.id, ignore_missing=True)
+            nets = [n for n in list(self.conn.network.networks(name=name_or_id))
+                    or [self.conn.network.find_network(name_or_id)] if n is not None]
+            for n in nets:
+                busy = [p for p in self.conn.network.ports(network_id=n.id)
+                        if (p.device_owner or "").startswith("compute:")]
+                if busy:
+                    raise DriverError(f"network {n.name!r} is in use by {len(busy)} server port(s)",
+                                      errno=errno.EBUSY)
+            for n in nets:
+                self.conn.network.delete_network(n.id, ignore_missing=True)
 
         await self._call(f"delete network {name_or_id!r}", work)
         self._cache.pop("network", None)

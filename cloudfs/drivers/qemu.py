@@ -73,6 +73,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import json
 import logging
 import os
@@ -81,6 +82,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import threading
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -93,9 +95,10 @@ import trio
 from .. import imagestore
 from ..guestimage import append_files
 from ..znodes import parse_pid
+from . import qemunet
 from .netns import NetnsError, listen_in, netns_argv
 from .base import (
-    META_PID, ComputeDriver, DriverError, Image, Network, NotFound, NotOurs, Server, ServerSpec, ServerStats,
+    META_DEPLOYMENT, META_PID, ComputeDriver, DriverError, Image, Network, NotFound, NotOurs, Server, ServerSpec, ServerStats,
 )
 
 log = logging.getLogger(__name__)
@@ -175,6 +178,12 @@ BOOT_SCRIPT = r"""#!/bin/sh
 # run the user-data, report its exit status; /init powers off afterwards.
 . /etc/cloudfs/identity
 export CLOUDFS_PID PATH=/sbin:/usr/sbin:/bin:/usr/bin HOME=/root
+# the networks besides user, in NIC order: eth1, eth2 … (CLOUDFS_NETS: name=address/prefix …)
+i=1
+for net in $CLOUDFS_NETS; do
+  ip link set "eth$i" up && ip addr add "${net#*=}" dev "eth$i" || echo "cloudfs-boot: cannot set up eth$i ($net)"
+  i=$((i + 1))
+done
 n=0
 until cloudfs-mount; do
   n=$((n + 1))
@@ -352,20 +361,8 @@ def _boot_id() -> str:
         return ""
 
 
-def _pid_alive(pid: int, marker: str) -> bool:
-    """True when ``pid`` runs a qemu-system binary whose command line contains
-    ``marker`` and is not a zombie."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-        if stat[stat.rindex(b")") + 2:][:1] in (b"Z", b"X"):
-            return False
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            argv = f.read().split(b"\0")
-    except (OSError, ValueError):
-        return False
-    return bool(argv) and Path(argv[0].decode(errors="replace")).name.startswith("qemu-system") \
-        and any(marker.encode() in a for a in argv)
+#: Whether a pid runs the QEMU whose command line names a marker (its QMP socket).
+_pid_alive = qemunet.qemu_running
 
 
 @dataclass
@@ -381,6 +378,8 @@ class _Vm:
     metadata: dict[str, str]
     created: str
     accel: str = "tcg"
+    #: network name → this VM's address on it (the networks besides ``user``)
+    nets: dict[str, str] = dataclasses.field(default_factory=dict)
 
     @property
     def qmp(self) -> Path:
@@ -405,7 +404,7 @@ class _Vm:
     def to_json(self) -> str:
         return json.dumps({"id": self.id, "name": self.name, "image": self.image, "flavor": self.flavor,
                            "networks": self.networks, "metadata": self.metadata,
-                           "created": self.created, "accel": self.accel}, indent=2) + "\n"
+                           "created": self.created, "accel": self.accel, "nets": self.nets}, indent=2) + "\n"
 
     @classmethod
     def load(cls, d: Path) -> "_Vm | None":
@@ -421,7 +420,8 @@ class _Vm:
             m = json.loads(raw)
             return cls(id=m["id"], dir=d, name=m["name"], image=m["image"], flavor=m["flavor"],
                        networks=list(m["networks"]), metadata=dict(m["metadata"]),
-                       created=m["created"], accel=m.get("accel", "tcg"))
+                       created=m["created"], accel=m.get("accel", "tcg"),
+                       nets={str(k): str(v) for k, v in dict(m.get("nets", {})).items()})
         except (OSError, ValueError, KeyError, TypeError):
             return None
 
@@ -503,6 +503,8 @@ class QemuDriver(ComputeDriver):
         self._running = False
         self._channels: dict[str, _Channel] = {}
         self._poke = trio.Event()
+        self.nets_dir = self.state_dir / "nets"
+        self._nets_lock = threading.Lock()  # networks' meta.json (hosts), changed from worker threads
         self.vms_dir.mkdir(parents=True, exist_ok=True)
         os.chmod(self.vms_dir, 0o700)
 
@@ -565,9 +567,11 @@ class QemuDriver(ComputeDriver):
         return self._server(keep)
 
     def _remove(self, vm: _Vm) -> None:
-        """Blocking: end QEMU and remove the VM directory, keeping its console
-        (both halves, at most CONSOLE_MAX bytes) as STATE/logs/<id>.console.log."""
+        """Blocking: end QEMU, take it off its networks and remove the VM
+        directory, keeping its console (both halves, at most CONSOLE_MAX
+        bytes) as STATE/logs/<id>.console.log."""
         self._kill(vm)
+        self._unplug(vm)
         self.logs_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         with contextlib.suppress(OSError):
             kept = _console_tail(vm, CONSOLE_MAX)
@@ -597,7 +601,7 @@ class QemuDriver(ComputeDriver):
     def _server(self, vm: _Vm) -> Server:
         """Blocking: the Server for ``vm`` now (QMP query-status if running)."""
         pid = vm.pid()
-        addrs = (GUEST_ADDRESS,) if "user" in vm.networks else ()
+        addrs = ((GUEST_ADDRESS,) if "user" in vm.networks else ()) + tuple(vm.nets.values())
         if pid is None:
             return Server(vm.id, vm.name, "exited", self.host, addrs, vm.exit_message())
         try:
@@ -641,6 +645,10 @@ class QemuDriver(ComputeDriver):
             argv += ["-bios", self.bios]
         if vm.networks:
             argv += ["-netdev", netdev, "-device", "virtio-net-pci,netdev=n0"]
+        for i, name in enumerate(vm.nets, 1):  # eth1, eth2 …: a port of each network's hub
+            sock = self.nets_dir / name / f"{vm.id}.sock"
+            argv += ["-netdev", f"stream,id=n{i},server=on,addr.type=unix,addr.path={sock}",
+                     "-device", f"virtio-net-pci,netdev=n{i},mac={qemunet.mac_of(vm.id, i)}"]
         if image.disk is not None:
             argv += ["-drive", f"file={image.disk},if=virtio,snapshot=on"]
         argv += ["-drive", f"file={vm.scratch},if=virtio,format=raw,id=scratch",
@@ -650,7 +658,9 @@ class QemuDriver(ComputeDriver):
     def _prepare(self, vm: _Vm, image: imagestore.StoredImage, userdata: bytes) -> None:
         """Blocking: write the VM's initramfs (identity, user-data, boot script)."""
         pid = vm.metadata.get(META_PID, "0")
-        identity = f"CLOUDFS_PID={int(pid)}\nCLOUDFS_SERVER={SERVER_ADDRESS}\nCLOUDFS_PORT={GUEST_9P_PORT}\n"
+        nets = " ".join(f"{n}={a}/{self._net_prefix(n)}" for n, a in vm.nets.items())
+        identity = (f"CLOUDFS_PID={int(pid)}\nCLOUDFS_SERVER={SERVER_ADDRESS}\nCLOUDFS_PORT={GUEST_9P_PORT}\n"
+                    f"CLOUDFS_NETS='{nets}'\n")
         old = os.umask(0o077)
         try:
             append_files(image.initramfs, {
@@ -727,9 +737,11 @@ class QemuDriver(ComputeDriver):
         flavor = spec.flavor or next(iter(FLAVORS))
         if flavor not in FLAVORS:
             raise NotFound(f"no flavor {flavor!r}")
-        networks = list(spec.networks) or [USER_NET.name]
-        for n in networks:
-            if n != USER_NET.name:
+        # the user network always (it is the channel), then the others named
+        networks = [USER_NET.name] + list(dict.fromkeys(n for n in spec.networks if n != USER_NET.name))
+        known = {n.name for n in await trio.to_thread.run_sync(self._nets)}
+        for n in networks[1:]:
+            if n not in known:
                 raise NotFound(f"no network {n!r}")
         need = (SCRATCH_GIB.get(flavor, 1) << 30) + DISK_RESERVE
         free = await trio.to_thread.run_sync(_free_bytes, self.state_dir)
@@ -745,11 +757,14 @@ class QemuDriver(ComputeDriver):
         def boot() -> Server:
             vm.dir.mkdir(mode=0o700)
             try:
+                self._plug(vm, networks[1:])
                 self._prepare(vm, img, spec.userdata)
                 self._launch(vm, img)
+                self._connect(vm)
             except BaseException:
                 with contextlib.suppress(DriverError):
                     self._kill(vm)
+                self._unplug(vm)
                 shutil.rmtree(vm.dir, ignore_errors=True)
                 raise
             # meta.json last: find() sees only VMs whose QEMU was started
@@ -758,7 +773,7 @@ class QemuDriver(ComputeDriver):
             with os.fdopen(fd, "w") as f:
                 f.write(vm.to_json())
             os.replace(tmp, vm.dir / "meta.json")
-            return Server(vm.id, vm.name, "running", self.host, (GUEST_ADDRESS,) if vm.networks else ())
+            return Server(vm.id, vm.name, "running", self.host, (GUEST_ADDRESS, *vm.nets.values()))
 
         server = await trio.to_thread.run_sync(boot)
         self._poke_channels()
@@ -789,6 +804,11 @@ class QemuDriver(ComputeDriver):
             with contextlib.suppress(OSError):
                 os.replace(vm.console, self.logs_dir / f"{vm.id}.console.log")
             shutil.rmtree(d, ignore_errors=True)
+        for d in sorted(self.nets_dir.iterdir()) if self.nets_dir.is_dir() else ():
+            net = qemunet.Net.load(d)
+            if net is not None:
+                qemunet.stop_hub(net, qmp_command)
+            shutil.rmtree(d, ignore_errors=True)
         return n
 
     def qemu_pid(self, server_id: str) -> int | None:
@@ -816,10 +836,12 @@ class QemuDriver(ComputeDriver):
         def again() -> Server:
             self._kill(vm)
             vm.image = image
+            self._plug(vm, list(vm.nets))  # fresh ports: a hub port takes one peer
             self._prepare(vm, img, userdata)
             (vm.dir / "meta.json").write_text(vm.to_json())
             self._launch(vm, img)
-            return Server(vm.id, vm.name, "running", self.host, (GUEST_ADDRESS,) if vm.networks else ())
+            self._connect(vm)
+            return Server(vm.id, vm.name, "running", self.host, (GUEST_ADDRESS, *vm.nets.values()))
 
         server = await trio.to_thread.run_sync(again)
         self._poke_channels()
@@ -1095,10 +1117,117 @@ class QemuDriver(ComputeDriver):
         """``m1.tiny`` (256 MiB, 1 vCPU; the default) and ``m1.small`` (512 MiB)."""
         return list(FLAVORS)
 
+    # -- networks (cloudfs.drivers.qemunet) -----------------------------------
+
+    def _nets(self) -> list[qemunet.Net]:
+        """Blocking: this deployment's networks, by name."""
+        out = []
+        for d in sorted(self.nets_dir.iterdir()) if self.nets_dir.is_dir() else ():
+            net = qemunet.Net.load(d)
+            if net is not None and self.ours(net.metadata):
+                out.append(net)
+        return out
+
+    def _net(self, name: str) -> qemunet.Net:
+        for net in self._nets():
+            if net.name == name:
+                return net
+        raise NotFound(f"no network {name!r}")
+
+    def _net_prefix(self, name: str) -> int:
+        return self._net(name).prefixlen()
+
+    def _plug(self, vm: _Vm, names: list[str]) -> None:
+        """Blocking: an address on each network of ``names`` for ``vm``
+        (vm.nets set; its QEMU then listens for the hub, :meth:`_connect`)."""
+        with self._nets_lock:
+            for name in names:
+                net = self._net(name)
+                vm.nets[name] = qemunet.allocate(net, vm.id)
+                net.save()
+                qemunet.remove_port(net, vm.id, qmp_command)  # an old port's socket and hub netdev
+
+    def _connect(self, vm: _Vm) -> None:
+        """Blocking: the hubs of ``vm``'s networks connect to its running
+        QEMU's ports.  DriverError if a hub refuses."""
+        with self._nets_lock:
+            for name in vm.nets:
+                qemunet.add_port(self._net(name), vm.id, qmp_command)
+
+    def _unplug(self, vm: _Vm) -> None:
+        """Blocking: ``vm``'s ports and addresses on its networks, released."""
+        with self._nets_lock:
+            for name in list(vm.nets):
+                try:
+                    net = self._net(name)
+                except NotFound:
+                    continue
+                qemunet.remove_port(net, vm.id, qmp_command)
+                net.hosts.pop(vm.id, None)
+                with contextlib.suppress(OSError):
+                    net.save()
+
+    def _network(self, net: qemunet.Net) -> Network:
+        return Network(net.id, net.name, net.cidr, "active" if qemunet.hub_pid(net) else "down")
+
     async def list_networks(self) -> list[Network]:
-        """The ``user`` network: QEMU user-mode networking, 10.0.2.0/24."""
-        return [USER_NET]
+        """The ``user`` network (QEMU user-mode networking, 10.0.2.0/24, the
+        default; every VM has it: its channel), then the layer-2 networks
+        made with :meth:`create_network`, by name (status ``down`` if the
+        hub is not running)."""
+        nets = await trio.to_thread.run_sync(self._nets)
+        return [USER_NET] + [await trio.to_thread.run_sync(self._network, n) for n in nets]
 
     async def create_network(self, name: str, cidr: str | None = None) -> Network:
-        """Not supported: user-mode networking is the only network (DriverError)."""
-        raise DriverError("the QEMU driver offers only the 'user' network")
+        """A layer-2 network among this host's VMs: a hub QEMU
+        (cloudfs.drivers.qemunet) and a ``cidr`` (None: the first free
+        10.42.N.0/24).  DriverError: EEXIST if the name is taken, EINVAL for
+        a bad cidr, EIO if the hub does not start."""
+        if name == USER_NET.name or not name or "/" in name or name.startswith("."):
+            raise DriverError(f"network {name!r} exists", errno=errno.EEXIST)
+
+        def make() -> Network:
+            with self._nets_lock:
+                taken = [n.cidr for n in self._nets()]
+                chosen = qemunet.check_cidr(cidr, taken) if cidr else qemunet.pick_cidr(taken)
+                self.nets_dir.mkdir(mode=0o700, exist_ok=True)
+                d = self.nets_dir / name
+                try:
+                    d.mkdir(mode=0o700)
+                except FileExistsError:
+                    raise DriverError(f"network {name!r} exists", errno=errno.EEXIST) from None
+                net = qemunet.Net(name=name, id=f"net-{uuid.uuid4().hex[:12]}", cidr=chosen,
+                                  created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                                  metadata={META_DEPLOYMENT: self.deployment or ""}, dir=d)
+                try:
+                    net.save()
+                    qemunet.start_hub(self.qemu, net)
+                except BaseException:
+                    qemunet.stop_hub(net, qmp_command)
+                    qemunet.remove_dir(net)
+                    raise
+                return self._network(net)
+
+        created = await trio.to_thread.run_sync(make)
+        log.info("created network %s (%s)", name, created.cidr)
+        return created
+
+    async def delete_network(self, name: str) -> None:
+        """End the network's hub and remove it.  NotFound if there is no
+        such network of this deployment; DriverError(EBUSY) while a VM is
+        on it; DriverError(EINVAL) for ``user``."""
+        if name == USER_NET.name:
+            raise DriverError("the user network is every VM's channel: it cannot be removed", errno=errno.EINVAL)
+
+        def remove() -> None:
+            with self._nets_lock:
+                net = self._net(name)
+                users = [vm.id for vm in map(_Vm.load, self.vms_dir.iterdir()) if vm is not None
+                         and self.ours(vm.metadata) and name in vm.nets]
+                if users:
+                    raise DriverError(f"network {name!r} is in use by {len(users)} VM(s)", errno=errno.EBUSY)
+                qemunet.stop_hub(net, qmp_command)
+                qemunet.remove_dir(net)
+
+        await trio.to_thread.run_sync(remove)
+        log.info("deleted network %s", name)

@@ -450,6 +450,15 @@ async def test_net_list_and_create(root, cfs):
     await ctl(root, pid, "exec tiny net=lab")
     st = await state_is(root, pid, "running")
     assert st["networks"] == "lab" and st["addresses"].startswith("10.1.0.")
+    # rm /net/lab: EBUSY while a VM is on it, the operator's only, ENOENT when gone
+    await fails(errno.EBUSY, net.unlink("lab", False))
+    await fails(errno.EACCES, (await walk(cfs.view_for(pid), "/net")).unlink("lab", False))
+    await ctl(root, pid, "kill")
+    await cat(root, "/proc/1/wait")
+    await net.unlink("lab", False)
+    assert await ls(root, "/net") == ["user"]
+    await fails(errno.ENOENT, net.unlink("lab", False))
+    await fails(errno.ENOTDIR, net.unlink("user", True))
 
 
 # -- views ------------------------------------------------------------------------

@@ -127,6 +127,35 @@ async def test_create_network_makes_network_and_subnet(drv, conn):
     assert not list(conn.network.networks(name=name))
 
 
+async def test_a_network_in_use_is_not_deleted(drv, conn):
+    """rm /net/NAME on OpenStack: EBUSY (and nothing deleted) while a
+    server has a port on the network; deleted with its subnet afterwards."""
+    import errno
+
+    name = f"busy-{uuid.uuid4().hex[:8]}"
+    net = await drv.create_network(name, "10.79.0.0/24")
+    s = None
+    try:
+        s = await drv.create(spec(41, 0, name="on-net", networks=(name,)))
+        with pytest.raises(DriverError) as e:
+            await drv.delete_network(name)
+        assert e.value.errno == errno.EBUSY
+        assert conn.network.find_network(name) is not None
+        await drv.delete(s.id)
+        s = None
+        for _ in range(100):  # Neutron unbinds the server's port shortly after the delete
+            if not [p for p in conn.network.ports(network_id=net.id) if (p.device_owner or "").startswith("compute:")]:
+                break
+            await trio.sleep(0.2)
+        await drv.delete_network(name)
+        assert conn.network.find_network(name) is None
+        assert not list(conn.network.subnets(network_id=net.id))
+    finally:
+        if s is not None:
+            await drv.delete(s.id)
+        await drv.delete_network(name)
+
+
 async def test_lifecycle_reaches_nova(drv, conn):
     """create → running with a port address; user data and metadata round
     trip; stop/start (idempotent); rebuild keeps id and address; delete."""

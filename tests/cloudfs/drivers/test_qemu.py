@@ -116,8 +116,6 @@ async def test_store_flavors_networks(state, tiny_image):
     assert await d.list_flavors() == list(FLAVORS) == ["m1.tiny", "m1.small"]
     [net] = await d.list_networks()
     assert (net.name, net.cidr) == ("user", "10.0.2.0/24")
-    with pytest.raises(DriverError):
-        await d.create_network("lab")
     for image, flavor, nets in (("nope", "m1.tiny", ("user",)), ("tiny", "m9.huge", ("user",)),
                                 ("tiny", "m1.tiny", ("lab",))):
         with pytest.raises(NotFound):
@@ -271,3 +269,40 @@ async def test_auto_accel_probes_once_and_remembers(state, tiny_image):
     t = time.monotonic()
     again = await QemuDriver(state, accel="auto")._choose_accel(img.kernel)  # a restarted daemon
     assert again == first and time.monotonic() - t < 1.0
+
+
+async def test_networks_have_a_hub_each(state):
+    """create_network starts a hub QEMU with a free /24; names, cidrs and
+    the user network are checked; delete ends the hub (EBUSY while a VM is
+    on it: the VMs that use it are in tests/test_e2e_qemu.py)."""
+    import errno
+
+    from cloudfs.drivers import qemunet
+
+    d = driver(state)
+    lab = await d.create_network("lab")
+    other = await d.create_network("other", "192.168.77.0/24")
+    assert (lab.name, lab.cidr, lab.status) == ("lab", "10.42.1.0/24", "active")
+    assert other.cidr == "192.168.77.0/24"
+    assert [(n.name, n.cidr) for n in await d.list_networks()] == [
+        ("user", "10.0.2.0/24"), ("lab", "10.42.1.0/24"), ("other", "192.168.77.0/24")]
+    for name, cidr, err in (("lab", None, errno.EEXIST), ("user", None, errno.EEXIST),
+                            ("x", "10.42.1.0/25", errno.EINVAL), ("y", "8.8.8.0/24", errno.EINVAL),
+                            ("z", "10.0.2.0/24", errno.EINVAL), ("w", "nonsense", errno.EINVAL)):
+        with pytest.raises(DriverError) as e:
+            await d.create_network(name, cidr)
+        assert e.value.errno == err, (name, cidr)
+    hub = qemunet.hub_pid(qemunet.Net.load(state / "nets" / "lab"))
+    assert hub is not None and "Seccomp:\t2" in open(f"/proc/{hub}/status").read()
+    # another deployment sees none of them
+    assert [n.name for n in await driver(state, deployment="e" * 32).list_networks()] == ["user"]
+    with pytest.raises(DriverError) as e:
+        await d.delete_network("user")
+    assert e.value.errno == errno.EINVAL
+    await d.delete_network("lab")
+    assert not (state / "nets" / "lab").exists() and not os.path.exists(f"/proc/{hub}/cmdline") \
+        or b"qemu" not in open(f"/proc/{hub}/cmdline", "rb").read()
+    with pytest.raises(NotFound):
+        await d.delete_network("lab")
+    assert [n.name for n in await d.list_networks()] == ["user", "other"]
+    assert (await d.create_network("again")).cidr == "10.42.1.0/24"  # the freed /24 is used again
