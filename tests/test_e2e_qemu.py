@@ -542,11 +542,14 @@ async def test_notes_reach_the_guest(cloud):
 
 # -- networks in /net ----------------------------------------------------------
 
-#: Says ready, then pings the address written to env/target and reports.
+#: Serves one TCP connection on port 7777 (a line naming itself), says
+#: ready, then pings and connects to the address written to env/target.
 PINGER = r"""
+echo "hello from $CLOUDFS_PID" | nc -l -p 7777 >/dev/null 2>&1 &
 echo ready > /cloud/proc/self/env/ready
 t=$(cat /cloud/proc/self/env/target)
 if ping -c 2 -W 3 "$t" >/dev/null 2>&1; then echo yes; else echo no; fi > /cloud/proc/self/env/reach
+(nc -w 3 "$t" 7777 </dev/null || echo refused) > /cloud/proc/self/env/talk 2>/dev/null
 cat /cloud/proc/self/env/quit
 """
 
@@ -579,6 +582,8 @@ async def test_vms_on_a_network_reach_each_other_and_no_one_else(cloud):
         assert await env(c, pids["a"], "reach") == "yes"
         assert await env(c, pids["c"], "reach") == "no"
         assert await env(c, pids["b"], "reach") == "no"
+        assert await env(c, pids["a"], "talk") == f"hello from {pids['b']}"  # TCP across the network
+        assert await env(c, pids["c"], "talk") == "refused"
         with pytest.raises(FsError) as e:  # rm /net/lab while a VM is on it
             await c.remove("net/lab")
         assert e.value.errno == errno.EBUSY
