@@ -899,8 +899,13 @@ class OpenStackDriver(ComputeDriver):
                 if busy:
                     raise DriverError(f"network {n.name!r} is in use by {len(busy)} server port(s)",
                                       errno=errno.EBUSY)
+            import openstack.exceptions as osx
+
             for n in nets:
-                self.conn.network.delete_network(n.id, ignore_missing=True)
+                try:
+                    self.conn.network.delete_network(n.id, ignore_missing=True)
+                except osx.ConflictException as e:  # a port made since the check (NetworkInUse)
+                    raise DriverError(f"network {n.name!r} is in use: {_message(e)}", errno=errno.EBUSY) from e
 
         await self._call(f"delete network {name_or_id!r}", work)
         self._cache.pop("network", None)

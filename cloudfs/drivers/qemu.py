@@ -94,6 +94,7 @@ import trio
 
 from .. import imagestore
 from ..guestimage import append_files
+from ..ctl import valid_name
 from ..znodes import parse_pid
 from . import qemunet
 from .netns import NetnsError, listen_in, netns_argv
@@ -504,7 +505,8 @@ class QemuDriver(ComputeDriver):
         self._channels: dict[str, _Channel] = {}
         self._poke = trio.Event()
         self.nets_dir = self.state_dir / "nets"
-        self._nets_lock = threading.Lock()  # networks' meta.json (hosts), changed from worker threads
+        self._nets_lock = threading.Lock()  # making networks; the table of per-network locks
+        self._net_locks: dict[str, threading.Lock] = {}
         self.vms_dir.mkdir(parents=True, exist_ok=True)
         os.chmod(self.vms_dir, 0o700)
 
@@ -645,10 +647,10 @@ class QemuDriver(ComputeDriver):
             argv += ["-bios", self.bios]
         if vm.networks:
             argv += ["-netdev", netdev, "-device", "virtio-net-pci,netdev=n0"]
-        for i, name in enumerate(vm.nets, 1):  # eth1, eth2 …: a port of each network's hub
-            sock = self.nets_dir / name / f"{vm.id}.sock"
+        for i, (name, addr) in enumerate(vm.nets.items(), 1):  # eth1, eth2 …: a port of each network's hub
+            sock = self._net(name).port(vm.id)
             argv += ["-netdev", f"stream,id=n{i},server=on,addr.type=unix,addr.path={sock}",
-                     "-device", f"virtio-net-pci,netdev=n{i},mac={qemunet.mac_of(vm.id, i)}"]
+                     "-device", f"virtio-net-pci,netdev=n{i},mac={qemunet.mac_of(addr)}"]
         if image.disk is not None:
             argv += ["-drive", f"file={image.disk},if=virtio,snapshot=on"]
         argv += ["-drive", f"file={vm.scratch},if=virtio,format=raw,id=scratch",
@@ -791,8 +793,9 @@ class QemuDriver(ComputeDriver):
 
     def kill_all(self) -> int:
         """Blocking: end every VM of this state directory (QMP quit, then
-        SIGKILL) and remove them; returns how many QEMUs were running.  For
-        test teardown and ``cloudfs down --vms``-style cleanup."""
+        SIGKILL) and remove them, and every network's hub (of any
+        deployment); returns how many VM QEMUs were running.  For test
+        teardown and ``cloudfs down --vms``-style cleanup."""
         n = 0
         for d in sorted(self.vms_dir.iterdir()) if self.vms_dir.is_dir() else ():
             vm = _Vm.load(d) or _Vm(d.name, d, "", "", "m1.tiny", [], {}, "", "")
@@ -840,7 +843,12 @@ class QemuDriver(ComputeDriver):
             self._prepare(vm, img, userdata)
             (vm.dir / "meta.json").write_text(vm.to_json())
             self._launch(vm, img)
-            self._connect(vm)
+            try:
+                self._connect(vm)
+            except BaseException:  # no VM left running cut off its networks
+                with contextlib.suppress(DriverError):
+                    self._kill(vm)
+                raise
             return Server(vm.id, vm.name, "running", self.host, (GUEST_ADDRESS, *vm.nets.values()))
 
         server = await trio.to_thread.run_sync(again)
@@ -1126,7 +1134,7 @@ class QemuDriver(ComputeDriver):
             net = qemunet.Net.load(d)
             if net is not None and self.ours(net.metadata):
                 out.append(net)
-        return out
+        return sorted(out, key=lambda n: n.name)
 
     def _net(self, name: str) -> qemunet.Net:
         for net in self._nets():
@@ -1137,32 +1145,62 @@ class QemuDriver(ComputeDriver):
     def _net_prefix(self, name: str) -> int:
         return self._net(name).prefixlen()
 
+    def _net_lock(self, name: str) -> threading.Lock:
+        """The lock of network ``name``: its meta.json (hosts) and its hub's
+        QMP (one client at a time) change under it, from worker threads."""
+        with self._nets_lock:
+            return self._net_locks.setdefault(name, threading.Lock())
+
     def _plug(self, vm: _Vm, names: list[str]) -> None:
         """Blocking: an address on each network of ``names`` for ``vm``
         (vm.nets set; its QEMU then listens for the hub, :meth:`_connect`)."""
-        with self._nets_lock:
-            for name in names:
+        for name in names:
+            with self._net_lock(name):
                 net = self._net(name)
                 vm.nets[name] = qemunet.allocate(net, vm.id)
                 net.save()
-                qemunet.remove_port(net, vm.id, qmp_command)  # an old port's socket and hub netdev
+                if qemunet.hub_pid(net) is not None:
+                    qemunet.remove_port(net, vm.id, qmp_command)  # an old port's socket and hub netdev
+                else:
+                    net.port(vm.id).unlink(missing_ok=True)
 
     def _connect(self, vm: _Vm) -> None:
         """Blocking: the hubs of ``vm``'s networks connect to its running
-        QEMU's ports.  DriverError if a hub refuses."""
-        with self._nets_lock:
-            for name in vm.nets:
-                qemunet.add_port(self._net(name), vm.id, qmp_command)
+        QEMU's ports; a hub that is not running (the host rebooted, it
+        crashed) is started again and joined to its running VMs first (they
+        listen again once their peer is gone).  DriverError if a hub
+        refuses or the connection fails."""
+        for name in vm.nets:
+            with self._net_lock(name):
+                net = self._net(name)
+                if qemunet.hub_pid(net) is None:
+                    self._restart_hub(net, but=vm.id)
+                qemunet.add_port(net, vm.id, qmp_command)
+
+    def _restart_hub(self, net: qemunet.Net, but: str = "") -> None:
+        """Blocking, under the network's lock: start ``net``'s hub again and
+        connect it to the running VMs it has addresses for (but ``but``)."""
+        log.warning("the hub of network %s is not running: starting it again", net.name)
+        qemunet.start_hub(self.qemu, net)
+        for vid in net.hosts:
+            vm = self._load(vid)
+            if vid != but and vm is not None and vm.pid() is not None:
+                try:
+                    qemunet.add_port(net, vid, qmp_command)
+                except DriverError as e:
+                    log.warning("network %s: cannot join %s again: %s", net.name, vid, e)
 
     def _unplug(self, vm: _Vm) -> None:
         """Blocking: ``vm``'s ports and addresses on its networks, released."""
-        with self._nets_lock:
-            for name in list(vm.nets):
+        for name in list(vm.nets):
+            with self._net_lock(name):
                 try:
                     net = self._net(name)
                 except NotFound:
                     continue
-                qemunet.remove_port(net, vm.id, qmp_command)
+                if qemunet.hub_pid(net) is not None:
+                    qemunet.remove_port(net, vm.id, qmp_command)
+                net.port(vm.id).unlink(missing_ok=True)
                 net.hosts.pop(vm.id, None)
                 with contextlib.suppress(OSError):
                     net.save()
@@ -1181,24 +1219,34 @@ class QemuDriver(ComputeDriver):
     async def create_network(self, name: str, cidr: str | None = None) -> Network:
         """A layer-2 network among this host's VMs: a hub QEMU
         (cloudfs.drivers.qemunet) and a ``cidr`` (None: the first free
-        10.42.N.0/24).  DriverError: EEXIST if the name is taken, EINVAL for
-        a bad cidr, EIO if the hub does not start."""
-        if name == USER_NET.name or not name or "/" in name or name.startswith("."):
+        10.42.N.0/24; else an RFC 1918 /16–/29).  DriverError: EEXIST if the
+        name is taken, EINVAL for a bad name or cidr, EIO if the hub does
+        not start."""
+        if not valid_name(name):
+            raise DriverError(f"bad network name {name!r}", errno=errno.EINVAL)
+        if name == USER_NET.name:
             raise DriverError(f"network {name!r} exists", errno=errno.EEXIST)
+        deployment = self.bound()
 
         def make() -> Network:
-            with self._nets_lock:
-                taken = [n.cidr for n in self._nets()]
+            with self._nets_lock:  # one network made at a time: names and cidrs stay unique
+                nets = self._nets()
+                if any(n.name == name for n in nets):
+                    raise DriverError(f"network {name!r} exists", errno=errno.EEXIST)
+                taken = [n.cidr for n in nets]
                 chosen = qemunet.check_cidr(cidr, taken) if cidr else qemunet.pick_cidr(taken)
                 self.nets_dir.mkdir(mode=0o700, exist_ok=True)
-                d = self.nets_dir / name
-                try:
-                    d.mkdir(mode=0o700)
-                except FileExistsError:
-                    raise DriverError(f"network {name!r} exists", errno=errno.EEXIST) from None
-                net = qemunet.Net(name=name, id=f"net-{uuid.uuid4().hex[:12]}", cidr=chosen,
+                while True:
+                    nid = f"net-{uuid.uuid4().hex[:12]}"
+                    d = self.nets_dir / f"n-{nid[4:10]}"  # short: the ports' unix socket paths must be
+                    try:
+                        d.mkdir(mode=0o700)
+                        break
+                    except FileExistsError:
+                        continue
+                net = qemunet.Net(name=name, id=nid, cidr=chosen,
                                   created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                                  metadata={META_DEPLOYMENT: self.deployment or ""}, dir=d)
+                                  metadata={META_DEPLOYMENT: deployment}, dir=d)
                 try:
                     net.save()
                     qemunet.start_hub(self.qemu, net)
@@ -1214,18 +1262,20 @@ class QemuDriver(ComputeDriver):
 
     async def delete_network(self, name: str) -> None:
         """End the network's hub and remove it.  NotFound if there is no
-        such network of this deployment; DriverError(EBUSY) while a VM is
-        on it; DriverError(EINVAL) for ``user``."""
+        such network of this deployment; DriverError(EBUSY) while a VM
+        holds an address on it (also one being created); DriverError(EINVAL)
+        for ``user``."""
         if name == USER_NET.name:
             raise DriverError("the user network is every VM's channel: it cannot be removed", errno=errno.EINVAL)
 
         def remove() -> None:
-            with self._nets_lock:
+            with self._net_lock(name):
                 net = self._net(name)
-                users = [vm.id for vm in map(_Vm.load, self.vms_dir.iterdir()) if vm is not None
-                         and self.ours(vm.metadata) and name in vm.nets]
-                if users:
-                    raise DriverError(f"network {name!r} is in use by {len(users)} VM(s)", errno=errno.EBUSY)
+                for vid in list(net.hosts):  # VMs gone without releasing (a daemon killed mid-create)
+                    if not (self.vms_dir / vid).exists():
+                        net.hosts.pop(vid)
+                if net.hosts:
+                    raise DriverError(f"network {name!r} is in use by {len(net.hosts)} VM(s)", errno=errno.EBUSY)
                 qemunet.stop_hub(net, qmp_command)
                 qemunet.remove_dir(net)
 

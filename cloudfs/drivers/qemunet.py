@@ -1,11 +1,11 @@
 """Layer-2 networks among the QEMU driver's VMs on one host: a hub QEMU per
 network.
 
-A network ``lab`` is a directory ``STATE/nets/lab/`` and one QEMU started
+A network ``lab`` is a directory ``STATE/nets/n-<6 hex digits>/`` and one QEMU started
 with ``-machine none`` (no guest: only its net layer) whose hub (QEMU's
 ``hubport`` netdevs, hubid 0) floods every frame to every port.  Each VM on
 the network gets a port: its QEMU's second (third …) NIC listens on
-``STATE/nets/lab/<vm id>.sock`` (``-netdev stream,server=on``, a unix
+``STATE/nets/n-…/<vm id's hex>.sock`` (short: unix socket paths are) (``-netdev stream,server=on``, a unix
 socket, one peer), and once it runs the driver adds, over the hub's QMP
 socket, a ``stream`` netdev connecting there, joined to the hub.  Measured here (QEMU
 7.2, TCG): two guests on one hub ping each other in ~3 ms; ports are added
@@ -16,9 +16,12 @@ networks cannot reach each other at layer 2 (and no host routes between
 them); the sockets are in the network's directory in the state dir (0700),
 so other local users cannot attach.  A unix socket
 works across network namespaces, so VMs keep their private namespace (the
-channel).  The hub runs daemonized, like the VMs: a daemon restart leaves
-networks and their traffic alone (QEMU 7.2's stream client does not
-reconnect, so a hub must not restart under its VMs).
+channel).  A hub has no port security: every VM on a network sees and can
+spoof the others' frames, so a network is one trust domain.  The hub runs
+daemonized, like the VMs: a daemon restart leaves networks and their
+traffic alone.  A hub that is gone (the host rebooted, it crashed) shows as
+``down`` and is started again, and joined to the running VMs, when a VM
+next joins the network (a VM's port listens again once its peer is gone).
 
 Addresses: each network has a /24 (``10.42.N.0/24`` by default, the first
 N not used by another network here); VMs get ``.2`` upwards, in meta.json
@@ -46,8 +49,12 @@ from .base import DriverError, NotFound
 
 #: The default networks: 10.42.N.0/24, N = 1 … 254.
 DEFAULT_PREFIX = "10.42"
-#: How many VMs one network takes (.2 … .254).
-HOSTS_MAX = 253
+#: The private IPv4 ranges a network's cidr must lie in (RFC 1918).
+PRIVATE = tuple(ipaddress.ip_network(n) for n in ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16"))
+#: The longest unix socket path (struct sockaddr_un's sun_path, less the NUL).
+SUN_PATH_MAX = 107
+#: Seconds the hub may take to connect to a VM's port.
+CONNECT_TIMEOUT = 3.0
 
 
 @dataclass
@@ -72,7 +79,15 @@ class Net:
         return self.dir / "hub.pid"
 
     def port(self, server_id: str) -> Path:
-        return self.dir / f"{server_id}.sock"
+        """The unix socket of ``server_id``'s port (short: sun_path holds 107
+        bytes; DriverError(ENAMETOOLONG) when the state dir makes it longer)."""
+        import errno
+
+        path = self.dir / f"{server_id.removeprefix('vm-')}.sock"
+        if len(os.fsencode(path)) > SUN_PATH_MAX:
+            raise DriverError(f"the state dir's path is too long for a unix socket: {path}",
+                              errno=errno.ENAMETOOLONG)
+        return path
 
     def prefixlen(self) -> int:
         return ipaddress.ip_network(self.cidr).prefixlen
@@ -121,8 +136,9 @@ def check_cidr(cidr: str, taken: list[str]) -> str:
         net = ipaddress.ip_network(cidr, strict=False)
     except ValueError:
         raise DriverError(f"bad cidr {cidr!r}", errno=errno.EINVAL) from None
-    if net.version != 4 or not net.is_private or not 16 <= net.prefixlen <= 29:
-        raise DriverError(f"cidr {cidr!r}: use a private IPv4 network of /16 to /29", errno=errno.EINVAL)
+    if net.version != 4 or not any(net.subnet_of(p) for p in PRIVATE) or not 16 <= net.prefixlen <= 29:
+        raise DriverError(f"cidr {cidr!r}: use a private (RFC 1918) IPv4 network of /16 to /29",
+                          errno=errno.EINVAL)
     for other in ["10.0.2.0/24", *taken]:
         if net.overlaps(ipaddress.ip_network(other)):
             raise DriverError(f"cidr {cidr!r} overlaps {other}", errno=errno.EINVAL)
@@ -215,14 +231,25 @@ def add_port(net: Net, server_id: str, qmp) -> Path:
     port.  The hub is the one that connects because it runs for good: a
     VM's QEMU daemonizes after its netdevs are made, and QEMU 7.2's stream
     client connects from a thread the fork leaves behind (the connection
-    shows "connection error").  DriverError (QmpError) if the hub refuses."""
+    shows "connection error").  QEMU reports a failed connect only in ``info
+    network``, so that is watched for CONNECT_TIMEOUT seconds.  DriverError
+    (QmpError) if the hub refuses or does not connect."""
     remove_port(net, server_id, qmp, unlink=False)
     sock = net.port(server_id)
     qmp(net.qmp, "netdev_add", {"type": "stream", "id": f"s-{server_id}", "server": False,
                                 "addr": {"type": "unix", "path": str(sock)}})
     qmp(net.qmp, "netdev_add", {"type": "hubport", "id": f"h-{server_id}", "hubid": 0,
                                 "netdev": f"s-{server_id}"})
-    return sock
+    deadline = time.monotonic() + CONNECT_TIMEOUT
+    while True:
+        info = str(qmp(net.qmp, "human-monitor-command", {"command-line": "info network"}))
+        line = next((ln for ln in info.splitlines() if f"s-{server_id}:" in ln), "")
+        if "unix:" in line:
+            return sock
+        if "connection error" in line or time.monotonic() > deadline:
+            remove_port(net, server_id, qmp, unlink=False)
+            raise DriverError(f"the hub of network {net.name} cannot connect to {server_id}'s port")
+        time.sleep(0.05)
 
 
 def remove_port(net: Net, server_id: str, qmp, unlink: bool = True) -> None:
@@ -239,12 +266,11 @@ def remove_dir(net: Net) -> None:
     shutil.rmtree(net.dir, ignore_errors=True)
 
 
-def mac_of(server_id: str, index: int) -> str:
-    """A stable, locally administered MAC for NIC ``index`` of ``server_id``."""
-    import hashlib
-
-    h = hashlib.sha256(f"{server_id}/{index}".encode()).digest()
-    return "52:54:00:" + ":".join(f"{b:02x}" for b in h[:3])
+def mac_of(address: str) -> str:
+    """The MAC of the NIC with IPv4 ``address``: 52:54 and its four bytes,
+    locally administered and unique on its network (the hub floods by
+    frame, so two equal MACs would confuse the guests' ARP)."""
+    return "52:54:" + ":".join(f"{b:02x}" for b in ipaddress.ip_address(address).packed)
 
 
 __all__ = ["Net", "pick_cidr", "check_cidr", "allocate", "start_hub", "stop_hub", "hub_pid", "add_port",

@@ -13,6 +13,7 @@ import os
 import pwd
 import stat
 import time
+from pathlib import Path
 
 import pytest
 import trio
@@ -273,8 +274,9 @@ async def test_auto_accel_probes_once_and_remembers(state, tiny_image):
 
 async def test_networks_have_a_hub_each(state):
     """create_network starts a hub QEMU with a free /24; names, cidrs and
-    the user network are checked; delete ends the hub (EBUSY while a VM is
-    on it: the VMs that use it are in tests/test_e2e_qemu.py)."""
+    the user network are checked; a hub that died is started again; delete
+    ends the hub (EBUSY while a VM holds an address on it: the VMs that use
+    networks are in tests/test_e2e_qemu.py)."""
     import errno
 
     from cloudfs.drivers import qemunet
@@ -288,21 +290,63 @@ async def test_networks_have_a_hub_each(state):
         ("user", "10.0.2.0/24"), ("lab", "10.42.1.0/24"), ("other", "192.168.77.0/24")]
     for name, cidr, err in (("lab", None, errno.EEXIST), ("user", None, errno.EEXIST),
                             ("x", "10.42.1.0/25", errno.EINVAL), ("y", "8.8.8.0/24", errno.EINVAL),
-                            ("z", "10.0.2.0/24", errno.EINVAL), ("w", "nonsense", errno.EINVAL)):
+                            ("z", "10.0.2.0/24", errno.EINVAL), ("w", "nonsense", errno.EINVAL),
+                            ("v", "127.0.0.0/16", errno.EINVAL), ("bad,name", None, errno.EINVAL),
+                            ("a'b", None, errno.EINVAL)):
         with pytest.raises(DriverError) as e:
             await d.create_network(name, cidr)
         assert e.value.errno == err, (name, cidr)
-    hub = qemunet.hub_pid(qemunet.Net.load(state / "nets" / "lab"))
+    net = d._net("lab")
+    assert net.dir.parent == state / "nets" and net.dir.name == f"n-{lab.id[4:10]}"  # short: unix sockets
+    assert net.port("vm-0123456789ab") == net.dir / "0123456789ab.sock"
+    hub = qemunet.hub_pid(net)
     assert hub is not None and "Seccomp:\t2" in open(f"/proc/{hub}/status").read()
     # another deployment sees none of them
     assert [n.name for n in await driver(state, deployment="e" * 32).list_networks()] == ["user"]
+    # a hub that died shows down, and is started again when a VM joins
+    os.kill(hub, 9)
+    await until(lambda: _status_of(d, "lab", "down"), timeout=10, what="hub down")
+    await trio.to_thread.run_sync(d._restart_hub, net)
+    assert [n.status for n in await d.list_networks() if n.name == "lab"] == ["active"]
+    # EBUSY while a VM holds an address; an address of a VM that is gone does not count
+    (state / "vms" / "vm-holder").mkdir()
+    net.hosts = {"vm-holder": "10.42.1.2", "vm-gone": "10.42.1.3"}
+    net.save()
+    with pytest.raises(DriverError) as e:
+        await d.delete_network("lab")
+    assert e.value.errno == errno.EBUSY and "1 VM" in e.value.message
+    (state / "vms" / "vm-holder").rmdir()
     with pytest.raises(DriverError) as e:
         await d.delete_network("user")
     assert e.value.errno == errno.EINVAL
+    hub = qemunet.hub_pid(d._net("lab"))
     await d.delete_network("lab")
-    assert not (state / "nets" / "lab").exists() and not os.path.exists(f"/proc/{hub}/cmdline") \
-        or b"qemu" not in open(f"/proc/{hub}/cmdline", "rb").read()
+    assert not net.dir.exists() and not qemunet.qemu_running(hub, str(net.qmp))
     with pytest.raises(NotFound):
         await d.delete_network("lab")
     assert [n.name for n in await d.list_networks()] == ["user", "other"]
     assert (await d.create_network("again")).cidr == "10.42.1.0/24"  # the freed /24 is used again
+
+
+async def _status_of(d: QemuDriver, name: str, status: str) -> bool:
+    return any(n.name == name and n.status == status for n in await d.list_networks())
+
+
+def test_network_addresses():
+    from cloudfs.drivers import qemunet
+
+    assert qemunet.pick_cidr([]) == "10.42.1.0/24"
+    assert qemunet.pick_cidr(["10.42.1.0/24", "10.42.2.0/23", "10.42.4.0/25"]) == "10.42.5.0/24"
+    assert qemunet.check_cidr("172.16.5.7/29", []) == "172.16.5.0/29"
+    for bad in ("10.0.0.0/8", "10.1.0.0/30", "100.64.0.0/16", "fd00::/64", "10.0.2.128/25"):
+        with pytest.raises(DriverError):
+            qemunet.check_cidr(bad, [])
+    net = qemunet.Net("lab", "net-x", "10.9.9.0/29", "t", {}, Path("/nonexistent"))
+    got = [qemunet.allocate(net, f"vm-{i}") for i in range(5)]
+    assert got == ["10.9.9.2", "10.9.9.3", "10.9.9.4", "10.9.9.5", "10.9.9.6"]  # .1 left for a gateway
+    assert qemunet.allocate(net, "vm-0") == "10.9.9.2"  # kept
+    with pytest.raises(DriverError, match="full"):
+        qemunet.allocate(net, "vm-9")
+    del net.hosts["vm-2"]
+    assert qemunet.allocate(net, "vm-9") == "10.9.9.4"  # a freed address is used again
+    assert qemunet.mac_of("10.42.1.2") == "52:54:0a:2a:01:02"
