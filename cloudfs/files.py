@@ -283,8 +283,8 @@ class PipeFile(OpenFile):
 
     async def release(self) -> None:
         ends, self.ends = self.ends, []
-        for end, kind in ends:
-            await self.fs.pipes.close_end(self.pid, self.name, end, kind)
+        for end, _kind in ends:
+            await self.fs.pipes.close_end(end)
 
 
 class LimitsFile(SnapshotFile):

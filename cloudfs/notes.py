@@ -28,9 +28,9 @@ import trio
 from ninep.errors import FsError
 
 from .gather import gather
-from .quotas import NOTES, Quotas, charge_note
-from .records import Records, no_process
-from .store import BadVersionError, NodeExistsError, NoNodeError, Store
+from .quotas import Quotas, charge_note
+from .records import Records, make_process_dir, no_process
+from .store import BadVersionError, NoNodeError, Store
 from .znodes import Layout
 
 log = logging.getLogger(__name__)
@@ -77,14 +77,8 @@ class Notes:
                 return
             except BadVersionError:
                 continue
-            except NoNodeError:
-                # no note znode yet (made at the first note), or no process
-                try:
-                    await self.store.create(L.notes(pid), b"")
-                except NodeExistsError:
-                    pass
-                except NoNodeError:
-                    raise no_process(pid) from None
+            except NoNodeError:  # no note znode yet (made at the first note), or no process
+                await make_process_dir(self.store, L.notes(pid), pid)
 
     async def post_group(self, pid: int, note: bytes) -> int:
         """Post ``note`` to ``pid`` and every descendant (the tree as it is
@@ -165,12 +159,7 @@ class Notes:
             # no note znode: the process has had no note yet, or is gone
             if not await self.records.exists(pid):
                 raise no_process(pid)
-            try:
-                await self.store.create(L.notes(pid), b"")
-            except NodeExistsError:
-                pass
-            except NoNodeError:
-                raise no_process(pid) from None
+            await make_process_dir(self.store, L.notes(pid), pid)
 
 
-__all__ = ["Notes", "parse_note", "NOTE_MAX", "NOTES"]
+__all__ = ["Notes", "parse_note", "NOTE_MAX"]

@@ -55,7 +55,7 @@ from ninep.errors import FsError
 
 from .gather import gather
 from .quotas import PIPE_BYTES, PIPES, Quota, Quotas
-from .records import no_process
+from .records import make_process_dir, no_process
 from .store import BadVersionError, NodeExistsError, NoNodeError, NotEmptyError, Store
 from .znodes import Layout
 
@@ -151,13 +151,8 @@ class Pipes:
                 continue
             except NodeExistsError:
                 raise FsError(errno.EEXIST, f"pipe {name!r} of process {pid} exists") from None
-            except NoNodeError:
-                try:
-                    await self.store.create(L.pipes(pid), b"")
-                except NodeExistsError:
-                    pass
-                except NoNodeError:
-                    raise no_process(pid) from None
+            except NoNodeError:  # no pipe znode yet (made with the first pipe), or no process
+                await make_process_dir(self.store, L.pipes(pid), pid)
 
     async def remove(self, pid: int, name: str) -> None:
         """Delete the pipe: first mark it gone (writes fail with EPIPE from
@@ -258,7 +253,7 @@ class Pipes:
         except (NoNodeError, FsError):
             pass  # gone, or the store is away: an ephemeral znode goes with the session
 
-    async def close_end(self, pid: int, name: str, end: str, kind: str) -> None:
+    async def close_end(self, end: str) -> None:
         """Drop the open ``end`` (from :meth:`open_end`).  Never raises for
         a pipe or process that is gone."""
         await self._drop(end)

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from ninep.errors import FsError
 
 from .process import CorruptRecord, Process, Versioned
-from .store import BadVersionError, NoNodeError, Store
+from .store import BadVersionError, NodeExistsError, NoNodeError, Store
 from .znodes import Layout
 
 
@@ -37,6 +37,18 @@ def _checked(pid: int, rec: Process) -> Process:
 def no_process(pid: int) -> FsError:
     """FsError(ENOENT) for a pid with no record."""
     return FsError(errno.ENOENT, f"no process {pid}")
+
+
+async def make_process_dir(store: Store, path: str, pid: int) -> None:
+    """Create ``path``, an empty znode directly under process ``pid``'s
+    record that is made on first use (``note``, ``pipe``); no error if it
+    exists; FsError(ENOENT) if the process does not."""
+    try:
+        await store.create(path, b"")
+    except NodeExistsError:
+        pass
+    except NoNodeError:
+        raise no_process(pid) from None
 
 
 class Records:
