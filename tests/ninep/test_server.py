@@ -12,6 +12,7 @@ import struct
 import pytest
 import trio
 
+from ninep import memfs as memfs_module
 from ninep import messages as m
 from ninep.codec import encode, unpack_dirents, unpack_stats
 from ninep.limits import Limits
@@ -376,6 +377,50 @@ async def test_flush_cancels_a_blocked_read_and_nothing_follows_rflush(memfs):
         assert conn.pending == {}
         # the tag is free again and the fid still usable
         assert await w.rpc(m.Tread(tag=5, fid=2, offset=0, count=100)) == m.Rread(tag=5, data=b"late")
+
+
+class _ScopedWaitFile(memfs_module._WaitFile):
+    """A /wait read whose file code opens a cancel scope of its own (a
+    deadline, as cloudfs's nodes have) before it first suspends, and may
+    finish a last shielded step after it is cancelled."""
+
+    async def produce(self) -> bytes:
+        with trio.move_on_after(3600):
+            try:
+                return await super().produce()
+            finally:
+                if self.node.name.startswith("shielded"):
+                    with trio.CancelScope(shield=True):
+                        await trio.sleep(0.05)
+        raise AssertionError("not reached")
+
+
+async def test_flush_of_file_code_holding_its_own_cancel_scope(memfs, monkeypatch):
+    """The request's cancel scope is its worker's, entered before the file
+    code runs: scopes the file code opens nest inside it, a Tflush cancels
+    the blocked read, and the worker goes on serving (many times over)."""
+    monkeypatch.setattr(memfs_module, "_WaitFile", _ScopedWaitFile)
+    async with serving(memfs) as (server, addr):
+        w = await Wire.open(addr)
+        await w.version()
+        await w.attach()
+        await _open_wait(w, 2, "never")
+        await _open_wait(w, 3, "shielded")
+        for i in range(20):
+            fid = 2 if i % 2 else 3
+            await w.send(m.Tread(tag=5, fid=fid, offset=0, count=100))
+            await w.send(m.Tread(tag=6, fid=fid, offset=0, count=100))
+            await w.nothing_for(0.02)
+            assert memfs.waiters == 2
+            assert await w.rpc(m.Tflush(tag=7, oldtag=5)) == m.Rflush(tag=7)
+            assert await w.rpc(m.Tflush(tag=8, oldtag=6)) == m.Rflush(tag=8)
+            assert memfs.waiters == 0
+            assert isinstance(await w.rpc(m.Tgetattr(tag=9, fid=1, request_mask=m.P9_GETATTR_BASIC)), m.Rgetattr)
+        conn = next(iter(server.connections))
+        assert conn.pending == {} and conn.running == 0
+        memfs.set_value("never", b"now")
+        assert await w.rpc(m.Tread(tag=5, fid=2, offset=0, count=100)) == m.Rread(tag=5, data=b"now")
+        await w.nothing_for(0.1)
 
 
 async def test_flush_of_unknown_tag_gets_rflush(memfs):
