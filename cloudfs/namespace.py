@@ -35,6 +35,7 @@ from .ctl import Command
 from .deployment import open_deployment
 from .drivers.base import ComputeDriver
 from .exits import Exits
+from .filestore import FileStore
 from .identity import PublicFS, parse_attach, secret_matches
 from .lifecycle import Lifecycle
 from .nodes import OPERATOR, PROCESS, READONLY, RootNode, View
@@ -44,6 +45,7 @@ from .notes import Notes
 from .pipes import Pipes
 from .quotas import DEFAULT_LIMITS, DEFAULT_MAX_PROCESSES, Quotas
 from .reconciler import Reconciler
+from .sharedfiles import SharedFiles
 from .records import Records
 from .store import Store
 from .waits import Waits
@@ -67,7 +69,9 @@ class CloudFS(FileSystem):
     ``descendants``, ``env-keys``, ``env-bytes``; defaults for the ones not
     given), ``max_processes`` init's ``descendants`` when the tree is made,
     ``adopt_open``: take over (and close) a tree without the store's ACL
-    (cloudfs.deployment.open_deployment).
+    (cloudfs.deployment.open_deployment).  ``files``: the backend of
+    ``/files`` (cloudfs.filestore; None: no /files), ``files_limits`` the
+    deployment's ``files`` and ``file-bytes`` limits (cloudfs.sharedfiles).
 
     Its parts, one job each: ``records`` (process records), ``quotas``,
     ``lifecycle`` (fork, exec, kill, stop, start), ``data`` (userdata,
@@ -80,7 +84,8 @@ class CloudFS(FileSystem):
     def __init__(self, store: Store, driver: ComputeDriver, root: str = DEFAULT_ROOT,
                  daemon_id: str | None = None, resync_interval: float | None = 10.0, *,
                  limits: Mapping[str, int] | None = None, max_processes: int = DEFAULT_MAX_PROCESSES,
-                 adopt_open: bool = False):
+                 adopt_open: bool = False, files: FileStore | None = None,
+                 files_limits: Mapping[str, int] | None = None):
         self.store = store
         self.driver = driver
         self.layout = L = Layout(root)
@@ -96,6 +101,8 @@ class CloudFS(FileSystem):
         self.notes = Notes(store, L, self.records, self.quotas)
         self.pipes = Pipes(store, L, self.quotas)
         self.exits = Exits(store, L, self.records, self.quotas)
+        self.files = SharedFiles(files, store, L, self.quotas, self.records, files_limits) \
+            if files is not None else None
         self.daemon_id = daemon_id or f"cloudfs-{uuid.uuid4().hex[:12]}"
         self.reconciler = Reconciler(store, L, self.records, self.data, self.exits, driver, self.daemon_id,
                                      resync_interval)
@@ -114,6 +121,9 @@ class CloudFS(FileSystem):
                                                        self.adopt_open)
             self.driver.bind(self.deployment_id, self.layout.root)
             log.info("deployment %s (id %s)", self.layout.root, self.deployment_id)
+            if self.files is not None:
+                await self.files.prepare()
+                log.info("/files: %s", self.files.backend.description)
 
     async def start(self, nursery: trio.Nursery) -> None:
         """:meth:`prepare` if not done, then run the reconciler and the
@@ -188,6 +198,8 @@ class CloudFS(FileSystem):
         """Stop the reconciler (the store is closed by whoever opened it)."""
         if self._cancel is not None:
             self._cancel.cancel()
+        if self.files is not None:
+            await self.files.backend.close()
 
 
 @asynccontextmanager
@@ -195,18 +207,20 @@ async def open_cloudfs(hosts: str, driver: ComputeDriver, root: str = DEFAULT_RO
                        daemon_id: str | None = None, resync_interval: float | None = 10.0,
                        limits: Mapping[str, int] | None = None, max_processes: int = DEFAULT_MAX_PROCESSES,
                        zk_auth: str | None = None, adopt_open: bool = False,
+                       files: FileStore | None = None, files_limits: Mapping[str, int] | None = None,
                        **store_options) -> AsyncIterator[CloudFS]:
     """Connect to ZooKeeper at ``hosts``, start a CloudFS on ``root`` and
     yield it; on exit stop the reconciler and close the session.
     ``limits`` and ``max_processes`` as for :class:`CloudFS`; ``zk_auth`` a
     digest credential ``user:password``: every znode of the deployment then
     carries an ACL only holders of it pass (None: open, as for tests);
-    ``store_options`` go to :class:`Store` (timeouts)."""
+    ``files``/``files_limits`` as for :class:`CloudFS`; ``store_options`` go
+    to :class:`Store` (timeouts)."""
     store = Store(hosts, auth=zk_auth, **store_options)
     await store.start()
     try:
         fs = CloudFS(store, driver, root, daemon_id, resync_interval, limits=limits, max_processes=max_processes,
-                     adopt_open=adopt_open)
+                     adopt_open=adopt_open, files=files, files_limits=files_limits)
         await fs.prepare()  # its errors come as themselves, not in an exception group
         async with trio.open_nursery() as nursery:
             await fs.start(nursery)

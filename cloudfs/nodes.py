@@ -52,8 +52,10 @@ class View:
       remove their pipes; read its own ``note``, read its own pipes and
       write those of itself and its ancestors; read ``status``, ``children``,
       ``env`` and ``limits`` of every process, and ``/images``, ``/net``;
+      read all of ``/files``, make entries anywhere in it and change those
+      that it or its descendants made (cloudfs.sharedfiles);
     - ``readonly``: read ``status``, ``children``, ``env``, ``limits``,
-      ``/images`` and ``/net``; nothing else.
+      ``/images``, ``/net`` and ``/files``; nothing else.
 
     Anything not allowed fails with EACCES before it changes anything.
     """
@@ -182,21 +184,31 @@ class CNode(Node):
 
 
 class RootNode(CNode):
-    """``/``: proc, images, net."""
+    """``/``: proc, images, net, and files when the CloudFS has a files backend."""
 
     kind = tree.ROOT
+
+    def _dirs(self) -> list[tuple[str, int]]:
+        return [(n, k) for n, k in tree.ROOT_DIRS if k != tree.FILES or self.fs.files is not None]
+
+    def _dir(self, kind: int) -> "CNode":
+        if kind == tree.FILES:
+            from .filenodes import FilesDirNode  # it builds on this module
+
+            return FilesDirNode(self.view)
+        return _DIRS[kind](self.view)
 
     async def walk(self, name: str) -> Node:
         node = self._children.get(name)
         if node is None:
-            kind = dict(tree.ROOT_DIRS).get(name)
+            kind = dict(self._dirs()).get(name)
             if kind is None:
                 raise FsError(errno.ENOENT, f"no {name!r} in /")
-            node = self._children[name] = _DIRS[kind](self.view)
+            node = self._children[name] = self._dir(kind)
         return node
 
     async def _entries(self) -> list[DirEntry]:
-        return [self._entry(n, _DIRS[k](self.view)) for n, k in tree.ROOT_DIRS]
+        return [self._entry(n, self._dir(k)) for n, k in self._dirs()]
 
 
 class ProcNode(CNode):

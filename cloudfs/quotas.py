@@ -20,7 +20,11 @@ Each process has a znode ``proc/<pid>/quota`` (JSON: ``limits`` and
 - ``pipes`` and ``pipe-bytes``: how many pipes the process may own
   (cloudfs.pipes; EAGAIN beyond it) and how many bytes of messages may wait
   unread in them (a write beyond it waits until the reader makes room).
-  A quota znode from before notes or pipes counts none and gets the
+- ``files`` and ``file-bytes``: how many entries (files and directories)
+  of the shared tree ``/files`` the process may own, and their bytes
+  (cloudfs.sharedfiles: a file is charged to the process that made it;
+  EDQUOT beyond either).  ``file-bytes`` may be set up to 2^50.
+  A quota znode from before notes, pipes or files counts none and gets the
   default limits.
 
 A new process gets the daemon's defaults (:data:`DEFAULT_LIMITS`, or
@@ -55,19 +59,28 @@ from .znodes import Layout
 
 DESCENDANTS, ENV_KEYS, ENV_BYTES, NOTES = "descendants", "env-keys", "env-bytes", "notes"
 PIPES, PIPE_BYTES = "pipes", "pipe-bytes"
+FILES, FILE_BYTES = "files", "file-bytes"
 #: The limits, in the order /proc/<pid>/limits lists them.
-NAMES = (DESCENDANTS, ENV_KEYS, ENV_BYTES, NOTES, PIPES, PIPE_BYTES)
+NAMES = (DESCENDANTS, ENV_KEYS, ENV_BYTES, NOTES, PIPES, PIPE_BYTES, FILES, FILE_BYTES)
 #: Limits a new process gets unless the daemon is told others: a guest's
 #: subtree of 16 VMs; 256 env keys and 1 MiB of env values per process;
-#: 32 pending notes; 16 pipes holding 1 MiB of unread messages in all.
+#: 32 pending notes; 16 pipes holding 1 MiB of unread messages in all;
+#: 4096 entries of /files holding 4 GiB.
 DEFAULT_LIMITS: Mapping[str, int] = {DESCENDANTS: 16, ENV_KEYS: 256, ENV_BYTES: 1 << 20, NOTES: 32,
-                                     PIPES: 16, PIPE_BYTES: 1 << 20}
+                                     PIPES: 16, PIPE_BYTES: 1 << 20, FILES: 4096, FILE_BYTES: 4 << 30}
 #: Limits a quota znode written before that limit existed gets when read.
-_ADDED_LATER: Mapping[str, int] = {n: DEFAULT_LIMITS[n] for n in (NOTES, PIPES, PIPE_BYTES)}
+_ADDED_LATER: Mapping[str, int] = {n: DEFAULT_LIMITS[n] for n in (NOTES, PIPES, PIPE_BYTES, FILES, FILE_BYTES)}
 #: Init's ``descendants``: the processes a deployment may hold in all.
 DEFAULT_MAX_PROCESSES = 256
-#: The largest value a limit may be set to (2^31 - 1).
+#: The largest value a limit may be set to (2^31 - 1), but see LIMIT_MAXES.
 LIMIT_MAX = 2**31 - 1
+#: Limits that may go higher than LIMIT_MAX (bytes of files).
+LIMIT_MAXES: Mapping[str, int] = {FILE_BYTES: 2**50}
+
+
+def limit_max(name: str) -> int:
+    """The largest value limit (or count) ``name`` may hold."""
+    return LIMIT_MAXES.get(name, LIMIT_MAX)
 
 
 @dataclass(frozen=True)
@@ -119,7 +132,7 @@ class Quota:
                     vals[n] = _ADDED_LATER[n] if part == "limits" else 0
                     continue
                 v = raw[part].get(n)
-                if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= LIMIT_MAX:
+                if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= limit_max(n):
                     raise CorruptRecord("quota", f"{part}.{n} is {v!r}")
                 vals[n] = v
             out[part] = vals
@@ -133,8 +146,9 @@ def child_quota(parent: Quota | None, defaults: Mapping[str, int]) -> Quota:
     limits = dict(defaults)
     if parent is not None:
         limits[DESCENDANTS] = min(limits[DESCENDANTS], parent.left(DESCENDANTS))
-        for n in (ENV_KEYS, ENV_BYTES):
-            limits[n] = min(limits[n], parent.limits[n])
+        for n in (ENV_KEYS, ENV_BYTES, FILES, FILE_BYTES):
+            if n in limits and n in parent.limits:
+                limits[n] = min(limits[n], parent.limits[n])
     return Quota(limits, {n: 0 for n in NAMES})
 
 
@@ -189,8 +203,9 @@ def parse_setting(data: bytes) -> tuple[str, int]:
     if len(words) != 2 or words[0] not in NAMES:
         raise FsError(errno.EINVAL, f"limits: write 'name value' with name one of {', '.join(NAMES)}")
     name, value = words
-    if not value.isascii() or not value.isdigit() or len(value) > 10 or int(value) > LIMIT_MAX:
-        raise FsError(errno.EINVAL, f"limits: {name} must be a whole number from 0 to {LIMIT_MAX}")
+    top = limit_max(name)
+    if not value.isascii() or not value.isdigit() or len(value) > len(str(top)) or int(value) > top:
+        raise FsError(errno.EINVAL, f"limits: {name} must be a whole number from 0 to {top}")
     return name, int(value)
 
 

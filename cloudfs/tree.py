@@ -13,6 +13,7 @@ key, image or network name; empty otherwise), qid.version is 0, size 0.
 
 from __future__ import annotations
 
+import hashlib
 import stat
 import zlib
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ from ninep.fs import qid_type_for_mode
 from ninep.qid import Qid
 
 (ROOT, PROC, PID, CTL, STATUS, CHILDREN, USERDATA, ENV, ENVKEY, WAIT, IMAGES, IMAGE, NET, NETFILE, LIMITS, STATS,
- CONSOLE, NOTE, NOTEPG, PIPEDIR, PIPE) = range(1, 22)
+ CONSOLE, NOTE, NOTEPG, PIPEDIR, PIPE, FILES, FILEDIR, FILE) = range(1, 25)
 
 DIR = stat.S_IFDIR
 REG = stat.S_IFREG
@@ -39,7 +40,7 @@ class Entry:
 
 
 TREE: tuple[Entry, ...] = (
-    Entry("/", ROOT, DIR | 0o555, "the root: proc, images, net"),
+    Entry("/", ROOT, DIR | 0o555, "the root: proc, images, net, files"),
     Entry("/proc", PROC, DIR | 0o555, "one directory per live process, named by pid; 'self' walks to the attached process"),
     Entry("/proc/<pid>", PID, DIR | 0o555,
           "a process: ctl status children userdata env wait limits stats console note notepg pipe"),
@@ -56,7 +57,8 @@ TREE: tuple[Entry, ...] = (
     Entry("/proc/<pid>/wait", WAIT, REG | 0o444,
           "each read blocks until a child ended, returns '<pid> <name> <state> <message>' and consumes it"),
     Entry("/proc/<pid>/limits", LIMITS, REG | 0o660,
-          "'name limit used' lines (descendants env-keys env-bytes notes pipes pipe-bytes); write 'name value' "
+          "'name limit used' lines (descendants env-keys env-bytes notes pipes pipe-bytes files file-bytes); "
+          "write 'name value' "
           "to set one "
           "(a process may only lower)"),
     Entry("/proc/<pid>/stats", STATS, REG | 0o444,
@@ -76,6 +78,14 @@ TREE: tuple[Entry, ...] = (
     Entry("/net", NET, DIR | 0o775,
           "one file per network; creating a file /net/<name> creates the network, rm deletes it (EBUSY while used)"),
     Entry("/net/<name>", NETFILE, REG | 0o444, "key value lines: id name cidr status"),
+    Entry("/files", FILES, DIR | 0o777,
+          "the deployment's shared file tree (cloudfs up --files: local directory or Swift); ordinary files "
+          "and directories with true sizes and mtimes"),
+    Entry("/files/…/<dir>", FILEDIR, DIR | 0o777,
+          "a directory: mkdir, rmdir (ENOTEMPTY), mv; a process changes only what it or its descendants made"),
+    Entry("/files/…/<file>", FILE, REG | 0o666,
+          "a file: read and write at any offset, truncate, rm, mv; charged to its maker's files and "
+          "file-bytes quotas and the deployment's (EDQUOT beyond)"),
 )
 
 BY_KIND: dict[int, Entry] = {e.kind: e for e in TREE}
@@ -87,12 +97,22 @@ PID_FILES: tuple[tuple[str, int], ...] = (
     ("console", CONSOLE), ("note", NOTE), ("notepg", NOTEPG), ("pipe", PIPEDIR),
 )
 #: The root's directories, in listing order.
-ROOT_DIRS: tuple[tuple[str, int], ...] = (("proc", PROC), ("images", IMAGES), ("net", NET))
+ROOT_DIRS: tuple[tuple[str, int], ...] = (("proc", PROC), ("images", IMAGES), ("net", NET), ("files", FILES))
 
 
 def mode_of(kind: int) -> int:
     """The full st_mode of files of ``kind``."""
     return BY_KIND[kind].mode
+
+
+def file_qid(is_dir: bool, path: str, mtime_ns: int) -> Qid:
+    """The qid of the /files entry at ``path`` (below /files): its kind in
+    the top byte, 56 bits of a BLAKE2 hash of the path below it (unique in
+    practice, stable across reads), the low 32 bits of the mtime as version
+    (so Linux's caches notice a change)."""
+    h = int.from_bytes(hashlib.blake2b(path.encode("utf-8", "surrogateescape"), digest_size=7).digest(), "big")
+    kind = FILEDIR if is_dir else FILE
+    return Qid(qid_type_for_mode(mode_of(kind)), mtime_ns & 0xFFFFFFFF, (kind << 56) | h)
 
 
 def qid_of(kind: int, pid: int = 0, key: str = "") -> Qid:

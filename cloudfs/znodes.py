@@ -25,6 +25,9 @@
                                      <pid> may differ from the backend
     <root>/owners/<pid>              ephemeral: the daemon (its id as data)
                                      that acts on <pid> for the compute driver
+    <root>/files                     JSON limits and counts of the shared
+                                     tree /files (cloudfs.sharedfiles); the
+                                     files themselves are in its backend
 
 :class:`Layout` is the only code that builds or splits these paths: every
 other module asks it.  Names read back from ZooKeeper are parsed here too and
@@ -74,6 +77,8 @@ class Layout:
         self.proc = f"{self.root}/proc"
         self.pending = f"{self.root}/pending"
         self.owners = f"{self.root}/owners"
+        #: JSON limits and counts of /files (cloudfs.sharedfiles)
+        self.files_usage = f"{self.root}/files"
 
     # -- one process ------------------------------------------------------
 

@@ -21,7 +21,7 @@ import logging
 import sys
 from pathlib import Path
 
-from cloudfs.quotas import DEFAULT_LIMITS, DEFAULT_MAX_PROCESSES, LIMIT_MAX
+from cloudfs.quotas import DEFAULT_LIMITS, DEFAULT_MAX_PROCESSES, LIMIT_MAX, limit_max
 
 from .daemon import DEFAULT_LISTEN, DEFAULT_STATE_DIR
 
@@ -70,6 +70,9 @@ def cmd_up(args: argparse.Namespace) -> int:
         adopt_open_tree=args.adopt_open_tree,
         max_processes=args.max_processes,
         qemu_user=None if args.qemu_user == "root" else args.qemu_user,
+        files=args.files,
+        files_container=args.files_container,
+        files_limits=dict(args.files_limit or []),
     )
     from ninep.errors import FsError
 
@@ -187,7 +190,19 @@ def _limit(text: str) -> tuple[str, int]:
     name, sep, value = text.partition("=")
     if not sep or name not in DEFAULT_LIMITS:
         raise argparse.ArgumentTypeError(f"{text!r}: use NAME=VALUE with NAME one of {', '.join(DEFAULT_LIMITS)}")
-    return name, _count(value)
+    top = limit_max(name)
+    if not value.isascii() or not value.isdigit() or len(value) > len(str(top)) or int(value) > top:
+        raise argparse.ArgumentTypeError(f"{text!r}: {name} must be a whole number from 0 to {top}")
+    return name, int(value)
+
+
+def _files_limit(text: str) -> tuple[str, int]:
+    from cloudfs.quotas import FILE_BYTES, FILES
+
+    name, sep, value = text.partition("=")
+    if not sep or name not in (FILES, FILE_BYTES):
+        raise argparse.ArgumentTypeError(f"{text!r}: use files=N or file-bytes=N")
+    return _limit(text)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -248,6 +263,14 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--max-processes", metavar="N", type=_count, default=DEFAULT_MAX_PROCESSES,
                     help=f"processes a new deployment may hold in all: init's descendants limit "
                          f"(default {DEFAULT_MAX_PROCESSES})")
+    up.add_argument("--files", choices=["local", "swift"], default="local",
+                    help="where /files keeps its files: local (STATE/files, one host; default) or swift (the "
+                         "object store of --os-cloud, shared by the daemons of a deployment)")
+    up.add_argument("--files-container", metavar="NAME",
+                    help="--files swift: the container (default cloudfs-DEPLOYMENT)")
+    up.add_argument("--files-limit", metavar="NAME=VALUE", action="append", type=_files_limit,
+                    help="the deployment's /files limits, repeatable: files=65536, file-bytes=68719476736 by "
+                         "default (each process also has its own: --limit files=… file-bytes=…)")
     up.add_argument("--debug-9p", action="store_true", help="log every 9P message")
     up.add_argument("--debug-fuse", action="store_true", help="log every FUSE request")
     up.add_argument("--debug", action="store_true", help="debug logging")

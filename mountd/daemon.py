@@ -109,6 +109,12 @@ class DaemonOptions:
     max_processes: int = DEFAULT_MAX_PROCESSES
     #: the user QEMU drops to (-runas) when the daemon runs as root (None: root)
     qemu_user: str | None = "nobody"
+    #: the backend of /files: "local" (STATE/files) or "swift" (the cloud's
+    #: object store, container ``files_container``)
+    files: str = "local"
+    files_container: str | None = None
+    #: the deployment's /files limits (cloudfs.sharedfiles; defaults for the rest)
+    files_limits: dict[str, int] = field(default_factory=dict)
 
     @property
     def operator_socket(self) -> Path:
@@ -118,6 +124,25 @@ class DaemonOptions:
     def zk_root(self) -> str:
         """The deployment's znode (its unique id is kept there, cloudfs.deployment)."""
         return f"/cloudfs/{self.deployment}"
+
+
+async def files_backend(opts: DaemonOptions):
+    """The /files backend ``opts.files`` names: a LocalStore in STATE/files,
+    or a SwiftStore on the cloud of ``--os-cloud`` (container
+    ``files_container``, default ``cloudfs-<deployment>``; writes spooled in
+    STATE/files-spool).  ValueError for
+    an unknown name; DriverError when the cloud cannot be reached."""
+    if opts.files == "local":
+        from cloudfs.filestore import LocalStore
+
+        return LocalStore(opts.state_dir / "files")
+    if opts.files == "swift":
+        from cloudfs.swiftstore import SwiftStore
+
+        container = opts.files_container or f"cloudfs-{opts.deployment}"
+        return await trio.to_thread.run_sync(partial(SwiftStore.from_cloud, opts.os_cloud, container,
+                                                     opts.state_dir / "files-spool"))
+    raise ValueError(f"unknown files backend {opts.files!r} (known: local, swift)")
 
 
 async def run(opts: DaemonOptions, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
@@ -157,7 +182,9 @@ async def run(opts: DaemonOptions, *, task_status=trio.TASK_STATUS_IGNORED) -> N
         driver = await DRIVERS[opts.driver](opts, _loopback_port(public))
         auth = zookeeper_credential(opts.zookeeper_auth or opts.state_dir / "zookeeper.auth",
                                     make=opts.zookeeper_auth is None)
+        files = await files_backend(opts)
         async with open_cloudfs(hosts, driver, root=opts.zk_root, limits=opts.limits, zk_auth=auth,
+                                files=files, files_limits=opts.files_limits,
                                 adopt_open=opts.adopt_open_tree,
                                 max_processes=opts.max_processes) as fs:
             if hasattr(driver, "channel_handler"):  # VMs with a channel each (the QEMU driver)

@@ -126,7 +126,8 @@ async def test_children_inherit_no_more_than_the_parent_has(zookeeper, zk_root, 
         assert (await limits(op, 1))["descendants"] == (3, 0)
         a = int(await ctl(op, 1, "fork"))
         assert await limits(op, a) == {"descendants": (2, 0), "env-keys": (7, 0), "env-bytes": (1 << 20, 0),
-                                       "notes": (32, 0), "pipes": (16, 0), "pipe-bytes": (1 << 20, 0)}
+                                       "notes": (32, 0), "pipes": (16, 0), "pipe-bytes": (1 << 20, 0),
+                                       "files": (4096, 0), "file-bytes": (4 << 30, 0)}
         await echo(op, f"/proc/{a}/limits", "env-keys 3")
         b = int(await ctl(op, a, "fork"))
         assert (await limits(op, b))["env-keys"] == (3, 0) and (await limits(op, b))["descendants"] == (1, 0)

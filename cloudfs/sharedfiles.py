@@ -1,0 +1,428 @@
+"""``/files``: the deployment's shared file tree, over a backend
+(cloudfs.filestore), with who may change what and the quotas.
+
+Who may do what (a :class:`cloudfs.nodes.View`):
+
+- the operator: everything;
+- a process: read everything; make files and directories anywhere; change
+  (write, truncate, remove, rename, touch) only the entries that it or one
+  of its descendants made.  So a VM can publish a result for everyone to
+  read, and nobody but its own ancestry (and the operator) can change or
+  remove it: the sticky bit of ``/tmp``, with a process tree for the uid.
+  The entries of a process that has ended are the operator's to change.
+- the read-only view: read only.
+
+Anything not allowed is EACCES and changes nothing.
+
+Quotas (EDQUOT beyond any of them):
+
+- per process, ``files`` and ``file-bytes`` of cloudfs.quotas: an entry and
+  its bytes are charged to the process that made it (its *owner*), whoever
+  writes them;
+- per deployment, the same two names in the znode ``<root>/files``
+  (:data:`DEFAULT_DEPLOYMENT_LIMITS`, ``cloudfs up --files-limit``), charged
+  for every entry whoever made it.
+
+A write that makes a file longer charges the growth before it is written,
+in steps of :data:`CHARGE_STEP` bytes (one ZooKeeper multi per step); the
+unused rest of the last step is given back at the last close on this
+daemon, when the file's true size is known.  Charges are exact when one
+daemon at a time writes a file; two daemons growing one file at once may
+charge its growth twice until both have closed it.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import trio
+
+from ninep.errors import FsError
+
+from .filestore import FileInfo, FileStore, Handle, below
+from .quotas import FILE_BYTES, FILES, Quotas, limit_max
+from .records import Records
+from .store import BadVersionError, NodeExistsError, NoNodeError, Store
+from .znodes import Layout
+
+log = logging.getLogger(__name__)
+
+#: The deployment's limits unless ``cloudfs up --files-limit`` says others.
+DEFAULT_DEPLOYMENT_LIMITS: Mapping[str, int] = {FILES: 65536, FILE_BYTES: 64 << 30}
+#: Bytes charged at once when a write makes a file longer (fewer multis).
+CHARGE_STEP = 8 << 20
+
+
+@dataclass
+class Usage:
+    """The deployment's /files limits and counts (``files``, ``file-bytes``)."""
+
+    limits: dict[str, int]
+    used: dict[str, int]
+
+    def to_json(self) -> bytes:
+        return json.dumps({"limits": self.limits, "used": self.used}, separators=(",", ":")).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes) -> "Usage":
+        """FsError(EIO) unless it is what :meth:`to_json` writes."""
+        try:
+            raw = json.loads(data)
+            out = cls({}, {})
+            for part in ("limits", "used"):
+                for n in (FILES, FILE_BYTES):
+                    v = raw[part][n]
+                    if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= limit_max(n):
+                        raise ValueError(f"{part}.{n} is {v!r}")
+                    getattr(out, part)[n] = v
+            return out
+        except (ValueError, TypeError, KeyError, UnicodeDecodeError) as e:
+            raise FsError(errno.EIO, f"the deployment's files usage znode is corrupt ({e})") from None
+
+
+@dataclass
+class _Growth:
+    """A file being written on this daemon: the bytes charged for it so
+    far (its size when first opened, plus steps), the opens sharing it."""
+
+    path: str
+    owner: int
+    charged: int
+    opens: int = 0
+    gone: bool = False  # removed while open: its charge was given back then
+    lock: trio.Lock | None = None
+
+
+class SharedFiles:
+    """The /files service of one CloudFS: ``backend`` holds the bytes,
+    ``store``/``layout`` the usage znode, ``quotas``/``records`` the
+    processes' quotas and ancestry; ``limits`` the deployment's limits
+    (written to the usage znode by :meth:`prepare`)."""
+
+    def __init__(self, backend: FileStore, store: Store, layout: Layout, quotas: Quotas, records: Records,
+                 limits: Mapping[str, int] | None = None):
+        self.backend = backend
+        self.store = store
+        self.layout = layout
+        self.quotas = quotas
+        self.records = records
+        self.limits = {**DEFAULT_DEPLOYMENT_LIMITS, **(limits or {})}
+        self._growth: dict[str, _Growth] = {}
+
+    # -- the usage znode ---------------------------------------------------
+
+    async def prepare(self) -> None:
+        """Make the usage znode, or set its limits to this daemon's."""
+        path = self.layout.files_usage
+        while True:
+            got = await self.store.get(path)
+            if got is None:
+                try:
+                    await self.store.create(path, Usage(dict(self.limits), {FILES: 0, FILE_BYTES: 0}).to_json())
+                    return
+                except NodeExistsError:
+                    continue
+            usage = Usage.from_json(got[0])
+            if usage.limits == self.limits:
+                return
+            usage.limits = dict(self.limits)
+            try:
+                await self.store.set(path, usage.to_json(), got[1].version)
+                return
+            except BadVersionError:
+                continue
+
+    async def usage(self) -> Usage:
+        """The deployment's limits and counts now."""
+        got = await self.store.get(self.layout.files_usage)
+        if got is None:
+            raise FsError(errno.EIO, "the deployment has no files usage znode")
+        return Usage.from_json(got[0])
+
+    async def charge(self, owner: int, files: int = 0, nbytes: int = 0) -> None:
+        """Count ``files`` entries and ``nbytes`` bytes (negative: give
+        back) for the deployment and for process ``owner`` (0, or a process
+        that ended: the deployment only), in one multi.  FsError(EDQUOT)
+        when an increase passes a limit; a decrease never fails (counts
+        stop at 0)."""
+        if not files and not nbytes:
+            return
+        L = self.layout
+        while True:
+            got = await self.store.get(L.files_usage)
+            if got is None:
+                raise FsError(errno.EIO, "the deployment has no files usage znode")
+            usage = Usage.from_json(got[0])
+            quota = await self.quotas.get(owner) if owner else None
+            new_used = {FILES: max(0, usage.used[FILES] + files), FILE_BYTES: max(0, usage.used[FILE_BYTES] + nbytes)}
+            for n, delta in ((FILES, files), (FILE_BYTES, nbytes)):
+                if delta > 0 and new_used[n] > usage.limits[n]:
+                    raise FsError(errno.EDQUOT, f"the deployment's /files may hold at most {usage.limits[n]} "
+                                                f"{'entries' if n == FILES else 'bytes'} ({n}; {usage.used[n]} "
+                                                "in use)")
+                if delta > 0 and quota is not None and quota.value.used[n] + delta > quota.value.limits[n]:
+                    raise FsError(errno.EDQUOT, f"process {owner} may own at most {quota.value.limits[n]} "
+                                                f"{'entries' if n == FILES else 'bytes'} of /files (limit {n}; "
+                                                f"{quota.value.used[n]} in use)")
+            t = self.store.transaction()
+            t.set_data(L.files_usage, Usage(usage.limits, new_used).to_json(), got[1].version)
+            if quota is not None:
+                t.set_data(L.quota(owner), quota.value.using(files=files, file_bytes=nbytes).to_json(),
+                           quota.version)
+            try:
+                await self.store.commit(t)
+                return
+            except (BadVersionError, NoNodeError):
+                continue  # raced, or the owner ended meanwhile: read again
+
+    # -- rights ------------------------------------------------------------
+
+    async def may_change(self, view, path: str, info: FileInfo) -> None:
+        """FsError(EACCES) unless ``view`` may change the entry at ``path``."""
+        from .nodes import OPERATOR, PROCESS  # nodes imports this module's users
+
+        if view.rights == OPERATOR:
+            return
+        if view.rights == PROCESS and view.self_pid is not None:
+            if info.owner and await self.records.is_descendant(info.owner, view.self_pid):
+                return
+            raise FsError(errno.EACCES, f"/files/{path} was made by "
+                                        f"{'process ' + str(info.owner) if info.owner else 'the operator'}: "
+                                        f"process {view.self_pid} may only change what it or its descendants "
+                                        "made")
+        raise FsError(errno.EACCES, "read-only view: attach with a process credential or as the operator")
+
+    @staticmethod
+    def may_make(view) -> int:
+        """The owner of what ``view`` makes (its pid; 0 for the operator);
+        FsError(EACCES) for the read-only view."""
+        from .nodes import OPERATOR, PROCESS
+
+        if view.rights == OPERATOR:
+            return 0
+        if view.rights == PROCESS and view.self_pid is not None:
+            return view.self_pid
+        raise FsError(errno.EACCES, "read-only view: attach with a process credential or as the operator")
+
+    # -- changes -----------------------------------------------------------
+
+    async def mkdir(self, view, path: str) -> None:
+        """Make directory ``path`` for ``view`` (one ``files`` charged)."""
+        owner = self.may_make(view)
+        await self.charge(owner, files=1)
+        try:
+            await self.backend.mkdir(path, owner)
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await self.charge(owner, files=-1)
+            raise
+
+    async def remove(self, view, path: str, is_dir: bool) -> None:
+        """rm / rmdir ``path`` (EISDIR, ENOTDIR, ENOTEMPTY as unlink(2),
+        rmdir(2)); gives its charge back to its owner and the deployment."""
+        info = await self.backend.info(path)
+        if is_dir and not info.is_dir:
+            raise FsError(errno.ENOTDIR, f"/files/{path} is not a directory")
+        if not is_dir and info.is_dir:
+            raise FsError(errno.EISDIR, f"/files/{path} is a directory")
+        await self.may_change(view, path, info)
+        if is_dir:
+            await self.backend.rmdir(path)
+            await self._give_back(info.owner, 1, 0)
+            return
+        await self.backend.unlink(path)
+        size = info.size
+        g = self._growth.pop(path, None)
+        if g is not None:  # open here: its charge (with reserved steps) goes back now
+            size, g.gone, g.charged = g.charged, True, 0
+        await self._give_back(info.owner, 1, size)
+
+    async def rename(self, view, src: str, dst: str) -> None:
+        """mv ``src`` to ``dst`` (both below /files): ``view`` must be
+        allowed to change ``src`` and, if it exists, ``dst``.  EINVAL for a
+        directory moved into itself; as rename(2) otherwise."""
+        info = await self.backend.info(src)
+        await self.may_change(view, src, info)
+        if src == dst:
+            return
+        if info.is_dir and below(dst, src):
+            raise FsError(errno.EINVAL, "cannot move a directory into itself")
+        try:
+            old = await self.backend.info(dst)
+        except FsError as e:
+            if e.errno != errno.ENOENT:
+                raise
+            old = None
+        if old is not None:
+            await self.may_change(view, dst, old)
+        await self.backend.rename(src, dst)
+        if old is not None:
+            size = old.size
+            g = self._growth.pop(dst, None)
+            if g is not None:
+                size, g.gone, g.charged = g.charged, True, 0
+            await self._give_back(old.owner, 1, 0 if old.is_dir else size)
+        for p in [p for p in self._growth if below(p, src)]:
+            g = self._growth.pop(p)
+            g.path = dst + p[len(src):]
+            self._growth[g.path] = g
+
+    async def _give_back(self, owner: int, files: int, nbytes: int) -> None:
+        with trio.CancelScope(shield=True):
+            try:
+                await self.charge(owner, files=-files, nbytes=-nbytes)
+            except FsError as e:  # the change is done; a count that drifts is logged, not an error
+                log.warning("/files: could not give back %d entries, %d bytes to process %d: %s",
+                            files, nbytes, owner, e)
+
+    async def touch(self, view, path: str, mtime_ns: int) -> None:
+        """Set the modification time of ``path`` (if the backend keeps it)."""
+        info = await self.backend.info(path)
+        await self.may_change(view, path, info)
+        await self.backend.set_mtime(path, mtime_ns)
+
+    # -- opens -------------------------------------------------------------
+
+    async def open(self, view, path: str, *, write: bool, truncate: bool = False, create: bool = False,
+                   exclusive: bool = False) -> "SharedHandle":
+        """Open file ``path``.  ``create``: make it if missing (EEXIST if it
+        exists and ``exclusive``); ``write`` and ``truncate`` need the right
+        to change it.  EISDIR for a directory."""
+        if create:
+            owner = self.may_make(view)
+            try:
+                info = await self.backend.info(path)
+            except FsError as e:
+                if e.errno != errno.ENOENT:
+                    raise
+                await self.charge(owner, files=1)
+                try:
+                    h = await self.backend.open(path, create=True, owner=owner, write=True)
+                except BaseException:
+                    with trio.CancelScope(shield=True):
+                        await self.charge(owner, files=-1)
+                    raise
+                return self._opened(path, owner, h, 0, True)
+            if exclusive:
+                raise FsError(errno.EEXIST, f"/files/{path} exists")
+        else:
+            info = await self.backend.info(path)
+        if info.is_dir:
+            raise FsError(errno.EISDIR, f"/files/{path} is a directory")
+        if write or truncate:
+            await self.may_change(view, path, info)
+        h = await self.backend.open(path, write=write, truncate=truncate)
+        return self._opened(path, info.owner, h, info.size, write or truncate)
+
+    def _opened(self, path: str, owner: int, h: Handle, size: int, write: bool) -> "SharedHandle":
+        g = None
+        if write:
+            g = self._growth.get(path)
+            if g is None:
+                g = self._growth[path] = _Growth(path, owner, size, lock=trio.Lock())
+            g.opens += 1
+        return SharedHandle(self, h, g)
+
+    async def truncate(self, view, path: str, size: int) -> None:
+        """truncate(2) ``path`` to ``size`` bytes (growth charged first)."""
+        async with await self.open(view, path, write=True) as h:
+            await h.truncate(size)
+
+    async def _grow(self, g: _Growth, end: int) -> None:
+        """Charge what a write up to byte ``end`` adds beyond ``g.charged``."""
+        if end <= g.charged:
+            return
+        async with g.lock:  # type: ignore[union-attr]
+            need = end - g.charged
+            if need <= 0:
+                return
+            step = max(need, CHARGE_STEP)
+            try:
+                await self.charge(g.owner, nbytes=step)
+            except FsError as e:
+                if e.errno != errno.EDQUOT or step == need:
+                    raise
+                await self.charge(g.owner, nbytes=need)
+                step = need
+            g.charged += step
+
+    async def _closed(self, g: _Growth, size: int | None) -> None:
+        """An open of a written file closed; at the last one here, give
+        back what was charged beyond its true ``size`` (None: unknown, keep
+        the charge)."""
+        g.opens -= 1
+        if g.opens > 0:
+            return
+        if not g.gone and self._growth.get(g.path) is g:
+            del self._growth[g.path]
+        extra = g.charged if g.gone else (g.charged - size if size is not None else 0)
+        if extra > 0:
+            await self._give_back(g.owner, 0, extra)
+        elif extra < 0:
+            log.warning("/files/%s: %d bytes were written without a charge", g.path, -extra)
+
+
+class SharedHandle:
+    """One open of a /files file: reads, writes (charged), truncate, the
+    last close settling the charge.  ``async with`` closes it."""
+
+    def __init__(self, files: SharedFiles, handle: Handle, growth: _Growth | None):
+        self.files = files
+        self.handle = handle
+        self.growth = growth
+        self._closed = False
+
+    async def read(self, offset: int, count: int) -> bytes:
+        return await self.handle.read(offset, count)
+
+    async def write(self, offset: int, data: bytes) -> int:
+        if self.growth is None:
+            raise FsError(errno.EBADF, "not open for writing")
+        await self.files._grow(self.growth, offset + len(data))
+        return await self.handle.write(offset, data)
+
+    async def truncate(self, size: int) -> None:
+        if self.growth is None:
+            raise FsError(errno.EBADF, "not open for writing")
+        await self.files._grow(self.growth, size)
+        await self.handle.truncate(size)
+
+    async def size(self) -> int:
+        return await self.handle.size()
+
+    async def sync(self) -> None:
+        await self.handle.sync()
+
+    async def close(self) -> None:
+        """Close the backend's open (Swift stores the file here), then settle."""
+        if self._closed:
+            return
+        self._closed = True
+        size = None
+        g = self.growth
+        with trio.CancelScope(shield=True):
+            try:
+                if g is not None and g.gone:  # removed while open: store nothing (Swift would make it again)
+                    await self.handle.discard()
+                    return
+                if g is not None:
+                    self.handle.moved(g.path)
+                    if g.opens == 1:
+                        try:
+                            size = await self.handle.size()
+                        except FsError:
+                            pass
+                await self.handle.close()
+            finally:
+                if self.growth is not None:
+                    await self.files._closed(self.growth, size)
+
+    async def __aenter__(self) -> "SharedHandle":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
