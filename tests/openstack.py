@@ -182,13 +182,13 @@ def _run(*args: str, timeout: float) -> subprocess.CompletedProcess:
                           text=True, timeout=timeout)
 
 
-def _free_port_base(span: int = 8) -> int:
+def _free_port_base(span: int = 12) -> int:
     """A base N with 127.0.0.1:N … N+span-1 all free, so this session's
     control plane never meets another one on this machine (other sessions'
     tests, a developer's own)."""
     rng = random.Random()
     for _ in range(200):
-        base = rng.randrange(20000, 30000, 10)
+        base = rng.randrange(20000, 30000, 20)
         socks = []
         try:
             for p in range(base, base + span):

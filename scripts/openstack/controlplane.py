@@ -15,7 +15,7 @@ Usage (as root, with Debian's own ``/usr/bin/python3``)::
                                        # start them again, wait until they answer
     controlplane.py status STATE_DIR   # which services run (exit 1 if one is down)
 
-Services (standard ports, or N … N+7 with --port-base; kept in STATE_DIR/ports.json):
+Services (standard ports, or N … N+11 with --port-base; kept in STATE_DIR/ports.json):
 MariaDB (unix socket only), RabbitMQ (127.0.0.1:5672, its own
 epmd on 127.0.0.1), keystone, placement and nova-api under uwsgi, glance-api,
 neutron-server (ML2, openvswitch mechanism driver, vxlan tenant networks, one
@@ -23,7 +23,10 @@ agent row for the compute host inserted by us), nova-conductor,
 nova-scheduler and a nova-compute run from python3-nova's ``nova.cmd.compute``
 with ``compute_driver = fake.FakeDriver`` (Nova's in-tree fake hypervisor: the
 API, scheduler, placement, Neutron port binding and the server state machine
-are real; no VM runs).
+are real; no VM runs), and Swift: a proxy (keystone auth, object-store
+endpoint ``/v1/AUTH_<project>``) with one account, container and object
+server, a one-replica ring each, storage in ``STATE_DIR/swift/node/d1``
+(the hash prefix and suffix of Debian's ``/etc/swift/swift.conf``).
 
 Everything lives under STATE_DIR (configs in ``etc/``, logs in ``log/``, pid
 files in ``run/``, databases, keys); ``start`` on a STATE_DIR that already has
@@ -65,6 +68,7 @@ PACKAGES = [
     "keystone", "glance-api", "placement-api", "nova-api", "nova-conductor",
     "nova-scheduler", "python3-nova", "neutron-api", "neutron-rpc-server",
     "rabbitmq-server", "mariadb-server", "python3-pymysql",
+    "swift-proxy", "swift-account", "swift-container", "swift-object", "python3-keystonemiddleware",
 ]
 
 HOST = "cloudfs-compute"      # the nova-compute service's host name
@@ -73,12 +77,17 @@ REGION = "RegionOne"
 # The standard ports; ``--port-base N`` puts them at N … N+7 instead (several
 # control planes on one machine).  The choice is kept in STATE/ports.json.
 STANDARD_PORTS = {"keystone": 5000, "glance": 9292, "placement": 8778, "nova": 8774,
-                  "neutron": 9696, "rabbit": 5672, "rabbit_dist": 25672, "epmd": 4369}
+                  "neutron": 9696, "rabbit": 5672, "rabbit_dist": 25672, "epmd": 4369,
+                  "swift": 8080, "swift_object": 6200, "swift_container": 6201, "swift_account": 6202}
 PORTS = dict(STANDARD_PORTS)  # this run's, set by load_ports()
 DATABASES = ["keystone", "glance", "placement", "nova_api", "nova", "nova_cell0", "neutron"]
 # Services in start order; each runs in its own process group.
 SERVICES = ["mariadb", "rabbitmq", "keystone", "placement", "glance", "neutron",
-            "nova-api", "nova-conductor", "nova-scheduler", "nova-compute"]
+            "nova-api", "nova-conductor", "nova-scheduler", "nova-compute",
+            "swift-account", "swift-container", "swift-object", "swift-proxy"]
+#: Swift's servers: service name → (ports key, ring name or None for the proxy)
+SWIFT = {"swift-account": ("swift_account", "account"), "swift-container": ("swift_container", "container"),
+         "swift-object": ("swift_object", "object"), "swift-proxy": ("swift", None)}
 READY_TIMEOUT = 240.0
 
 
@@ -133,6 +142,8 @@ class Layout:
         self.glance = f"{self.root}/glance"
         self.nova = f"{self.root}/nova"
         self.neutron = f"{self.root}/neutron"
+        self.swift = f"{self.root}/swift"  # rings
+        self.swift_devices = f"{self.root}/swift/node"
         self.locks = f"{self.root}/locks"
         self.clouds = f"{self.root}/clouds.yaml"
 
@@ -140,8 +151,9 @@ class Layout:
         for d in (self.etc, self.log, self.run, self.stamps, self.rabbit, self.locks,
                   f"{self.keystone}/fernet-keys", f"{self.keystone}/credential-keys",
                   f"{self.glance}/images", f"{self.glance}/staging", f"{self.glance}/tasks",
-                  f"{self.nova}/instances", self.neutron,
-                  *(f"{self.etc}/{p}" for p in ("keystone", "glance", "placement", "nova", "neutron", "rabbitmq"))):
+                  f"{self.nova}/instances", self.neutron, f"{self.swift_devices}/d1",
+                  *(f"{self.etc}/{p}" for p in ("keystone", "glance", "placement", "nova", "neutron", "rabbitmq",
+                                                  "swift"))):
             os.makedirs(d, exist_ok=True)
 
     def pidfile(self, name: str) -> str:
@@ -165,11 +177,14 @@ def load_ports(L: Layout, base: int | None) -> None:
             have = json.load(f)
     except FileNotFoundError:
         have = None
-    if have is not None and base is not None and have != want:
+    if have is not None and base is not None and any(have[k] != want[k] for k in have if k in want):
         raise Failed(f"{L.root} was started on ports {have}; not {want}")
+    missing = have is not None and any(k not in have for k in want)
+    if missing:  # a state dir from before Swift: its new services take the new ports
+        have = {**{k: v for k, v in want.items() if k not in have}, **have}
     PORTS.clear()
     PORTS.update(have or want)
-    if have is None:
+    if have is None or missing:
         os.makedirs(L.root, exist_ok=True)
         with open(path, "w") as f:
             json.dump(PORTS, f)
@@ -313,6 +328,33 @@ def write_configs(L: Layout) -> None:
         "",
     ])
     files["rabbitmq/enabled_plugins"] = "[].\n"
+    for name, (port, ring) in SWIFT.items():
+        base = {"bind_ip": "127.0.0.1", "bind_port": PORTS[port], "swift_dir": L.swift, "workers": 1,
+                "user": "root", "log_name": name}
+        if ring is not None:
+            files[f"swift/{ring}-server.conf"] = ini({
+                "DEFAULT": {**base, "devices": L.swift_devices, "mount_check": "false"},
+                "pipeline:main": {"pipeline": f"{ring}-server"},
+                f"app:{ring}-server": {"use": f"egg:swift#{ring}"},
+            })
+            continue
+        files["swift/proxy-server.conf"] = ini({
+            "DEFAULT": base,
+            "pipeline:main": {"pipeline": "catch_errors gatekeeper healthcheck proxy-logging listing_formats "
+                                          "authtoken keystoneauth copy slo dlo proxy-logging proxy-server"},
+            "app:proxy-server": {"use": "egg:swift#proxy", "account_autocreate": "true"},
+            "filter:catch_errors": {"use": "egg:swift#catch_errors"},
+            "filter:gatekeeper": {"use": "egg:swift#gatekeeper"},
+            "filter:healthcheck": {"use": "egg:swift#healthcheck"},
+            "filter:proxy-logging": {"use": "egg:swift#proxy_logging"},
+            "filter:listing_formats": {"use": "egg:swift#listing_formats"},
+            "filter:copy": {"use": "egg:swift#copy"},
+            "filter:slo": {"use": "egg:swift#slo"},
+            "filter:dlo": {"use": "egg:swift#dlo"},
+            "filter:keystoneauth": {"use": "egg:swift#keystoneauth", "operator_roles": "admin, member"},
+            "filter:authtoken": {"paste.filter_factory": "keystonemiddleware.auth_token:filter_factory",
+                                 "delay_auth_decision": "true", **authtoken(L)},
+        })
     files["rabbitmq/rabbitmq-env.conf"] = ""
     for rel, text in files.items():
         path = f"{L.etc}/{rel}"
@@ -349,7 +391,8 @@ def read_pid(L: Layout, name: str) -> int | None:
 
 #: Which port each service listens on (checked free before it starts).
 SERVICE_PORT = {"rabbitmq": "rabbit", "keystone": "keystone", "placement": "placement",
-                "glance": "glance", "neutron": "neutron", "nova-api": "nova"}
+                "glance": "glance", "neutron": "neutron", "nova-api": "nova",
+                **{name: port for name, (port, _) in SWIFT.items()}}
 
 
 def spawn(L: Layout, name: str, argv: list[str], env: dict[str, str] | None = None) -> int:
@@ -600,6 +643,7 @@ def catalog(L: Layout) -> None:
         "placement": ("placement", f"http://127.0.0.1:{PORTS['placement']}"),
         "compute": ("nova", f"http://127.0.0.1:{PORTS['nova']}/v2.1"),
         "network": ("neutron", f"http://127.0.0.1:{PORTS['neutron']}"),
+        "object-store": ("swift", f"http://127.0.0.1:{PORTS['swift']}/v1/AUTH_%(project_id)s"),
     }
     services = {x["type"]: x for x in s.get(f"{ks}/services").json()["services"]}
     endpoints = s.get(f"{ks}/endpoints").json()["endpoints"]
@@ -720,12 +764,34 @@ def retried(what: str, fn, tries: int = 4) -> None:
             time.sleep(2)
 
 
+def swift_rings(L: Layout) -> None:
+    """One-replica rings (2^6 partitions) with the one device d1 of each
+    server, made again each start (ports may differ)."""
+    for name, (port, ring) in SWIFT.items():
+        if ring is None:
+            continue
+        builder = f"{L.swift}/{ring}.builder"
+        for f in (builder, f"{L.swift}/{ring}.ring.gz"):
+            if os.path.exists(f):
+                os.unlink(f)
+        run(L, "swift-rings", ["swift-ring-builder", builder, "create", "6", "1", "1"])
+        run(L, "swift-rings", ["swift-ring-builder", builder, "add", f"r1z1-127.0.0.1:{PORTS[port]}/d1", "100"])
+        # rebalance exits 1 for warnings (e.g. fewer devices than replicas would like)
+        r = run(L, "swift-rings", ["swift-ring-builder", builder, "rebalance"], check=False)
+        if r.returncode not in (0, 1) or not os.path.exists(f"{L.swift}/{ring}.ring.gz"):
+            raise Failed(f"swift-ring-builder {ring} rebalance failed; see {L.log}/setup-swift-rings.log")
+
+
 def launchers(L: Layout) -> dict:
     """How each service (but MariaDB and RabbitMQ) is started: name → a
     function that spawns it (``start`` and ``start_services`` share them)."""
     nova_env = {"OS_NOVA_CONFIG_DIR": f"{L.etc}/nova"}
     nova_conf = ["--config-file", f"{L.etc}/nova/nova.conf"]
+    swift = {name: (lambda name=name, ring=ring: spawn(L, name, [f"/usr/bin/swift-{ring or 'proxy'}-server",
+                                                               f"{L.etc}/swift/{ring or 'proxy'}-server.conf"]))
+             for name, (_, ring) in SWIFT.items()}
     return {
+        **swift,
         "keystone": lambda: uwsgi(L, "keystone", PORTS["keystone"], "/usr/bin/keystone-wsgi-public",
                                   {"OS_KEYSTONE_CONFIG_DIR": f"{L.etc}/keystone"}, 2),
         "placement": lambda: uwsgi(L, "placement", PORTS["placement"], "/usr/bin/placement-api",
@@ -775,6 +841,9 @@ def start(state: str, port_base: int | None = None) -> None:
         dbs["neutron"].result()
         agent_row(L)
         launch("neutron")
+        swift_rings(L)
+        for name in SWIFT:
+            launch(name)
     epoch = datetime.datetime(1970, 1, 1)
     # a conductor heartbeat comes after its RPC server consumes
     wait_until("nova-conductor consuming", lambda: service_fresh(L, "nova-conductor", started.get("nova-conductor", epoch)),
@@ -790,6 +859,8 @@ def start(state: str, port_base: int | None = None) -> None:
                90, L, ["nova-compute"])
     wait_until("compute host mapped to cell1", lambda: compute_mapped(L), 60, L, ["nova-compute"])
     wait_until("compute resources in placement", lambda: placement_ready(L), 60, L, ["nova-compute"])
+    wait_until("swift", lambda: http_ok(f"http://127.0.0.1:{PORTS['swift']}/healthcheck")
+               and all(port_open(PORTS[p]) for p, _ in SWIFT.values()), 60, L, list(SWIFT))
     retried("image, flavors and network", lambda: seed(L))
     write_clouds(L)
     log(f"ready in {time.monotonic() - t0:.0f}s; OS_CLIENT_CONFIG_FILE={L.clouds} OS_CLOUD=cloudfs")
@@ -945,7 +1016,7 @@ def main(argv: list[str]) -> int:
     ap.add_argument("services", nargs="*",
                     help=f"start, stop: only these API services ({', '.join(API_SERVICES)}); "
                          "start then only starts and waits for them")
-    ap.add_argument("--port-base", type=int, help="ports N … N+7 instead of the standard ones (start, up)")
+    ap.add_argument("--port-base", type=int, help="ports N … N+11 instead of the standard ones (start, up)")
     a = ap.parse_args(argv)
     if a.command != "install" and not a.state:
         ap.error("a state directory is needed")

@@ -1,0 +1,269 @@
+"""/files on a real ZooKeeper, each test against both backends: the local
+directory and Swift (the control plane's real Swift, tests/openstack.py):
+ordinary file semantics through the node interface, who may change what,
+the quotas of processes and of the deployment, hostile names, and two
+daemons sharing one tree (on Swift: close-to-open between them).  FUSE and
+9P clients are in tests/mountd/test_files.py, guests in
+tests/test_e2e_qemu.py."""
+
+from __future__ import annotations
+
+import errno
+import os
+import uuid
+
+import pytest
+
+from cloudfs.filestore import LocalStore
+from cloudfs.swiftstore import SwiftStore
+from cloudfs.namespace import open_cloudfs
+from cloudfs.quotas import FILE_BYTES, FILES
+from cloudfs.sharedfiles import CHARGE_STEP
+from ninep.errors import FsError
+from ninep.fs import SetAttr
+from tests.cloudfs.fsops import cat, ctl, ls, walk
+from tests.openstack import openstack_cloud  # noqa: F401  (a fixture)
+
+
+@pytest.fixture(params=["local", "swift"])
+def backend(request, tmp_path):
+    """A function giving each daemon of the test its own view of one
+    backend: the same local directory, or the same Swift container."""
+    if request.param == "local":
+        yield lambda: LocalStore(tmp_path / "files")
+        return
+    cloud = request.getfixturevalue("openstack_cloud")
+    conn = cloud.connect()
+    container = f"cloudfs-test-{uuid.uuid4().hex[:12]}"
+    n = iter(range(100))
+    yield lambda: SwiftStore(conn, container, tmp_path / f"spool{next(n)}")
+    try:
+        for o in conn.object_store.objects(container):
+            conn.object_store.delete_object(o, container=container, ignore_missing=True)
+        conn.object_store.delete_container(container, ignore_missing=True)
+    except Exception:
+        pass
+
+
+@pytest.fixture
+async def fcfs(zookeeper, zk_root, driver, backend):
+    async with open_cloudfs(zookeeper.hosts, driver, zk_root, daemon_id="daemon-a", files=backend()) as fs:
+        yield fs
+
+
+async def fails(errno_: int, aw) -> FsError:
+    with pytest.raises(FsError) as e:
+        await aw
+    assert e.value.errno == errno_, e.value
+    return e.value
+
+
+async def put(view, path: str, data: bytes, flags: int = os.O_WRONLY | os.O_CREAT | os.O_TRUNC) -> None:
+    """``cat > path``: create (or truncate) and write in 64 KiB pieces."""
+    d, _, name = path.rpartition("/")
+    f = (await (await walk(view, d)).create(name, 0o644, flags, 0, 0))[1]
+    try:
+        for off in range(0, len(data), 65536):
+            assert await f.write(off, data[off:off + 65536]) == len(data[off:off + 65536])
+    finally:
+        await f.release()
+
+
+async def usage(fs, pid: int | None = None) -> tuple[int, int]:
+    if pid is None:
+        u = await fs.files.usage()
+        return u.used[FILES], u.used[FILE_BYTES]
+    q = (await fs.quotas.get(pid)).value
+    return q.used[FILES], q.used[FILE_BYTES]
+
+
+async def test_files_is_an_ordinary_tree(fcfs):
+    op = fcfs.view_for(None)
+    assert "files" in await ls(op, "/")
+    assert await ls(op, "/files") == []
+    await (await walk(op, "/files")).mkdir("output", 0o755, 0, 0)
+    await put(op, "/files/output/result.txt", b"hello\n")
+    node = await walk(op, "/files/output/result.txt")
+    a = await node.getattr()
+    assert a.size == 6 and a.mtime_ns > 0
+    assert await cat(op, "/files/output/result.txt") == b"hello\n"
+    # writes at any offset, a hole reads as zeros; sizes are true
+    f = await node.open(os.O_RDWR)
+    await f.write(10, b"world")
+    assert await f.read(0, 100) == b"hello\n\0\0\0\0world"
+    await f.release()
+    assert (await node.getattr()).size == 15
+    await node.setattr(SetAttr(size=3))
+    assert await cat(op, "/files/output/result.txt") == b"hel"
+    # mv within the tree, rm, rmdir
+    out = await walk(op, "/files/output")
+    await out.rename("result.txt", await walk(op, "/files"), "r.txt")
+    assert await ls(op, "/files") == ["output", "r.txt"]
+    await put(op, "/files/output/x", b"")
+    await fails(errno.ENOTEMPTY, (await walk(op, "/files")).unlink("output", True))
+    await fails(errno.EISDIR, (await walk(op, "/files")).unlink("output", False))
+    await fails(errno.ENOTDIR, (await walk(op, "/files")).unlink("r.txt", True))
+    await out.unlink("x", False)
+    await (await walk(op, "/files")).unlink("output", True)
+    await fails(errno.ENOENT, walk(op, "/files/output"))
+    # a directory cannot move into itself; O_EXCL on an existing file
+    d = await (await walk(op, "/files")).mkdir("d", 0o755, 0, 0)
+    await fails(errno.EINVAL, (await walk(op, "/files")).rename("d", d, "e"))
+    await fails(errno.EEXIST, put(op, "/files/r.txt", b"x", os.O_WRONLY | os.O_CREAT | os.O_EXCL))
+    # qids: unique per path, the version follows the mtime
+    q1 = (await walk(op, "/files/r.txt")).qid()
+    assert q1 != (await walk(op, "/files/d")).qid()
+    assert q1.path == (await walk(op, "/files/r.txt")).qid().path
+
+
+async def test_hostile_names_change_nothing(fcfs):
+    top = await walk(fcfs.view_for(None), "/files")
+    for bad, code in ((".", errno.EINVAL), ("..", errno.EINVAL), ("a\nb", errno.EINVAL), ("x" * 256, errno.ENAMETOOLONG),
+                      ("\udcff", errno.EINVAL), ("", errno.EINVAL)):
+        await fails(code, top.mkdir(bad, 0o755, 0, 0))
+        await fails(code, top.create(bad, 0o644, os.O_WRONLY | os.O_CREAT, 0, 0))
+    # deep paths stop at 1024 bytes (Swift's object name limit)
+    node = top
+    with pytest.raises(FsError) as e:
+        for i in range(10):
+            node = await node.mkdir("d" * 120 + str(i), 0o755, 0, 0)
+    assert e.value.errno == errno.ENAMETOOLONG
+    await fails(errno.EPERM, top.symlink("l", "/etc/passwd", 0, 0))
+    assert (await usage(fcfs))[0] == len(await ls(fcfs.view_for(None), "/files")) + 7  # 8 levels made
+
+
+async def test_who_may_change_what(fcfs):
+    op = fcfs.view_for(None)
+    a = int(await ctl(op, 1, "fork"))
+    kid = int(await ctl(op, a, "fork"))
+    b = int(await ctl(op, 1, "fork"))
+    va, vkid, vb, ro = fcfs.view_for(a), fcfs.view_for(kid), fcfs.view_for(b), fcfs.readonly_view()
+    await (await walk(op, "/files")).mkdir("shared", 0o755, 0, 0)
+    # anyone with a process view makes entries anywhere, even in the operator's directories
+    await put(vkid, "/files/shared/kid.txt", b"from the kid")
+    await (await walk(vb, "/files/shared")).mkdir("b", 0o755, 0, 0)
+    # everyone reads
+    for v in (va, vb, ro, op):
+        assert await cat(v, "/files/shared/kid.txt") == b"from the kid"
+    # only the maker, its ancestors and the operator change it
+    node = await walk(vb, "/files/shared/kid.txt")
+    await fails(errno.EACCES, node.open(os.O_WRONLY))
+    await fails(errno.EACCES, node.setattr(SetAttr(size=0)))
+    await fails(errno.EACCES, (await walk(vb, "/files/shared")).unlink("kid.txt", False))
+    await fails(errno.EACCES, (await walk(vb, "/files/shared")).rename("kid.txt", await walk(vb, "/files/shared/b"),
+                                                                       "mine"))
+    # nor replace it by moving something of one's own onto it
+    await put(vb, "/files/shared/b/evil", b"x")
+    await fails(errno.EACCES, (await walk(vb, "/files/shared/b")).rename("evil", await walk(vb, "/files/shared"),
+                                                                         "kid.txt"))
+    await fails(errno.EACCES, put(vb, "/files/shared/kid.txt", b"overwritten"))
+    await fails(errno.EACCES, (await walk(va, "/files")).unlink("shared", True))  # the operator's
+    f = await (await walk(va, "/files/shared/kid.txt")).open(os.O_WRONLY)
+    await f.write(0, b"FROM")
+    await f.release()
+    assert await cat(op, "/files/shared/kid.txt") == b"FROM the kid"
+    # the read-only view reads only
+    await fails(errno.EACCES, put(ro, "/files/ro", b"x"))
+    await fails(errno.EACCES, (await walk(ro, "/files")).mkdir("ro", 0o755, 0, 0))
+    await fails(errno.EACCES, (await walk(ro, "/files/shared/kid.txt")).open(os.O_RDWR))
+    # modes and owners are the tree's rules, not chmod's
+    await fails(errno.EPERM, (await walk(op, "/files/shared/kid.txt")).setattr(SetAttr(mode=0o777)))
+    # the kid's parent removes it
+    await (await walk(va, "/files/shared")).unlink("kid.txt", False)
+    assert await ls(op, "/files/shared") == ["b"]
+
+
+async def test_quotas_of_a_process_and_of_the_deployment(fcfs):
+    op = fcfs.view_for(None)
+    pid = int(await ctl(op, 1, "fork"))
+    v = fcfs.view_for(pid)
+    await ctl(op, pid, "fork")  # its quota is a real one, made by fork
+    f = await walk(op, f"/proc/{pid}/limits")
+    w = await f.open(os.O_WRONLY)
+    await w.write(0, b"file-bytes 100000\n")
+    await w.release()
+    w = await f.open(os.O_WRONLY)
+    await w.write(0, b"files 3\n")
+    await w.release()
+    text = await cat(op, f"/proc/{pid}/limits")
+    assert b"files 3 0\n" in text and b"file-bytes 100000 0\n" in text
+    await put(v, "/files/a", b"x" * 60000)
+    assert await usage(fcfs, pid) == (1, 60000)
+    assert await usage(fcfs) == (1, 60000)
+    # a write past file-bytes: EDQUOT, and the file keeps what was written before
+    h = await (await walk(v, "/files/a")).open(os.O_WRONLY)
+    e = await fails(errno.EDQUOT, h.write(60000, b"y" * 50000))
+    assert "file-bytes" in e.message
+    assert await h.write(60000, b"y" * 40000) == 40000  # exactly up to the limit
+    await h.release()
+    assert (await (await walk(v, "/files/a")).getattr()).size == 100000
+    assert await usage(fcfs, pid) == (1, 100000)
+    # files: 3 entries at most
+    await (await walk(v, "/files")).mkdir("d1", 0o755, 0, 0)
+    await put(v, "/files/d1/b", b"")
+    await fails(errno.EDQUOT, put(v, "/files/c", b""))
+    await fails(errno.EDQUOT, (await walk(v, "/files")).mkdir("d2", 0o755, 0, 0))
+    assert await ls(op, "/files") == ["a", "d1"]
+    # removing gives back, truncating gives back at close
+    await (await walk(v, "/files")).unlink("a", False)
+    assert await usage(fcfs, pid) == (2, 0)
+    await put(v, "/files/c", b"z" * 1000)
+    await (await walk(v, "/files/c")).setattr(SetAttr(size=10))
+    assert await usage(fcfs, pid) == (3, 10)
+    assert await usage(fcfs) == (3, 10)
+    # the deployment's limits hold for the operator too
+    fcfs.files.limits = {FILES: 4, FILE_BYTES: 1 << 20}
+    await fcfs.files.prepare()
+    await put(op, "/files/op", b"")
+    e = await fails(errno.EDQUOT, put(op, "/files/op2", b""))
+    assert "deployment" in e.message
+    await fails(errno.EDQUOT, put(op, "/files/op", b"q" * ((1 << 20) + 1)))
+    st = await (await walk(op, "/files")).statfs()
+    assert st.files == 4 and st.ffree == 0
+
+
+async def test_growth_is_charged_in_steps_and_settled_at_close(fcfs):
+    op = fcfs.view_for(None)
+    top = await walk(op, "/files")
+    node, f = await top.create("big", 0o644, os.O_RDWR | os.O_CREAT, 0, 0)
+    await f.write(0, b"a")
+    assert await usage(fcfs) == (1, CHARGE_STEP)  # one step reserved
+    g = await node.open(os.O_WRONLY)  # a second open shares the charge
+    await g.write(CHARGE_STEP, b"b")
+    assert await usage(fcfs) == (1, 2 * CHARGE_STEP)
+    await f.release()
+    assert await usage(fcfs) == (1, 2 * CHARGE_STEP)  # still open once
+    await g.release()
+    assert await usage(fcfs) == (1, CHARGE_STEP + 1)  # its true size
+    # removed while open: the charge goes back at once, the rest at close
+    h = await node.open(os.O_WRONLY)
+    await top.unlink("big", False)
+    assert await usage(fcfs) == (0, 0)
+    await h.write(0, b"after")
+    await h.release()
+    assert await usage(fcfs) == (0, 0)
+
+
+async def test_two_daemons_share_one_tree_close_to_open(zookeeper, zk_root, driver, backend, fcfs):
+    async with open_cloudfs(zookeeper.hosts, driver, zk_root, daemon_id="daemon-b", files=backend()) as other:
+        a, b = fcfs.view_for(None), other.view_for(None)
+        await put(a, "/files/x", b"one")
+        assert await cat(b, "/files/x") == b"one"
+        # a file closed on one daemon is read whole on the other
+        data = os.urandom(3 << 20)
+        node, f = await (await walk(a, "/files")).create("y", 0o644, os.O_WRONLY | os.O_CREAT, 0, 0)
+        assert "y" in await ls(b, "/files")  # made at once, empty
+        for off in range(0, len(data), 1 << 20):
+            await f.write(off, data[off:off + (1 << 20)])
+        await f.release()
+        assert await cat(b, "/files/y", count=65536) == data
+        assert (await (await walk(b, "/files/y")).getattr()).size == len(data)
+        await (await walk(b, "/files")).unlink("x", False)
+        await (await walk(b, "/files")).unlink("y", False)
+        assert await usage(fcfs) == (0, 0)
+        assert await ls(a, "/files") == []
+
+
+async def test_no_files_backend_no_files(cfs):
+    assert "files" not in await ls(cfs.view_for(None), "/")
+    await fails(errno.ENOENT, walk(cfs.view_for(None), "/files"))
