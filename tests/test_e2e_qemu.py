@@ -23,6 +23,7 @@ import trio
 
 from cloudfs.channel import Channels
 from cloudfs.drivers.qemu import QemuDriver
+from cloudfs.filestore import LocalStore
 from cloudfs.imagestore import install_image
 from cloudfs.namespace import CloudFS, open_cloudfs
 from mountd.zkserver import free_port
@@ -74,7 +75,8 @@ async def _serve(fs: CloudFS, state: Path, port: int, nursery: trio.Nursery) -> 
 async def cloud(zookeeper, zk_root, state):
     port = free_port()
     driver = QemuDriver(state, accel="tcg")
-    async with open_cloudfs(zookeeper.hosts, driver, zk_root, resync_interval=1.0) as fs:
+    async with open_cloudfs(zookeeper.hosts, driver, zk_root, resync_interval=1.0,
+                            files=LocalStore(state / "files")) as fs:
         async with trio.open_nursery() as nursery:
             sock = await _serve(fs, state, port, nursery)
             try:
@@ -263,8 +265,14 @@ async def test_montecarlo(cloud, tmp_path):
     print(out)
     assert p.returncode == 0, out + p.stderr.decode()
     lines = out.splitlines()
-    pi = float(lines[-1].split("~")[1])
+    pi = float(next(l for l in lines if l.startswith("pi ~")).split("~")[1])
     assert abs(pi - 3.14159) < 0.3, out
+    # RACK's report, written by the coordinator VM to /files/output/result.txt, cat by run.sh
+    report = dict(l.strip("| ").split(" | ") for l in lines if l.startswith("| ") and "Property" not in l)
+    report = {k.strip(): v.strip() for k, v in report.items()}
+    assert report["workers"] == "3" and report["trials"] == "60000", out
+    assert float(report["result"]) == pytest.approx(pi) and int(report["points"]) > 0, out
+    assert float(report["error"]) == pytest.approx(abs(pi - 3.14159265359), abs=1e-6), out
     coordinator = int(lines[0].split()[-1])
     tree = [l for l in lines if l.lstrip()[:1].isdigit()]
     assert tree[0].split()[:2] == ["1", "init"]
@@ -288,6 +296,7 @@ import sys, trio
 from pathlib import Path
 from cloudfs.channel import Channels
 from cloudfs.drivers.qemu import QemuDriver
+from cloudfs.filestore import LocalStore
 from cloudfs.namespace import open_cloudfs
 from ninep.server import Server
 hosts, root, state, port = sys.argv[1], sys.argv[2], Path(sys.argv[3]), int(sys.argv[4])
@@ -596,3 +605,52 @@ async def test_vms_on_a_network_reach_each_other_and_no_one_else(cloud):
         await c.remove("net/other")
         assert await c.listdir("net") == ["user"]
     assert not list((cloud.state / "nets").iterdir())
+
+
+WRITER = """#!/bin/sh
+dd if=/dev/urandom of=/cloud/files/shared.bin bs=1048576 count=50 2>/dev/null
+md5sum /cloud/files/shared.bin | cut -d' ' -f1 > /cloud/proc/self/env/md5
+exec cat /cloud/proc/self/env/quit
+"""
+
+READER = """#!/bin/sh
+a=$(cat /cloud/proc/self/env/a)
+cat /cloud/proc/$a/env/md5 > /dev/null
+md5sum /cloud/files/shared.bin | cut -d' ' -f1 > /cloud/proc/self/env/md5
+if echo x > /cloud/files/shared.bin 2>/dev/null; then echo changed; else echo refused; fi > /cloud/proc/self/env/clobber
+if rm /cloud/files/shared.bin 2>/dev/null; then echo removed; else echo refused; fi > /cloud/proc/self/env/rm
+mkdir -p /cloud/files/b && echo mine > /cloud/files/b/note && cat /cloud/files/b/note > /cloud/proc/self/env/own
+exec cat /cloud/proc/self/env/quit
+"""
+
+
+async def test_guests_share_files(cloud):
+    """/cloud/files: a 50 MB file one VM writes is read byte-identical by
+    another VM and by the operator; the other VM may not change or remove
+    it, and keeps files of its own."""
+    import hashlib
+
+    async with open_client(cloud.operator) as c:
+        a = await start_vm(c, WRITER)
+        b = int(await ctl(c, 1, "fork"))
+        await c.write_file(f"proc/{b}/env/a", str(a).encode())
+        await c.write_file(f"proc/{b}/userdata", READER.encode())
+        await ctl(c, b, "exec tiny")
+        md5_a = await env(c, a, "md5", timeout=BOOT_TIMEOUT + 240)
+        md5_b = await env(c, b, "md5", timeout=240)
+        h = hashlib.md5()
+        async with await c.walk("files/shared.bin") as f:
+            await f.open(os.O_RDONLY)
+            off = 0
+            while chunk := await f.read(off, 65536):
+                h.update(chunk)
+                off += len(chunk)
+        assert off == 50 << 20
+        assert md5_a == md5_b == h.hexdigest()
+        assert await env(c, b, "clobber") == "refused"
+        assert await env(c, b, "rm") == "refused"
+        assert await env(c, b, "own") == "mine"
+        q = (await cloud.fs.quotas.get(a)).value
+        assert (q.used["files"], q.used["file-bytes"]) == (1, 50 << 20)
+        for p in (a, b):
+            await ctl(c, p, "kill")

@@ -13,14 +13,17 @@
 #                (the workers boot one by one: a pipe with no writer open
 #                would end early); fork N workers (N from env/n if set, else
 #                3); read messages until EOF (each read is one message:
-#                busybox dd with one read), write 4*inside/total to env/pi,
-#                kill the workers, reap them from wait, then idle until
-#                killed (or until env/quit is written).
+#                busybox dd with one read), write RACK's report table to
+#                /cloud/files/output/result.txt (or the path below
+#                /cloud/files in env/stdout), then 4*inside/total to
+#                env/pi, kill the workers, reap them from wait, then idle
+#                until killed (or until env/quit is written).
 #   worker:      open the coordinator's pipe for writing, say "join <pid>",
 #                sample POINTS random points in the unit square with awk,
 #                write "<inside> <total>", close the pipe, idle until killed.
 #
 # From the host:  cat /mnt/cloud/proc/<coordinator>/env/pi   (blocks until ready)
+#                 cat /mnt/cloud/files/output/result.txt     (then)
 C=/cloud/proc
 SELF=$C/self
 POINTS=${POINTS:-20000}
@@ -39,8 +42,11 @@ if [ "$ppid" != 1 ]; then
   exec cat $SELF/env/quit
 fi
 
+start=$(date +%s)
 n=3
 if ls $SELF/env | grep -qx n; then n=$(cat $SELF/env/n); fi
+out=output/result.txt
+if ls $SELF/env | grep -qx stdout; then out=$(cat $SELF/env/stdout); fi
 : > $SELF/pipe/counts
 exec 4<$SELF/pipe/counts 5>$SELF/pipe/counts
 kids=""
@@ -71,6 +77,15 @@ while msg=$(dd bs=65536 count=1 <&4 2>/dev/null); [ -n "$msg" ]; do
 done
 exec 4<&-
 pi=$(awk -v i="$inside" -v t="$total" 'BEGIN { printf "%.6f\n", 4 * i / t }')
+mkdir -p "$(dirname "/cloud/files/$out")"
+awk -v t="$total" -v w="$n" -v p="$inside" -v r="$pi" -v s=$(($(date +%s) - start)) 'BEGIN {
+  e = r - 3.14159265359; if (e < 0) e = -e
+  line = "+----------+---------------+"
+  print line; printf "| %-8s | %-13s |\n", "Property", "Value"; print line
+  printf "| %-8s | %-13s |\n", "trials", t; printf "| %-8s | %-13s |\n", "workers", w
+  printf "| %-8s | %-13s |\n", "points", p; printf "| %-8s | %-13s |\n", "pi", "3.14159265359"
+  printf "| %-8s | %-13s |\n", "result", r; printf "| %-8s | %-13.11f |\n", "error", e
+  printf "| %-8s | %-13s |\n", "time", s; print line }' > "/cloud/files/$out"
 echo "$pi" > $SELF/env/pi
 echo "montecarlo coordinator $CLOUDFS_PID: pi ~ $pi ($inside of $total, read until EOF)"
 
