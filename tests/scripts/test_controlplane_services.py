@@ -161,3 +161,28 @@ def test_a_deliberate_outage_is_not_a_crash(openstack_cloud):  # noqa: F811
                 found += [f"{os.path.basename(path)}: {line.strip()[:200]}" for line in f
                           if any(m in line for m in BROKEN)]
         assert not found, "\n".join(found[:20])
+
+
+def test_swift_serves_objects_to_the_clouds_users_only(openstack_cloud):  # noqa: F811
+    """The control plane's Swift (issue "files"): the object-store endpoint
+    is in the catalog, the admin stores and reads an object, a ranged GET
+    gives the range, and a request without a token is refused (401)."""
+    import urllib.error
+    import urllib.request
+    import uuid
+
+    conn = openstack_cloud.connect()
+    container = f"cp-test-{uuid.uuid4().hex[:8]}"
+    conn.object_store.create_container(container)
+    try:
+        conn.object_store.upload_object(container, "a/b.txt", data=b"0123456789")
+        assert conn.object_store.download_object("a/b.txt", container=container) == b"0123456789"
+        r = conn.object_store.get(f"{container}/a/b.txt", headers={"Range": "bytes=2-4"})
+        assert r.status_code == 206 and r.content == b"234"
+        url = conn.object_store.get_endpoint()
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(f"{url}/{container}/a/b.txt", timeout=10)
+        assert e.value.code == 401
+    finally:
+        conn.object_store.delete_object("a/b.txt", container=container, ignore_missing=True)
+        conn.object_store.delete_container(container, ignore_missing=True)

@@ -46,7 +46,7 @@ def test_config_values_fit_the_services(tmp_path):
     cp = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(cp)
     L = cp.Layout(str(tmp_path))
-    for sub in ("keystone", "glance", "placement", "nova", "neutron", "rabbitmq"):
+    for sub in ("keystone", "glance", "placement", "nova", "neutron", "rabbitmq", "swift"):
         os.makedirs(f"{L.etc}/{sub}", exist_ok=True)
     cp.write_configs(L)
     neutron = configparser.ConfigParser(interpolation=None)
