@@ -163,5 +163,8 @@ class FilesFile(OpenFile):
     async def fsync(self) -> None:
         await self.handle.sync()
 
+    async def flush(self) -> None:
+        await self.handle.flush()
+
     async def release(self) -> None:
         await self.handle.close()

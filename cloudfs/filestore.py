@@ -109,6 +109,10 @@ class Handle:
     async def sync(self) -> None:
         """Make what was written durable and visible to other hosts (fsync(2))."""
 
+    async def flush(self) -> None:
+        """A close(2) of a descriptor: store what a backend that stores at
+        close holds (Swift); nothing to do for a local file."""
+
     async def close(self) -> None:
         """Release the open; a backend that stores at close (Swift) stores here."""
 
@@ -127,6 +131,8 @@ class FileStore:
 
     #: where the data lives, for logs and docs
     description = ""
+    #: files are stored at close (FUSE must pass on each close(2))
+    stores_at_close = False
 
     async def info(self, path: str) -> FileInfo:
         """The entry at ``path`` (``""``: the top, a directory)."""

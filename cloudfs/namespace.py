@@ -140,6 +140,11 @@ class CloudFS(FileSystem):
 
         await nursery.start(run)
 
+    @property
+    def needs_flush(self) -> bool:
+        """True when /files stores at close (Swift): FUSE passes each close(2) on."""
+        return self.files is not None and self.files.backend.stores_at_close
+
     def view_for(self, pid: int | None) -> Node:
         """The root as process ``pid`` sees it, with its rights (None: the
         operator, full rights)."""

@@ -395,7 +395,19 @@ class SharedHandle:
         return await self.handle.size()
 
     async def sync(self) -> None:
+        await self._follow()
         await self.handle.sync()
+
+    async def flush(self) -> None:
+        """close(2) of a descriptor: a backend that stores at close stores now."""
+        await self._follow()
+        if self.growth is not None and not self.growth.gone:
+            with trio.CancelScope(shield=True):  # a store is not cut in half
+                await self.handle.flush()
+
+    async def _follow(self) -> None:
+        if self.growth is not None:
+            self.handle.moved(self.growth.path)
 
     async def close(self) -> None:
         """Close the backend's open (Swift stores the file here), then settle."""

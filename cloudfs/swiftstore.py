@@ -50,7 +50,7 @@ from .filestore import FileInfo, FileStore, Handle, parent_of
 log = logging.getLogger(__name__)
 
 #: Bytes a reader fetches per ranged GET (its read-ahead window).
-READ_WINDOW = 4 << 20
+READ_WINDOW = 1 << 20
 #: Most objects one ``mv`` of a directory copies (EXDEV beyond).
 MAX_MOVE = 10000
 OWNER = "X-Object-Meta-Cloudfs-Owner"
@@ -75,6 +75,7 @@ class SwiftStore(FileStore):
         self.container = container
         self.spool = Path(spool)
         self.description = f"Swift container {container}"
+        self.stores_at_close = True
         self._limiter = trio.CapacityLimiter(threads)
         self._ready = False
 
@@ -405,6 +406,9 @@ class _SwiftHandle(Handle):
                             headers=self.store._headers(self.owner, **{"Content-Length": str(n)}))
         await self.store._call(put)
         self.dirty = False
+
+    async def flush(self) -> None:
+        await self.sync()
 
     async def close(self) -> None:
         try:

@@ -506,6 +506,17 @@ class FuseAdapter(pyfuse3.Operations):
     # FLUSH on every close(2), one round trip saved per open/read/close.
 
     @_handler
+    async def flush(self, fh: int) -> None:
+        """OpenFile.flush (each close(2) of a descriptor; its errno is
+        close's).  ENOSYS once when the tree has no file that stores at close
+        (FileSystem.needs_flush): the kernel then sends no more flushes."""
+        if not self.fs.needs_flush:
+            raise FsError(errno.ENOSYS, "no flush")
+        h = self._handles.get(fh)
+        if h is not None:
+            await h.file.flush()
+
+    @_handler
     async def fsync(self, fh: int, datasync: bool) -> None:
         """OpenFile.fsync."""
         await self._handle(fh).file.fsync()

@@ -191,6 +191,12 @@ class OpenFile:
     async def fsync(self) -> None:
         """Flush to stable storage; synthetic files have nothing to flush."""
 
+    async def flush(self) -> None:
+        """A descriptor of this open was closed (FUSE flush, on every
+        close(2), which returns its error): a file that stores at close
+        (cloudfs's /files on Swift) stores here, so the next open, anywhere,
+        sees the bytes.  Nothing by default."""
+
     async def release(self) -> None:
         """The last reference is gone (Tclunk, FUSE release).  Must not raise."""
 
@@ -300,7 +306,13 @@ class FileSystem:
     ``uname`` and ``n_uname`` identify the user (9P2000.u/.L ``n_uname`` is a
     numeric uid or ``None``), ``aname`` selects the tree; credentials that are
     not accepted raise FsError(EACCES) or EPERM.
+
+    ``needs_flush``: some of its files store at close (OpenFile.flush), so
+    the FUSE adapter asks on every close(2); when False it tells the kernel
+    once that there is no flush, and closes cost no request.
     """
+
+    needs_flush = False
 
     async def attach(self, uname: str, aname: str, n_uname: int | None = None) -> Node:
         raise NotImplementedError

@@ -50,7 +50,10 @@ def _wait(pred, timeout: float, what: str) -> None:
 class Daemon:
     """A ``cloudfs up`` child process with its mount, state dir and 9P addresses."""
 
-    def __init__(self, tmp: Path, port: int | None = None):
+    def __init__(self, tmp: Path, port: int | None = None, extra: tuple[str, ...] = (),
+                 env: dict[str, str] | None = None):
+        self.extra = list(extra)
+        self.env = env
         self.state = tmp / "state"
         self.mnt = tmp / "mnt"
         self.mnt.mkdir(exist_ok=True)
@@ -64,8 +67,9 @@ class Daemon:
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "mountd.cli", "up", "--driver", "fake", "--mount", str(self.mnt),
-                 "--state-dir", str(self.state), "--listen", self.tcp],
-                cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+                 "--state-dir", str(self.state), "--listen", self.tcp, *self.extra],
+                cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+                env=None if self.env is None else {**os.environ, **self.env})
         try:
             _wait(lambda: b"cloudfs up:" in self.log.read_bytes() and _live(self.mnt) or self.proc.poll() is not None,
                   60, "the daemon to come up")

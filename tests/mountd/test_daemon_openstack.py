@@ -16,6 +16,7 @@ import time
 import uuid
 from pathlib import Path
 
+import openstack.exceptions
 import pytest
 import trio
 
@@ -37,8 +38,9 @@ pytestmark = [
 class OSDaemon:
     """A ``cloudfs up --driver openstack`` child process of one deployment."""
 
-    def __init__(self, cloud, zk_hosts: str, deployment: str, tmp: Path):
+    def __init__(self, cloud, zk_hosts: str, deployment: str, tmp: Path, extra: tuple[str, ...] = ()):
         self.cloud, self.zk_hosts, self.deployment = cloud, zk_hosts, deployment
+        self.extra = list(extra)
         self.state = tmp / "state"
         self.log = tmp / "daemon.log"
         self.operator = f"unix!{self.state / 'cloudfs.sock'}"
@@ -57,10 +59,10 @@ class OSDaemon:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "mountd.cli", "up", "--driver", "openstack", "--zookeeper", self.zk_hosts,
                  "--deployment", self.deployment, "--state-dir", str(self.state),
-                 "--listen", f"tcp!127.0.0.1!{free_port()}"],
+                 "--listen", f"tcp!127.0.0.1!{free_port()}", *self.extra],
                 cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 60
-        while b"cloudfs up:" not in self.log.read_bytes()[mark:]:
+        while b"cloudfs up: 9P on" not in self.log.read_bytes()[mark:]:
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 self.kill()
                 raise AssertionError(f"daemon did not come up:\n{self.log.read_text()}")
@@ -239,3 +241,50 @@ def test_glance_and_neutron_down_images_fail_proc_goes_on(daemon, openstack_clou
     assert 1 <= len(said) <= 2 and "cannot reach the cloud" in said[0], log
     time.sleep(MISS_INTERVAL)
     assert "tiny" in trio.run(listing, "images")
+
+
+def test_files_on_swift_shared_by_two_daemons(openstack_cloud, zookeeper, conn, tmp_path):  # noqa: F811
+    """``cloudfs up --files swift`` on two daemons of one deployment (two
+    state dirs, as two hosts): a file written and closed through one is read
+    whole through the other (close-to-open), and it is an object of the
+    deployment's container, under its pseudo-folder."""
+    deployment = f"files-{uuid.uuid4().hex[:8]}"
+    args = ("--files", "swift", "--files-container", f"cloudfs-{deployment}")
+    a = OSDaemon(openstack_cloud, zookeeper.hosts, deployment, tmp_path / "a", args)
+    b = OSDaemon(openstack_cloud, zookeeper.hosts, deployment, tmp_path / "b",
+                 (*args, "--zookeeper-auth", str(a.state / "zookeeper.auth")))
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    data = os.urandom(5 << 20)
+
+    async def write_then_read() -> bytes:
+        async with open_client(a.operator) as ca, open_client(b.operator) as cb:
+            await ca.mkdir("files/output")
+            await ca.write_file("files/output/result.bin", data)
+            return await cb.read_file("files/output/result.bin")
+
+    try:
+        a.start()
+        b.start()
+        assert trio.run(write_then_read) == data
+        names = [o.name for o in conn.object_store.objects(f"cloudfs-{deployment}")]
+        assert names == ["output/", "output/result.bin"], names
+    finally:
+        a.kill()
+        b.kill()
+        drop_container(conn, f"cloudfs-{deployment}")
+
+
+def drop_container(conn, name: str) -> None:
+    """Delete container ``name`` and its objects (best effort: a test's
+    own failure is what it should report)."""
+    for _ in range(10):
+        try:
+            for o in list(conn.object_store.objects(name)):
+                conn.object_store.delete_object(o, container=name, ignore_missing=True)
+            conn.object_store.delete_container(name, ignore_missing=True)
+            return
+        except openstack.exceptions.NotFoundException:
+            return
+        except openstack.exceptions.ConflictException:
+            time.sleep(0.5)  # the container's count lags the deletes a little

@@ -1,19 +1,24 @@
 """``/files`` through the kernel's FUSE and over 9P, with the local backend
 (``cloudfs up --driver fake``): shell tools on the mount, a 1 GiB file
-streamed through in bounded daemon memory, the same bytes over 9P, and the
-files surviving a restart.  Guests are in tests/test_e2e_qemu.py."""
+streamed through in bounded daemon memory (also on Swift), the same bytes
+over 9P, and the files surviving a restart.  Guests are in
+tests/test_e2e_qemu.py, two daemons on one Swift container in
+tests/mountd/test_daemon_openstack.py."""
 
 from __future__ import annotations
 
 import hashlib
 import os
 import subprocess
+import uuid
 
 import pytest
 import trio
 
 from ninep.client import open_client
 from tests.mountd.test_daemon import Daemon, sh
+from tests.mountd.test_daemon_openstack import drop_container
+from tests.openstack import openstack_cloud  # noqa: F401  (a fixture)
 
 
 @pytest.fixture
@@ -23,6 +28,25 @@ def daemon(tmp_path):
         yield d.start()
     finally:
         d.cleanup()
+
+
+@pytest.fixture(params=["local", "swift"])
+def any_daemon(request, tmp_path):
+    """A daemon whose /files is local, or in a Swift container of the
+    control plane (tests/openstack.py)."""
+    extra, env, cloud, container = (), None, None, None
+    if request.param == "swift":
+        cloud = request.getfixturevalue("openstack_cloud")
+        container = f"cloudfs-test-{uuid.uuid4().hex[:12]}"
+        extra = ("--files", "swift", "--os-cloud", cloud.cloud, "--files-container", container)
+        env = cloud.env()
+    d = Daemon(tmp_path, extra=extra, env=env)
+    try:
+        yield d.start()
+    finally:
+        d.cleanup()
+        if cloud is not None:
+            drop_container(cloud.connect(), container)
 
 
 def rss_peak_kib(pid: int) -> int:
@@ -56,7 +80,10 @@ def test_shell_tools_on_files(daemon):
     assert sh(f"date -r {f}/t +%Y").stdout == "2001\n"
 
 
-def test_a_1_gib_file_streams_through_in_bounded_memory(daemon):
+def test_a_1_gib_file_streams_through_in_bounded_memory(any_daemon):
+    """Local: straight to the file.  Swift: spooled to disk, stored in one
+    streamed PUT at close, read back through the 1 MiB window."""
+    daemon = any_daemon
     f = daemon.mnt / "files"
     pid = daemon.proc.pid
     sh(f"dd if=/dev/zero of={f}/warm bs=1M count=8 status=none && cat {f}/warm > /dev/null")
