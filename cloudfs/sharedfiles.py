@@ -329,7 +329,8 @@ class SharedFiles:
 
     async def truncate(self, view, path: str, size: int) -> None:
         """truncate(2) ``path`` to ``size`` bytes (growth charged first)."""
-        async with await self.open(view, path, write=True) as h:
+        # to 0: opened truncated, so Swift need not fetch what goes anyway
+        async with await self.open(view, path, write=True, truncate=size == 0) as h:
             await h.truncate(size)
 
     async def _grow(self, g: _Growth, end: int) -> None:
