@@ -113,7 +113,10 @@ def txn_error(results: Sequence[Any]) -> Exception | None:
 class Store:
     """One kazoo session to ZooKeeper, used from trio.
 
-    ``hosts`` is a kazoo connection string (``"127.0.0.1:2181"``); loopback
+    ``hosts`` is a kazoo connection string: one server or an ensemble
+    (``"zk1:2181,zk2:2181,zk3:2181"``), optionally with a chroot
+    (``"…,zk3:2181/cloudfs-prod"``: every path is then below it; it is made,
+    with ZooKeeper's open ACL like ``/cloudfs``, on first start); loopback
     only in tests.  ``session_timeout`` (s) is ZooKeeper's session timeout,
     ``op_timeout`` (s) the deadline of one operation, ``suspend_wait`` (s) how
     long an operation waits for a dropped connection before EAGAIN.
@@ -173,11 +176,26 @@ class Store:
         self._token = trio.lowlevel.current_trio_token()
         self.client.add_listener(self._listener)
         try:
+            await trio.to_thread.run_sync(self._make_chroot, timeout)
             await trio.to_thread.run_sync(self.client.start, timeout)
         except Exception as e:  # kazoo raises its timeout as a plain exception
             raise FsError(errno.EIO, f"cannot connect to ZooKeeper at {self.hosts}: {e}") from e
         # kazoo's own view: its listener may already have reported a drop
         self._set_state(self.client.state)
+
+    def _make_chroot(self, timeout: float) -> None:
+        """Make the connect string's chroot if it has one (a short session
+        without the chroot; blocking)."""
+        chroot = self.client.chroot
+        if not chroot:
+            return
+        bare = KazooClient(hosts=self.hosts.split("/", 1)[0], timeout=timeout)
+        bare.start(timeout)
+        try:
+            bare.ensure_path(chroot)
+        finally:
+            bare.stop()
+            bare.close()
 
     async def close(self) -> None:
         """Close the session (ephemeral znodes vanish) and stop kazoo's threads."""

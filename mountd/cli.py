@@ -236,7 +236,9 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--listen", metavar="DIALSTRING", action="append",
                     help=f"9P listen address, repeatable (default {DEFAULT_LISTEN})")
     up.add_argument("--zookeeper", metavar="HOSTS",
-                    help="ZooKeeper hosts, e.g. 10.0.0.5:2181 (default: start an embedded one, data in the state dir)")
+                    help="ZooKeeper connect string: one server or an ensemble, with an optional chroot, e.g. "
+                         "zk1:2181,zk2:2181,zk3:2181/cloudfs (default: start an embedded one, data in the state "
+                         "dir)")
     up.add_argument("--zookeeper-auth", metavar="FILE",
                     help="ZooKeeper digest credential 'user:password' (mode 0600); every znode of the deployment "
                          "carries an ACL only it passes (default: STATE/zookeeper.auth, made on first start; give "

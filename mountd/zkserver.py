@@ -45,17 +45,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def answers(port: int) -> bool:
-    """True when a ZooKeeper on 127.0.0.1:``port`` answers the ``srvr`` word."""
-    return four_letter_word(port, "srvr", 0.5) != ""
+def answers(port: int, address: str = "127.0.0.1") -> bool:
+    """True when a ZooKeeper on ``address``:``port`` serves clients (answers
+    ``srvr`` with its statistics: a peer without a quorum answers "This
+    ZooKeeper instance is not currently serving requests")."""
+    return "Mode:" in four_letter_word(port, "srvr", 0.5, address)
 
 
-def four_letter_word(port: int, word: str, timeout: float = 2.0) -> str:
+def four_letter_word(port: int, word: str, timeout: float = 2.0, address: str = "127.0.0.1") -> str:
     """ZooKeeper's answer to a four-letter word (``srvr``, ``wchs``, ``mntr``:
-    the ones zoo.cfg allows) on 127.0.0.1:``port``; "" if it does not answer."""
+    the ones zoo.cfg allows) on ``address``:``port``; "" if it does not answer."""
     chunks = []
     try:
-        with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        with socket.create_connection((address, port), timeout=timeout) as s:
             s.sendall(word.encode())
             s.settimeout(timeout)
             while chunk := s.recv(65536):
@@ -92,8 +94,12 @@ class ZooKeeperServer:
     """
 
     def __init__(self, port: int | None = None, data_dir: str | os.PathLike | None = None, *,
-                 tick_ms: int = 500, die_with_parent: bool = False):
+                 tick_ms: int = 500, die_with_parent: bool = False, address: str = "127.0.0.1",
+                 myid: int | None = None, peers: dict[int, str] | None = None):
         self.port = port or free_port()
+        self.address = address
+        self.myid = myid
+        self.peers = peers or {}
         self._own_dir = data_dir is None
         self.dir = Path(data_dir) if data_dir is not None else Path(tempfile.mkdtemp(prefix="cloudfs-zk-"))
         self.tick_ms = tick_ms
@@ -102,7 +108,7 @@ class ZooKeeperServer:
 
     @property
     def hosts(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return f"{self.address}:{self.port}"
 
     @property
     def log_path(self) -> Path:
@@ -129,7 +135,7 @@ class ZooKeeperServer:
             f"maxSessionTimeout={120 * self.tick_ms}\n"
             f"dataDir={self.dir}/data\n"
             f"clientPort={self.port}\n"
-            "clientPortAddress=127.0.0.1\n"
+            f"clientPortAddress={self.address}\n"
             "admin.enableServer=false\n"
             "maxClientCnxns=0\n"
             "4lw.commands.whitelist=srvr,ruok,wchs,mntr\n"
@@ -139,7 +145,11 @@ class ZooKeeperServer:
             f"autopurge.snapRetainCount={AUTOPURGE_RETAIN}\n"
             f"autopurge.purgeInterval={AUTOPURGE_HOURS}\n"
             f"snapCount={SNAP_COUNT}\n"
+            + ("initLimit=10\nsyncLimit=5\n" + "".join(f"server.{i}={spec}\n" for i, spec in sorted(self.peers.items()))
+               if self.peers else "")
         )
+        if self.myid is not None:
+            (self.dir / "data" / "myid").write_text(f"{self.myid}\n")
         cp = ":".join(os.path.join(JAVA_DIR, j) for j in JARS) + ":/etc/zookeeper/conf"
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
@@ -157,7 +167,7 @@ class ZooKeeperServer:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"ZooKeeper exited with {self.proc.returncode}; see {self.log_path}")
-            if answers(self.port):
+            if answers(self.port, self.address):
                 return
             time.sleep(0.1)
         self.stop(kill=True)
@@ -202,3 +212,65 @@ def embedded(state_dir: Path) -> ZooKeeperServer:
         port = free_port()
         port_file.write_text(f"{port}\n")
     return ZooKeeperServer(port, d, die_with_parent=True)
+
+
+class ZooKeeperEnsemble:
+    """An ensemble of ``n`` ZooKeeper servers (a quorum is n // 2 + 1), one
+    ZooKeeperServer per peer, each with its data in ``dir/zk<id>``.
+
+    ``addresses``: the address of each peer (default 127.0.0.1 for all,
+    distinct ports); clients and peers use them, so peers in network
+    namespaces of their own are reached at their hosts' addresses.
+    :attr:`hosts` is the kazoo connect string of all of them.  Peers start
+    and stop one by one (:meth:`peer`), e.g. to kill the leader
+    (:meth:`leader`)."""
+
+    def __init__(self, n: int = 3, base_dir: str | os.PathLike | None = None, *, tick_ms: int = 500,
+                 addresses: list[str] | None = None, die_with_parent: bool = False):
+        self._own_dir = base_dir is None
+        self.dir = Path(base_dir) if base_dir is not None else Path(tempfile.mkdtemp(prefix="cloudfs-zke-"))
+        addrs = addresses or ["127.0.0.1"] * n
+        ports = {i: (free_port(), free_port(), free_port()) for i in range(1, n + 1)}
+        peers = {i: f"{addrs[i - 1]}:{q}:{e}" for i, (_, q, e) in ports.items()}
+        self.servers = {i: ZooKeeperServer(ports[i][0], self.dir / f"zk{i}", tick_ms=tick_ms,
+                                           die_with_parent=die_with_parent, address=addrs[i - 1], myid=i,
+                                           peers=peers)
+                        for i in ports}
+
+    @property
+    def hosts(self) -> str:
+        return ",".join(s.hosts for s in self.servers.values())
+
+    def peer(self, myid: int) -> ZooKeeperServer:
+        return self.servers[myid]
+
+    def start(self, timeout: float = 60.0) -> None:
+        """Start every peer and wait until each serves (a quorum formed)."""
+        for s in self.servers.values():
+            s.launch()
+        for s in self.servers.values():
+            s.wait_ready(timeout)
+
+    def mode(self, myid: int) -> str:
+        """``leader``, ``follower`` or "" (down, or not serving) of a peer."""
+        s = self.servers[myid]
+        for line in four_letter_word(s.port, "srvr", 1.0, s.address).splitlines():
+            if line.startswith("Mode:"):
+                return line.split(":", 1)[1].strip()
+        return ""
+
+    def leader(self, timeout: float = 30.0) -> int:
+        """The id of the current leader (RuntimeError if none within ``timeout``)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for i in self.servers:
+                if self.mode(i) == "leader":
+                    return i
+            time.sleep(0.1)
+        raise RuntimeError("no ZooKeeper leader")
+
+    def cleanup(self) -> None:
+        for s in self.servers.values():
+            s.cleanup()
+        if self._own_dir:
+            shutil.rmtree(self.dir, ignore_errors=True)
