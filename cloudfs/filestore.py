@@ -188,7 +188,10 @@ class LocalStore(FileStore):
         self.description = f"local directory {self.data}"
         self._limiter = trio.CapacityLimiter(threads)
         self._db: sqlite3.Connection | None = None
-        self._db_lock = threading.Lock()
+        # Held across each change of the tree and its owners' rows (in the
+        # worker thread), so a rename and a create in the moved directory
+        # cannot interleave between the two.
+        self._db_lock = threading.RLock()
         self._started = False
 
     # -- plumbing ---------------------------------------------------------
@@ -269,30 +272,33 @@ class LocalStore(FileStore):
 
     async def mkdir(self, path: str, owner: int) -> None:
         def do() -> None:
-            os.mkdir(self._full(path), 0o755)
-            self._set_owner(path, owner)
+            with self._db_lock:
+                os.mkdir(self._full(path), 0o755)
+                self._set_owner(path, owner)
         await self._run(do)
 
     async def rmdir(self, path: str) -> None:
         def do() -> None:
-            os.rmdir(self._full(path))
-            self._forget(path)
+            with self._db_lock:
+                os.rmdir(self._full(path))
+                self._forget(path)
         await self._run(do)
 
     async def unlink(self, path: str) -> None:
         def do() -> None:
             full = self._full(path)
-            if stat.S_ISDIR(os.stat(full, follow_symlinks=False).st_mode):
-                raise IsADirectoryError(errno.EISDIR, "is a directory")
-            os.unlink(full)
-            self._forget(path)
+            with self._db_lock:
+                if stat.S_ISDIR(os.stat(full, follow_symlinks=False).st_mode):
+                    raise IsADirectoryError(errno.EISDIR, "is a directory")
+                os.unlink(full)
+                self._forget(path)
         await self._run(do)
 
     async def rename(self, src: str, dst: str) -> None:
         def do() -> None:
-            os.rename(self._full(src), self._full(dst))
             n = len(src)
             with self._db_lock:
+                os.rename(self._full(src), self._full(dst))
                 db = self._db
                 db.execute("BEGIN")  # type: ignore[union-attr]
                 try:
@@ -318,15 +324,16 @@ class LocalStore(FileStore):
             flags |= os.O_TRUNC
 
         def do() -> int:
-            fd = os.open(self._full(path), flags, 0o644)
-            try:
-                if not stat.S_ISREG(os.fstat(fd).st_mode):
-                    raise IsADirectoryError(errno.EISDIR, "is a directory")
-                if create:
-                    self._set_owner(path, owner)
-            except BaseException:
-                os.close(fd)
-                raise
+            with self._db_lock:
+                fd = os.open(self._full(path), flags, 0o644)
+                try:
+                    if not stat.S_ISREG(os.fstat(fd).st_mode):
+                        raise IsADirectoryError(errno.EISDIR, "is a directory")
+                    if create:
+                        self._set_owner(path, owner)
+                except BaseException:
+                    os.close(fd)
+                    raise
             return fd
         return _LocalHandle(self, await self._run(do))
 
@@ -334,39 +341,66 @@ class LocalStore(FileStore):
         await self._run(lambda: os.utime(self._full(path), ns=(mtime_ns, mtime_ns), follow_symlinks=False))
 
     async def close(self) -> None:
-        with self._db_lock:
-            if self._db is not None:
-                self._db.close()
-                self._db = None
-                self._started = False
+        def do() -> None:
+            with self._db_lock:
+                if self._db is not None:
+                    self._db.close()
+                    self._db = None
+                    self._started = False
+        await trio.to_thread.run_sync(do)
 
 
 class _LocalHandle(Handle):
+    """An open file descriptor.  Operations run in worker threads; a close
+    while some are under way only marks it, and the last of them closes
+    the descriptor, so its number is never reused under a running read."""
+
     def __init__(self, store: LocalStore, fd: int):
         self.store = store
         self.fd = fd
+        self._busy = 0
+        self._closing = False
+
+    async def _op(self, fn, *args):
+        if self._closing:
+            raise FsError(errno.EBADF, "closed")
+        self._busy += 1
+        try:
+            return await self.store._run(fn, self.fd, *args)
+        finally:
+            self._busy -= 1
+            if self._closing and self._busy == 0:
+                await self._close_fd()
 
     async def read(self, offset: int, count: int) -> bytes:
-        return await self.store._run(os.pread, self.fd, count, offset)
+        return await self._op(os.pread, count, offset)
 
     async def write(self, offset: int, data: bytes) -> int:
-        def do() -> int:
+        def do(fd: int) -> int:
             done, view = 0, memoryview(data)
             while done < len(view):
-                done += os.pwrite(self.fd, view[done:], offset + done)
+                done += os.pwrite(fd, view[done:], offset + done)
             return done
-        return await self.store._run(do)
+        return await self._op(do)
 
     async def truncate(self, size: int) -> None:
-        await self.store._run(os.ftruncate, self.fd, size)
+        await self._op(os.ftruncate, size)
 
     async def size(self) -> int:
-        return (await self.store._run(os.fstat, self.fd)).st_size
+        return (await self._op(os.fstat)).st_size
 
     async def sync(self) -> None:
-        await self.store._run(os.fsync, self.fd)
+        await self._op(os.fsync)
 
     async def close(self) -> None:
+        if self._closing:
+            return
+        self._closing = True
+        if self._busy == 0:
+            await self._close_fd()
+
+    async def _close_fd(self) -> None:
         fd, self.fd = self.fd, -1
         if fd >= 0:
-            os.close(fd)
+            with trio.CancelScope(shield=True):  # freeing a big unlinked file's blocks takes a while
+                await trio.to_thread.run_sync(os.close, fd)

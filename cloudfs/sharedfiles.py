@@ -26,9 +26,15 @@ Quotas (EDQUOT beyond any of them):
 A write that makes a file longer charges the growth before it is written,
 in steps of :data:`CHARGE_STEP` bytes (one ZooKeeper multi per step); the
 unused rest of the last step is given back at the last close on this
-daemon, when the file's true size is known.  Charges are exact when one
-daemon at a time writes a file; two daemons growing one file at once may
-charge its growth twice until both have closed it.
+daemon, when the file's true size is known.  Charges are shielded from
+cancellation.  Charges are exact when one daemon at a time writes a file;
+two daemons growing one file at once may charge its growth twice until both
+have closed it.
+
+Concurrency on one daemon: every check and the change it guards hold the
+per-path locks of the names involved (:class:`_PathLocks`), and every open
+of a file for writing shares one backend handle and its lock
+(:class:`_Growth`), so writes, truncates and stores of one file are ordered.
 """
 
 from __future__ import annotations
@@ -37,7 +43,8 @@ import errno
 import json
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass, field
 
 import trio
 
@@ -84,17 +91,53 @@ class Usage:
             raise FsError(errno.EIO, f"the deployment's files usage znode is corrupt ({e})") from None
 
 
+class _PathLocks:
+    """One trio.Lock per path in use (made on demand, dropped when free):
+    the check and the change of one operation on a path happen with no other
+    operation of this daemon on that path in between."""
+
+    def __init__(self) -> None:
+        self._locks: dict[str, tuple[trio.Lock, int]] = {}
+
+    @asynccontextmanager
+    async def hold(self, *paths: str):
+        """Hold the locks of ``paths`` (in sorted order: no deadlock)."""
+        order = sorted(set(paths))
+        for p in order:
+            lock, n = self._locks.get(p, (None, 0))
+            self._locks[p] = (lock or trio.Lock(), n + 1)
+        held = []
+        try:
+            for p in order:
+                await self._locks[p][0].acquire()
+                held.append(p)
+            yield
+        finally:
+            for p in reversed(order):
+                lock, n = self._locks[p]
+                if p in held:
+                    lock.release()
+                if n == 1:
+                    del self._locks[p]
+                else:
+                    self._locks[p] = (lock, n - 1)
+
+
 @dataclass
 class _Growth:
-    """A file being written on this daemon: the bytes charged for it so
-    far (its size when first opened, plus steps), the opens sharing it."""
+    """A file open for writing on this daemon: one backend handle shared by
+    every open of it here (so all of them see one file, and Swift stores one
+    spool at the last close), the bytes charged for it so far (its size when
+    first opened, plus steps), how many opens share it.  ``lock`` orders its
+    reads, writes, stores and charges."""
 
     path: str
     owner: int
     charged: int
+    handle: Handle
     opens: int = 0
     gone: bool = False  # removed while open: its charge was given back then
-    lock: trio.Lock | None = None
+    lock: trio.Lock = field(default_factory=trio.Lock)
 
 
 class SharedFiles:
@@ -112,6 +155,7 @@ class SharedFiles:
         self.records = records
         self.limits = {**DEFAULT_DEPLOYMENT_LIMITS, **(limits or {})}
         self._growth: dict[str, _Growth] = {}
+        self._locks = _PathLocks()
 
     # -- the usage znode ---------------------------------------------------
 
@@ -210,66 +254,85 @@ class SharedFiles:
 
     # -- changes -----------------------------------------------------------
 
+    async def _charge_shielded(self, owner: int, files: int = 0, nbytes: int = 0) -> None:
+        # A charge must not be cut by a cancellation: ZooKeeper may apply a
+        # multi whose answer never arrives, and the count would then drift.
+        with trio.CancelScope(shield=True):
+            await self.charge(owner, files=files, nbytes=nbytes)
+
     async def mkdir(self, view, path: str) -> None:
         """Make directory ``path`` for ``view`` (one ``files`` charged)."""
         owner = self.may_make(view)
-        await self.charge(owner, files=1)
-        try:
-            await self.backend.mkdir(path, owner)
-        except BaseException:
-            with trio.CancelScope(shield=True):
-                await self.charge(owner, files=-1)
-            raise
+        async with self._locks.hold(path):
+            await self._charge_shielded(owner, files=1)
+            try:
+                await self.backend.mkdir(path, owner)
+            except BaseException:
+                await self._give_back(owner, 1, 0)
+                raise
 
     async def remove(self, view, path: str, is_dir: bool) -> None:
         """rm / rmdir ``path`` (EISDIR, ENOTDIR, ENOTEMPTY as unlink(2),
         rmdir(2)); gives its charge back to its owner and the deployment."""
-        info = await self.backend.info(path)
-        if is_dir and not info.is_dir:
-            raise FsError(errno.ENOTDIR, f"/files/{path} is not a directory")
-        if not is_dir and info.is_dir:
-            raise FsError(errno.EISDIR, f"/files/{path} is a directory")
-        await self.may_change(view, path, info)
-        if is_dir:
-            await self.backend.rmdir(path)
-            await self._give_back(info.owner, 1, 0)
-            return
-        await self.backend.unlink(path)
-        size = info.size
-        g = self._growth.pop(path, None)
-        if g is not None:  # open here: its charge (with reserved steps) goes back now
-            size, g.gone, g.charged = g.charged, True, 0
-        await self._give_back(info.owner, 1, size)
+        async with self._locks.hold(path):
+            info = await self.backend.info(path)
+            if is_dir and not info.is_dir:
+                raise FsError(errno.ENOTDIR, f"/files/{path} is not a directory")
+            if not is_dir and info.is_dir:
+                raise FsError(errno.EISDIR, f"/files/{path} is a directory")
+            await self.may_change(view, path, info)
+            if is_dir:
+                await self.backend.rmdir(path)
+                await self._give_back(info.owner, 1, 0)
+                return
+            g = self._growth.get(path)
+            if g is None:
+                await self.backend.unlink(path)
+                await self._give_back(info.owner, 1, info.size)
+                return
+            async with g.lock:  # no store of it under way
+                await self.backend.unlink(path)
+                del self._growth[path]
+                size, g.gone, g.charged = g.charged, True, 0  # what was charged goes back now
+            await self._give_back(info.owner, 1, size)
 
     async def rename(self, view, src: str, dst: str) -> None:
         """mv ``src`` to ``dst`` (both below /files): ``view`` must be
         allowed to change ``src`` and, if it exists, ``dst``.  EINVAL for a
         directory moved into itself; as rename(2) otherwise."""
-        info = await self.backend.info(src)
-        await self.may_change(view, src, info)
-        if src == dst:
-            return
-        if info.is_dir and below(dst, src):
-            raise FsError(errno.EINVAL, "cannot move a directory into itself")
-        try:
-            old = await self.backend.info(dst)
-        except FsError as e:
-            if e.errno != errno.ENOENT:
-                raise
-            old = None
-        if old is not None:
-            await self.may_change(view, dst, old)
-        await self.backend.rename(src, dst)
-        if old is not None:
-            size = old.size
-            g = self._growth.pop(dst, None)
-            if g is not None:
-                size, g.gone, g.charged = g.charged, True, 0
-            await self._give_back(old.owner, 1, 0 if old.is_dir else size)
-        for p in [p for p in self._growth if below(p, src)]:
-            g = self._growth.pop(p)
-            g.path = dst + p[len(src):]
-            self._growth[g.path] = g
+        async with self._locks.hold(src, dst):
+            info = await self.backend.info(src)
+            await self.may_change(view, src, info)
+            if src == dst:
+                return
+            if info.is_dir and below(dst, src):
+                raise FsError(errno.EINVAL, "cannot move a directory into itself")
+            try:
+                old = await self.backend.info(dst)
+            except FsError as e:
+                if e.errno != errno.ENOENT:
+                    raise
+                old = None
+            if old is not None:
+                await self.may_change(view, dst, old)
+            moving = sorted(p for p in self._growth if below(p, src) or p == dst)
+            async with AsyncExitStack() as stack:
+                for p in moving:  # no store of a moving file under way
+                    await stack.enter_async_context(self._growth[p].lock)
+                await self.backend.rename(src, dst)
+                size = 0
+                if old is not None:
+                    size = 0 if old.is_dir else old.size
+                    g = self._growth.pop(dst, None)
+                    if g is not None:
+                        size, g.gone, g.charged = g.charged, True, 0
+                for p in [p for p in moving if below(p, src)]:
+                    g = self._growth.pop(p)
+                    g.path = dst + p[len(src):]
+                    g.handle.moved(g.path)
+                    self._growth[g.path] = g
+            if old is not None:
+                await self._give_back(old.owner, 1, size)
 
     async def _give_back(self, owner: int, files: int, nbytes: int) -> None:
         with trio.CancelScope(shield=True):
@@ -281,9 +344,10 @@ class SharedFiles:
 
     async def touch(self, view, path: str, mtime_ns: int) -> None:
         """Set the modification time of ``path`` (if the backend keeps it)."""
-        info = await self.backend.info(path)
-        await self.may_change(view, path, info)
-        await self.backend.set_mtime(path, mtime_ns)
+        async with self._locks.hold(path):
+            info = await self.backend.info(path)
+            await self.may_change(view, path, info)
+            await self.backend.set_mtime(path, mtime_ns)
 
     # -- opens -------------------------------------------------------------
 
@@ -291,7 +355,13 @@ class SharedFiles:
                    exclusive: bool = False) -> "SharedHandle":
         """Open file ``path``.  ``create``: make it if missing (EEXIST if it
         exists and ``exclusive``); ``write`` and ``truncate`` need the right
-        to change it.  EISDIR for a directory."""
+        to change it.  EISDIR for a directory.  Opens for writing on this
+        daemon share one backend handle (see _Growth)."""
+        async with self._locks.hold(path):
+            return await self._open(view, path, write, truncate, create, exclusive)
+
+    async def _open(self, view, path: str, write: bool, truncate: bool, create: bool,
+                    exclusive: bool) -> "SharedHandle":
         if create:
             owner = self.may_make(view)
             try:
@@ -299,49 +369,54 @@ class SharedFiles:
             except FsError as e:
                 if e.errno != errno.ENOENT:
                     raise
-                await self.charge(owner, files=1)
+                await self._charge_shielded(owner, files=1)
                 try:
                     h = await self.backend.open(path, create=True, owner=owner, write=True)
                 except BaseException:
-                    with trio.CancelScope(shield=True):
-                        await self.charge(owner, files=-1)
+                    await self._give_back(owner, 1, 0)
                     raise
-                return self._opened(path, owner, h, 0, True)
+                g = self._growth[path] = _Growth(path, owner, 0, h, opens=1)
+                return SharedHandle(self, g)
             if exclusive:
                 raise FsError(errno.EEXIST, f"/files/{path} exists")
+            write = True
         else:
             info = await self.backend.info(path)
         if info.is_dir:
             raise FsError(errno.EISDIR, f"/files/{path} is a directory")
-        if write or truncate:
-            await self.may_change(view, path, info)
-        h = await self.backend.open(path, write=write, truncate=truncate)
-        return self._opened(path, info.owner, h, info.size, write or truncate)
-
-    def _opened(self, path: str, owner: int, h: Handle, size: int, write: bool) -> "SharedHandle":
-        g = None
-        if write:
-            g = self._growth.get(path)
-            if g is None:
-                g = self._growth[path] = _Growth(path, owner, size, lock=trio.Lock())
-            g.opens += 1
-        return SharedHandle(self, h, g)
+        if not (write or truncate):
+            return SharedHandle(self, None, await self.backend.open(path))
+        await self.may_change(view, path, info)
+        g = self._growth.get(path)
+        if g is not None:
+            async with g.lock:
+                if truncate:
+                    await g.handle.truncate(0)  # the charge is settled at the last close
+                g.opens += 1
+            return SharedHandle(self, g)
+        h = await self.backend.open(path, write=True, truncate=truncate)
+        g = self._growth[path] = _Growth(path, info.owner, info.size, h, opens=1)
+        return SharedHandle(self, g)
 
     async def truncate(self, view, path: str, size: int) -> None:
-        """truncate(2) ``path`` to ``size`` bytes (growth charged first)."""
-        # to 0: opened truncated, so Swift need not fetch what goes anyway
-        async with await self.open(view, path, write=True, truncate=size == 0) as h:
+        """truncate(2) ``path`` to ``size`` bytes (growth charged first); an
+        open of it for writing here sees it at once (one shared handle)."""
+        async with self._locks.hold(path):
+            # to 0 and not open here: opened truncated, so Swift fetches nothing that goes anyway
+            h = await self._open(view, path, True, size == 0 and path not in self._growth, False, False)
+        try:
             await h.truncate(size)
+        finally:
+            await h.close()
 
     async def _grow(self, g: _Growth, end: int) -> None:
-        """Charge what a write up to byte ``end`` adds beyond ``g.charged``."""
-        if end <= g.charged:
+        """Charge what a write up to byte ``end`` adds beyond ``g.charged``
+        (``g.lock`` held)."""
+        need = end - g.charged
+        if need <= 0:
             return
-        async with g.lock:  # type: ignore[union-attr]
-            need = end - g.charged
-            if need <= 0:
-                return
-            step = max(need, CHARGE_STEP)
+        step = max(need, CHARGE_STEP)
+        with trio.CancelScope(shield=True):  # the charge and its note go together
             try:
                 await self.charge(g.owner, nbytes=step)
             except FsError as e:
@@ -351,88 +426,114 @@ class SharedFiles:
                 step = need
             g.charged += step
 
-    async def _closed(self, g: _Growth, size: int | None) -> None:
-        """An open of a written file closed; at the last one here, give
-        back what was charged beyond its true ``size`` (None: unknown, keep
-        the charge)."""
-        g.opens -= 1
-        if g.opens > 0:
-            return
-        if not g.gone and self._growth.get(g.path) is g:
-            del self._growth[g.path]
-        extra = g.charged if g.gone else (g.charged - size if size is not None else 0)
-        if extra > 0:
-            await self._give_back(g.owner, 0, extra)
-        elif extra < 0:
-            log.warning("/files/%s: %d bytes were written without a charge", g.path, -extra)
+    async def _close(self, g: _Growth) -> None:
+        """One open of ``g`` closed; the last one stores the file (Swift)
+        and gives back what was charged beyond its true size."""
+        with trio.CancelScope(shield=True):
+            async with g.lock:
+                g.opens -= 1
+                if g.opens > 0:
+                    return
+                if self._growth.get(g.path) is g:
+                    del self._growth[g.path]
+                if g.gone:  # removed while open: store nothing (Swift would make it again)
+                    extra = g.charged
+                    await g.handle.discard()
+                else:
+                    try:
+                        size = await g.handle.size()
+                    except FsError:
+                        size = g.charged
+                    extra = g.charged - size
+                    try:
+                        await g.handle.close()
+                    except FsError as e:
+                        log.warning("/files/%s: not stored at close: %s", g.path, e)
+                        raise
+                    finally:
+                        if extra > 0:
+                            await self._give_back(g.owner, 0, extra)
+                        elif extra < 0:
+                            log.warning("/files/%s: %d bytes were written without a charge", g.path, -extra)
+                    return
+            if extra > 0:
+                await self._give_back(g.owner, 0, extra)
 
 
 class SharedHandle:
-    """One open of a /files file: reads, writes (charged), truncate, the
-    last close settling the charge.  ``async with`` closes it."""
+    """One open of a /files file: reads, writes (charged), truncate, and a
+    close that settles the charge.  Opens for writing share their file's
+    _Growth (one backend handle, one lock); a read-only open has a backend
+    handle of its own.  ``async with`` closes it."""
 
-    def __init__(self, files: SharedFiles, handle: Handle, growth: _Growth | None):
+    def __init__(self, files: SharedFiles, growth: _Growth | None, handle: Handle | None = None):
         self.files = files
-        self.handle = handle
         self.growth = growth
+        self.handle = handle if growth is None else growth.handle
         self._closed = False
 
+    def _check(self) -> None:
+        if self._closed:
+            raise FsError(errno.EBADF, "closed")
+
     async def read(self, offset: int, count: int) -> bytes:
-        return await self.handle.read(offset, count)
+        self._check()
+        g = self.growth
+        if g is None:
+            return await self.handle.read(offset, count)
+        async with g.lock:
+            return await g.handle.read(offset, count)
 
     async def write(self, offset: int, data: bytes) -> int:
-        if self.growth is None:
+        self._check()
+        g = self.growth
+        if g is None:
             raise FsError(errno.EBADF, "not open for writing")
-        await self.files._grow(self.growth, offset + len(data))
-        return await self.handle.write(offset, data)
+        async with g.lock:
+            await self.files._grow(g, offset + len(data))
+            return await g.handle.write(offset, data)
 
     async def truncate(self, size: int) -> None:
-        if self.growth is None:
+        self._check()
+        g = self.growth
+        if g is None:
             raise FsError(errno.EBADF, "not open for writing")
-        await self.files._grow(self.growth, size)
-        await self.handle.truncate(size)
+        async with g.lock:
+            await self.files._grow(g, size)
+            await g.handle.truncate(size)
 
     async def size(self) -> int:
         return await self.handle.size()
 
     async def sync(self) -> None:
-        await self._follow()
-        await self.handle.sync()
+        """fsync(2): durable, and stored where other hosts read it (Swift)."""
+        self._check()
+        g = self.growth
+        if g is not None:
+            async with g.lock:
+                if not g.gone:
+                    with trio.CancelScope(shield=True):  # a store is not cut in half
+                        await g.handle.sync()
 
     async def flush(self) -> None:
         """close(2) of a descriptor: a backend that stores at close stores now."""
-        await self._follow()
-        if self.growth is not None and not self.growth.gone:
-            with trio.CancelScope(shield=True):  # a store is not cut in half
-                await self.handle.flush()
-
-    async def _follow(self) -> None:
-        if self.growth is not None:
-            self.handle.moved(self.growth.path)
+        g = self.growth
+        if g is not None and not self._closed:
+            async with g.lock:
+                if not g.gone:
+                    with trio.CancelScope(shield=True):
+                        await g.handle.flush()
 
     async def close(self) -> None:
-        """Close the backend's open (Swift stores the file here), then settle."""
+        """Release this open (the last open of a written file stores it and settles)."""
         if self._closed:
             return
         self._closed = True
-        size = None
-        g = self.growth
-        with trio.CancelScope(shield=True):
-            try:
-                if g is not None and g.gone:  # removed while open: store nothing (Swift would make it again)
-                    await self.handle.discard()
-                    return
-                if g is not None:
-                    self.handle.moved(g.path)
-                    if g.opens == 1:
-                        try:
-                            size = await self.handle.size()
-                        except FsError:
-                            pass
+        if self.growth is None:
+            with trio.CancelScope(shield=True):
                 await self.handle.close()
-            finally:
-                if self.growth is not None:
-                    await self.files._closed(self.growth, size)
+            return
+        await self.files._close(self.growth)
 
     async def __aenter__(self) -> "SharedHandle":
         return self

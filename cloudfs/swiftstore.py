@@ -51,6 +51,9 @@ log = logging.getLogger(__name__)
 
 #: Bytes a reader fetches per ranged GET (its read-ahead window).
 READ_WINDOW = 1 << 20
+#: Most bytes all read windows of one daemon keep at once; beyond, a read
+#: fetches just what it asks for (so many opens cannot pile up memory).
+WINDOW_BUDGET = 64 << 20
 #: Most objects one ``mv`` of a directory copies (EXDEV beyond).
 MAX_MOVE = 10000
 OWNER = "X-Object-Meta-Cloudfs-Owner"
@@ -60,7 +63,8 @@ DIR_TYPE = "application/directory"
 
 def _status_error(resp, what: str) -> FsError:
     code = resp.status_code
-    text = (resp.text or "").strip().splitlines()[0][:200] if resp.text else resp.reason
+    lines = (resp.text or "").strip().splitlines()
+    text = lines[0][:200] if lines else (resp.reason or "")
     e = {404: errno.ENOENT, 401: errno.EACCES, 403: errno.EACCES, 413: errno.EFBIG, 507: errno.ENOSPC,
          409: errno.EBUSY}.get(code, errno.EIO)
     return FsError(e, f"object store: {what}: HTTP {code} {text}")
@@ -78,6 +82,7 @@ class SwiftStore(FileStore):
         self.stores_at_close = True
         self._limiter = trio.CapacityLimiter(threads)
         self._ready = False
+        self._window_bytes = 0  # held by the read windows of all opens
 
     @classmethod
     def from_cloud(cls, cloud: str | None, container: str, spool: Path) -> "SwiftStore":
@@ -100,16 +105,20 @@ class SwiftStore(FileStore):
         return await self._call(fn, *args)
 
     async def _call(self, fn, *args):
+        import openstack.exceptions
+        import requests
         from keystoneauth1 import exceptions as ksa
 
         try:
             return await trio.to_thread.run_sync(fn, *args, limiter=self._limiter)
         except FsError:
             raise
-        except ksa.ClientException as e:
+        except (ksa.ClientException, requests.RequestException, openstack.exceptions.SDKException) as e:
             raise FsError(errno.EIO, f"cannot reach the object store: {type(e).__name__}: {e}"[:300]) from None
         except OSError as e:
             raise FsError(e.errno or errno.EIO, f"spool: {e.strerror or e}") from None
+        except ValueError as e:  # a reply that is not what the Swift API says
+            raise FsError(errno.EIO, f"object store: bad reply: {e}"[:300]) from None
 
     def _prepare(self) -> None:
         if self._ready:
@@ -359,14 +368,23 @@ class _SwiftHandle(Handle):
             return data[offset - start:offset - start + count]
         if offset >= self._size:
             return b""
-        end = min(self._size, offset + max(count, READ_WINDOW)) - 1
+        store = self.store
+        self._drop_window()
+        window = store._window_bytes + READ_WINDOW <= WINDOW_BUDGET
+        end = min(self._size, offset + (max(count, READ_WINDOW) if window else count)) - 1
 
         def get() -> bytes:
-            r = self.store._req("get", self.path, ok=(200, 206, 416), headers={"Range": f"bytes={offset}-{end}"})
+            r = store._req("get", self.path, ok=(200, 206, 416), headers={"Range": f"bytes={offset}-{end}"})
             return b"" if r.status_code == 416 else r.content
-        data = await self.store._call(get)
-        self._window = (offset, data)
+        data = await store._call(get)
+        if window and len(data) > count:
+            self._window = (offset, data)
+            store._window_bytes += len(data)
         return data[:count]
+
+    def _drop_window(self) -> None:
+        self.store._window_bytes -= len(self._window[1])
+        self._window = (0, b"")
 
     async def write(self, offset: int, data: bytes) -> int:
         if self.spool is None:
@@ -400,9 +418,8 @@ class _SwiftHandle(Handle):
 
         def put() -> None:
             f = self.spool
-            f.seek(0)
             n = os.fstat(f.fileno()).st_size
-            self.store._req("put", self.path, data=f, what=f"store {self.path}",
+            self.store._req("put", self.path, data=_Exactly(f.fileno(), n), what=f"store {self.path}",
                             headers=self.store._headers(self.owner, **{"Content-Length": str(n)}))
         await self.store._call(put)
         self.dirty = False
@@ -417,9 +434,36 @@ class _SwiftHandle(Handle):
             await self.discard()
 
     async def discard(self) -> None:
-        if self.spool is not None:
-            self.spool.close()
-            self.spool = None
+        self._drop_window()
+        spool, self.spool = self.spool, None
+        if spool is not None:
+            with trio.CancelScope(shield=True):  # freeing a big spool's blocks takes a while
+                await trio.to_thread.run_sync(spool.close)
 
     def moved(self, path: str) -> None:
         self.path = path
+
+
+class _Exactly:
+    """The first ``n`` bytes of file descriptor ``fd``, as a body for
+    requests (it reads with pread: no shared file position; ``len`` is
+    ``n`` whatever the file's size becomes, so the body is always the
+    Content-Length it declares)."""
+
+    def __init__(self, fd: int, n: int):
+        self.fd = fd
+        self.n = n
+        self.pos = 0
+
+    def __len__(self) -> int:
+        return self.n - self.pos
+
+    def read(self, size: int = -1) -> bytes:
+        want = self.n - self.pos if size is None or size < 0 else min(size, self.n - self.pos)
+        if want <= 0:
+            return b""
+        data = os.pread(self.fd, want, self.pos)
+        if not data:
+            data = bytes(want)  # the file shrank meanwhile: keep the length declared
+        self.pos += len(data)
+        return data

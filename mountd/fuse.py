@@ -502,9 +502,6 @@ class FuseAdapter(pyfuse3.Operations):
         log.debug("pid %d died during a blocked call on inode %d: answered EINTR", h.pid, h.ino)
         raise pyfuse3.FUSEError(errno.EINTR)
 
-    # flush is left to pyfuse3's default (ENOSYS): the kernel then stops sending
-    # FLUSH on every close(2), one round trip saved per open/read/close.
-
     @_handler
     async def flush(self, fh: int) -> None:
         """OpenFile.flush (each close(2) of a descriptor; its errno is

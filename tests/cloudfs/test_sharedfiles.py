@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import errno
 import os
+import time
 import uuid
 
 import pytest
+import trio
 
 from cloudfs.filestore import LocalStore
 from cloudfs.swiftstore import SwiftStore
@@ -267,3 +269,125 @@ async def test_two_daemons_share_one_tree_close_to_open(zookeeper, zk_root, driv
 async def test_no_files_backend_no_files(cfs):
     assert "files" not in await ls(cfs.view_for(None), "/")
     await fails(errno.ENOENT, walk(cfs.view_for(None), "/files"))
+
+
+# -- regressions of a review (each failed before its fix) ----------------------------------------
+
+
+async def test_opens_for_writing_share_one_file(fcfs):
+    """Two write opens and a truncate of the node while they are open, then
+    both close: one file with every write (Swift stored one spool)."""
+    op = fcfs.view_for(None)
+    node, f = await (await walk(op, "/files")).create("w", 0o644, os.O_RDWR | os.O_CREAT, 0, 0)
+    g = await node.open(os.O_WRONLY)
+    await f.write(0, b"AAAA")
+    await g.write(4, b"BBBBxxxx")
+    await node.setattr(SetAttr(size=8))  # ftruncate through FUSE setattr / 9P Tsetattr
+    assert await f.read(0, 100) == b"AAAABBBB"
+    await f.release()
+    await g.release()
+    assert await cat(op, "/files/w") == b"AAAABBBB"
+    assert await usage(fcfs) == (1, 8)
+
+
+async def test_a_write_during_a_store_is_neither_lost_nor_sent_past_it(fcfs):
+    """fsync stores (Swift: a PUT of the spool) while a write appends a
+    would-be HTTP request: the write waits, is kept, and never reaches the
+    store's connection as a request of its own (the victim survives)."""
+    op = fcfs.view_for(None)
+    top = await walk(op, "/files")
+    _, v = await top.create("victim", 0o644, os.O_WRONLY | os.O_CREAT, 0, 0)
+    await v.write(0, b"victim data")
+    await v.release()
+    _, f = await top.create("s", 0o644, os.O_RDWR | os.O_CREAT, 0, 0)
+    big = 16 << 20
+    for off in range(0, big, 1 << 20):
+        await f.write(off, b"z" * (1 << 20))
+    evil = b"DELETE /v1/victim HTTP/1.1\r\nX-Absorb: "
+    async with trio.open_nursery() as n:
+        n.start_soon(f.fsync)
+        await trio.sleep(0.02)
+        await f.write(big, evil)
+    await f.release()
+    assert (await (await walk(op, "/files/s")).getattr()).size == big + len(evil)
+    assert await cat(op, "/files/victim") == b"victim data"
+
+
+async def test_cancelled_charges_do_not_leak(fcfs):
+    """A Tflush (a cancellation) while a charge's multi is in flight: the
+    counts match what is there afterwards."""
+    op = fcfs.view_for(None)
+    top = await walk(op, "/files")
+    node, f = await top.create("x", 0o644, os.O_RDWR | os.O_CREAT, 0, 0)
+    for i in range(60):
+        with trio.move_on_after(i * 0.0002):
+            await f.write(i * CHARGE_STEP, b"a")
+    await f.release()
+    size = (await node.getattr()).size
+    for i in range(60):
+        with trio.move_on_after(i * 0.0002):
+            await top.mkdir(f"d{i}", 0o755, 0, 0)
+    entries = len(await ls(op, "/files"))
+    assert await usage(fcfs) == (entries, size)
+
+
+async def test_a_move_cannot_replace_a_file_made_meanwhile(fcfs):
+    """Process A moves its file onto a name process B creates at the same
+    moment: whichever comes first, B's file is never A's to replace."""
+    op = fcfs.view_for(None)
+    a, b = int(await ctl(op, 1, "fork")), int(await ctl(op, 1, "fork"))
+    va, vb = fcfs.view_for(a), fcfs.view_for(b)
+    await put(va, "/files/mine", b"EVIL")
+    backend = fcfs.files.backend
+    real = backend.rename
+
+    async def slow_rename(src, dst):  # widen the gap between the check and the move
+        await trio.sleep(0.05)
+        return await real(src, dst)
+
+    backend.rename = slow_rename
+    outcome = {}
+
+    async def victim():
+        try:
+            await put(vb, "/files/result", b"victim's result")
+            outcome["b"] = "made"
+        except FsError as e:
+            outcome["b"] = e.errno
+
+    async with trio.open_nursery() as n:
+        n.start_soon((await walk(va, "/files")).rename, "mine", await walk(va, "/files"), "result")
+        await trio.sleep(0.01)
+        n.start_soon(victim)
+    backend.rename = real
+    info = await backend.info("result")
+    # the move went first (it held the name): B may not overwrite A's file
+    assert outcome["b"] == errno.EACCES and info.owner == a
+    assert await cat(op, "/files/result") == b"EVIL"
+
+
+async def test_a_read_racing_a_close_never_reads_another_file(tmp_path):
+    """Tclunk while a Tread waits for a worker thread: the descriptor is
+    closed only after the read, so its number is not reused under it."""
+    s = LocalStore(tmp_path / "f", threads=1)
+    h = await s.open("a", create=True, owner=7)
+    await h.write(0, b"the file itself")
+    other = await s.open("v", create=True, owner=9)
+    await other.write(0, b"SECRET of someone else")
+    await other.close()
+    out = {}
+    async with trio.open_nursery() as n:
+        n.start_soon(s._run, time.sleep, 0.2)  # the only worker thread is busy
+        await trio.sleep(0.01)
+
+        async def read():
+            out["r"] = await h.read(0, 100)
+
+        n.start_soon(read)
+        await trio.sleep(0.01)
+        await h.close()
+        fd = os.open(s._full("v"), os.O_RDONLY)  # any open meanwhile would take a freed number
+    os.close(fd)
+    assert out["r"] == b"the file itself"
+    await fails(errno.EBADF, h.read(0, 1))
+    await s.close()
