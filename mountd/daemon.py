@@ -130,8 +130,9 @@ async def files_backend(opts: DaemonOptions):
     """The /files backend ``opts.files`` names: a LocalStore in STATE/files,
     or a SwiftStore on the cloud of ``--os-cloud`` (container
     ``files_container``, default ``cloudfs-<deployment>``; writes spooled in
-    STATE/files-spool).  ValueError for
-    an unknown name; DriverError when the cloud cannot be reached."""
+    STATE/files-spool).  ValueError for an unknown name or a cloud that is
+    not configured (the store is first reached on first use: its errors are
+    then EIO)."""
     if opts.files == "local":
         from cloudfs.filestore import LocalStore
 
@@ -139,9 +140,14 @@ async def files_backend(opts: DaemonOptions):
     if opts.files == "swift":
         from cloudfs.swiftstore import SwiftStore
 
+        import openstack.exceptions
+
         container = opts.files_container or f"cloudfs-{opts.deployment}"
-        return await trio.to_thread.run_sync(partial(SwiftStore.from_cloud, opts.os_cloud, container,
-                                                     opts.state_dir / "files-spool"))
+        try:
+            return await trio.to_thread.run_sync(partial(SwiftStore.from_cloud, opts.os_cloud, container,
+                                                         opts.state_dir / "files-spool"))
+        except openstack.exceptions.SDKException as e:
+            raise ValueError(f"--files swift: {e}") from None
     raise ValueError(f"unknown files backend {opts.files!r} (known: local, swift)")
 
 
