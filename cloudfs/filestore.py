@@ -22,6 +22,7 @@ the errno Linux gives (ENOENT, EEXIST, ENOTDIR, EISDIR, ENOTEMPTY, ENOSPC …).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import sqlite3
@@ -188,9 +189,11 @@ class LocalStore(FileStore):
         self.description = f"local directory {self.data}"
         self._limiter = trio.CapacityLimiter(threads)
         self._db: sqlite3.Connection | None = None
-        # Held across each change of the tree and its owners' rows (in the
-        # worker thread), so a rename and a create in the moved directory
-        # cannot interleave between the two.
+        # Held across each change that adds or moves owners' rows together
+        # with its change of the tree (mkdir, create, rename; in the worker
+        # thread), so a rename and a create in the moved directory cannot
+        # interleave between the two.  Not across unlink or truncate: freeing
+        # a big file's blocks must not stall every lookup.
         self._db_lock = threading.RLock()
         self._started = False
 
@@ -279,19 +282,17 @@ class LocalStore(FileStore):
 
     async def rmdir(self, path: str) -> None:
         def do() -> None:
-            with self._db_lock:
-                os.rmdir(self._full(path))
-                self._forget(path)
+            os.rmdir(self._full(path))
+            self._forget(path)
         await self._run(do)
 
     async def unlink(self, path: str) -> None:
         def do() -> None:
             full = self._full(path)
-            with self._db_lock:
-                if stat.S_ISDIR(os.stat(full, follow_symlinks=False).st_mode):
-                    raise IsADirectoryError(errno.EISDIR, "is a directory")
-                os.unlink(full)
-                self._forget(path)
+            if stat.S_ISDIR(os.stat(full, follow_symlinks=False).st_mode):
+                raise IsADirectoryError(errno.EISDIR, "is a directory")
+            os.unlink(full)
+            self._forget(path)
         await self._run(do)
 
     async def rename(self, src: str, dst: str) -> None:
@@ -324,7 +325,7 @@ class LocalStore(FileStore):
             flags |= os.O_TRUNC
 
         def do() -> int:
-            with self._db_lock:
+            with self._db_lock if create else contextlib.nullcontext():
                 fd = os.open(self._full(path), flags, 0o644)
                 try:
                     if not stat.S_ISREG(os.fstat(fd).st_mode):

@@ -137,7 +137,12 @@ class _Growth:
     handle: Handle
     opens: int = 0
     gone: bool = False  # removed while open: its charge was given back then
+    closed: bool = False  # its last close is done: whoever waited on its lock looks again
     lock: trio.Lock = field(default_factory=trio.Lock)
+
+    def current(self, path: str) -> bool:
+        """Still the live growth of ``path`` (checked after waiting on ``lock``)."""
+        return not self.closed and self.path == path
 
 
 class SharedFiles:
@@ -156,6 +161,9 @@ class SharedFiles:
         self.limits = {**DEFAULT_DEPLOYMENT_LIMITS, **(limits or {})}
         self._growth: dict[str, _Growth] = {}
         self._locks = _PathLocks()
+        # Moves so far: an open whose backend open overlapped one starts
+        # again (its path may have moved under it; path locks are per name).
+        self._moves = 0
 
     # -- the usage znode ---------------------------------------------------
 
@@ -285,16 +293,21 @@ class SharedFiles:
                 await self.backend.rmdir(path)
                 await self._give_back(info.owner, 1, 0)
                 return
-            g = self._growth.get(path)
-            if g is None:
-                await self.backend.unlink(path)
-                await self._give_back(info.owner, 1, info.size)
+            while True:
+                g = self._growth.get(path)
+                if g is None:
+                    await self.backend.unlink(path)
+                    await self._give_back(info.owner, 1, info.size)
+                    return
+                async with g.lock:  # no store of it under way
+                    if not g.current(path):
+                        info = await self.backend.info(path)  # its last close stored it meanwhile
+                        continue
+                    await self.backend.unlink(path)
+                    del self._growth[path]
+                    size, g.gone, g.charged = g.charged, True, 0  # what was charged goes back now
+                await self._give_back(info.owner, 1, size)
                 return
-            async with g.lock:  # no store of it under way
-                await self.backend.unlink(path)
-                del self._growth[path]
-                size, g.gone, g.charged = g.charged, True, 0  # what was charged goes back now
-            await self._give_back(info.owner, 1, size)
 
     async def rename(self, view, src: str, dst: str) -> None:
         """mv ``src`` to ``dst`` (both below /files): ``view`` must be
@@ -315,22 +328,34 @@ class SharedFiles:
                 old = None
             if old is not None:
                 await self.may_change(view, dst, old)
-            moving = sorted(p for p in self._growth if below(p, src) or p == dst)
-            async with AsyncExitStack() as stack:
-                for p in moving:  # no store of a moving file under way
-                    await stack.enter_async_context(self._growth[p].lock)
-                await self.backend.rename(src, dst)
-                size = 0
-                if old is not None:
-                    size = 0 if old.is_dir else old.size
-                    g = self._growth.pop(dst, None)
-                    if g is not None:
-                        size, g.gone, g.charged = g.charged, True, 0
-                for p in [p for p in moving if below(p, src)]:
-                    g = self._growth.pop(p)
-                    g.path = dst + p[len(src):]
-                    g.handle.moved(g.path)
-                    self._growth[g.path] = g
+            self._moves += 1  # opens overlapping this move start again
+            while True:
+                moving = [g for p, g in sorted(self._growth.items()) if below(p, src) or p == dst]
+                async with AsyncExitStack() as stack:
+                    for g in moving:  # no store of a moving file under way
+                        await stack.enter_async_context(g.lock)
+                    if any(not g.current(g.path) for g in moving) or \
+                            {id(g) for g in moving} != {id(g) for p, g in self._growth.items()
+                                                        if below(p, src) or p == dst}:
+                        continue  # one closed or appeared while we waited: look again
+                    if old is not None and not old.is_dir and self._growth.get(dst) is None:
+                        old = await self.backend.info(dst)  # as stored by a close we may have waited for
+                    await self.backend.rename(src, dst)
+                    size = 0
+                    if old is not None:
+                        size = 0 if old.is_dir else old.size
+                        g = self._growth.get(dst)
+                        if g is not None:
+                            del self._growth[dst]
+                            size, g.gone, g.charged = g.charged, True, 0
+                    for g in moving:
+                        if g.gone or not below(g.path, src):
+                            continue
+                        del self._growth[g.path]
+                        g.path = dst + g.path[len(src):]
+                        g.handle.moved(g.path)
+                        self._growth[g.path] = g
+                break
             if old is not None:
                 await self._give_back(old.owner, 1, size)
 
@@ -362,6 +387,16 @@ class SharedFiles:
 
     async def _open(self, view, path: str, write: bool, truncate: bool, create: bool,
                     exclusive: bool) -> "SharedHandle":
+        while True:
+            moves = self._moves
+            h = await self._open_once(view, path, write, truncate, create, exclusive)
+            if h is not None and (self._moves == moves or h.growth is None):
+                return h
+            if h is not None:  # a move overlapped the backend's open: its path may be stale
+                await h.close()
+
+    async def _open_once(self, view, path: str, write: bool, truncate: bool, create: bool,
+                         exclusive: bool) -> "SharedHandle | None":
         if create:
             owner = self.may_make(view)
             try:
@@ -390,6 +425,8 @@ class SharedFiles:
         g = self._growth.get(path)
         if g is not None:
             async with g.lock:
+                if not g.current(path):
+                    return None  # its last close finished (or it moved) meanwhile: look again
                 if truncate:
                     await g.handle.truncate(0)  # the charge is settled at the last close
                 g.opens += 1
@@ -429,35 +466,35 @@ class SharedFiles:
     async def _close(self, g: _Growth) -> None:
         """One open of ``g`` closed; the last one stores the file (Swift)
         and gives back what was charged beyond its true size."""
+        # The growth stays in _growth until its store is done: whoever finds
+        # it meanwhile waits on its lock and then sees it closed.
         with trio.CancelScope(shield=True):
             async with g.lock:
                 g.opens -= 1
                 if g.opens > 0:
                     return
-                if self._growth.get(g.path) is g:
-                    del self._growth[g.path]
-                if g.gone:  # removed while open: store nothing (Swift would make it again)
-                    extra = g.charged
-                    await g.handle.discard()
-                else:
-                    try:
-                        size = await g.handle.size()
-                    except FsError:
-                        size = g.charged
-                    extra = g.charged - size
-                    try:
-                        await g.handle.close()
-                    except FsError as e:
-                        log.warning("/files/%s: not stored at close: %s", g.path, e)
-                        raise
-                    finally:
-                        if extra > 0:
-                            await self._give_back(g.owner, 0, extra)
-                        elif extra < 0:
-                            log.warning("/files/%s: %d bytes were written without a charge", g.path, -extra)
-                    return
-            if extra > 0:
-                await self._give_back(g.owner, 0, extra)
+                extra = g.charged
+                try:
+                    if g.gone:  # removed while open: store nothing (Swift would make it again)
+                        await g.handle.discard()
+                    else:
+                        try:
+                            extra = g.charged - await g.handle.size()
+                        except FsError:
+                            extra = 0
+                        try:
+                            await g.handle.close()
+                        except FsError as e:
+                            log.warning("/files/%s: not stored at close: %s", g.path, e)
+                            raise
+                finally:
+                    g.closed = True
+                    if self._growth.get(g.path) is g:
+                        del self._growth[g.path]
+                    if extra > 0:
+                        await self._give_back(g.owner, 0, extra)
+                    elif extra < 0:
+                        log.warning("/files/%s: %d bytes were written without a charge", g.path, -extra)
 
 
 class SharedHandle:

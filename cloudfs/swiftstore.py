@@ -359,6 +359,7 @@ class _SwiftHandle(Handle):
         self.spool = spool
         self.dirty = dirty
         self._window = (0, b"")
+        self._discarded = False
 
     async def read(self, offset: int, count: int) -> bytes:
         if self.spool is not None:
@@ -369,18 +370,20 @@ class _SwiftHandle(Handle):
         if offset >= self._size:
             return b""
         store = self.store
-        self._drop_window()
-        window = store._window_bytes + READ_WINDOW <= WINDOW_BUDGET
+        window = store._window_bytes - len(data) + READ_WINDOW <= WINDOW_BUDGET
         end = min(self._size, offset + (max(count, READ_WINDOW) if window else count)) - 1
 
         def get() -> bytes:
             r = store._req("get", self.path, ok=(200, 206, 416), headers={"Range": f"bytes={offset}-{end}"})
             return b"" if r.status_code == 416 else r.content
-        data = await store._call(get)
-        if window and len(data) > count:
-            self._window = (offset, data)
-            store._window_bytes += len(data)
-        return data[:count]
+        got = await store._call(get)
+        # Swapped with no checkpoint in between (reads of one open may run
+        # at once): the budget counts exactly the window kept.
+        if window and len(got) > count and not self._discarded:
+            self._drop_window()
+            self._window = (offset, got)
+            store._window_bytes += len(got)
+        return got[:count]
 
     def _drop_window(self) -> None:
         self.store._window_bytes -= len(self._window[1])
@@ -434,6 +437,7 @@ class _SwiftHandle(Handle):
             await self.discard()
 
     async def discard(self) -> None:
+        self._discarded = True
         self._drop_window()
         spool, self.spool = self.spool, None
         if spool is not None:

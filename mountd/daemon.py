@@ -140,14 +140,17 @@ async def files_backend(opts: DaemonOptions):
     if opts.files == "swift":
         from cloudfs.swiftstore import SwiftStore
 
-        import openstack.exceptions
-
         container = opts.files_container or f"cloudfs-{opts.deployment}"
-        try:
-            return await trio.to_thread.run_sync(partial(SwiftStore.from_cloud, opts.os_cloud, container,
-                                                         opts.state_dir / "files-spool"))
-        except openstack.exceptions.SDKException as e:
-            raise ValueError(f"--files swift: {e}") from None
+
+        def connect():
+            import openstack.exceptions  # in the thread: importing openstacksdk takes a while
+
+            try:
+                return SwiftStore.from_cloud(opts.os_cloud, container, opts.state_dir / "files-spool")
+            except openstack.exceptions.SDKException as e:
+                raise ValueError(f"--files swift: {e}") from None
+
+        return await trio.to_thread.run_sync(connect)
     raise ValueError(f"unknown files backend {opts.files!r} (known: local, swift)")
 
 

@@ -391,3 +391,94 @@ async def test_a_read_racing_a_close_never_reads_another_file(tmp_path):
     assert out["r"] == b"the file itself"
     await fails(errno.EBADF, h.read(0, 1))
     await s.close()
+
+
+async def test_opens_and_removes_during_a_slow_last_close(fcfs):
+    """The last close stores (slowly, as a Swift PUT of a big spool): an
+    open for writing made meanwhile sees the stored bytes, and an rm made
+    meanwhile gives back what the store left; counts stay exact."""
+    op = fcfs.view_for(None)
+    top = await walk(op, "/files")
+    node, f = await top.create("x", 0o644, os.O_WRONLY | os.O_CREAT, 0, 0)
+    await f.write(0, b"hello")
+    handle = fcfs.files._growth["x"].handle
+    real_close = handle.close
+
+    async def slow_close():
+        await trio.sleep(0.2)
+        await real_close()
+
+    handle.close = slow_close
+    async with trio.open_nursery() as n:
+        n.start_soon(f.release)
+        await trio.sleep(0.05)
+        g = await node.open(os.O_WRONLY)  # waits for the store, then opens what it stored
+        await g.write(5, b"!")
+        await g.release()
+    assert await cat(op, "/files/x") == b"hello!"
+    assert await usage(fcfs) == (1, 6)
+    _, f = await top.create("y", 0o644, os.O_WRONLY | os.O_CREAT, 0, 0)
+    await f.write(0, b"12345678")
+    handle = fcfs.files._growth["y"].handle
+    real_close2 = handle.close
+
+    async def slow_close2():
+        await trio.sleep(0.2)
+        await real_close2()
+
+    handle.close = slow_close2
+    async with trio.open_nursery() as n:
+        n.start_soon(f.release)
+        await trio.sleep(0.05)
+        await top.unlink("y", False)
+    assert await ls(op, "/files") == ["x"]
+    assert await usage(fcfs) == (1, 6)
+
+
+async def test_an_open_overlapping_a_move_of_its_directory_starts_again(fcfs):
+    op = fcfs.view_for(None)
+    top = await walk(op, "/files")
+    await top.mkdir("d", 0o755, 0, 0)
+    await put(op, "/files/d/x", b"data")
+    backend = fcfs.files.backend
+    real_open = backend.open
+
+    async def slow_open(path, **kw):  # the backend opens d/x, then the move happens before we return
+        h = await real_open(path, **kw)
+        await trio.sleep(0.1)
+        return h
+
+    backend.open = slow_open
+    got = {}
+
+    async def opener():
+        try:
+            h = await (await walk(op, "/files/d/x")).open(os.O_WRONLY)
+            await h.write(0, b"DATA")
+            await h.release()
+            got["r"] = "written"
+        except FsError as e:
+            got["r"] = e.errno
+
+    async with trio.open_nursery() as n:
+        n.start_soon(opener)
+        await trio.sleep(0.03)
+        await top.rename("d", top, "e")
+    backend.open = real_open
+    assert got["r"] == errno.ENOENT  # it starts again, and d/x is gone
+    assert await ls(op, "/files") == ["e"]
+    assert await cat(op, "/files/e/x") == b"data"
+    assert fcfs.files._growth == {}
+
+
+async def test_concurrent_reads_of_one_open_keep_the_window_count(fcfs):
+    """9P lets a client read one fid twice at once: the daemon's count of
+    bytes held by read windows (Swift) comes back to zero at close."""
+    op = fcfs.view_for(None)
+    await put(op, "/files/r", os.urandom(5 << 20))
+    f = await (await walk(op, "/files/r")).open(os.O_RDONLY)
+    async with trio.open_nursery() as n:
+        for off in range(0, 5 << 20, 1 << 20):
+            n.start_soon(f.read, off, 4096)
+    await f.release()
+    assert getattr(fcfs.files.backend, "_window_bytes", 0) == 0
