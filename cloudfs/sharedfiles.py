@@ -32,9 +32,12 @@ two daemons growing one file at once may charge its growth twice until both
 have closed it.
 
 Concurrency on one daemon: every check and the change it guards hold the
-per-path locks of the names involved (:class:`_PathLocks`), and every open
-of a file for writing shares one backend handle and its lock
-(:class:`_Growth`), so writes, truncates and stores of one file are ordered.
+per-path locks of the names involved (:class:`_PathLocks`) and the tree
+lock shared; a move holds the tree lock alone (:class:`_TreeLock`), so no
+open or change runs while paths move.  Every open of a file for writing
+shares one backend handle and its lock (:class:`_Growth`), so writes,
+truncates and stores of one file are ordered, and a move waits for a store
+under way.
 """
 
 from __future__ import annotations
@@ -123,6 +126,52 @@ class _PathLocks:
                     self._locks[p] = (lock, n - 1)
 
 
+class _TreeLock:
+    """Shared/exclusive lock of the whole tree, preferring the exclusive
+    side: a move (``mv``) holds it exclusively, every other change and open
+    holds it shared (once, never nested), so nothing opens or changes a
+    path while a move may be carrying it elsewhere."""
+
+    def __init__(self) -> None:
+        self._cond = trio.Condition()
+        self._readers = 0
+        self._writer = False
+        self._waiting = 0  # exclusive holders waiting: new shared ones wait behind them
+
+    @asynccontextmanager
+    async def shared(self):
+        async with self._cond:
+            while self._writer or self._waiting:
+                await self._cond.wait()
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with trio.CancelScope(shield=True):
+                async with self._cond:
+                    self._readers -= 1
+                    self._cond.notify_all()
+
+    @asynccontextmanager
+    async def exclusive(self):
+        async with self._cond:
+            self._waiting += 1
+            try:
+                while self._writer or self._readers:
+                    await self._cond.wait()
+            finally:
+                self._waiting -= 1
+                self._cond.notify_all()
+            self._writer = True
+        try:
+            yield
+        finally:
+            with trio.CancelScope(shield=True):
+                async with self._cond:
+                    self._writer = False
+                    self._cond.notify_all()
+
+
 @dataclass
 class _Growth:
     """A file open for writing on this daemon: one backend handle shared by
@@ -161,9 +210,13 @@ class SharedFiles:
         self.limits = {**DEFAULT_DEPLOYMENT_LIMITS, **(limits or {})}
         self._growth: dict[str, _Growth] = {}
         self._locks = _PathLocks()
-        # Moves so far: an open whose backend open overlapped one starts
-        # again (its path may have moved under it; path locks are per name).
-        self._moves = 0
+        self._tree = _TreeLock()
+
+    @asynccontextmanager
+    async def _hold(self, *paths: str):
+        """The tree shared (no move under way) and the locks of ``paths``."""
+        async with self._tree.shared(), self._locks.hold(*paths):
+            yield
 
     # -- the usage znode ---------------------------------------------------
 
@@ -271,7 +324,7 @@ class SharedFiles:
     async def mkdir(self, view, path: str) -> None:
         """Make directory ``path`` for ``view`` (one ``files`` charged)."""
         owner = self.may_make(view)
-        async with self._locks.hold(path):
+        async with self._hold(path):
             await self._charge_shielded(owner, files=1)
             try:
                 await self.backend.mkdir(path, owner)
@@ -282,7 +335,7 @@ class SharedFiles:
     async def remove(self, view, path: str, is_dir: bool) -> None:
         """rm / rmdir ``path`` (EISDIR, ENOTDIR, ENOTEMPTY as unlink(2),
         rmdir(2)); gives its charge back to its owner and the deployment."""
-        async with self._locks.hold(path):
+        async with self._hold(path):
             info = await self.backend.info(path)
             if is_dir and not info.is_dir:
                 raise FsError(errno.ENOTDIR, f"/files/{path} is not a directory")
@@ -313,7 +366,7 @@ class SharedFiles:
         """mv ``src`` to ``dst`` (both below /files): ``view`` must be
         allowed to change ``src`` and, if it exists, ``dst``.  EINVAL for a
         directory moved into itself; as rename(2) otherwise."""
-        async with self._locks.hold(src, dst):
+        async with self._tree.exclusive():  # no open, change or other move meanwhile
             info = await self.backend.info(src)
             await self.may_change(view, src, info)
             if src == dst:
@@ -328,34 +381,29 @@ class SharedFiles:
                 old = None
             if old is not None:
                 await self.may_change(view, dst, old)
-            self._moves += 1  # opens overlapping this move start again
-            while True:
-                moving = [g for p, g in sorted(self._growth.items()) if below(p, src) or p == dst]
-                async with AsyncExitStack() as stack:
-                    for g in moving:  # no store of a moving file under way
-                        await stack.enter_async_context(g.lock)
-                    if any(not g.current(g.path) for g in moving) or \
-                            {id(g) for g in moving} != {id(g) for p, g in self._growth.items()
-                                                        if below(p, src) or p == dst}:
-                        continue  # one closed or appeared while we waited: look again
-                    if old is not None and not old.is_dir and self._growth.get(dst) is None:
-                        old = await self.backend.info(dst)  # as stored by a close we may have waited for
-                    await self.backend.rename(src, dst)
-                    size = 0
-                    if old is not None:
-                        size = 0 if old.is_dir else old.size
-                        g = self._growth.get(dst)
-                        if g is not None:
-                            del self._growth[dst]
-                            size, g.gone, g.charged = g.charged, True, 0
-                    for g in moving:
-                        if g.gone or not below(g.path, src):
-                            continue
-                        del self._growth[g.path]
-                        g.path = dst + g.path[len(src):]
-                        g.handle.moved(g.path)
-                        self._growth[g.path] = g
-                break
+            # No open can add a growth now (the tree is ours); a close may end
+            # one while we wait for its lock, and then it is skipped.
+            moving = [g for p, g in sorted(self._growth.items()) if below(p, src) or p == dst]
+            async with AsyncExitStack() as stack:
+                for g in moving:  # no store of a moving file under way
+                    await stack.enter_async_context(g.lock)
+                if old is not None and not old.is_dir and self._growth.get(dst) is None:
+                    old = await self.backend.info(dst)  # as stored by a close we may have waited for
+                await self.backend.rename(src, dst)
+                size = 0
+                if old is not None:
+                    size = 0 if old.is_dir else old.size
+                    g = self._growth.get(dst)
+                    if g is not None:
+                        del self._growth[dst]
+                        size, g.gone, g.charged = g.charged, True, 0
+                for g in moving:
+                    if g.gone or g.closed or not below(g.path, src):
+                        continue
+                    del self._growth[g.path]
+                    g.path = dst + g.path[len(src):]
+                    g.handle.moved(g.path)
+                    self._growth[g.path] = g
             if old is not None:
                 await self._give_back(old.owner, 1, size)
 
@@ -369,7 +417,7 @@ class SharedFiles:
 
     async def touch(self, view, path: str, mtime_ns: int) -> None:
         """Set the modification time of ``path`` (if the backend keeps it)."""
-        async with self._locks.hold(path):
+        async with self._hold(path):
             info = await self.backend.info(path)
             await self.may_change(view, path, info)
             await self.backend.set_mtime(path, mtime_ns)
@@ -382,18 +430,15 @@ class SharedFiles:
         exists and ``exclusive``); ``write`` and ``truncate`` need the right
         to change it.  EISDIR for a directory.  Opens for writing on this
         daemon share one backend handle (see _Growth)."""
-        async with self._locks.hold(path):
+        async with self._hold(path):
             return await self._open(view, path, write, truncate, create, exclusive)
 
     async def _open(self, view, path: str, write: bool, truncate: bool, create: bool,
                     exclusive: bool) -> "SharedHandle":
-        while True:
-            moves = self._moves
+        while True:  # again when the growth it joined closed meanwhile
             h = await self._open_once(view, path, write, truncate, create, exclusive)
-            if h is not None and (self._moves == moves or h.growth is None):
+            if h is not None:
                 return h
-            if h is not None:  # a move overlapped the backend's open: its path may be stale
-                await h.close()
 
     async def _open_once(self, view, path: str, write: bool, truncate: bool, create: bool,
                          exclusive: bool) -> "SharedHandle | None":
@@ -438,7 +483,7 @@ class SharedFiles:
     async def truncate(self, view, path: str, size: int) -> None:
         """truncate(2) ``path`` to ``size`` bytes (growth charged first); an
         open of it for writing here sees it at once (one shared handle)."""
-        async with self._locks.hold(path):
+        async with self._hold(path):
             # to 0 and not open here: opened truncated, so Swift fetches nothing that goes anyway
             h = await self._open(view, path, True, size == 0 and path not in self._growth, False, False)
         try:

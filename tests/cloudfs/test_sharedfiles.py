@@ -435,7 +435,9 @@ async def test_opens_and_removes_during_a_slow_last_close(fcfs):
     assert await usage(fcfs) == (1, 6)
 
 
-async def test_an_open_overlapping_a_move_of_its_directory_starts_again(fcfs):
+async def test_an_open_and_a_move_of_its_directory_do_not_overlap(fcfs):
+    """The move waits for the open under way, then carries the open file
+    along: its writes land at the new path (Swift stores there)."""
     op = fcfs.view_for(None)
     top = await walk(op, "/files")
     await top.mkdir("d", 0o755, 0, 0)
@@ -443,8 +445,11 @@ async def test_an_open_overlapping_a_move_of_its_directory_starts_again(fcfs):
     backend = fcfs.files.backend
     real_open = backend.open
 
-    async def slow_open(path, **kw):  # the backend opens d/x, then the move happens before we return
+    opening = trio.Event()
+
+    async def slow_open(path, **kw):  # the backend opens d/x; the move is asked for before we return
         h = await real_open(path, **kw)
+        opening.set()
         await trio.sleep(0.1)
         return h
 
@@ -462,13 +467,29 @@ async def test_an_open_overlapping_a_move_of_its_directory_starts_again(fcfs):
 
     async with trio.open_nursery() as n:
         n.start_soon(opener)
-        await trio.sleep(0.03)
+        await opening.wait()
         await top.rename("d", top, "e")
     backend.open = real_open
-    assert got["r"] == errno.ENOENT  # it starts again, and d/x is gone
+    assert got["r"] == "written"
     assert await ls(op, "/files") == ["e"]
-    assert await cat(op, "/files/e/x") == b"data"
+    assert await cat(op, "/files/e/x") == b"DATA"
     assert fcfs.files._growth == {}
+    # and an exclusive create beside a move is not disturbed by it
+    backend.rename = real_rename = backend.rename
+
+    async def slow_rename(src, dst):
+        await trio.sleep(0.1)
+        return await real_rename(src, dst)
+
+    backend.rename = slow_rename
+    async with trio.open_nursery() as n:
+        n.start_soon(top.rename, "e", top, "f")
+        await trio.sleep(0.03)
+        _, lock = await top.create("lock", 0o644, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0, 0)
+        await lock.release()
+    backend.rename = real_rename
+    assert await ls(op, "/files") == ["f", "lock"]
+    assert await usage(fcfs) == (3, 4)
 
 
 async def test_concurrent_reads_of_one_open_keep_the_window_count(fcfs):
