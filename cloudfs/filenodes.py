@@ -104,12 +104,8 @@ class FilesDirNode(_FilesNode):
         path = join(self.path, name)
         h = await self.shared.open(self.view, path, write=True, create=True, exclusive=bool(flags & os.O_EXCL),
                                    truncate=bool(flags & os.O_TRUNC))
-        try:
-            node = FileNode(self.view, path, await self.shared.backend.info(path))
-        except BaseException:
-            await h.close()
-            raise
-        return node, FilesFile(h, flags)
+        # the file as opened (a move right after cannot make the create fail)
+        return FileNode(self.view, path, h.info), FilesFile(h, flags)
 
     async def mkdir(self, name: str, mode: int, uid: int, gid: int) -> Node:
         path = join(self.path, name)

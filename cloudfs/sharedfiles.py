@@ -45,6 +45,7 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import time
 from collections.abc import Mapping
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
@@ -456,7 +457,7 @@ class SharedFiles:
                     await self._give_back(owner, 1, 0)
                     raise
                 g = self._growth[path] = _Growth(path, owner, 0, h, opens=1)
-                return SharedHandle(self, g)
+                return SharedHandle(self, g, info=FileInfo(False, 0, time.time_ns(), owner))
             if exclusive:
                 raise FsError(errno.EEXIST, f"/files/{path} exists")
             write = True
@@ -465,7 +466,7 @@ class SharedFiles:
         if info.is_dir:
             raise FsError(errno.EISDIR, f"/files/{path} is a directory")
         if not (write or truncate):
-            return SharedHandle(self, None, await self.backend.open(path))
+            return SharedHandle(self, None, await self.backend.open(path), info=info)
         await self.may_change(view, path, info)
         g = self._growth.get(path)
         if g is not None:
@@ -475,10 +476,10 @@ class SharedFiles:
                 if truncate:
                     await g.handle.truncate(0)  # the charge is settled at the last close
                 g.opens += 1
-            return SharedHandle(self, g)
+            return SharedHandle(self, g, info=info)
         h = await self.backend.open(path, write=True, truncate=truncate)
         g = self._growth[path] = _Growth(path, info.owner, info.size, h, opens=1)
-        return SharedHandle(self, g)
+        return SharedHandle(self, g, info=info)
 
     async def truncate(self, view, path: str, size: int) -> None:
         """truncate(2) ``path`` to ``size`` bytes (growth charged first); an
@@ -548,9 +549,12 @@ class SharedHandle:
     _Growth (one backend handle, one lock); a read-only open has a backend
     handle of its own.  ``async with`` closes it."""
 
-    def __init__(self, files: SharedFiles, growth: _Growth | None, handle: Handle | None = None):
+    def __init__(self, files: SharedFiles, growth: _Growth | None, handle: Handle | None = None,
+                 info: FileInfo | None = None):
         self.files = files
         self.growth = growth
+        #: the file as it was when opened (for the node a create returns)
+        self.info = info
         self.handle = handle if growth is None else growth.handle
         self._closed = False
 
