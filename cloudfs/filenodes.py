@@ -16,7 +16,7 @@ from ninep.errors import FsError
 from ninep.fs import Attr, DirEntry, Node, OpenFile, SetAttr, StatFs
 
 from . import tree
-from .filestore import FileInfo, check_name, join
+from .filestore import FileInfo, join
 from .files import DirFile
 from .nodes import CNode, View
 from .sharedfiles import SharedHandle

@@ -195,6 +195,17 @@ class SwiftStore(FileStore):
         if not self._info(path).is_dir:
             raise FsError(errno.ENOTDIR, f"/files/{path} is not a directory")
 
+    def _need_new(self, path: str) -> None:
+        """Its directory exists (ENOENT, ENOTDIR) and nothing is at ``path`` (EEXIST)."""
+        self._need_dir(parent_of(path))
+        try:
+            self._info(path)
+        except FsError as e:
+            if e.errno != errno.ENOENT:
+                raise
+        else:
+            raise FsError(errno.EEXIST, f"/files/{path} exists")
+
     def _headers(self, owner: int, mtime_ns: int | None = None, **extra) -> dict[str, str]:
         return {OWNER: str(owner), MTIME: str(mtime_ns if mtime_ns is not None else time.time_ns()), **extra}
 
@@ -229,14 +240,7 @@ class SwiftStore(FileStore):
 
     async def mkdir(self, path: str, owner: int) -> None:
         def do() -> None:
-            self._need_dir(parent_of(path))
-            try:
-                self._info(path)
-            except FsError as e:
-                if e.errno != errno.ENOENT:
-                    raise
-            else:
-                raise FsError(errno.EEXIST, f"/files/{path} exists")
+            self._need_new(path)
             self._req("put", path + "/", data=b"", headers=self._headers(owner, **{"Content-Type": DIR_TYPE}))
         await self._run(do)
 
@@ -296,14 +300,7 @@ class SwiftStore(FileStore):
                    write: bool = False) -> Handle:
         def do() -> Handle:
             if create:
-                self._need_dir(parent_of(path))
-                try:
-                    self._info(path)
-                except FsError as e:
-                    if e.errno != errno.ENOENT:
-                        raise
-                else:
-                    raise FsError(errno.EEXIST, f"/files/{path} exists")
+                self._need_new(path)
                 self._req("put", path, data=b"", headers=self._headers(owner))
                 return _SwiftHandle(self, path, owner, 0, spool=self._spool_file(), dirty=False)
             r = self._head(path)

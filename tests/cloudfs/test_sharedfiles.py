@@ -393,6 +393,17 @@ async def test_a_read_racing_a_close_never_reads_another_file(tmp_path):
     await s.close()
 
 
+def slow_store(handle) -> None:
+    """Make the backend handle's close (its store, on Swift) take 0.2 s."""
+    real = handle.close
+
+    async def slow() -> None:
+        await trio.sleep(0.2)
+        await real()
+
+    handle.close = slow
+
+
 async def test_opens_and_removes_during_a_slow_last_close(fcfs):
     """The last close stores (slowly, as a Swift PUT of a big spool): an
     open for writing made meanwhile sees the stored bytes, and an rm made
@@ -401,14 +412,7 @@ async def test_opens_and_removes_during_a_slow_last_close(fcfs):
     top = await walk(op, "/files")
     node, f = await top.create("x", 0o644, os.O_WRONLY | os.O_CREAT, 0, 0)
     await f.write(0, b"hello")
-    handle = fcfs.files._growth["x"].handle
-    real_close = handle.close
-
-    async def slow_close():
-        await trio.sleep(0.2)
-        await real_close()
-
-    handle.close = slow_close
+    slow_store(fcfs.files._growth["x"].handle)
     async with trio.open_nursery() as n:
         n.start_soon(f.release)
         await trio.sleep(0.05)
@@ -419,14 +423,7 @@ async def test_opens_and_removes_during_a_slow_last_close(fcfs):
     assert await usage(fcfs) == (1, 6)
     _, f = await top.create("y", 0o644, os.O_WRONLY | os.O_CREAT, 0, 0)
     await f.write(0, b"12345678")
-    handle = fcfs.files._growth["y"].handle
-    real_close2 = handle.close
-
-    async def slow_close2():
-        await trio.sleep(0.2)
-        await real_close2()
-
-    handle.close = slow_close2
+    slow_store(fcfs.files._growth["y"].handle)
     async with trio.open_nursery() as n:
         n.start_soon(f.release)
         await trio.sleep(0.05)

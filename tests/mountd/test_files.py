@@ -16,18 +16,9 @@ import pytest
 import trio
 
 from ninep.client import open_client
-from tests.mountd.test_daemon import Daemon, sh
+from tests.mountd.test_daemon import Daemon, daemon, sh  # noqa: F401  (daemon: a fixture)
 from tests.mountd.test_daemon_openstack import drop_container
 from tests.openstack import openstack_cloud  # noqa: F401  (a fixture)
-
-
-@pytest.fixture
-def daemon(tmp_path):
-    d = Daemon(tmp_path)
-    try:
-        yield d.start()
-    finally:
-        d.cleanup()
 
 
 @pytest.fixture(params=["local", "swift"])
