@@ -830,8 +830,10 @@ class Fid:
         """A new fid for the file reached through ``names`` (walk(5)).
 
         No names clones this fid.  More than MAXWELEM (16) names are walked in
-        several Twalks.  Raises FsError(ENOENT) naming the first element that
-        could not be walked (also for partial walks), or the server's error.
+        several Twalks.  Raises the server's FsError for the first element that
+        could not be walked (asked again alone when a Twalk stopped short,
+        see :meth:`_partial_walk_error`), naming it; ENOENT when the server
+        gives no reason.
         """
         self._check()
         for n in names:
@@ -860,10 +862,13 @@ class Fid:
             if len(r.wqids) < len(step):
                 # walk(5): a partial walk creates no newfid.
                 c._release_fid(newfid)
-                if src != self.fid:
-                    c._clunk_soon(src)
                 bad = "/".join(names[: done + len(r.wqids) + 1])
-                raise FsError(errno.ENOENT, f"{bad}: file not found")
+                try:
+                    err = await self._partial_walk_error(src, step, len(r.wqids), bad)
+                finally:
+                    if src != self.fid:
+                        c._clunk_soon(src)
+                raise err
             if src != self.fid:
                 c._clunk_soon(src)
             src = newfid
@@ -871,6 +876,49 @@ class Fid:
             if r.wqids:
                 qid = r.wqids[-1]
         return Fid(c, src, qid)
+
+    async def _partial_walk_error(self, src: int, step: tuple[str, ...], good: int, bad: str) -> FsError:
+        """Why a walk from fid ``src`` stopped after ``good`` of ``step``'s names.
+
+        walk(5) answers a walk that fails after its first name with a short
+        Rwalk that carries no error, so "it does not exist" and "the server
+        cannot tell now" (EAGAIN, EIO) or "not allowed" (EACCES) look alike.
+        Walk again to the last name that walked, then the failing name alone:
+        a walk failing on its first name brings the server's own error back.
+        ENOENT when that cannot be learned (the tree changed meanwhile)."""
+        c = self.client
+        enoent = FsError(errno.ENOENT, f"{bad}: file not found")
+        mid = c._fids.get()
+        try:
+            r = await c.rpc(m.Twalk(0, src, mid, tuple(step[:good])), abandon=c._abandon_newfid(mid, good))
+        except trio.Cancelled:
+            raise
+        except BaseException as e:
+            c._release_fid(mid)
+            if isinstance(e, FsError):
+                return enoent
+            raise
+        if len(r.wqids) < good:
+            c._release_fid(mid)
+            return enoent
+        try:
+            probe = c._fids.get()
+            try:
+                r = await c.rpc(m.Twalk(0, mid, probe, (step[good],)), abandon=c._abandon_newfid(probe, 1))
+            except trio.Cancelled:
+                raise
+            except BaseException as e:
+                c._release_fid(probe)
+                if isinstance(e, FsError):
+                    return FsError(e.errno, f"{bad}: {e.message}")
+                raise
+            if r.wqids:
+                c._clunk_soon(probe)  # it walks now: the short answer stands
+            else:
+                c._release_fid(probe)
+            return enoent
+        finally:
+            c._clunk_soon(mid)
 
     # ---- open / create ------------------------------------------------------
 

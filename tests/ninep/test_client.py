@@ -780,3 +780,42 @@ async def test_server_many_concurrent_clients_and_requests(local, dialect):
             for i in range(30):
                 n.start_soon(one, c1 if i % 2 else c2, i)
     assert results == {i: str(i).encode() * 1000 for i in range(30)}
+
+
+@ALL_DIALECTS
+async def test_a_walk_stopped_short_brings_the_servers_error_back(dialect):
+    """walk(5) answers a walk failing after its first name with a short
+    Rwalk and no error; the client asks for that name alone, so a server
+    that cannot tell now (EAGAIN, as cloudfs during a ZooKeeper outage) is
+    not reported as "no such file"."""
+    from ninep.memfs import MemFS, MemNode, _Inode
+
+    from .wire import serving
+
+    class Busy(MemNode):
+        async def walk(self, name):
+            if name == "busy":
+                raise FsError(errno.EAGAIN, "cannot tell now; try again")
+            node = await super().walk(name)
+            return Busy(node.fs, node.inode) if isinstance(node, MemNode) else node
+
+    class BusyFS(MemFS):
+        async def attach(self, uname, aname, n_uname=None):
+            return Busy(self, self.root)
+
+    fs = BusyFS()
+    fs.root.children["d"] = _Inode(stat.S_IFDIR | 0o777)
+    fs.root.children["d"].children["e"] = _Inode(stat.S_IFDIR | 0o777)
+    async with serving(fs) as (_, addr), open_client(addr, version=dialect) as c:
+        for path, want in [("d/busy", errno.EAGAIN), ("d/e/busy", errno.EAGAIN), ("busy", errno.EAGAIN),
+                           ("d/nope", errno.ENOENT), ("d/e/nope/x", errno.ENOENT)]:
+            with pytest.raises(FsError) as ei:
+                await c.walk(path)
+            assert ei.value.errno == want or (  # 9P2000's Rerror carries a message, no errno
+                dialect == Dialect.P2000 and want != errno.ENOENT and "cannot tell now" in ei.value.message), path
+        with pytest.raises(FsError) as ei:
+            await c.read_file("d/e/busy")
+        assert ei.value.errno != errno.ENOENT
+        await trio.sleep(0.2)  # background clunks of the probes' fids
+        f = await c.walk("d/e")  # the fids of the failed walks were given back
+        assert f.fid < 10
