@@ -73,6 +73,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         files=args.files,
         files_container=args.files_container,
         files_limits=dict(args.files_limit or []),
+        fake_cloud=Path(args.fake_cloud) if args.fake_cloud else None,
+        session_timeout=args.session_timeout,
     )
     from ninep.errors import FsError
 
@@ -186,6 +188,16 @@ def _count(text: str) -> int:
     return int(text)
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 1.0 <= value <= 60.0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds from 1 to 60")
+    return value
+
+
 def _limit(text: str) -> tuple[str, int]:
     name, sep, value = text.partition("=")
     if not sep or name not in DEFAULT_LIMITS:
@@ -248,6 +260,12 @@ def build_parser() -> argparse.ArgumentParser:
                          "ACLs, or by any ZooKeeper client): check it first, then start once with this")
     up.add_argument("--driver", default="qemu", choices=["qemu", "fake", "openstack"],
                     help="compute driver: qemu (local QEMU VMs, default), openstack, or fake (records only)")
+    up.add_argument("--fake-cloud", metavar="DIR",
+                    help="fake driver: keep servers as files in DIR, one fake cloud shared by every daemon given "
+                         "the same DIR (default: in the daemon's memory)")
+    up.add_argument("--session-timeout", metavar="SECONDS", type=_seconds, default=10.0,
+                    help="ZooKeeper session timeout (default 10): after this long cut off from the ensemble the "
+                         "daemon's session ends and other daemons take over its work")
     up.add_argument("--qemu-user", metavar="USER", default="nobody",
                     help="qemu driver, daemon run as root: the user QEMU drops to once it has opened its files "
                          "(-runas; default nobody; 'root' keeps root)")

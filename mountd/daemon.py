@@ -53,6 +53,10 @@ DEFAULT_STATE_DIR = Path("/var/lib/cloudfs")
 
 
 async def _fake_driver(opts: "DaemonOptions", ninep_port: int | None) -> ComputeDriver:
+    if opts.fake_cloud is not None:
+        from cloudfs.drivers.fakecloud import FakeCloudDriver
+
+        return FakeCloudDriver(opts.fake_cloud)
     from cloudfs.drivers.fake import FakeDriver
 
     return FakeDriver()
@@ -115,6 +119,12 @@ class DaemonOptions:
     files_container: str | None = None
     #: the deployment's /files limits (cloudfs.sharedfiles; defaults for the rest)
     files_limits: dict[str, int] = field(default_factory=dict)
+    #: fake driver: the directory of a fake cloud shared with other daemons
+    #: (cloudfs.drivers.fakecloud); None: servers in this daemon's memory
+    fake_cloud: Path | None = None
+    #: ZooKeeper session timeout (s): how long the ensemble keeps this
+    #: daemon's session, and so its owner znodes, while it cannot be reached
+    session_timeout: float = 10.0
 
     @property
     def operator_socket(self) -> Path:
@@ -195,7 +205,7 @@ async def run(opts: DaemonOptions, *, task_status=trio.TASK_STATUS_IGNORED) -> N
         async with open_cloudfs(hosts, driver, root=opts.zk_root, limits=opts.limits, zk_auth=auth,
                                 files=files, files_limits=opts.files_limits,
                                 adopt_open=opts.adopt_open_tree,
-                                max_processes=opts.max_processes) as fs:
+                                max_processes=opts.max_processes, session_timeout=opts.session_timeout) as fs:
             if hasattr(driver, "channel_handler"):  # VMs with a channel each (the QEMU driver)
                 driver.channel_handler = Channels(fs, trace=opts.debug_9p).serve
             async with trio.open_nursery() as nursery:

@@ -18,6 +18,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 JAVA_DIR = "/usr/share/java"
@@ -90,13 +91,15 @@ class ZooKeeperServer:
     ``tick_ms`` is ZooKeeper's tickTime; sessions may last 2 to 120 ticks.
     ``die_with_parent``: the server gets SIGKILL when the thread that
     launched it ends (for a daemon's embedded server; launch from the main
-    thread).
+    thread).  ``prefix``: argv the java command runs under (e.g. ``nsenter
+    --net=/run/netns/zk1`` to run it on a host of the cluster harness).
     """
 
     def __init__(self, port: int | None = None, data_dir: str | os.PathLike | None = None, *,
                  tick_ms: int = 500, die_with_parent: bool = False, address: str = "127.0.0.1",
-                 myid: int | None = None, peers: dict[int, str] | None = None):
+                 myid: int | None = None, peers: dict[int, str] | None = None, prefix: Sequence[str] = ()):
         self.port = port or free_port()
+        self.prefix = list(prefix)
         self.address = address
         self.myid = myid
         self.peers = peers or {}
@@ -153,7 +156,7 @@ class ZooKeeperServer:
         cp = ":".join(os.path.join(JAVA_DIR, j) for j in JARS) + ":/etc/zookeeper/conf"
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                ["java", "-Xmx512m", "-Dzookeeper.jmx.log4j.disable=true", "-cp", cp,
+                [*self.prefix, shutil.which("java") or "java", "-Xmx512m", "-Dzookeeper.jmx.log4j.disable=true", "-cp", cp,
                  "org.apache.zookeeper.server.quorum.QuorumPeerMain", str(cfg)],
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 preexec_fn=_die_with_parent if self.die_with_parent else _own_session,
@@ -221,12 +224,14 @@ class ZooKeeperEnsemble:
     ``addresses``: the address of each peer (default 127.0.0.1 for all,
     distinct ports); clients and peers use them, so peers in network
     namespaces of their own are reached at their hosts' addresses.
-    :attr:`hosts` is the kazoo connect string of all of them.  Peers start
-    and stop one by one (:meth:`peer`), e.g. to kill the leader
-    (:meth:`leader`)."""
+    ``prefixes``: each peer's ZooKeeperServer ``prefix`` (say, the network
+    namespace of its host).  :attr:`hosts` is the kazoo connect string of
+    all of them.  Peers start and stop one by one (:meth:`peer`), e.g. to
+    kill the leader (:meth:`leader`)."""
 
     def __init__(self, n: int = 3, base_dir: str | os.PathLike | None = None, *, tick_ms: int = 500,
-                 addresses: list[str] | None = None, die_with_parent: bool = False):
+                 addresses: list[str] | None = None, die_with_parent: bool = False,
+                 prefixes: Sequence[Sequence[str]] | None = None):
         self._own_dir = base_dir is None
         self.dir = Path(base_dir) if base_dir is not None else Path(tempfile.mkdtemp(prefix="cloudfs-zke-"))
         addrs = addresses or ["127.0.0.1"] * n
@@ -234,7 +239,7 @@ class ZooKeeperEnsemble:
         peers = {i: f"{addrs[i - 1]}:{q}:{e}" for i, (_, q, e) in ports.items()}
         self.servers = {i: ZooKeeperServer(ports[i][0], self.dir / f"zk{i}", tick_ms=tick_ms,
                                            die_with_parent=die_with_parent, address=addrs[i - 1], myid=i,
-                                           peers=peers)
+                                           peers=peers, prefix=prefixes[i - 1] if prefixes else ())
                         for i in ports}
 
     @property
