@@ -38,9 +38,9 @@ from __future__ import annotations
 
 import errno
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 import trio
 from kazoo.client import KazooClient, KazooState
@@ -61,6 +61,8 @@ from kazoo.protocol.states import ZnodeStat
 from kazoo.security import OPEN_ACL_UNSAFE, make_digest_acl
 
 from ninep.errors import FsError
+
+T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
@@ -539,15 +541,32 @@ class Store:
                     if nonblocking:
                         raise FsError(errno.EAGAIN, "not set yet")
                     first = False
-                names = await self._listing(parent, listing)
+                names = await self.while_blocked(lambda: self._listing(parent, listing))
                 if names is None:
                     raise FsError(errno.ENOENT, "no such file: its directory is gone")
                 if name in names:
-                    got = await self.get(path)
+                    got = await self.while_blocked(lambda: self.get(path))
                     if got is not None:
                         return got[0]
                     # listed, then deleted: its deletion fires the watch
                 await ev.wait()
+
+    async def while_blocked(self, fn: Callable[[], Awaitable[T]]) -> T:
+        """``await fn()`` for a reader that already waits: when ZooKeeper
+        cannot be reached (FsError EAGAIN or EIO: suspended, session lost,
+        no answer) wait for the session to be back and ask again, instead of
+        failing.  A blocked read waits across an outage, as it would have had
+        nothing changed; the errors stay for reads that have not blocked yet.
+        A session loss wakes every waiter (kazoo fires its watches), and the
+        new session's first look arms the watch again."""
+        while True:
+            try:
+                return await fn()
+            except FsError as e:
+                if e.errno not in (errno.EAGAIN, errno.EIO):
+                    raise
+            await self.wait_connected()
+            await trio.sleep(0.05)  # connected but unanswered (EIO after op_timeout): not a hot loop
 
     @contextmanager
     def _listing_of(self, parent: str) -> Iterator["_Listing"]:
@@ -584,10 +603,15 @@ class Store:
         FsError(ENOENT) if ``path`` does not exist; FsError(EAGAIN) with
         ``nonblocking`` when there are none yet.
         """
+        first = True
         while True:
             ev = self._register(path)
             try:
-                names = await self.children(path, watch=True)
+                if first:
+                    names = await self.children(path, watch=True)
+                    first = False
+                else:
+                    names = await self.while_blocked(lambda: self.children(path, watch=True))
                 if names is None:
                     raise FsError(errno.ENOENT, "no such file")
                 if names:

@@ -885,7 +885,9 @@ class Fid:
         cannot tell now" (EAGAIN, EIO) or "not allowed" (EACCES) look alike.
         Walk again to the last name that walked, then the failing name alone:
         a walk failing on its first name brings the server's own error back.
-        ENOENT when that cannot be learned (the tree changed meanwhile)."""
+        EAGAIN when the name walks now (what stopped the first walk has
+        passed, or the file was just made); ENOENT when the walk to it fails
+        now (the tree changed meanwhile)."""
         c = self.client
         enoent = FsError(errno.ENOENT, f"{bad}: file not found")
         mid = c._fids.get()
@@ -912,10 +914,10 @@ class Fid:
                 if isinstance(e, FsError):
                     return FsError(e.errno, f"{bad}: {e.message}")
                 raise
-            if r.wqids:
-                c._clunk_soon(probe)  # it walks now: the short answer stands
-            else:
-                c._release_fid(probe)
+            if r.wqids:  # it walks now: what stopped the first walk has passed
+                c._clunk_soon(probe)
+                return FsError(errno.EAGAIN, f"{bad}: the walk stopped short, then went through; try again")
+            c._release_fid(probe)
             return enoent
         finally:
             c._clunk_soon(mid)

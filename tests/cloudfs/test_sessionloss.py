@@ -122,3 +122,40 @@ async def _open_or_error(node):
     except FsError as e:
         assert e.errno in (errno.EAGAIN, errno.EIO)
         return None
+
+
+async def test_a_blocked_read_woken_while_disconnected_waits_on(private_zookeeper):
+    """A waiter woken while ZooKeeper cannot be reached (kazoo fires every
+    watch when it declares a session lost) asks again once the session is
+    back, instead of failing with EAGAIN: a blocked read waits across an
+    outage, however long.  (Reads that have not blocked yet still fail.)"""
+    zk = private_zookeeper
+    async with open_cloudfs(zk.hosts, FakeDriver(), "/cloudfs/t", **OPTS) as fs:
+        root = await fs.attach("", "")
+        pid = int(await ctl(root, 1, "fork"))
+        got = []
+
+        async def reader():
+            got.append(await cat(root, f"/proc/{pid}/env/k"))
+
+        async with trio.open_nursery() as n:
+            n.start_soon(reader)
+            await eventually(lambda: _waiting(fs), timeout=10)
+            await trio.to_thread.run_sync(zk.stop)
+            await eventually(lambda: _disconnected(fs), timeout=10)
+            fs.store._fire_all()  # what kazoo does to every watch when it declares the session lost
+            await trio.sleep(3 * OPTS["suspend_wait"])
+            assert got == []  # still waiting, no EAGAIN
+            zk.launch()  # from this (the main) thread: the server dies with the test process
+            await trio.to_thread.run_sync(zk.wait_ready)
+            await _recovered(root)
+            await echo(root, f"/proc/{pid}/env/k", "back")
+        assert got == [b"back"]
+
+
+async def _waiting(fs):
+    return fs.store.waiter_count() >= 1
+
+
+async def _disconnected(fs):
+    return fs.store.state != "CONNECTED"
