@@ -229,9 +229,9 @@ async def run(opts: DaemonOptions, *, task_status=trio.TASK_STATUS_IGNORED) -> N
                                                 owner=(os.geteuid(), os.getegid())))
                 info = {"listen": bound, "mount": str(opts.mount) if opts.mount else None, "zookeeper": hosts,
                         "fs": fs}
-                log.info("cloudfs up: 9P on %s%s; ZooKeeper %s; driver %s; deployment %s (id %s)", ", ".join(bound),
-                         f"; mounted at {opts.mount}" if opts.mount else "", hosts, opts.driver, opts.zk_root,
-                         fs.deployment_id)
+                log.info("cloudfs up: 9P on %s%s; ZooKeeper %s; driver %s; deployment %s (id %s); daemon %s "
+                         "(owner znodes)", ", ".join(bound), f"; mounted at {opts.mount}" if opts.mount else "", hosts,
+                         opts.driver, opts.zk_root, fs.deployment_id, fs.daemon_id)
                 task_status.started(info)
                 with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
                     async for signum in signals:

@@ -17,6 +17,12 @@ do not parse are skipped (a crash between write and rename leaves only a
 scope ``fake-cloud:<DIR>``, so any of them may take over a process whose
 daemon went away.
 
+The cloud's own settings are in ``DIR/settings.json`` (optional, read at
+start): ``{"create_seconds": S}`` makes every create take S seconds between
+its look for an existing server and the write of the new one, as a real
+cloud's boot takes time (the cluster harness uses it to catch daemons
+paused in the middle of a create).
+
 Images, flavors and networks are the in-memory ones of
 :class:`cloudfs.drivers.fake.FakeDriver`, per daemon.  Addresses are made
 from the server id (unique in practice, not checked).  File access goes
@@ -51,6 +57,17 @@ class FakeCloudDriver(FakeDriver):
         self.dir = Path(directory).resolve()
         super().__init__(host=host, scope=f"fake-cloud:{self.dir}")
         (self.dir / "servers").mkdir(parents=True, exist_ok=True)
+        self.create_seconds = 0.0
+        try:
+            settings = json.loads((self.dir / "settings.json").read_text())
+        except FileNotFoundError:
+            settings = {}
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{self.dir}/settings.json: {e}") from None
+        cs = settings.get("create_seconds", 0.0) if isinstance(settings, dict) else None
+        if not isinstance(cs, (int, float)) or isinstance(cs, bool) or not 0 <= cs <= 60:
+            raise ValueError(f"{self.dir}/settings.json: create_seconds must be a number from 0 to 60")
+        self.create_seconds = float(cs)
 
     # ---- files ----------------------------------------------------------------
 
@@ -122,6 +139,7 @@ class FakeCloudDriver(FakeDriver):
             base = ipaddress.ip_network(net.cidr)
             span = max(1, base.num_addresses - 12)
             addrs.append(str(base.network_address + 10 + int(hashlib.sha256(sid.encode()).hexdigest(), 16) % span))
+        await trio.sleep(self.create_seconds)
         doc = {"id": sid, "name": spec.name, "status": "running", "host": self.host, "addresses": addrs,
                "message": "", "metadata": md, "userdata": base64.b64encode(bytes(spec.userdata)).decode(),
                "secret": spec.secret, "networks": list(nets), "born": time.time()}

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -96,13 +97,15 @@ class Cluster:
     network and starts the ensemble; :meth:`start_daemons` starts the daemons
     on one deployment; :meth:`down` stops everything.  ``n_zk`` ZooKeeper
     servers (tick 500 ms), ``n_daemons`` daemons with ZooKeeper session
-    timeout ``session_timeout`` seconds."""
+    timeout ``session_timeout`` seconds; the fake cloud's creates take
+    ``create_seconds`` (cloudfs.drivers.fakecloud settings)."""
 
     def __init__(self, directory: str | os.PathLike, n_zk: int = 3, n_daemons: int = 3,
-                 session_timeout: float = 4.0):
+                 session_timeout: float = 4.0, create_seconds: float = 0.3):
         self.dir = Path(directory).resolve()
         self.n_zk, self.n_daemons = n_zk, n_daemons
         self.session_timeout = session_timeout
+        self.create_seconds = create_seconds
         self.tag = secrets.token_hex(2)
         self.state: ClusterState | None = None
         self.ensemble: ZooKeeperEnsemble | None = None
@@ -163,6 +166,8 @@ class Cluster:
     def up(self) -> None:
         """Make the network and start the ensemble (blocks until it serves)."""
         self.dir.mkdir(parents=True, exist_ok=True)
+        (self.dir / "cloud").mkdir(exist_ok=True)
+        (self.dir / "cloud" / "settings.json").write_text(json.dumps({"create_seconds": self.create_seconds}))
         st = self._net_up()
         zks = [self.host(f"zk{i}") for i in range(1, self.n_zk + 1)]
         self.ensemble = ZooKeeperEnsemble(self.n_zk, self.dir / "zk", addresses=[h.address for h in zks],
@@ -254,6 +259,43 @@ class Cluster:
             self.daemon_start(i)
         for i in range(2, self.n_daemons + 1):
             await self.wait_daemon(i)
+
+    def daemon_id(self, i: int) -> str | None:
+        """Daemon ``i``'s id (its owner znodes' data), from its log."""
+        found = None
+        try:
+            for line in (self.state_dir(i) / "daemon.log").read_text(errors="replace").splitlines():
+                m = re.search(r"; daemon (\S+) \(owner znodes\)", line)
+                if m:
+                    found = m.group(1)
+        except OSError:
+            pass
+        return found
+
+    def creating_owners(self, timeout: float = 5.0) -> list[str]:
+        """The daemon ids that own a process of the current deployment in
+        state ``creating`` now (a create in flight), one per such process;
+        blocking, read with the deployment's credential."""
+        from kazoo.client import KazooClient
+
+        root = f"/cloudfs/{self.deployment}"
+        auth = (self.state_dir(1) / "zookeeper.auth").read_text().strip()
+        k = KazooClient(self.state.zk_hosts, auth_data=[("digest", auth)], timeout=10)
+        k.start(timeout)
+        try:
+            out = []
+            for name in k.get_children(f"{root}/owners"):
+                try:
+                    owner = k.get(f"{root}/owners/{name}")[0].decode()
+                    rec = json.loads(k.get(f"{root}/proc/{name}")[0])
+                except Exception:  # ended meanwhile
+                    continue
+                if rec.get("state") == "creating":
+                    out.append(owner)
+            return out
+        finally:
+            k.stop()
+            k.close()
 
     def daemon_signal(self, i: int, sig: int) -> None:
         """Send ``sig`` (SIGSTOP, SIGCONT, SIGKILL …) to daemon ``i``."""

@@ -9,7 +9,12 @@ time.
 - ``daemon-partition``: cut one daemon off from every ZooKeeper server for
   twice its session timeout (its session expires; others take its work over).
 - ``daemon-pause``: SIGSTOP one daemon for twice its session timeout, then
-  SIGCONT (a "GC pause": what it does late must be fenced).
+  SIGCONT (a "GC pause": what it does late must be fenced).  The daemon
+  chosen is one caught with a create in flight (it owns a process in state
+  ``creating``; the fake cloud's creates take a while), if one is caught
+  within 5 s: its session expires, another daemon takes the process over
+  and makes a server, and the paused create then finishes late; the record
+  says ``mid_create``.
 - ``daemon-kill``: SIGKILL one daemon, start it again ``hold`` s later.
 """
 
@@ -45,7 +50,9 @@ async def inject(kind: str, cluster: Cluster, history: History, rng: random.Rand
         await trio.sleep(hold)
         cluster.heal(target)
     else:
-        i = rng.randint(1, cluster.n_daemons)
+        i, creating = rng.randint(1, cluster.n_daemons), False
+        if kind == "daemon-pause":  # pause one in the middle of a create, if one can be caught
+            i, creating = await _creating_daemon(cluster, i)
         fault.update(target=f"d{i}", start=history.now())
         if kind == "daemon-partition":
             cluster.partition(f"d{i}")
@@ -53,6 +60,7 @@ async def inject(kind: str, cluster: Cluster, history: History, rng: random.Rand
             cluster.heal(f"d{i}")
         elif kind == "daemon-pause":
             cluster.daemon_signal(i, signal.SIGSTOP)
+            fault["mid_create"] = creating
             await trio.sleep(session_hold)
             cluster.daemon_signal(i, signal.SIGCONT)
         else:
@@ -62,3 +70,18 @@ async def inject(kind: str, cluster: Cluster, history: History, rng: random.Rand
             await cluster.wait_daemon(i)
     fault["end"] = history.now()
     return fault
+
+
+async def _creating_daemon(cluster: Cluster, default: int, within: float = 5.0) -> tuple[int, bool]:
+    """``(i, True)`` for a daemon that owns a process being created right
+    now (its create is in flight in the fake cloud), found within ``within``
+    seconds; else ``(default, False)``."""
+    ids = {cluster.daemon_id(i): i for i in range(1, cluster.n_daemons + 1)}
+    with trio.move_on_after(within):
+        while True:
+            owners = await trio.to_thread.run_sync(cluster.creating_owners)
+            for owner in owners:
+                if owner in ids:
+                    return ids[owner], True
+            await trio.sleep(0.02)
+    return default, False

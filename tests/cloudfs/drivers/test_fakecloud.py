@@ -63,3 +63,17 @@ async def test_other_deployments_and_junk(tmp_path):
     assert listed[s.id][META_DEPLOYMENT] == OTHER and listed[mine_s.id][META_PID] == "7"
     assert sorted(os.listdir(tmp_path / "servers")) == sorted(
         [f"{s.id}.json", f"{mine_s.id}.json", "0badc0de.json", ".tmp-0123", "abc.json"])
+
+
+async def test_settings(tmp_path):
+    (tmp_path / "settings.json").write_text('{"create_seconds": 0.2}')
+    d = bound(tmp_path)
+    assert d.create_seconds == 0.2
+    import trio
+    t = trio.current_time()
+    await d.create(SPEC)
+    assert trio.current_time() - t >= 0.2
+    for bad in ['{"create_seconds": -1}', '{"create_seconds": "1"}', "[", '{"create_seconds": true}']:
+        (tmp_path / "settings.json").write_text(bad)
+        with pytest.raises(ValueError):
+            FakeCloudDriver(tmp_path)
