@@ -43,6 +43,8 @@ MULTI_OPS = 500
 #: Children moved to init per multi (each move is three operations plus a
 #: record rewrite).
 KIDS_PER_MULTI = 100
+#: Work items of the ending process deleted in its last multi at most.
+PENDING_PER_MULTI = 64
 
 _RACES = (BadVersionError, NotEmptyError, NoNodeError, NodeExistsError)
 
@@ -92,20 +94,21 @@ class Exits:
     # -- the steps -------------------------------------------------------------
 
     async def _clear(self, pid: int) -> None:
-        """Delete ``pid``'s env keys, wait records, notes, pipes and work items, in batches."""
+        """Delete ``pid``'s env keys, wait records, notes and pipes, in batches.
+        Its work items stay until the last multi (:meth:`_remove`): if ending
+        stops half way (the session is lost), they bring a daemon back to
+        finish it."""
         L = self.layout
         last: Exception | None = None
         for attempt in range(MAX_ATTEMPTS):
-            envs, waits, notes, pend = await gather(
-                self.store.children(L.env(pid)), self.store.children(L.wait(pid)), self.store.children(L.notes(pid)),
-                self.store.children(L.pending))
+            envs, waits, notes = await gather(
+                self.store.children(L.env(pid)), self.store.children(L.wait(pid)), self.store.children(L.notes(pid)))
             paths = [L.env_key(pid, k) for k in envs or ()] + [L.wait_record(pid, w) for w in waits or ()]
             paths += [L.note_record(pid, n) for n in notes or ()]
             pipes = await self._pipes(pid)
             for name, kids in (pipes or {}).items():  # messages and opens, then the pipes
                 paths += [f"{L.pipe(pid, name)}/{k}" for k in kids]
             paths += [L.pipe(pid, name) for name in pipes or {}]
-            paths += [L.pending_item(n) for n in pend or () if L.pending_pid(n) == pid]
             if not paths:
                 return
             try:
@@ -172,9 +175,9 @@ class Exits:
         ``reparent``: they are moved first)."""
         L = self.layout
         rec = cur.value
-        kids, envs, waits, notes, pipes, quota = await gather(
+        kids, envs, waits, notes, pipes, quota, pend = await gather(
             self.store.children(L.kids(pid)), self.store.children(L.env(pid)), self.store.children(L.wait(pid)),
-            self.store.children(L.notes(pid)), self._pipes(pid), self.quotas.get(pid))
+            self.store.children(L.notes(pid)), self._pipes(pid), self.quotas.get(pid), self.store.children(L.pending))
         if L.pids(kids):
             if not reparent:
                 return False
@@ -198,6 +201,10 @@ class Exits:
                 t.delete(path, quota.version)
             else:
                 t.delete(path)
+        # its work items go with it (any beyond PENDING_PER_MULTI are the
+        # reconciler's to drop: work for a pid without a record converges at once)
+        for name in [n for n in pend or () if L.pending_pid(n) == pid][:PENDING_PER_MULTI]:
+            t.delete(L.pending_item(name))
         # it leaves its ancestors' counts (its subtree is empty by now)
         _uncount(t, L, chain, quotas, 1)
         if parent is not None:

@@ -31,7 +31,11 @@ VM processes no daemon owns (theirs restarted or lost its session).
 Fencing: a create that finishes after another daemon recorded a server for
 the pid (this daemon's session expired mid-boot and the pid was taken over),
 or after the process was killed or ended, deletes its own server instead of
-recording it (cloudfs.decisions.built raises Superseded).
+recording it (cloudfs.decisions.built raises Superseded).  When the record
+write itself fails (the session is gone by then), the server is kept in
+``unconfirmed`` and settled by the next resync; a daemon killed before that
+leaves a duplicate, which the process's kill deletes (a kill deletes every
+server tagged with the pid).
 """
 
 from __future__ import annotations
@@ -127,6 +131,9 @@ class Reconciler:
         self.active: set[int] = set()
         self.dirty: set[int] = set()
         self.resync_interval = resync_interval
+        #: pid → server this daemon made whose record write failed (ZooKeeper
+        #: trouble: it may or may not be recorded); see _settle_unconfirmed
+        self.unconfirmed: dict[int, str] = {}
         self._nursery: trio.Nursery | None = None
         self.store.on_reconnect.append(self._reconnected)
 
@@ -224,6 +231,7 @@ class Reconciler:
         process this daemon owns and no task works on: a server that ended
         by itself or vanished makes its process end (``exited``), a power
         state changed outside cloudfs is recorded."""
+        await self._settle_unconfirmed()
         await self._adopt_unowned()
         for pid in sorted(self.owners.owned):
             if pid in self.active:
@@ -240,6 +248,24 @@ class Reconciler:
             if pid in self.dirty:  # work came meanwhile
                 self.dirty.discard(pid)
                 self._kick(pid)
+
+    async def _settle_unconfirmed(self) -> None:
+        """Look again at the servers whose record write failed: one another
+        server was recorded for instead (this daemon's session expired
+        mid-create and another daemon took the pid over), or whose process
+        ended, is a duplicate and is deleted; one that is recorded stays; one
+        of a process that records none yet stays too (the next create finds
+        and adopts it).  Raises FsError (ZooKeeper trouble: the rest waits
+        for the next resync)."""
+        for pid, sid in sorted(self.unconfirmed.items()):
+            cur = await self.records.get(pid)
+            if cur is not None and (cur.value.vm is None or cur.value.vm == sid):
+                del self.unconfirmed[pid]
+                continue
+            log.warning("pid %d: server %s was made but %s; deleting it", pid, sid,
+                        "the process ended" if cur is None else f"{cur.value.vm} was recorded")
+            await self._delete_quietly(pid, sid)
+            del self.unconfirmed[pid]
 
     async def _adopt_unowned(self) -> None:
         owners = set(self.layout.pids(await self.store.children(self.layout.owners)))
@@ -356,6 +382,8 @@ class Reconciler:
             return None
         except FsError as e:
             if e.errno != errno.ENOENT or not creating:
+                if creating:  # made, maybe not recorded (the session went): settled by the resync
+                    self.unconfirmed[pid] = server.id
                 raise
             # the process ended meanwhile (killed through another daemon
             # after ours lost its session): nobody will ever use this server

@@ -3,7 +3,7 @@ view back (exited servers, power changes made outside cloudfs)."""
 
 import trio
 
-from cloudfs.drivers.base import ServerSpec
+from cloudfs.drivers.base import Server, ServerSpec
 from tests.cloudfs.fsops import cat, ctl, ls, state_is, status, vm
 
 
@@ -207,3 +207,49 @@ async def test_a_rebuild_rotates_the_secret_only_when_it_succeeds(cfs):
     await state_is(root, pid, "running")
     rec = (await cfs.records.require(pid)).value
     assert rec.secret != first and cfs.driver.secrets[rec.vm] == rec.secret
+
+
+async def test_kill_deletes_a_duplicate_beside_the_recorded_server(cfs):
+    """A create fenced too late (its daemon paused mid-create past its
+    session, another daemon recorded its own server, the late record write
+    failed) leaves a second server tagged with the pid: the kill deletes
+    both.  (Found by the cluster harness, daemon-pause.)"""
+    root = await cfs.attach("", "")
+    pid = await vm(root)
+    recorded = (await cfs.records.require(pid)).value.vm
+    # a second server tagged with the pid, as a paused daemon's create leaves
+    # (create itself would adopt the first)
+    late = Server("late0001", "late", "running", "fake-host")
+    cfs.driver.servers[late.id] = late
+    cfs.driver.metadata[late.id] = cfs.driver.metadata_for(ServerSpec(pid=pid, ppid=1, name="late", image="tiny"))
+    assert len(await cfs.driver.find(pid)) == 2
+    await ctl(root, pid, "kill")
+    assert await cat(root, "/proc/1/wait") == f"{pid} p{pid} killed killed\n".encode()
+    assert recorded not in cfs.driver.servers and late.id not in cfs.driver.servers
+
+
+async def test_an_end_keeps_its_work_items_until_its_last_multi(cfs, zookeeper):
+    """Ending a process clears its env, waits and pipes first and removes
+    the rest in one last multi; its work items go only in that multi, so an
+    end stopped half way (the session lost between the steps) still has
+    work that brings a daemon back to finish it.  (Found by the cluster
+    harness, daemon-partition: the items went first, and the process stayed
+    "running" with its server deleted.)"""
+    from kazoo.client import KazooClient
+
+    from cloudfs.process import State
+
+    root = await cfs.attach("", "")
+    pid = int(await ctl(root, 1, "fork"))
+    L = cfs.layout
+    other = KazooClient(zookeeper.hosts)  # another daemon owns the pid: this one's reconciler keeps off
+    await trio.to_thread.run_sync(other.start)
+    try:
+        await trio.to_thread.run_sync(lambda: other.create(L.owner(pid), b"someone-else", ephemeral=True))
+        item = await cfs.store.create(L.pending_prefix(pid), b"", sequence=True)
+        await cfs.exits._clear(pid)  # the first step alone, as when the session dies after it
+        assert await cfs.store.exists(item) is not None
+        assert await cfs.exits.end(pid, State.KILLED, "killed")
+        assert await cfs.store.exists(item) is None
+    finally:
+        await trio.to_thread.run_sync(other.stop)
