@@ -97,15 +97,18 @@ class Cluster:
     network and starts the ensemble; :meth:`start_daemons` starts the daemons
     on one deployment; :meth:`down` stops everything.  ``n_zk`` ZooKeeper
     servers (tick 500 ms), ``n_daemons`` daemons with ZooKeeper session
-    timeout ``session_timeout`` seconds; the fake cloud's creates take
-    ``create_seconds`` (cloudfs.drivers.fakecloud settings)."""
+    timeout ``session_timeout`` seconds.  ``driver`` ``fake``: one fake cloud
+    for all, whose creates take ``create_seconds``
+    (cloudfs.drivers.fakecloud settings); ``qemu``: each daemon runs real
+    VMs from its own state dir (install the images there first)."""
 
     def __init__(self, directory: str | os.PathLike, n_zk: int = 3, n_daemons: int = 3,
-                 session_timeout: float = 4.0, create_seconds: float = 0.3):
+                 session_timeout: float = 4.0, create_seconds: float = 0.3, driver: str = "fake"):
         self.dir = Path(directory).resolve()
         self.n_zk, self.n_daemons = n_zk, n_daemons
         self.session_timeout = session_timeout
         self.create_seconds = create_seconds
+        self.driver = driver
         self.tag = secrets.token_hex(2)
         self.state: ClusterState | None = None
         self.ensemble: ZooKeeperEnsemble | None = None
@@ -210,8 +213,10 @@ class Cluster:
 
     def _argv(self, i: int) -> list[str]:
         cloudfs = shutil.which("cloudfs", path=str(Path(sys.executable).parent)) or "cloudfs"
-        argv = [*self.host(f"d{i}").prefix, cloudfs, "up", "--driver", "fake", "--fake-cloud",
-                str(self.dir / "cloud"), "--zookeeper", self.state.zk_hosts, "--state-dir", str(self.state_dir(i)),
+        backend = ["--driver", "fake", "--fake-cloud", str(self.dir / "cloud")] if self.driver == "fake" \
+            else ["--driver", self.driver]
+        argv = [*self.host(f"d{i}").prefix, cloudfs, "up", *backend,
+                "--zookeeper", self.state.zk_hosts, "--state-dir", str(self.state_dir(i)),
                 "--deployment", self.deployment, "--session-timeout", f"{self.session_timeout:g}",
                 "--max-processes", "100000"]
         if i != 1:
