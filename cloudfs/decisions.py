@@ -8,9 +8,8 @@ The whole table, in the order :func:`decide` applies it (``D`` desired,
 
     the server is another driver scope's (a VM of another host)  Disown
     D killed, children left                                      -  (the last child's end queues us again)
-    D killed, no children                                        End(killed, delete its server and every
-                                                                     other one tagged with the pid: a duplicate
-                                                                     of a create fenced too late goes with it)
+    D killed, no children                                        End(killed, delete its server, or the ones
+                                                                     tagged with the pid if none is recorded)
     no image, or D new                                           -
     no server, S error, built from the latest exec               -  (a failed create: exec again to retry)
     no server                                                    Create (find-or-create by deployment + pid)
@@ -30,7 +29,7 @@ The whole table, in the order :func:`decide` applies it (``D`` desired,
 
 What the executor must look at first is :func:`look` (children when D is
 killed; the driver's status of a settled VM; the servers tagged with the pid
-when a killed process has an image).  How an action's result is written back
+when a killed process names none).  How an action's result is written back
 is here too (:func:`built`, :func:`build_failed`, :func:`powered`,
 :func:`power_failed`, :func:`noted`): each takes the record as it is *now*
 (it may have changed while the driver worked) and returns the record to
@@ -82,7 +81,7 @@ def look(rec: Process, scope: str) -> Look:
     if not reaches(rec, scope):
         return NOTHING
     if rec.desired is Desired.KILLED:
-        return Look(kids=True, find=rec.has_image)
+        return Look(kids=True, find=rec.vm is None and rec.has_image)
     if not rec.has_image or rec.desired is Desired.NEW or rec.vm is None or not rec.built:
         return NOTHING
     if rec.state is State.ERROR:
@@ -167,9 +166,7 @@ def decide(rec: Process, seen: Seen, scope: str) -> Action | None:
     if rec.desired is Desired.KILLED:
         if seen.kids:
             return None
-        recorded = (rec.vm,) if rec.vm else ()
-        found = seen.found if rec.has_image else ()
-        return End(State.KILLED, "killed", recorded + tuple(s for s in found if s not in recorded))
+        return End(State.KILLED, "killed", (rec.vm,) if rec.vm else seen.found if rec.has_image else ())
     if not rec.has_image or rec.desired is Desired.NEW:
         return None
     if rec.vm is None:

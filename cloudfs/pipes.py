@@ -267,18 +267,12 @@ class Pipes:
             raise FsError(errno.EFBIG, f"a pipe message is at most {PIPE_MSG_MAX} bytes")
         L = self.layout
         path = L.pipe(pid, name)
-        waited = False
         while True:
             with self.store.watching(L.quota(pid), path) as ev:
-                async def look():
-                    got = await self.store.get(path, watch=True)
-                    if got is None:
-                        return got, None, None
-                    return (got, *await gather(self.store.children(path), self.store.get(L.quota(pid), watch=True)))
-                # once it waited, an outage makes it wait on (Store.while_blocked), not fail
-                got, kids, qgot = await (self.store.while_blocked(look) if waited else look())
+                got = await self.store.get(path, watch=True)
                 if got is None or _state(got[0])["gone"]:
                     raise FsError(errno.EPIPE, f"pipe {name!r} of process {pid} is gone")
+                kids, qgot = await gather(self.store.children(path), self.store.get(L.quota(pid), watch=True))
                 if kids is None or end.rsplit("/", 1)[1] not in kids:
                     raise FsError(errno.EPIPE, f"pipe {name!r} of process {pid} is gone")
                 if _state(got[0])["r"] and not _has(kids, READER):
@@ -293,7 +287,6 @@ class Pipes:
                         if nonblocking:
                             raise FsError(errno.EAGAIN, f"the pipes of process {pid} are full (limit {PIPE_BYTES})")
                         await ev.wait()
-                        waited = True
                         continue
                     t.set_data(L.quota(pid), charged.to_json(), qgot[1].version)
                 try:
@@ -312,13 +305,10 @@ class Pipes:
         L = self.layout
         path = L.pipe(pid, name)
         gone = FsError(errno.ENOENT, f"pipe {name!r} of process {pid} was removed")
-        waited = False
         while True:
             with self.store.watching(path) as ev:
-                async def look():
-                    return await self.store.get(path), await self.store.children(path, watch=True)
-                # once it waited, an outage makes it wait on (Store.while_blocked), not fail
-                before, kids = await (self.store.while_blocked(look) if waited else look())
+                before = await self.store.get(path)
+                kids = await self.store.children(path, watch=True)
                 if before is None or kids is None or end.rsplit("/", 1)[1] not in kids:
                     raise gone
                 again = False
@@ -352,4 +342,3 @@ class Pipes:
                 if nonblocking:
                     raise FsError(errno.EAGAIN, f"pipe {name!r} of process {pid} has nothing to read")
                 await ev.wait()
-                waited = True

@@ -33,9 +33,9 @@ the pid (this daemon's session expired mid-boot and the pid was taken over),
 or after the process was killed or ended, deletes its own server instead of
 recording it (cloudfs.decisions.built raises Superseded).  When the record
 write itself fails (the session is gone by then), the server is kept in
-``unconfirmed`` and settled by the next resync; a daemon killed before that
-leaves a duplicate, which the process's kill deletes (a kill deletes every
-server tagged with the pid).
+``unconfirmed`` and settled on reconnection and at each resync; a daemon
+killed before that leaves a duplicate, which goes when the process ends
+(an end deletes every server of the daemon's scope tagged with the pid).
 """
 
 from __future__ import annotations
@@ -145,6 +145,14 @@ class Reconciler:
     def _reconnected(self, lost: bool) -> None:
         if lost:
             self.owners.forget()
+        if self.unconfirmed and self._nursery is not None:
+            self._nursery.start_soon(self._settle_now)
+
+    async def _settle_now(self) -> None:
+        try:
+            await self._settle_unconfirmed()
+        except FsError as e:  # the next resync tries again
+            log.info("settling unconfirmed servers: %s", e)
 
     # -- finding work ---------------------------------------------------------
 
@@ -342,9 +350,20 @@ class Reconciler:
         return None
 
     async def _end(self, rec: Process, action: d.End) -> None:
-        """Delete the servers, then remove the process (cloudfs.exits)."""
+        """Delete the servers, then remove the process (cloudfs.exits).
+        Besides the ones the decision names, every other server of our
+        scope tagged with the pid goes too: a duplicate left by a create
+        fenced too late (its daemon paused past its session, or killed
+        before it settled ``unconfirmed``).  That look is best effort: if
+        the driver cannot list now, the named ones are deleted alone."""
         message = action.message
-        for vm in action.delete:
+        delete = list(action.delete)
+        if rec.has_image and d.reaches(rec, self.driver.scope):
+            try:
+                delete += [s.id for s in await self.driver.find(rec.pid) if s.id not in delete]
+            except DriverError as e:
+                log.info("pid %d: cannot look for other servers tagged with it: %s", rec.pid, e)
+        for vm in delete:
             try:
                 await self.driver.delete(vm)
             except DriverError as e:

@@ -64,6 +64,12 @@ from ninep.errors import FsError
 
 T = TypeVar("T")
 
+
+class Unreachable(FsError):
+    """ZooKeeper could not be asked or did not answer (EAGAIN: connection
+    suspended or lost; EIO: session lost, or no answer within the
+    deadline).  A write that fails so may or may not have been applied."""
+
 log = logging.getLogger(__name__)
 
 #: Seconds a watched cache entry (Store.cached_get) is trusted at most.
@@ -264,8 +270,8 @@ class Store:
             await self._connected.wait()
             return
         if self._state == KazooState.LOST:
-            raise FsError(errno.EIO, "ZooKeeper session lost; reconnecting")
-        raise FsError(errno.EAGAIN, "ZooKeeper connection suspended; try again")
+            raise Unreachable(errno.EIO, "ZooKeeper session lost; reconnecting")
+        raise Unreachable(errno.EAGAIN, "ZooKeeper connection suspended; try again")
 
     # -- operations -----------------------------------------------------
 
@@ -278,16 +284,16 @@ class Store:
         with trio.move_on_after(self.op_timeout):
             await done.wait()
         if not done.is_set():
-            raise FsError(errno.EIO, f"ZooKeeper did not answer within {self.op_timeout:g}s")
+            raise Unreachable(errno.EIO, f"ZooKeeper did not answer within {self.op_timeout:g}s")
         exc = result.exception
         if exc is None:
             return result.value
         if isinstance(exc, _ANSWERS):
             raise exc
         if isinstance(exc, (ConnectionLoss, OperationTimeoutError)):
-            raise FsError(errno.EAGAIN, "ZooKeeper connection lost; try again") from exc
+            raise Unreachable(errno.EAGAIN, "ZooKeeper connection lost; try again") from exc
         if isinstance(exc, (SessionExpiredError, ConnectionClosedError)):
-            raise FsError(errno.EIO, "ZooKeeper session lost") from exc
+            raise Unreachable(errno.EIO, "ZooKeeper session lost") from exc
         if isinstance(exc, NoAuthError):
             raise FsError(errno.EACCES, "ZooKeeper refused: this daemon's credential is not the deployment's "
                                         "(cloudfs up --zookeeper-auth)") from exc
@@ -466,7 +472,7 @@ class Store:
         with trio.move_on_after(self.op_timeout * 3):
             await done.wait()
         if not done.is_set():
-            raise FsError(errno.EIO, "ZooKeeper did not answer in time")
+            raise Unreachable(errno.EIO, "ZooKeeper did not answer in time")
         out = []
         for r in pending:
             exc = r.exception
@@ -553,20 +559,21 @@ class Store:
 
     async def while_blocked(self, fn: Callable[[], Awaitable[T]]) -> T:
         """``await fn()`` for a reader that already waits: when ZooKeeper
-        cannot be reached (FsError EAGAIN or EIO: suspended, session lost,
-        no answer) wait for the session to be back and ask again, instead of
-        failing.  A blocked read waits across an outage, as it would have had
+        cannot be reached (:class:`Unreachable`: suspended, session lost, no
+        answer) wait for the session to be back and ask again (backing off
+        up to 1 s), instead of failing; any other error is raised.  A blocked read waits across an outage, as it would have had
         nothing changed; the errors stay for reads that have not blocked yet.
         A session loss wakes every waiter (kazoo fires its watches), and the
         new session's first look arms the watch again."""
+        pause = 0.05
         while True:
             try:
                 return await fn()
-            except FsError as e:
-                if e.errno not in (errno.EAGAIN, errno.EIO):
-                    raise
+            except Unreachable:
+                pass
             await self.wait_connected()
-            await trio.sleep(0.05)  # connected but unanswered (EIO after op_timeout): not a hot loop
+            await trio.sleep(pause)  # connected but unanswered (EIO after op_timeout): no hot loop
+            pause = min(1.0, pause * 2)
 
     @contextmanager
     def _listing_of(self, parent: str) -> Iterator["_Listing"]:

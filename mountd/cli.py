@@ -78,6 +78,9 @@ def cmd_up(args: argparse.Namespace) -> int:
     )
     from ninep.errors import FsError
 
+    if args.fake_cloud and args.driver != "fake":
+        logging.getLogger("cloudfs").error("cloudfs up: --fake-cloud is for --driver fake")
+        return 2
     if args.debug_9p:
         logging.getLogger("ninep.trace").setLevel(logging.DEBUG)
     try:

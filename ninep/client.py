@@ -885,9 +885,10 @@ class Fid:
         cannot tell now" (EAGAIN, EIO) or "not allowed" (EACCES) look alike.
         Walk again to the last name that walked, then the failing name alone:
         a walk failing on its first name brings the server's own error back.
-        EAGAIN when the name walks now (what stopped the first walk has
-        passed, or the file was just made); ENOENT when the walk to it fails
-        now (the tree changed meanwhile)."""
+        The second walk's own error when it fails on the way to that name
+        (ENOENT only if that error is ENOENT); EAGAIN when the name walks now
+        (what stopped the first walk has passed, or the file was just made)
+        or the way there stops short (the tree is changing)."""
         c = self.client
         enoent = FsError(errno.ENOENT, f"{bad}: file not found")
         mid = c._fids.get()
@@ -897,12 +898,12 @@ class Fid:
             raise
         except BaseException as e:
             c._release_fid(mid)
-            if isinstance(e, FsError):
-                return enoent
+            if isinstance(e, FsError):  # the way there fails now: its reason (say EAGAIN), unless it is gone
+                return enoent if e.errno == errno.ENOENT else FsError(e.errno, f"{bad}: {e.message}")
             raise
-        if len(r.wqids) < good:
+        if len(r.wqids) < good:  # the way there stops short now: the tree is changing
             c._release_fid(mid)
-            return enoent
+            return FsError(errno.EAGAIN, f"{bad}: the tree changed while walking; try again")
         try:
             probe = c._fids.get()
             try:

@@ -7,7 +7,9 @@ worker and compute host sees; :class:`FakeCloudDriver` plays that role for
 daemons on one machine (the cluster harness runs three in network
 namespaces of their own): each server is ``DIR/servers/<id>.json``, written
 whole to a temporary name and renamed over (rename(2) is atomic), removed
-by unlink, read by listing the directory.  No lock is held across calls,
+by unlink (after a tombstone ``DIR/deleted/<id>``, so that a concurrent
+power change cannot bring it back), read by listing the directory.  No
+lock is held across calls,
 so a daemon that is paused (SIGSTOP) or killed in the middle of one call
 never blocks another daemon's calls; like a real cloud's API, two creates
 for one pid that race may both make a server (the reconciler's fencing
@@ -47,6 +49,10 @@ from .fake import FakeDriver
 
 __all__ = ["FakeCloudDriver"]
 
+#: The fields of a server file and their JSON types (others are skipped).
+_FIELDS = {"name": str, "status": str, "host": str, "addresses": list, "message": str, "metadata": dict,
+           "userdata": str, "secret": str, "networks": list, "born": (int, float)}
+
 
 class FakeCloudDriver(FakeDriver):
     """The fake driver with its servers in ``directory`` (made if missing),
@@ -57,6 +63,7 @@ class FakeCloudDriver(FakeDriver):
         self.dir = Path(directory).resolve()
         super().__init__(host=host, scope=f"fake-cloud:{self.dir}")
         (self.dir / "servers").mkdir(parents=True, exist_ok=True)
+        (self.dir / "deleted").mkdir(exist_ok=True)
         self.create_seconds = 0.0
         try:
             settings = json.loads((self.dir / "settings.json").read_text())
@@ -81,7 +88,15 @@ class FakeCloudDriver(FakeDriver):
             doc = json.loads(self._path(sid).read_text())
         except (OSError, ValueError):
             return None
-        return doc if isinstance(doc, dict) and doc.get("id") == sid else None
+        if not isinstance(doc, dict) or doc.get("id") != sid:
+            return None
+        for key, kind in _FIELDS.items():
+            if not isinstance(doc.get(key), kind):
+                return None  # not a server this driver wrote: skipped
+        return doc
+
+    def _tombstone(self, sid: str) -> Path:
+        return self.dir / "deleted" / sid
 
     def _write(self, doc: dict) -> None:
         path = self._path(doc["id"])
@@ -96,7 +111,7 @@ class FakeCloudDriver(FakeDriver):
                 doc = self._read(entry.name[:-5])
                 if doc is not None:
                     out.append(doc)
-        return out
+        return sorted(out, key=lambda d: (d["born"], d["id"]))  # oldest first, as find promises
 
     @staticmethod
     def _server(doc: dict) -> Server:
@@ -159,6 +174,12 @@ class FakeCloudDriver(FakeDriver):
             doc = self._ours_doc(server_id)
             doc.update(fields)
             self._write(doc)
+            # a delete between our read and our rename must win: it leaves a
+            # tombstone before it unlinks, so a rename that came after the
+            # unlink sees the tombstone here and undoes itself
+            if self._tombstone(server_id).exists():
+                self._path(server_id).unlink(missing_ok=True)
+                raise NotFound(f"no server {server_id}")
             return doc
 
         doc = await trio.to_thread.run_sync(change)
@@ -182,10 +203,8 @@ class FakeCloudDriver(FakeDriver):
             if self._read(server_id) is None:
                 return
             self._ours_doc(server_id)
-            try:
-                self._path(server_id).unlink()
-            except FileNotFoundError:
-                pass
+            self._tombstone(server_id).touch()  # before the unlink: see _change
+            self._path(server_id).unlink(missing_ok=True)
 
         await trio.to_thread.run_sync(delete)
         self.calls.append(("delete", server_id))

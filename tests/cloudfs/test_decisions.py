@@ -92,19 +92,9 @@ def test_error_is_sticky_until_exec_or_kill(desired, observed):
 @pytest.mark.parametrize("state", list(State))
 def test_killed_ends_once_the_children_are_gone(state, observed):
     rec = proc(state, Desired.KILLED)
-    assert d.look(rec, SCOPE) == d.Look(kids=True, find=True)
+    assert d.look(rec, SCOPE) == d.Look(kids=True)
     assert d.decide(rec, seen(observed, kids=True), SCOPE) is None
     assert d.decide(rec, seen(observed), SCOPE) == End(State.KILLED, "killed", (VM,))
-
-
-def test_killed_deletes_its_server_and_any_duplicate_tagged_with_its_pid():
-    """A create fenced too late (its daemon paused mid-create, another took
-    the pid over and recorded its own server, and the late one's record
-    write failed with the session) leaves a second server tagged with the
-    pid: it goes when the process ends."""
-    rec = proc(State.RUNNING, Desired.KILLED)
-    assert d.decide(rec, d.Seen(found=(VM, "late")), SCOPE) == End(State.KILLED, "killed", (VM, "late"))
-    assert d.decide(rec, d.Seen(found=("late",)), SCOPE) == End(State.KILLED, "killed", (VM, "late"))
 
 
 def test_killed_without_a_recorded_server_deletes_the_ones_found():

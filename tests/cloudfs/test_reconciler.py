@@ -209,22 +209,34 @@ async def test_a_rebuild_rotates_the_secret_only_when_it_succeeds(cfs):
     assert rec.secret != first and cfs.driver.secrets[rec.vm] == rec.secret
 
 
-async def test_kill_deletes_a_duplicate_beside_the_recorded_server(cfs):
+async def test_an_end_deletes_a_duplicate_beside_the_recorded_server(cfs):
     """A create fenced too late (its daemon paused mid-create past its
     session, another daemon recorded its own server, the late record write
-    failed) leaves a second server tagged with the pid: the kill deletes
-    both.  (Found by the cluster harness, daemon-pause.)"""
+    failed) leaves a second server tagged with the pid: when the process
+    ends, killed or exited, both go.  (Found by the cluster harness,
+    daemon-pause.)"""
     root = await cfs.attach("", "")
+
+    def duplicate(pid: int) -> Server:  # as a paused daemon's create leaves (create itself would adopt)
+        late = Server(f"late{pid:04d}", "late", "running", "fake-host")
+        cfs.driver.servers[late.id] = late
+        cfs.driver.metadata[late.id] = cfs.driver.metadata_for(ServerSpec(pid=pid, ppid=1, name="l", image="tiny"))
+        return late
+
     pid = await vm(root)
     recorded = (await cfs.records.require(pid)).value.vm
-    # a second server tagged with the pid, as a paused daemon's create leaves
-    # (create itself would adopt the first)
-    late = Server("late0001", "late", "running", "fake-host")
-    cfs.driver.servers[late.id] = late
-    cfs.driver.metadata[late.id] = cfs.driver.metadata_for(ServerSpec(pid=pid, ppid=1, name="late", image="tiny"))
+    late = duplicate(pid)
     assert len(await cfs.driver.find(pid)) == 2
     await ctl(root, pid, "kill")
     assert await cat(root, "/proc/1/wait") == f"{pid} p{pid} killed killed\n".encode()
+    assert recorded not in cfs.driver.servers and late.id not in cfs.driver.servers
+
+    pid = await vm(root)
+    recorded = (await cfs.records.require(pid)).value.vm
+    late = duplicate(pid)
+    cfs.driver.exit(recorded, "guest powered off")
+    await cfs.reconciler.resync()
+    assert await cat(root, "/proc/1/wait") == f"{pid} p{pid} exited guest powered off\n".encode()
     assert recorded not in cfs.driver.servers and late.id not in cfs.driver.servers
 
 

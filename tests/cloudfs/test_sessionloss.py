@@ -154,7 +154,8 @@ async def test_a_blocked_read_woken_while_disconnected_waits_on(private_zookeepe
 
 
 async def _waiting(fs):
-    return fs.store.waiter_count() >= 1
+    # registered, and past its first look: its directory's listing is held
+    return fs.store.waiter_count() >= 1 and any(lst.names is not None for lst in fs.store._listings.values())
 
 
 async def _disconnected(fs):

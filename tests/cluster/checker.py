@@ -9,13 +9,16 @@ The rules (issue "cluster"), each one function:
   ``nextpid``), and ascending in real time (a fork that began after another
   was acknowledged got a larger pid).
 - :func:`check_processes`: every acknowledged fork exists afterwards or has
-  a wait record (present, or consumed by a read); no process appears that no
-  acknowledged or possibly-applied fork of that parent could have made;
-  an acknowledged kill leaves no process behind.
+  a wait record (present, or consumed by a read, or possibly by a wait read
+  that got no answer); no process appears that no acknowledged or
+  possibly-applied fork of that parent could have made; an acknowledged
+  kill leaves no process behind; no process ends but by a kill.
 - :func:`check_env`: every value read was written (by a write that began
-  before the read ended) and is not stale (no later write of the key was
-  acknowledged before the read began); after healing every daemon reads the
-  last acknowledged write of each key, or a later possibly-applied one.
+  before the read ended) and is not stale: no later write of the key was
+  known (acknowledged, or its value read) on the same daemon before the
+  read began, nor anywhere more than STALE_SLACK before; after healing
+  every daemon reads the last acknowledged write of each key, or a later
+  possibly-applied one.
 - :func:`check_waits`: each wait record is consumed at most once, by a read of
   its own parent; every acknowledged kill's record is consumed or still
   waiting, not both.
@@ -28,10 +31,12 @@ The rules (issue "cluster"), each one function:
   exactly one server and every server of the deployment has its process
   (no orphan, no duplicate); no work is left pending.
 - :func:`check_errors`: a failed operation failed with an errno the
-  documentation gives for it (EAGAIN/EIO while ZooKeeper is unreachable),
-  never another.
+  documentation gives for it, EAGAIN/EIO only around a fault (while
+  ZooKeeper is unreachable), never another; no operation goes unanswered
+  with no fault near.
 - :func:`check_listings`: ``ls /proc`` lists only pids some fork made, and not
-  a process whose wait record had already been consumed.
+  a process whose wait record had already been consumed (on that daemon, or
+  more than STALE_SLACK before anywhere).
 
 Keys are written by one client each, one write at a time, so each key's
 writes are ordered by their start.
@@ -58,6 +63,8 @@ class Final:
 
     procs: dict[int, tuple[int, str, str | None]] = field(default_factory=dict)
     waits: dict[int, list[int]] = field(default_factory=dict)
+    #: pid → (state, message) of each wait record in ``waits``
+    ended: dict[int, tuple[str, str]] = field(default_factory=dict)
     next_pid: int = 2
     env: dict[int, dict[str, str | None]] = field(default_factory=dict)
     servers: list[tuple[str, int]] = field(default_factory=list)
@@ -70,6 +77,23 @@ class Final:
 #: Seconds around a fault in which a read may be refused before it blocked
 #: (kazoo notices a dead connection within 2/3 of the session timeout).
 REFUSAL_SLACK = 3.0
+#: A read refused before it blocked fails within the store's suspend wait
+#: plus one operation's deadline (2 + 10 s); one that fails later had waited.
+REFUSAL_WITHIN = 12.0
+#: Seconds after a fault healed in which EAGAIN/EIO are still expected (a
+#: partitioned daemon's new session, a restarted daemon's first requests).
+ERROR_SLACK = 10.0
+#: How long another daemon's reads may lag an acknowledged write: cloudfs
+#: reads from the ZooKeeper server its session is on, which may trail the
+#: leader until it notices it lost the quorum (syncLimit 5 × tick 500 ms);
+#: a daemon never reads older than what it wrote or read itself (ZooKeeper's
+#: per-session order).
+STALE_SLACK = 2.5
+
+
+def in_fault(final: "Final", start: float, end: float, before: float = 1.0, after: float = ERROR_SLACK) -> bool:
+    """Whether [start, end] meets a fault window widened by ``before``/``after``."""
+    return any(start <= f_end + after and end >= f_start - before for f_start, f_end in final.faults)
 
 
 def anomaly(check: str, detail: str, *ops: Op) -> dict:
@@ -85,6 +109,18 @@ def _wait_pid(op: Op) -> int | None:
         return int(str(op.value).split()[0])
     except (ValueError, IndexError):
         return None
+
+
+def _wait_state(op: Op) -> tuple[str, str]:
+    """(state, message) of a wait record line ``pid name state message``."""
+    parts = str(op.value).split(" ", 3)
+    return (parts[2] if len(parts) > 2 else "", parts[3] if len(parts) > 3 else "")
+
+
+def _lost_waits(ops: list[Op]) -> Counter:
+    """Per parent, the wait reads that may have taken a record without
+    anyone seeing it (no answer, or EAGAIN/EIO after it took one)."""
+    return Counter(o.args["parent"] for o in ops if o.kind == "wait" and o.outcome != OK and o.may_have_happened())
 
 
 def check_pids(ops: list[Op], final: Final) -> list[dict]:
@@ -119,9 +155,22 @@ def check_processes(ops: list[Op], final: Final) -> list[dict]:
     consumed = {p for p in (_wait_pid(o) for o in _ok(ops, "wait")) if p is not None}
     waiting = {c for cs in final.waits.values() for c in cs}
     acked = {o.value: o for o in _ok(ops, "fork")}
+    lost = _lost_waits(ops)
     for pid, o in acked.items():
         if pid not in final.procs and pid not in waiting and pid not in consumed:
+            if lost[o.args["parent"]] > 0:  # a wait read nobody heard back from may have taken its record
+                lost[o.args["parent"]] -= 1
+                continue
             out.append(anomaly("processes", f"acknowledged fork {pid} vanished without a wait record", o))
+    # nothing ends by itself here (the fake cloud's servers never stop): every
+    # wait record is of a process a kill may have ended
+    killed = {o.args["pid"] for o in ops if o.kind == "kill" and o.may_have_happened()}
+    records = [(_wait_pid(o), _wait_state(o), o) for o in _ok(ops, "wait")]
+    records += [(pid, final.ended.get(pid, ("killed", "")), None) for pid in waiting]
+    for pid, (state, message), o in records:
+        if pid is not None and (pid not in killed or state != "killed"):
+            out.append(anomaly("processes", f"process {pid} ended by itself: {state} {message}".rstrip(),
+                               *([o] if o else [])))
     # every process that exists or ended must come from a fork that may have happened
     maybe = Counter(o.args["parent"] for o in ops if o.kind == "fork" and o.outcome != OK and o.may_have_happened())
     unexplained: Counter[int] = Counter()
@@ -151,16 +200,38 @@ def check_env(ops: list[Op], final: Final) -> list[dict]:
             writes[o.args["key"]].append(o)
     for ws in writes.values():
         ws.sort(key=lambda o: o.start)
-    for r in _ok(ops, "read"):
+    # when each write was known to have happened: its acknowledgement, or
+    # the end of the first read that returned its value (an unknown write
+    # seen is a write done), on each daemon and anywhere
+    known_on: dict[tuple[int, int], float] = {}
+    known_any: dict[int, float] = {}
+
+    def learn(w: Op, daemon: int, t: float) -> None:
+        known_on[(w.id, daemon)] = min(known_on.get((w.id, daemon), t), t)
+        known_any[w.id] = min(known_any.get(w.id, t), t)
+
+    for w in ops:
+        if w.kind == "write" and w.outcome == OK:
+            learn(w, w.daemon, w.end)
+    reads = sorted(_ok(ops, "read"), key=lambda o: o.end)
+    index = {}
+    for r in reads:
         ws = writes.get(r.args["key"], [])
         idx = next((i for i, w in enumerate(ws) if w.args["value"] == r.value), None)
+        index[r.id] = idx
+        if idx is not None:
+            learn(ws[idx], r.daemon, r.end)
+    for r in reads:
+        ws, idx = writes.get(r.args["key"], []), index[r.id]
         if idx is None or not ws[idx].may_have_happened() or ws[idx].start > r.end:
             out.append(anomaly("env", f"read {r.args['key']}={r.value!r}: no write made it", r))
             continue
-        later = [w for w in ws[idx + 1:] if w.outcome == OK and w.end < r.start]
+        later = [w for w in ws[idx + 1:]
+                 if known_on.get((w.id, r.daemon), float("inf")) < r.start
+                 or known_any.get(w.id, float("inf")) < r.start - STALE_SLACK]
         if later:
             out.append(anomaly("env", f"stale read {r.args['key']}={r.value!r} after "
-                                      f"{later[-1].args['value']!r} was acknowledged", r, later[-1]))
+                                      f"{later[-1].args['value']!r} was known", r, later[-1]))
     for daemon, values in final.env.items():
         for key, ws in writes.items():
             acked = [i for i, w in enumerate(ws) if w.outcome == OK]
@@ -193,11 +264,15 @@ def check_waits(ops: list[Op], final: Final) -> list[dict]:
             out.append(anomaly("waits", f"wait record of {pid} read from {o.args['parent']}, "
                                         f"its parent is {parent[pid]}", o))
     waiting = {c: p for p, cs in final.waits.items() for c in cs}
+    lost = _lost_waits(ops)
     for o in _ok(ops, "kill"):
         pid = o.args["pid"]
         if pid in taken and pid in waiting:
             out.append(anomaly("waits", f"wait record of {pid} consumed and still waiting", o, taken[pid]))
         elif pid not in taken and pid not in waiting:
+            if pid in parent and lost[parent[pid]] > 0:
+                lost[parent[pid]] -= 1  # a wait read nobody heard back from may have taken it
+                continue
             out.append(anomaly("waits", f"killed {pid} left no wait record", o))
     return out
 
@@ -212,7 +287,7 @@ def check_blocks(ops: list[Op], final: Final) -> list[dict]:
             if o.value != released.get(o.args["key"]):
                 out.append(anomaly("blocks", f"blocked read of {o.args['key']} returned {o.value!r}, "
                                              f"released with {released.get(o.args['key'])!r}", o))
-        elif o.outcome == FAIL and o.errno in INDETERMINATE and any(
+        elif o.outcome == FAIL and o.errno in INDETERMINATE and o.end - o.start <= REFUSAL_WITHIN and any(
                 start - REFUSAL_SLACK <= o.start <= end + REFUSAL_SLACK for start, end in final.faults):
             continue  # refused before it could block, while ZooKeeper was away (documented)
         elif not o.args.get("interrupted"):
@@ -261,9 +336,17 @@ CONNECT = frozenset({errno.ECONNREFUSED, errno.ENOENT})
 def check_errors(ops: list[Op], final: Final) -> list[dict]:
     out = []
     for o in ops:
-        if o.outcome != FAIL or o.errno in INDETERMINATE:
+        if o.outcome == UNKNOWN and o.message == "deadline" and o.kind != "block" \
+                and not in_fault(final, o.start, o.end):
+            out.append(anomaly("errors", f"{o.kind} had no answer within its deadline, no fault near", o))
+        if o.outcome != FAIL:
             continue
-        if o.message.startswith("connect") and o.errno in CONNECT:
+        if o.errno in INDETERMINATE:
+            if not in_fault(final, o.start, o.end) and not (o.kind == "read" and o.errno == errno.EAGAIN):
+                out.append(anomaly("errors", f"{o.kind} failed with {errno.errorcode.get(o.errno, o.errno)} "
+                                             f"with no fault near: {o.message}".rstrip(), o))
+            continue
+        if o.message.startswith("connect") and o.errno in CONNECT and in_fault(final, o.start, o.end):
             continue
         if o.errno not in ALLOWED.get(o.kind, set()):
             out.append(anomaly("errors", f"{o.kind} failed with {errno.errorcode.get(o.errno, o.errno)} "
@@ -281,7 +364,8 @@ def check_listings(ops: list[Op], final: Final) -> list[dict]:
         phantom = listed - known
         if phantom:
             out.append(anomaly("listings", f"ls /proc listed {sorted(phantom)}, which no fork made", o))
-        gone = [(p, w) for end, p, w in consumed if end < o.start and p in listed]
+        gone = [(p, w) for end, p, w in consumed if p in listed
+                and (end < o.start - STALE_SLACK or (w.daemon == o.daemon and end < o.start))]
         for p, w in gone:
             out.append(anomaly("listings", f"ls /proc listed {p} after its wait record was consumed", w, o))
     return out

@@ -218,7 +218,7 @@ class Cluster:
         argv = [*self.host(f"d{i}").prefix, cloudfs, "up", *backend,
                 "--zookeeper", self.state.zk_hosts, "--state-dir", str(self.state_dir(i)),
                 "--deployment", self.deployment, "--session-timeout", f"{self.session_timeout:g}",
-                "--max-processes", "100000"]
+                "--max-processes", "100000", "--limit", "descendants=100000", "--limit", "env-keys=100000"]
         if i != 1:
             argv += ["--zookeeper-auth", str(self.state_dir(1) / "zookeeper.auth")]
         return argv
@@ -352,7 +352,7 @@ def down(directory: str | os.PathLike) -> None:
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
         except OSError:
             continue
-        if str(st.get("dir", "")).encode() in cmdline or b"zookeeper" in cmdline:
+        if st.get("dir") and str(st["dir"]).encode() in cmdline:  # its state dir or zoo.cfg is in there
             try:
                 os.killpg(pid, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):

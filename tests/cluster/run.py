@@ -23,13 +23,14 @@ from pathlib import Path
 
 import trio
 from kazoo.client import KazooClient
+from kazoo.exceptions import NoNodeError
 
 from cloudfs.drivers.base import META_DEPLOYMENT, META_PID
 from cloudfs.drivers.fakecloud import FakeCloudDriver
 from ninep.client import open_client
 from ninep.errors import FsError
 
-from .checker import Final, check
+from .checker import Final, check, check_servers
 from .history import OK, History, Op
 from .hosts import Cluster
 from .nemesis import NEMESES, inject
@@ -51,12 +52,16 @@ def _zk_state(cluster: Cluster, root: str) -> tuple[Final, str]:
         final.next_pid = int(k.get(f"{root}/nextpid")[0])
         for name in k.get_children(f"{root}/proc"):
             pid = int(name)
-            rec = json.loads(k.get(f"{root}/proc/{name}")[0])
-            final.procs[pid] = (rec["ppid"], rec["state"], rec.get("vm"))
-            waits = []
-            if k.exists(f"{root}/proc/{name}/wait"):
+            try:  # a process may end while this looks (before convergence)
+                rec = json.loads(k.get(f"{root}/proc/{name}")[0])
+                waits = []
                 for w in k.get_children(f"{root}/proc/{name}/wait"):
-                    waits.append(json.loads(k.get(f"{root}/proc/{name}/wait/{w}")[0])["pid"])
+                    wr = json.loads(k.get(f"{root}/proc/{name}/wait/{w}")[0])
+                    waits.append(wr["pid"])
+                    final.ended[wr["pid"]] = (wr["state"], wr.get("message", ""))
+            except NoNodeError:
+                continue
+            final.procs[pid] = (rec["ppid"], rec["state"], rec.get("vm"))
             if waits:
                 final.waits[pid] = waits
         final.pending = len(k.get_children(f"{root}/pending"))
@@ -67,21 +72,23 @@ def _zk_state(cluster: Cluster, root: str) -> tuple[Final, str]:
 
 
 async def _converged(cluster: Cluster, root: str) -> Final:
-    """Wait until every daemon answers and nothing is pending or creating;
-    then return the ZooKeeper and fake-cloud parts of the final state."""
+    """Wait until every daemon answers, nothing is pending or creating and
+    the fake cloud holds one server per VM process (eventually true is what
+    is promised); then return the ZooKeeper and fake-cloud parts of the
+    final state (as they are at the deadline if that never happens)."""
     for i in range(1, cluster.n_daemons + 1):
         await cluster.wait_daemon(i, CONVERGE_TIMEOUT)
+    cloud = FakeCloudDriver(cluster.dir / "cloud")
     deadline = trio.current_time() + CONVERGE_TIMEOUT
     while True:
         final, dep_id = await trio.to_thread.run_sync(_zk_state, cluster, root)
+        servers = await trio.to_thread.run_sync(cloud.servers_on_disk)
+        final.servers = [(s.id, int(md[META_PID])) for s, md in servers if md.get(META_DEPLOYMENT) == dep_id]
         creating = [p for p, (_, s, _) in final.procs.items() if s == "creating"]
-        if (final.pending == 0 and not creating) or trio.current_time() > deadline:
-            break
+        if (final.pending == 0 and not creating and not check_servers([], final)) \
+                or trio.current_time() > deadline:
+            return final
         await trio.sleep(0.5)
-    cloud = FakeCloudDriver(cluster.dir / "cloud")
-    servers = await trio.to_thread.run_sync(cloud.servers_on_disk)
-    final.servers = [(s.id, int(md[META_PID])) for s, md in servers if md.get(META_DEPLOYMENT) == dep_id]
-    return final
 
 
 async def _env_after(cluster: Cluster, keys: list[str]) -> dict[int, dict[str, str | None]]:

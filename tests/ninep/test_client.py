@@ -794,7 +794,10 @@ async def test_a_walk_stopped_short_brings_the_servers_error_back(dialect):
 
     class Busy(MemNode):
         async def walk(self, name):
-            if name == "busy":
+            if name == "busy" or (name == "e" and fs.outage):
+                raise FsError(errno.EAGAIN, "cannot tell now; try again")
+            if name == "x":  # an outage that spreads: from now on d/e cannot be walked either
+                fs.outage = True
                 raise FsError(errno.EAGAIN, "cannot tell now; try again")
             node = await super().walk(name)
             return Busy(node.fs, node.inode) if isinstance(node, MemNode) else node
@@ -804,6 +807,7 @@ async def test_a_walk_stopped_short_brings_the_servers_error_back(dialect):
             return Busy(self, self.root)
 
     fs = BusyFS()
+    fs.outage = False
     fs.root.children["d"] = _Inode(stat.S_IFDIR | 0o777)
     fs.root.children["d"].children["e"] = _Inode(stat.S_IFDIR | 0o777)
     async with serving(fs) as (_, addr), open_client(addr, version=dialect) as c:
@@ -816,6 +820,14 @@ async def test_a_walk_stopped_short_brings_the_servers_error_back(dialect):
         with pytest.raises(FsError) as ei:
             await c.read_file("d/e/busy")
         assert ei.value.errno != errno.ENOENT
+
+        # the outage reaches d/e between the walk and the client's probe
+        fs.root.children["d"].children["e"].children["x"] = _Inode(stat.S_IFDIR | 0o777)
+        with pytest.raises(FsError) as ei:
+            await c.walk("d/e/x/y")
+        assert ei.value.errno == errno.EAGAIN or dialect == Dialect.P2000, ei.value
+        assert ei.value.errno != errno.ENOENT, ei.value
+        fs.outage = False
         await trio.sleep(0.2)  # background clunks of the probes' fids
         f = await c.walk("d/e")  # the fids of the failed walks were given back
         assert f.fid < 10

@@ -56,13 +56,14 @@ async def test_other_deployments_and_junk(tmp_path):
     (tmp_path / "servers" / "0badc0de.json").write_text("{not json")
     (tmp_path / "servers" / ".tmp-0123").write_text("{}")
     (tmp_path / "servers" / "abc.json").write_text('{"id": "other"}')
+    (tmp_path / "servers" / "abd.json").write_text('{"id": "abd", "metadata": {}}')  # fields missing
     mine_s = await mine.create(SPEC)
     assert await mine.find(7) == [mine_s]
     listed = {srv.id: md for srv, md in mine.servers_on_disk()}
     assert set(listed) == {s.id, mine_s.id}
     assert listed[s.id][META_DEPLOYMENT] == OTHER and listed[mine_s.id][META_PID] == "7"
     assert sorted(os.listdir(tmp_path / "servers")) == sorted(
-        [f"{s.id}.json", f"{mine_s.id}.json", "0badc0de.json", ".tmp-0123", "abc.json"])
+        [f"{s.id}.json", f"{mine_s.id}.json", "0badc0de.json", ".tmp-0123", "abc.json", "abd.json"])
 
 
 async def test_settings(tmp_path):
@@ -77,3 +78,16 @@ async def test_settings(tmp_path):
         (tmp_path / "settings.json").write_text(bad)
         with pytest.raises(ValueError):
             FakeCloudDriver(tmp_path)
+
+
+async def test_a_power_change_racing_a_delete_does_not_bring_the_server_back(tmp_path):
+    """The delete leaves a tombstone before it unlinks; a change that read
+    the file before the delete and renames its copy after it undoes itself."""
+    a, b = bound(tmp_path), bound(tmp_path)
+    s = await a.create(SPEC)
+    doc = a._ours_doc(s.id)  # a's stop has read the file ...
+    await b.delete(s.id)     # ... b deletes the server ...
+    a._write(doc)            # ... a's rename lands after the unlink
+    with pytest.raises(NotFound):
+        await a.stop(s.id)   # a change now finds the tombstone and undoes its write
+    assert await b.find(7) == []
