@@ -36,6 +36,7 @@ from .deployment import open_deployment
 from .drivers.base import ComputeDriver
 from .exits import Exits
 from .filestore import FileStore
+from .hosts import Hosts
 from .identity import PublicFS, parse_attach, secret_matches
 from .lifecycle import Lifecycle
 from .nodes import OPERATOR, PROCESS, READONLY, RootNode, View
@@ -72,12 +73,14 @@ class CloudFS(FileSystem):
     (cloudfs.deployment.open_deployment).  ``files``: the backend of
     ``/files`` (cloudfs.filestore; None: no /files), ``files_limits`` the
     deployment's ``files`` and ``file-bytes`` limits (cloudfs.sharedfiles).
+    ``host``: this daemon's name in ``/hosts`` (cloudfs.hosts; default the
+    daemon id).
 
     Its parts, one job each: ``records`` (process records), ``quotas``,
     ``lifecycle`` (fork, exec, kill, stop, start), ``data`` (userdata,
     env), ``waits`` (wait records), ``exits`` (ending a process),
     ``catalog`` (the driver's images, flavors and networks, cached),
-    ``reconciler`` (acting on the driver).  ``deployment_id`` is the
+    ``reconciler`` (acting on the driver), ``hosts`` (the live daemons).  ``deployment_id`` is the
     deployment's unique id (known after :meth:`start`).
     """
 
@@ -85,7 +88,7 @@ class CloudFS(FileSystem):
                  daemon_id: str | None = None, resync_interval: float | None = 10.0, *,
                  limits: Mapping[str, int] | None = None, max_processes: int = DEFAULT_MAX_PROCESSES,
                  adopt_open: bool = False, files: FileStore | None = None,
-                 files_limits: Mapping[str, int] | None = None):
+                 files_limits: Mapping[str, int] | None = None, host: str | None = None):
         self.store = store
         self.driver = driver
         self.layout = L = Layout(root)
@@ -106,6 +109,7 @@ class CloudFS(FileSystem):
         self.daemon_id = daemon_id or f"cloudfs-{uuid.uuid4().hex[:12]}"
         self.reconciler = Reconciler(store, L, self.records, self.data, self.exits, driver, self.daemon_id,
                                      resync_interval)
+        self.hosts = Hosts(store, L, host or self.daemon_id, self.daemon_id, driver)
         self.deployment_id: str | None = None
         self.started_ns = time.time_ns()
         self._cancel: trio.CancelScope | None = None
@@ -135,6 +139,7 @@ class CloudFS(FileSystem):
                 self._cancel = cs
                 async with trio.open_nursery() as inner:
                     inner.start_soon(self.driver.run)
+                    await inner.start(self.hosts.run)
                     await inner.start(self.reconciler.run)
                     task_status.started()
 
@@ -213,19 +218,19 @@ async def open_cloudfs(hosts: str, driver: ComputeDriver, root: str = DEFAULT_RO
                        limits: Mapping[str, int] | None = None, max_processes: int = DEFAULT_MAX_PROCESSES,
                        zk_auth: str | None = None, adopt_open: bool = False,
                        files: FileStore | None = None, files_limits: Mapping[str, int] | None = None,
-                       **store_options) -> AsyncIterator[CloudFS]:
+                       host: str | None = None, **store_options) -> AsyncIterator[CloudFS]:
     """Connect to ZooKeeper at ``hosts``, start a CloudFS on ``root`` and
     yield it; on exit stop the reconciler and close the session.
     ``limits`` and ``max_processes`` as for :class:`CloudFS`; ``zk_auth`` a
     digest credential ``user:password``: every znode of the deployment then
     carries an ACL only holders of it pass (None: open, as for tests);
-    ``files``/``files_limits`` as for :class:`CloudFS`; ``store_options`` go
+    ``files``/``files_limits``/``host`` as for :class:`CloudFS`; ``store_options`` go
     to :class:`Store` (timeouts)."""
     store = Store(hosts, auth=zk_auth, **store_options)
     await store.start()
     try:
         fs = CloudFS(store, driver, root, daemon_id, resync_interval, limits=limits, max_processes=max_processes,
-                     adopt_open=adopt_open, files=files, files_limits=files_limits)
+                     adopt_open=adopt_open, files=files, files_limits=files_limits, host=host)
         await fs.prepare()  # its errors come as themselves, not in an exception group
         async with trio.open_nursery() as nursery:
             await fs.start(nursery)

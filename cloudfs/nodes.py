@@ -184,7 +184,7 @@ class CNode(Node):
 
 
 class RootNode(CNode):
-    """``/``: proc, images, net, and files when the CloudFS has a files backend."""
+    """``/``: proc, images, net, hosts, and files when the CloudFS has a files backend."""
 
     kind = tree.ROOT
 
@@ -588,7 +588,38 @@ class NetFileNode(CNode):
         await super().setattr(change)
 
 
-_DIRS = {tree.PROC: ProcNode, tree.IMAGES: ImagesNode, tree.NET: NetNode}
+class HostsNode(CNode):
+    """``/hosts``: a file per live daemon of the deployment (cloudfs.hosts)."""
+
+    kind = tree.HOSTS
+
+    async def walk(self, name: str) -> Node:
+        await self.fs.hosts.get(name)
+        return HostNode(self.view, 0, name)
+
+    async def _entries(self) -> list[DirEntry]:
+        return [self._entry(n, HostNode(self.view, 0, n)) for n in await self.fs.hosts.names()]
+
+
+class HostNode(CNode):
+    """``/hosts/<name>``: name daemon driver scope since processes."""
+
+    kind = tree.HOST
+
+    async def _alive(self) -> None:
+        await self.fs.hosts.get(self.key)
+
+    async def _info(self) -> bytes:
+        h = await self.fs.hosts.get(self.key)
+        pids = await self.fs.hosts.processes(h)
+        return kv_text([("name", h.name), ("daemon", h.daemon), ("driver", h.driver), ("scope", h.scope),
+                        ("since", h.since), ("processes", " ".join(map(str, pids)) or "-")])
+
+    def _open(self, flags: int) -> OpenFile:
+        return InfoFile(self._info, flags)
+
+
+_DIRS = {tree.PROC: ProcNode, tree.IMAGES: ImagesNode, tree.NET: NetNode, tree.HOSTS: HostsNode}
 _PID_NODES = {
     tree.CTL: CtlNode, tree.STATUS: StatusNode, tree.CHILDREN: ChildrenNode,
     tree.USERDATA: UserdataNode, tree.ENV: EnvNode, tree.WAIT: WaitNode, tree.LIMITS: LimitsNode,

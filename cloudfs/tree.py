@@ -22,7 +22,7 @@ from ninep.fs import qid_type_for_mode
 from ninep.qid import Qid
 
 (ROOT, PROC, PID, CTL, STATUS, CHILDREN, USERDATA, ENV, ENVKEY, WAIT, IMAGES, IMAGE, NET, NETFILE, LIMITS, STATS,
- CONSOLE, NOTE, NOTEPG, PIPEDIR, PIPE, FILES, FILEDIR, FILE) = range(1, 25)
+ CONSOLE, NOTE, NOTEPG, PIPEDIR, PIPE, FILES, FILEDIR, FILE, HOSTS, HOST) = range(1, 27)
 
 DIR = stat.S_IFDIR
 REG = stat.S_IFREG
@@ -40,7 +40,7 @@ class Entry:
 
 
 TREE: tuple[Entry, ...] = (
-    Entry("/", ROOT, DIR | 0o555, "the root: proc, images, net, files"),
+    Entry("/", ROOT, DIR | 0o555, "the root: proc, images, net, hosts, files"),
     Entry("/proc", PROC, DIR | 0o555, "one directory per live process, named by pid; 'self' walks to the attached process"),
     Entry("/proc/<pid>", PID, DIR | 0o555,
           "a process: ctl status children userdata env wait limits stats console note notepg pipe"),
@@ -78,6 +78,9 @@ TREE: tuple[Entry, ...] = (
     Entry("/net", NET, DIR | 0o775,
           "one file per network; creating a file /net/<name> creates the network, rm deletes it (EBUSY while used)"),
     Entry("/net/<name>", NETFILE, REG | 0o444, "key value lines: id name cidr status"),
+    Entry("/hosts", HOSTS, DIR | 0o555, "one file per live daemon of the deployment, named by its host"),
+    Entry("/hosts/<name>", HOST, REG | 0o444,
+          "key value lines: name daemon driver scope since processes (the pids whose VMs it runs)"),
     Entry("/files", FILES, DIR | 0o777,
           "the deployment's shared file tree (cloudfs up --files: local directory or Swift); ordinary files "
           "and directories with true sizes and mtimes"),
@@ -97,7 +100,8 @@ PID_FILES: tuple[tuple[str, int], ...] = (
     ("console", CONSOLE), ("note", NOTE), ("notepg", NOTEPG), ("pipe", PIPEDIR),
 )
 #: The root's directories, in listing order.
-ROOT_DIRS: tuple[tuple[str, int], ...] = (("proc", PROC), ("images", IMAGES), ("net", NET), ("files", FILES))
+ROOT_DIRS: tuple[tuple[str, int], ...] = (("proc", PROC), ("images", IMAGES), ("net", NET), ("hosts", HOSTS),
+                                          ("files", FILES))
 
 
 def mode_of(kind: int) -> int:

@@ -25,6 +25,7 @@
                                      <pid> may differ from the backend
     <root>/owners/<pid>              ephemeral: the daemon (its id as data)
                                      that acts on <pid> for the compute driver
+    <root>/hosts/<name>              ephemeral: a live daemon (JSON, cloudfs.hosts)
     <root>/files                     JSON limits and counts of the shared
                                      tree /files (cloudfs.sharedfiles); the
                                      files themselves are in its backend
@@ -77,6 +78,7 @@ class Layout:
         self.proc = f"{self.root}/proc"
         self.pending = f"{self.root}/pending"
         self.owners = f"{self.root}/owners"
+        self.hosts = f"{self.root}/hosts"
         #: JSON limits and counts of /files (cloudfs.sharedfiles)
         self.files_usage = f"{self.root}/files"
 

@@ -75,6 +75,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         files_limits=dict(args.files_limit or []),
         fake_cloud=Path(args.fake_cloud) if args.fake_cloud else None,
         session_timeout=args.session_timeout,
+        host=args.host,
     )
     from ninep.errors import FsError
 
@@ -191,6 +192,15 @@ def _count(text: str) -> int:
     return int(text)
 
 
+def _host(text: str) -> str:
+    from cloudfs.hosts import check_host_name
+
+    try:
+        return check_host_name(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def _seconds(text: str) -> float:
     try:
         value = float(text)
@@ -266,6 +276,9 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--fake-cloud", metavar="DIR",
                     help="fake driver: keep servers as files in DIR, one fake cloud shared by every daemon given "
                          "the same DIR (default: in the daemon's memory)")
+    up.add_argument("--host", metavar="NAME", type=_host,
+                    help="this daemon's name in /hosts (default: the machine's hostname); one live daemon per name "
+                         "in a deployment")
     up.add_argument("--session-timeout", metavar="SECONDS", type=_seconds, default=10.0,
                     help="ZooKeeper session timeout (default 10): after this long cut off from the ensemble the "
                          "daemon's session ends and other daemons take over its work")

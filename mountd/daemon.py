@@ -38,6 +38,7 @@ import trio
 
 from cloudfs.channel import Channels
 from cloudfs.drivers.base import ComputeDriver
+from cloudfs.hosts import default_host_name
 from cloudfs.namespace import open_cloudfs
 from cloudfs.quotas import DEFAULT_MAX_PROCESSES
 from ninep.dial import listener_address, open_listeners, parse_dial
@@ -122,6 +123,8 @@ class DaemonOptions:
     #: fake driver: the directory of a fake cloud shared with other daemons
     #: (cloudfs.drivers.fakecloud); None: servers in this daemon's memory
     fake_cloud: Path | None = None
+    #: this daemon's name in /hosts (cloudfs.hosts; None: the machine's hostname)
+    host: str | None = None
     #: ZooKeeper session timeout (s): how long the ensemble keeps this
     #: daemon's session, and so its owner znodes, while it cannot be reached
     session_timeout: float = 10.0
@@ -205,7 +208,8 @@ async def run(opts: DaemonOptions, *, task_status=trio.TASK_STATUS_IGNORED) -> N
         async with open_cloudfs(hosts, driver, root=opts.zk_root, limits=opts.limits, zk_auth=auth,
                                 files=files, files_limits=opts.files_limits,
                                 adopt_open=opts.adopt_open_tree,
-                                max_processes=opts.max_processes, session_timeout=opts.session_timeout) as fs:
+                                max_processes=opts.max_processes, session_timeout=opts.session_timeout,
+                                host=opts.host or default_host_name()) as fs:
             if hasattr(driver, "channel_handler"):  # VMs with a channel each (the QEMU driver)
                 driver.channel_handler = Channels(fs, trace=opts.debug_9p).serve
             async with trio.open_nursery() as nursery:
@@ -230,8 +234,8 @@ async def run(opts: DaemonOptions, *, task_status=trio.TASK_STATUS_IGNORED) -> N
                 info = {"listen": bound, "mount": str(opts.mount) if opts.mount else None, "zookeeper": hosts,
                         "fs": fs}
                 log.info("cloudfs up: 9P on %s%s; ZooKeeper %s; driver %s; deployment %s (id %s); daemon %s "
-                         "(owner znodes)", ", ".join(bound), f"; mounted at {opts.mount}" if opts.mount else "", hosts,
-                         opts.driver, opts.zk_root, fs.deployment_id, fs.daemon_id)
+                         "(owner znodes), host %s", ", ".join(bound), f"; mounted at {opts.mount}" if opts.mount else "",
+                         hosts, opts.driver, opts.zk_root, fs.deployment_id, fs.daemon_id, fs.hosts.me.name)
                 task_status.started(info)
                 with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
                     async for signum in signals:

@@ -190,6 +190,8 @@ class ComputeDriver(abc.ABC):
     then makes no server and matches none)."""
 
     scope: str = "shared"
+    #: what ``/hosts`` calls this kind of driver (``cloudfs up --driver``)
+    kind: str = "driver"
     deployment: str | None = None
     #: the deployment's ZooKeeper root, written as META_ROOT (informational)
     deployment_root: str = ""

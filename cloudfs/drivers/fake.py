@@ -30,6 +30,8 @@ from .base import (
 class FakeDriver(ComputeDriver):
     """An in-memory cloud.  Share one instance between daemons of one test."""
 
+    kind = "fake"
+
     def __init__(self, host: str = "fake-host", scope: str = "fake"):
         self.host = host
         self.scope = scope

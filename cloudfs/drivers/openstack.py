@@ -232,6 +232,8 @@ class OpenStackDriver(ComputeDriver):
     asks Nova; ``concurrency`` is the number of API calls in flight at once.
     """
 
+    kind = "openstack"
+
     def __init__(self, conn: Any, *, deployment: str | None = None, timeout: float = 60.0,
                  boot_timeout: float = 600.0, poll_interval: float = 0.5, concurrency: int = 16,
                  cache_ttl: float = 30.0):

@@ -474,6 +474,8 @@ class QemuDriver(ComputeDriver):
     (QEMU failed to start; its stderr is in the message), QmpError (QMP).
     """
 
+    kind = "qemu"
+
     def __init__(self, state_dir: Path, *, accel: str = "auto", kvm_probe_timeout: float = 5.0,
                  qemu: str = "qemu-system-x86_64", host: str | None = None, kernel_args: str = "",
                  bios: str | None = None, qemu_user: str | None = "nobody",

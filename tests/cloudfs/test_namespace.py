@@ -29,7 +29,7 @@ async def fails(errno_, aw, fragment=""):
 # -- the root and /proc ------------------------------------------------------
 
 async def test_root_listing_and_attrs(root):
-    assert await ls(root, "/") == ["proc", "images", "net"]
+    assert await ls(root, "/") == ["proc", "images", "net", "hosts"]
     a = await root.getattr()
     assert a.qid.is_dir and a.mode == tree.mode_of(tree.ROOT)
     await fails(errno.ENOENT, root.walk("nope"))

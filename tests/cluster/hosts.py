@@ -217,7 +217,7 @@ class Cluster:
             else ["--driver", self.driver]
         argv = [*self.host(f"d{i}").prefix, cloudfs, "up", *backend,
                 "--zookeeper", self.state.zk_hosts, "--state-dir", str(self.state_dir(i)),
-                "--deployment", self.deployment, "--session-timeout", f"{self.session_timeout:g}",
+                "--deployment", self.deployment, "--session-timeout", f"{self.session_timeout:g}", "--host", f"d{i}",
                 "--max-processes", "100000", "--limit", "descendants=100000", "--limit", "env-keys=100000"]
         if i != 1:
             argv += ["--zookeeper-auth", str(self.state_dir(1) / "zookeeper.auth")]

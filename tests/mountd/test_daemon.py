@@ -112,7 +112,7 @@ def sh(cmd: str, timeout: float = 20) -> subprocess.CompletedProcess:
 
 def test_shell_tools_on_the_mount(daemon):
     m = daemon.mnt
-    assert sorted(os.listdir(m)) == ["files", "images", "net", "proc"]
+    assert sorted(os.listdir(m)) == ["files", "hosts", "images", "net", "proc"]
     assert sh(f"ls {m}/proc").stdout.split() == ["1"]
     assert sh(f"grep state {m}/proc/1/status").stdout == "state running\n"
     # the documented way to start a VM from a shell

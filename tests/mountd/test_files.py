@@ -50,7 +50,7 @@ def rss_peak_kib(pid: int) -> int:
 
 def test_shell_tools_on_files(daemon):
     f = daemon.mnt / "files"
-    assert sorted(os.listdir(daemon.mnt)) == ["files", "images", "net", "proc"]
+    assert sorted(os.listdir(daemon.mnt)) == ["files", "hosts", "images", "net", "proc"]
     out = sh(f"mkdir -p {f}/a/b && printf 'hello' > {f}/a/b/x && ls -l {f}/a/b && cat {f}/a/b/x")
     assert out.returncode == 0, out.stderr
     assert " 5 " in out.stdout and out.stdout.endswith("hello")

@@ -28,7 +28,7 @@ from ninep.codec import encode
 from ninep.dial import dial
 
 D = m.Dialect.L
-NAMES = ["proc", "1", "self", "ctl", "status", "env", "wait", "limits", "children", "userdata", "images", "net",
+NAMES = ["proc", "1", "self", "ctl", "status", "env", "wait", "limits", "children", "userdata", "images", "net", "hosts",
          "note", "notepg", "pipe", "p",
          "tiny", "..", ".", "", "٠", "²", "x" * 300, "a\x00b", "\udcff", "9" * 40, "proc/1", "k"]
 
