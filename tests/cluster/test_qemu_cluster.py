@@ -117,6 +117,9 @@ async def test_a_daemon_killed_under_its_writing_guest(tmp_path, tiny_image):
         vm = vms(cluster, 1)[0]
         qemu_pid = QemuDriver(cluster.state_dir(1), accel="tcg").qemu_pid(vm)
         assert qemu_pid
+        before = await host_entry(cluster, "d1")
+        assert before["driver"] == "qemu" and before["processes"].split() == [str(writer)]
+        assert (await host_entry(cluster, "d2"))["processes"].split() == [str(reader)]
 
         await trio.to_thread.run_sync(cluster.daemon_kill, 1)  # with the guest writing
         at_kill = int(await value(cluster, 2, writer, "n"))
@@ -134,6 +137,9 @@ async def test_a_daemon_killed_under_its_writing_guest(tmp_path, tiny_image):
             st = dict(line.split(" ", 1) for line in (await c.read_file(f"proc/{writer}/status")).decode().splitlines())
         assert st["state"] == "running", st
         seen = await until(lambda: _seen_after(cluster, reader, stalled + 20), "the reader following", 120)
+        # the restarted daemon is host d1 once the killed one's session expired, and runs the writer
+        after = await until(lambda: _new_d1(cluster, before["daemon"]), "the new d1 in /hosts", 60)
+        assert after["processes"].split() == [str(writer)]
         assert await value(cluster, 2, reader, "wrong") is None
         assert int(seen.split()[1]) <= int(await value(cluster, 2, writer, "n"))
         async with open_client(cluster.socket(1)) as c:
@@ -153,3 +159,17 @@ async def _at_least(cluster: Cluster, daemon: int, pid: int, key: str, n: int) -
 async def _seen_after(cluster: Cluster, reader: int, n: int) -> str | None:
     v = await value(cluster, 2, reader, "seen")
     return v if v and int(v.split()[1]) >= n else None
+
+
+async def host_entry(cluster: Cluster, name: str) -> dict[str, str]:
+    async with open_client(cluster.socket(2)) as c:
+        text = (await c.read_file(f"hosts/{name}")).decode()
+    return dict(line.split(" ", 1) for line in text.splitlines())
+
+
+async def _new_d1(cluster: Cluster, old_daemon: str) -> dict[str, str] | None:
+    try:
+        h = await host_entry(cluster, "d1")
+    except FsError:
+        return None
+    return h if h["daemon"] != old_daemon and h["processes"] != "-" else None
