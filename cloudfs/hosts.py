@@ -31,10 +31,15 @@ from ninep.errors import FsError
 
 from .drivers.base import ComputeDriver
 from .process import CorruptRecord, now_iso
-from .store import NodeExistsError, Store, Unreachable
+from .store import NodeExistsError, NoNodeError, Store, Unreachable
 from .znodes import Layout
 
 log = logging.getLogger(__name__)
+
+#: Seconds between attempts when ZooKeeper refuses the entry (not an outage).
+RETRY_SECONDS = 5.0
+#: Seconds the owners read for ``processes`` serve every reader.
+OWNERS_TTL = 2.0
 
 #: A host name: letters, digits, ``.``, ``_``, ``-``; at most 63 bytes (a DNS label's length).
 HOST_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
@@ -90,6 +95,9 @@ class Hosts:
         self.store, self.layout = store, layout
         self.me = Host(check_host_name(name), daemon_id, driver.kind, driver.scope, now_iso())
         self.registered = False
+        self._owners_lock = trio.Lock()
+        self._owners_map: dict[int, bytes] | None = None
+        self._owners_at = 0.0
 
     def _path(self, name: str) -> str:
         return f"{self.layout.hosts}/{name}"
@@ -102,7 +110,8 @@ class Hosts:
             return True
         except NodeExistsError:
             got = await self.store.get(path)
-            return got is not None and got[1].ephemeralOwner == self.store.client.client_id[0]
+            cid = self.store.client.client_id  # None while the connection is down
+            return got is not None and cid is not None and got[1].ephemeralOwner == cid[0]
 
     async def run(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Keep our entry while this runs (until cancelled); started once a
@@ -120,10 +129,14 @@ class Hosts:
                         warned = True
                     if self.registered:
                         warned = False
-                    await self.store.children(self.layout.hosts, watch=True)
+                    names = await self.store.children(self.layout.hosts, watch=True)
                     if not started:
                         task_status.started()
                         started = True
+                    if names is None:
+                        raise NoNodeError()  # hosts/ removed by hand: no watch is armed
+                    if not self.registered and self.me.name not in names:
+                        continue  # freed before the watch was armed: its deletion fired nothing
                     await ev.wait()  # a host came or went, or the session came back
             except Unreachable:
                 self.registered = False
@@ -132,6 +145,17 @@ class Hosts:
                     started = True
                 await self.store.wait_connected()
                 await trio.sleep(0.1)
+            except Exception as e:  # refused (EACCES), hosts/ removed by hand, a bug: the entry is not worth the daemon
+                self.registered = False
+                if isinstance(e, (FsError, NoNodeError)):
+                    log.warning("/hosts/%s: %s; trying again in %g s", self.me.name,
+                                getattr(e, "message", None) or type(e).__name__, RETRY_SECONDS)
+                else:
+                    log.exception("/hosts/%s; trying again in %g s", self.me.name, RETRY_SECONDS)
+                if not started:
+                    task_status.started()
+                    started = True
+                await trio.sleep(RETRY_SECONDS)
 
     async def names(self) -> list[str]:
         """The names of the live hosts, sorted."""
@@ -147,10 +171,21 @@ class Hosts:
         return Host.from_json(name, got[0])
 
     async def processes(self, host: Host) -> list[int]:
-        """The pids ``host``'s daemon owns (the VMs it runs), ascending."""
-        L = self.layout
-        pids = L.pids(await self.store.children(L.owners))
-        owners = await self.store.many("get_async", [(L.owner(p),) for p in pids])
-        return sorted(p for p, got in zip(pids, owners)  # an exception: gone meanwhile
-                      if isinstance(got, tuple) and got[0] == host.daemon.encode())
+        """The pids ``host``'s daemon owns (the VMs it runs), ascending.
+
+        The owners are read at most once per OWNERS_TTL seconds for all
+        readers (one listing and one read per owner znode, pipelined): a
+        loop of ``cat /hosts/*`` costs ZooKeeper no more than that."""
+        owners = await self._owners()
+        return sorted(p for p, daemon in owners.items() if daemon == host.daemon.encode())
+
+    async def _owners(self) -> dict[int, bytes]:
+        async with self._owners_lock:
+            if self._owners_map is None or trio.current_time() - self._owners_at >= OWNERS_TTL:
+                L = self.layout
+                pids = L.pids(await self.store.children(L.owners))
+                got = await self.store.many("get_async", [(L.owner(p),) for p in pids])
+                self._owners_map = {p: g[0] for p, g in zip(pids, got) if isinstance(g, tuple)}  # else: gone
+                self._owners_at = trio.current_time()
+            return self._owners_map
 

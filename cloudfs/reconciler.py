@@ -134,6 +134,7 @@ class Reconciler:
         #: pid → server this daemon made whose record write failed (ZooKeeper
         #: trouble: it may or may not be recorded); see _settle_unconfirmed
         self.unconfirmed: dict[int, str] = {}
+        self._settling = trio.Lock()
         self._nursery: trio.Nursery | None = None
         self.store.on_reconnect.append(self._reconnected)
 
@@ -153,6 +154,8 @@ class Reconciler:
             await self._settle_unconfirmed()
         except FsError as e:  # the next resync tries again
             log.info("settling unconfirmed servers: %s", e)
+        except Exception:  # a driver bug must not stop the daemon
+            log.exception("settling unconfirmed servers")
 
     # -- finding work ---------------------------------------------------------
 
@@ -265,14 +268,19 @@ class Reconciler:
         of a process that records none yet stays too (the next create finds
         and adopts it).  Raises FsError (ZooKeeper trouble: the rest waits
         for the next resync)."""
-        for pid, sid in sorted(self.unconfirmed.items()):
-            cur = await self.records.get(pid)
-            if cur is not None and (cur.value.vm is None or cur.value.vm == sid):
-                del self.unconfirmed[pid]
-                continue
-            log.warning("pid %d: server %s was made but %s; deleting it", pid, sid,
-                        "the process ended" if cur is None else f"{cur.value.vm} was recorded")
-            await self._delete_quietly(pid, sid)
+        async with self._settling:  # one pass at a time (reconnection and resync both start one)
+            for pid, sid in sorted(self.unconfirmed.items()):
+                cur = await self.records.get(pid)
+                if cur is not None and (cur.value.vm is None or cur.value.vm == sid):
+                    self._settled(pid, sid)
+                    continue
+                log.warning("pid %d: server %s was made but %s; deleting it", pid, sid,
+                            "the process ended" if cur is None else f"{cur.value.vm} was recorded")
+                await self._delete_quietly(pid, sid)
+                self._settled(pid, sid)
+
+    def _settled(self, pid: int, sid: str) -> None:
+        if self.unconfirmed.get(pid) == sid:  # a newer one for the pid stays
             del self.unconfirmed[pid]
 
     async def _adopt_unowned(self) -> None:

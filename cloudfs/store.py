@@ -477,6 +477,8 @@ class Store:
         for r in pending:
             exc = r.exception
             if exc is not None and not isinstance(exc, _ANSWERS):
+                if isinstance(exc, (ConnectionLoss, OperationTimeoutError, SessionExpiredError, ConnectionClosedError)):
+                    raise Unreachable(errno.EAGAIN, f"ZooKeeper failed: {type(exc).__name__}")
                 raise FsError(errno.EAGAIN, f"ZooKeeper failed: {type(exc).__name__}")
             out.append(exc if exc is not None else r.value)
         return out

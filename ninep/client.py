@@ -886,9 +886,10 @@ class Fid:
         Walk again to the last name that walked, then the failing name alone:
         a walk failing on its first name brings the server's own error back.
         The second walk's own error when it fails on the way to that name
-        (ENOENT only if that error is ENOENT); EAGAIN when the name walks now
-        (what stopped the first walk has passed, or the file was just made)
-        or the way there stops short (the tree is changing)."""
+        (ENOENT only if that error is ENOENT), the reason for an earlier name
+        when the way there stops short now (asked the same way: a process
+        that ended meanwhile is ENOENT); EAGAIN when the name walks now (what
+        stopped the first walk has passed, or the file was just made)."""
         c = self.client
         enoent = FsError(errno.ENOENT, f"{bad}: file not found")
         mid = c._fids.get()
@@ -901,9 +902,10 @@ class Fid:
             if isinstance(e, FsError):  # the way there fails now: its reason (say EAGAIN), unless it is gone
                 return enoent if e.errno == errno.ENOENT else FsError(e.errno, f"{bad}: {e.message}")
             raise
-        if len(r.wqids) < good:  # the way there stops short now: the tree is changing
+        if len(r.wqids) < good:  # the way there stops short now: ask why for the name it stops at
             c._release_fid(mid)
-            return FsError(errno.EAGAIN, f"{bad}: the tree changed while walking; try again")
+            shorter = "/".join(bad.split("/")[: len(bad.split("/")) - (good - len(r.wqids))])
+            return await self._partial_walk_error(src, step[:good], len(r.wqids), shorter)
         try:
             probe = c._fids.get()
             try:

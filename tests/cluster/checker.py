@@ -15,7 +15,8 @@ The rules (issue "cluster"), each one function:
   kill leaves no process behind; no process ends but by a kill.
 - :func:`check_env`: every value read was written (by a write that began
   before the read ended) and is not stale: no later write of the key was
-  known (acknowledged, or its value read) on the same daemon before the
+  known (acknowledged, or its value read) on the same daemon (the same
+  process of it: a restarted daemon is a new ZooKeeper client) before the
   read began, nor anywhere more than STALE_SLACK before; after healing
   every daemon reads the last acknowledged write of each key, or a later
   possibly-applied one.
@@ -72,6 +73,8 @@ class Final:
     fake_driver: bool = True
     #: (start, end) of each fault, history time
     faults: list[tuple[float, float]] = field(default_factory=list)
+    #: daemon → the times it was killed (a new process, a new ZooKeeper client, came after)
+    kills: dict[int, list[float]] = field(default_factory=dict)
 
 
 #: Seconds around a fault in which a read may be refused before it blocked
@@ -203,11 +206,15 @@ def check_env(ops: list[Op], final: Final) -> list[dict]:
     # when each write was known to have happened: its acknowledgement, or
     # the end of the first read that returned its value (an unknown write
     # seen is a write done), on each daemon and anywhere
-    known_on: dict[tuple[int, int], float] = {}
+    known_on: dict[tuple[int, int, int], float] = {}
     known_any: dict[int, float] = {}
 
+    def life(daemon: int, t: float) -> int:  # which incarnation of the daemon served at t
+        return sum(1 for k in final.kills.get(daemon, ()) if k <= t)
+
     def learn(w: Op, daemon: int, t: float) -> None:
-        known_on[(w.id, daemon)] = min(known_on.get((w.id, daemon), t), t)
+        at = (w.id, daemon, life(daemon, t))
+        known_on[at] = min(known_on.get(at, t), t)
         known_any[w.id] = min(known_any.get(w.id, t), t)
 
     for w in ops:
@@ -227,7 +234,7 @@ def check_env(ops: list[Op], final: Final) -> list[dict]:
             out.append(anomaly("env", f"read {r.args['key']}={r.value!r}: no write made it", r))
             continue
         later = [w for w in ws[idx + 1:]
-                 if known_on.get((w.id, r.daemon), float("inf")) < r.start
+                 if known_on.get((w.id, r.daemon, life(r.daemon, r.start)), float("inf")) < r.start
                  or known_any.get(w.id, float("inf")) < r.start - STALE_SLACK]
         if later:
             out.append(anomaly("env", f"stale read {r.args['key']}={r.value!r} after "
@@ -365,7 +372,9 @@ def check_listings(ops: list[Op], final: Final) -> list[dict]:
         if phantom:
             out.append(anomaly("listings", f"ls /proc listed {sorted(phantom)}, which no fork made", o))
         gone = [(p, w) for end, p, w in consumed if p in listed
-                and (end < o.start - STALE_SLACK or (w.daemon == o.daemon and end < o.start))]
+                and (end < o.start - STALE_SLACK
+                     or (w.daemon == o.daemon and end < o.start
+                         and not any(end <= k <= o.start for k in final.kills.get(o.daemon, ()))))]
         for p, w in gone:
             out.append(anomaly("listings", f"ls /proc listed {p} after its wait record was consumed", w, o))
     return out

@@ -154,6 +154,9 @@ async def run_phase(cluster: Cluster, history: History, nemesis: str, duration: 
     final = await _converged(cluster, root)
     ops = history.of_phase(phase)
     final.faults = [(f["start"], f["end"]) for f in faults]
+    for f in faults:
+        if f["kind"] == "daemon-kill":
+            final.kills.setdefault(int(f["target"][1:]), []).append(f["start"])
     final.env = await _env_after(cluster, sorted({o.args["key"] for o in ops if o.kind == "write"}))
     anomalies = check(ops, final)
     by = defaultdict(Counter)

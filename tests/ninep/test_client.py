@@ -799,6 +799,9 @@ async def test_a_walk_stopped_short_brings_the_servers_error_back(dialect):
             if name == "x":  # an outage that spreads: from now on d/e cannot be walked either
                 fs.outage = True
                 raise FsError(errno.EAGAIN, "cannot tell now; try again")
+            if name == "vanish":  # its directory goes meanwhile (a process that ended)
+                fs.root.children["d"].children.pop("e2", None)
+                raise FsError(errno.EAGAIN, "cannot tell now; try again")
             node = await super().walk(name)
             return Busy(node.fs, node.inode) if isinstance(node, MemNode) else node
 
@@ -828,6 +831,11 @@ async def test_a_walk_stopped_short_brings_the_servers_error_back(dialect):
         assert ei.value.errno == errno.EAGAIN or dialect == Dialect.P2000, ei.value
         assert ei.value.errno != errno.ENOENT, ei.value
         fs.outage = False
+        # the way to the failing name is gone by the time the client asks: that is ENOENT
+        fs.root.children["d"].children["e2"] = _Inode(stat.S_IFDIR | 0o777)
+        with pytest.raises(FsError) as ei:
+            await c.walk("d/e2/vanish/z")
+        assert ei.value.errno == errno.ENOENT, ei.value
         await trio.sleep(0.2)  # background clunks of the probes' fids
         f = await c.walk("d/e")  # the fids of the failed walks were given back
         assert f.fid < 10
