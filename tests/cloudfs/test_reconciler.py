@@ -265,3 +265,25 @@ async def test_an_end_keeps_its_work_items_until_its_last_multi(cfs, zookeeper):
         assert await cfs.store.exists(item) is None
     finally:
         await trio.to_thread.run_sync(other.stop)
+
+
+async def test_unconfirmed_creates_are_settled_once(cfs):
+    """A create whose record write failed (the session went) is kept in
+    ``unconfirmed``; reconnection and resync both settle them, possibly at
+    once: the duplicate is deleted once and the daemon goes on.  (The
+    cluster harness's daemon-pause once killed a daemon with a KeyError
+    here.)"""
+    root = await cfs.attach("", "")
+    pid = await vm(root)
+    recorded = (await cfs.records.require(pid)).value.vm
+    late = Server("late0002", "late", "running", "fake-host")
+    cfs.driver.servers[late.id] = late
+    cfs.driver.metadata[late.id] = cfs.driver.metadata_for(ServerSpec(pid=pid, ppid=1, name="l", image="tiny"))
+    kept = int(await ctl(root, 1, "fork"))  # a process that records no server yet keeps its unconfirmed one
+    cfs.reconciler.unconfirmed.update({pid: late.id, kept: "adoptme"})
+    async with trio.open_nursery() as n:
+        n.start_soon(cfs.reconciler._settle_now)
+        n.start_soon(cfs.reconciler.resync)
+    assert cfs.reconciler.unconfirmed == {}
+    assert late.id not in cfs.driver.servers and recorded in cfs.driver.servers
+    assert [c for c in cfs.driver.calls if c == ("delete", late.id)] == [("delete", late.id)]
