@@ -80,30 +80,35 @@ class FakeDriver(ComputeDriver):
             if s.status != "exited":
                 return s  # adopt: create is idempotent by (deployment, pid)
         self._maybe_fail("create")
-        md = self.metadata_for(spec)
-        if spec.image not in self.images:
-            raise NotFound(f"no image {spec.image!r}")
-        flavor = spec.flavor or self.flavors[0]
-        if flavor not in self.flavors:
-            raise NotFound(f"no flavor {flavor!r}")
-        addrs = []
-        for n in spec.networks or (next(iter(self.networks)),):
-            net = self.networks.get(n)
-            if net is None:
-                raise NotFound(f"no network {n!r}")
-            base = ipaddress.ip_network(net.cidr)
-            addrs.append(str(base.network_address + next(self._addr[n])))
+        md, nets = self._checked(spec)
+        addrs = [str(ipaddress.ip_network(self.networks[n].cidr).network_address + next(self._addr[n]))
+                 for n in nets]
         sid = uuid.uuid4().hex
         s = Server(sid, spec.name, "running", self.host, tuple(addrs))
         self.servers[sid] = s
         self.userdata[sid] = bytes(spec.userdata)
         self.metadata[sid] = md
         self.secrets[sid] = spec.secret
-        self.on_networks[sid] = tuple(spec.networks or (next(iter(self.networks)),))
+        self.on_networks[sid] = nets
         self.consoles[sid] = f"fake console of {spec.name}\n".encode()
         self._born[sid] = trio.current_time()
         self.calls.append(("create", sid))
         return s
+
+    def _checked(self, spec: ServerSpec) -> tuple[dict[str, str], tuple[str, ...]]:
+        """The metadata of a server for ``spec`` and its networks (the
+        first network when it names none); NotFound for an unknown image,
+        flavor or network."""
+        if spec.image not in self.images:
+            raise NotFound(f"no image {spec.image!r}")
+        flavor = spec.flavor or self.flavors[0]
+        if flavor not in self.flavors:
+            raise NotFound(f"no flavor {flavor!r}")
+        nets = tuple(spec.networks or (next(iter(self.networks)),))
+        for n in nets:
+            if n not in self.networks:
+                raise NotFound(f"no network {n!r}")
+        return self.metadata_for(spec), nets
 
     async def find(self, pid: int) -> list[Server]:
         await trio.lowlevel.checkpoint()

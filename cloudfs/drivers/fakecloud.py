@@ -138,20 +138,11 @@ class FakeCloudDriver(FakeDriver):
             if s.status != "exited":
                 return s  # adopt: create is idempotent by (deployment, pid), as far as a listing tells
         self._maybe_fail("create")
-        md = self.metadata_for(spec)
-        if spec.image not in self.images:
-            raise NotFound(f"no image {spec.image!r}")
-        flavor = spec.flavor or self.flavors[0]
-        if flavor not in self.flavors:
-            raise NotFound(f"no flavor {flavor!r}")
-        nets = tuple(spec.networks or (next(iter(self.networks)),))
+        md, nets = self._checked(spec)
         sid = uuid.uuid4().hex
         addrs = []
-        for n in nets:
-            net = self.networks.get(n)
-            if net is None:
-                raise NotFound(f"no network {n!r}")
-            base = ipaddress.ip_network(net.cidr)
+        for n in nets:  # from the id: no counter to share between daemons
+            base = ipaddress.ip_network(self.networks[n].cidr)
             span = max(1, base.num_addresses - 12)
             addrs.append(str(base.network_address + 10 + int(hashlib.sha256(sid.encode()).hexdigest(), 16) % span))
         await trio.sleep(self.create_seconds)
