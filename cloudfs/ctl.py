@@ -2,7 +2,7 @@
 
 One command per write(2), ``verb args…`` (a trailing newline is allowed)::
 
-    fork [name=N]
+    fork [live] [name=N]
     exec <image> [flavor=F] [net=NET[,NET…]] [name=N]
     kill
     stop
@@ -26,7 +26,7 @@ VERBS = ("fork", "exec", "kill", "stop", "start")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
 _OPTIONS = {"fork": ("name",), "exec": ("flavor", "net", "name")}
 USAGE = {
-    "fork": "fork [name=N]",
+    "fork": "fork [live] [name=N]",
     "exec": "exec <image> [flavor=F] [net=NET] [name=N]",
     "kill": "kill",
     "stop": "stop",
@@ -36,13 +36,16 @@ USAGE = {
 
 @dataclass(frozen=True)
 class Command:
-    """A parsed ctl command.  ``networks`` is empty when not given."""
+    """A parsed ctl command.  ``networks`` is empty when not given;
+    ``live`` is ``fork live`` (the child starts as a copy of the running
+    parent's memory and disks)."""
 
     verb: str
     image: str | None = None
     flavor: str | None = None
     networks: tuple[str, ...] = field(default=())
     name: str | None = None
+    live: bool = False
 
 
 def _bad(msg: str) -> FsError:
@@ -95,16 +98,26 @@ def parse(data: bytes | str) -> Command:
             raise _bad(f"exec needs an image; usage: {USAGE['exec']}")
         if len(positional) > 1:
             raise _bad(f"exec takes one image, got {len(positional)}: {' '.join(positional)}")
+    elif verb == "fork" and positional:
+        if positional != ["live"]:
+            raise _bad(f"fork: unexpected argument {' '.join(positional)!r}; usage: {USAGE['fork']}")
+        return _checked(verb, Command(verb="fork", name=opts.get("name"), live=True))
     elif positional:
         if allowed:
             raise _bad(f"{verb}: unexpected argument {positional[0]!r}; usage: {USAGE[verb]}")
         raise _bad(f"{verb} takes no arguments; usage: {USAGE[verb]}")
     image = positional[0] if positional else None
-    nets = tuple(opts["net"].split(",")) if "net" in opts else ()
-    for label, value in (("image", image), ("flavor", opts.get("flavor")), ("name", opts.get("name"))):
+    return _checked(verb, Command(verb=verb, image=image, flavor=opts.get("flavor"),
+                                  networks=tuple(opts["net"].split(",")) if "net" in opts else (),
+                                  name=opts.get("name")))
+
+
+def _checked(verb: str, cmd: Command) -> Command:
+    """``cmd`` once its image, flavor, name and network names are valid."""
+    for label, value in (("image", cmd.image), ("flavor", cmd.flavor), ("name", cmd.name)):
         if value is not None and not valid_name(value):
             raise _bad(f"{verb}: bad {label} {value!r} (letters, digits, '.', '_', '-')")
-    for n in nets:
+    for n in cmd.networks:
         if not valid_name(n):
             raise _bad(f"{verb}: bad network name {n!r}")
-    return Command(verb=verb, image=image, flavor=opts.get("flavor"), networks=nets, name=opts.get("name"))
+    return cmd

@@ -54,9 +54,10 @@ _POWER = {"running": State.RUNNING, "stopped": State.STOPPED}
 
 def reaches(rec: Process, scope: str) -> bool:
     """Whether a driver of ``scope`` can act on ``rec``'s server: it has none
-    yet, or it was made by a driver of the same scope (or before scopes
-    were recorded)."""
-    return rec.vm is None or rec.scope in ("", scope)
+    yet (and is not a ``fork live`` child, whose snapshot only its parent's
+    scope holds), or it was made by a driver of the same scope (or before
+    scopes were recorded)."""
+    return (rec.vm is None and not rec.snapshot) or rec.scope in ("", scope)
 
 
 # -- what to look at ------------------------------------------------------------
@@ -221,7 +222,8 @@ def built(now: Process, server: Server, gen: int, scope: str, creating: bool, se
     if creating and ((now.vm is not None and now.vm != server.id) or now.desired is Desired.KILLED):
         raise Superseded(now)
     rec = dataclasses.replace(now, vm=server.id, host=server.host, addresses=list(server.addresses), scope=scope,
-                              built_gen=max(now.built_gen, gen), error="", secret=secret or now.secret)
+                              built_gen=max(now.built_gen, gen), error="", secret=secret or now.secret,
+                              snapshot="")
     if now.desired is not Desired.KILLED:
         rec.state = _POWER.get(server.status, State.RUNNING)
     return rec

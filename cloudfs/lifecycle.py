@@ -52,12 +52,15 @@ class Lifecycle:
         self.quotas = quotas
         self.limits = dict(limits)
 
-    async def fork(self, ppid: int, name: str | None = None) -> int:
+    async def fork(self, ppid: int, name: str | None = None, *, snapshot: str = "", scope: str = "") -> int:
         """Fork ``ppid``; returns the child's pid once its znodes exist.
 
         A VM parent gives a child with the same image, flavor, networks and
         user-data, to be booted at once (state ``creating``); init gives an
-        empty child in state ``new``.  Race-free pid allocation: the
+        empty child in state ``new``.  ``snapshot`` (``fork live``): the
+        driver's snapshot of the parent's VM, made by a driver of ``scope``,
+        which the child is restored from (only a daemon of that scope
+        creates it); EINVAL if the parent has no VM.  Race-free pid allocation: the
         ``nextpid`` counter is set with the version read, in the same multi.
         Every ancestor's ``descendants`` count goes up in that multi too
         (EAGAIN beyond a limit, cloudfs.quotas).
@@ -82,12 +85,15 @@ class Lifecycle:
             if pid is None or pid < 2:
                 raise FsError(errno.EIO, "the deployment's pid counter is missing or corrupt")
             boots = p.has_image and ppid != INIT_PID
+            if snapshot and not boots:
+                raise FsError(errno.EINVAL, f"fork live: process {ppid} has no VM to copy")
             userdata = ud[0] if (ud is not None and p.has_image) else b""
             child = Process(pid=pid, ppid=ppid, name=name or (p.name if p.has_image else f"p{pid}"),
                             secret=new_secret())
             if boots:
                 child.image, child.flavor, child.networks = p.image, p.flavor, list(p.networks)
                 child.state, child.desired, child.gen = State.CREATING, Desired.RUNNING, 1
+                child.snapshot, child.scope = snapshot, (scope if snapshot else "")
             t = self.store.transaction()
             t.set_data(L.nextpid, str(pid + 1).encode(), counter[1].version)
             for r in records:  # the parent, and the ancestors counted below, are still who they were

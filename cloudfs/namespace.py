@@ -41,16 +41,17 @@ from .identity import PublicFS, parse_attach, secret_matches
 from .lifecycle import Lifecycle
 from .nodes import OPERATOR, PROCESS, READONLY, RootNode, View
 from .procdata import ProcData
-from .process import Desired
+from .decisions import reaches
+from .process import Desired, State
 from .notes import Notes
 from .pipes import Pipes
 from .quotas import DEFAULT_LIMITS, DEFAULT_MAX_PROCESSES, Quotas
 from .reconciler import Reconciler
 from .sharedfiles import SharedFiles
-from .records import Records
+from .records import Records, no_process
 from .store import Store
 from .waits import Waits
-from .znodes import Layout
+from .znodes import INIT_PID, Layout
 
 log = logging.getLogger(__name__)
 
@@ -192,6 +193,8 @@ class CloudFS(FileSystem):
     async def run_ctl(self, pid: int, cmd: Command) -> bytes:
         """Carry out a parsed ctl command on ``pid``; the bytes a read of the
         same open ctl returns (fork: ``b"<pid>\\n"``)."""
+        if cmd.verb == "fork" and cmd.live:
+            return f"{await self._fork_live(pid, cmd.name)}\n".encode()
         if cmd.verb == "fork":
             return f"{await self.lifecycle.fork(pid, cmd.name)}\n".encode()
         if cmd.verb == "exec":
@@ -203,6 +206,35 @@ class CloudFS(FileSystem):
         elif cmd.verb == "start":
             await self.lifecycle.set_power(pid, Desired.RUNNING)
         return b""
+
+    async def _fork_live(self, pid: int, name: str | None) -> int:
+        """``fork live``: copy ``pid``'s running VM (the driver's snapshot,
+        taken now, while the ctl write waits), then fork a child restored
+        from it.  The parent's VM must be this daemon's to reach (EXDEV:
+        write to its ctl through the daemon of its host) and built (EBUSY);
+        EINVAL for init or a process with no VM; ESRCH while it is being
+        killed; the driver's EOPNOTSUPP where it cannot copy a VM.  A failed
+        fork discards the snapshot."""
+        rec = await self.records.get(pid)
+        if rec is None:
+            raise no_process(pid)
+        p = rec.value
+        if pid == INIT_PID or not p.has_image:
+            raise FsError(errno.EINVAL, f"fork live: process {pid} has no VM to copy")
+        if p.desired is Desired.KILLED:
+            raise FsError(errno.ESRCH, f"process {pid} is being killed")
+        if p.vm is None or p.state not in (State.RUNNING, State.STOPPED):
+            raise FsError(errno.EBUSY, f"fork live: process {pid} is {p.state}, not running")
+        if not reaches(p, self.driver.scope):
+            raise FsError(errno.EXDEV, f"fork live: process {pid}'s VM runs on host {p.host or '?'}; "
+                                       "write to its ctl through the daemon there")
+        snap = await self.driver.snapshot(p.vm)
+        try:
+            return await self.lifecycle.fork(pid, name, snapshot=snap, scope=self.driver.scope)
+        except BaseException:
+            with trio.CancelScope(shield=True), trio.move_on_after(10):
+                await self.driver.discard_snapshot(snap)
+            raise
 
     async def close(self) -> None:
         """Stop the reconciler (the store is closed by whoever opened it)."""

@@ -95,7 +95,11 @@ class Process:
     ``secret`` the process's 9P credential (hex, made at fork by
     :func:`cloudfs.identity.new_secret`; never shown in ``status``); ``scope``
     the :attr:`~cloudfs.drivers.base.ComputeDriver.scope` of the driver
-    that made ``vm`` (only daemons with that scope act on it; empty: any).
+    that made ``vm`` (only daemons with that scope act on it; empty: any);
+    ``snapshot`` the driver's snapshot a ``fork live`` child is restored from
+    (:meth:`~cloudfs.drivers.base.ComputeDriver.snapshot`; set with ``scope``
+    at the fork, so only a daemon of the parent's scope creates it; cleared
+    once its server is built).
     """
 
     pid: int
@@ -115,6 +119,7 @@ class Process:
     built_gen: int = 0
     secret: str = ""
     scope: str = ""
+    snapshot: str = ""
 
     def __post_init__(self) -> None:
         # states given as text (tests, callers) become the enums; ValueError if unknown
@@ -189,6 +194,7 @@ _SCHEMA = {
     "pid": _INT, "ppid": _INT, "name": _STR, "state": _STR, "desired": _STR, "image": _OPT_STR,
     "flavor": _OPT_STR, "networks": _STRS, "host": _STR, "addresses": _STRS, "created": _STR, "error": _STR,
     "vm": _OPT_STR, "gen": _INT, "built_gen": _INT, "secret": _STR, "scope": _STR,
+    "snapshot": _STR,
 }
 
 

@@ -371,6 +371,11 @@ class Reconciler:
                 delete += [s.id for s in await self.driver.find(rec.pid) if s.id not in delete]
             except DriverError as e:
                 log.info("pid %d: cannot look for other servers tagged with it: %s", rec.pid, e)
+        if rec.snapshot and d.reaches(rec, self.driver.scope):  # a fork live child ended before it was built
+            try:
+                await self.driver.discard_snapshot(rec.snapshot)
+            except DriverError as e:
+                log.info("pid %d: discarding snapshot %s: %s", rec.pid, rec.snapshot, e)
         for vm in delete:
             try:
                 await self.driver.delete(vm)
@@ -392,7 +397,7 @@ class Reconciler:
             if creating:
                 server = await self.driver.create(ServerSpec(
                     pid=pid, ppid=rec.ppid, name=rec.name, image=rec.image or "", flavor=rec.flavor or "",
-                    networks=tuple(rec.networks), userdata=userdata, secret=rec.secret))
+                    networks=tuple(rec.networks), userdata=userdata, secret=rec.secret, snapshot=rec.snapshot))
             else:
                 server = await self.driver.rebuild(action.vm, rec.image or "", userdata, secret=secret)
         except DriverError as e:

@@ -152,7 +152,9 @@ class ServerSpec:
     """What a process asks for when its server is made: ``pid``/``ppid``
     (tag the server), ``name`` (a label), ``image``, ``flavor`` (``""``: the
     driver's default), ``networks`` (empty: the default network),
-    ``userdata`` bytes and ``secret`` (META_SECRET: for the guest only)."""
+    ``userdata`` bytes and ``secret`` (META_SECRET: for the guest only);
+    ``snapshot`` a snapshot id from :meth:`ComputeDriver.snapshot` (``fork
+    live``: restore the copy instead of booting ``image``)."""
 
     pid: int
     ppid: int
@@ -162,6 +164,7 @@ class ServerSpec:
     networks: tuple[str, ...] = ()
     userdata: bytes = b""
     secret: str = field(default="", repr=False)
+    snapshot: str = ""
 
 
 def server_metadata(deployment: str, pid: int, ppid: int, root: str = "") -> dict[str, str]:
@@ -266,6 +269,22 @@ class ComputeDriver(abc.ABC):
         daemon's nursery, cancelled at its end; e.g. the QEMU driver keeps
         its consoles bounded).  The default has none."""
         await trio.sleep_forever()
+
+    async def snapshot(self, server_id: str) -> str:
+        """Copy the running server's memory and disks for a ``fork live``
+        child (the server keeps running, paused at most briefly); returns
+        the snapshot's id, which :meth:`create` takes as
+        ``ServerSpec.snapshot`` (once: a create consumes it) and
+        :meth:`discard_snapshot` removes.  NotFound if there is no such
+        server; DriverError EBUSY while it is being copied already, EAGAIN
+        when the driver holds too many snapshots, EOPNOTSUPP from drivers
+        (or for servers) that cannot.  The default cannot (Nova has no
+        memory clone)."""
+        raise DriverError("this compute driver cannot copy a running server (fork live)", errno=errno.EOPNOTSUPP)
+
+    async def discard_snapshot(self, snapshot_id: str) -> None:
+        """Remove snapshot ``snapshot_id`` (no error if it is gone or
+        malformed).  The default has none."""
 
     async def stats(self, server_id: str) -> ServerStats:
         """What the server uses now (one sample); fields the backend cannot

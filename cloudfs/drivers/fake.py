@@ -8,6 +8,9 @@ a server end by itself.  ``calls`` records every mutating call as
 ``list_images``, ``list_flavors`` and ``list_networks``.  ``fail_next(method, msg)`` makes the next call of that method raise
 DriverError(msg) (for error-state tests).  Instances share ``scope`` "fake"
 unless given another (to stand for separate hosts, as QEMU drivers are).
+``snapshot`` (``fork live``) works on running or stopped servers: the
+child's server gets the parent's ``userdata`` and ``secret`` is its own;
+``snapshots`` maps the ids not yet consumed to the parent's server id.
 Servers of other deployments (made by another instance bound elsewhere, or
 put into ``servers`` by a test) are left alone, as the interface requires.
 """
@@ -56,6 +59,7 @@ class FakeDriver(ComputeDriver):
         self.calls: list[tuple[str, str]] = []
         self.listings: collections.Counter[str] = collections.Counter()
         self._failures: dict[str, str] = {}
+        self.snapshots: dict[str, str] = {}
         self._addr = {n: itertools.count(10) for n in self.networks}
         self._subnet = itertools.count(1)
 
@@ -81,6 +85,10 @@ class FakeDriver(ComputeDriver):
                 return s  # adopt: create is idempotent by (deployment, pid)
         self._maybe_fail("create")
         md, nets = self._checked(spec)
+        if spec.snapshot:
+            if self.snapshots.pop(spec.snapshot, None) is None:
+                raise DriverError(f"no snapshot {spec.snapshot!r} (fork live): it was used or discarded")
+            self.calls.append(("restore", spec.snapshot))
         addrs = [str(ipaddress.ip_network(self.networks[n].cidr).network_address + next(self._addr[n]))
                  for n in nets]
         sid = uuid.uuid4().hex
@@ -94,6 +102,23 @@ class FakeDriver(ComputeDriver):
         self._born[sid] = trio.current_time()
         self.calls.append(("create", sid))
         return s
+
+    async def snapshot(self, server_id: str) -> str:
+        """A snapshot id for ``fork live`` of a running or stopped server."""
+        await trio.lowlevel.checkpoint()
+        self._maybe_fail("snapshot")
+        s = self._get(server_id)
+        if s.status not in ("running", "stopped"):
+            raise DriverError(f"server {server_id} is {s.status}: nothing to copy")
+        sid = f"snap-{uuid.uuid4().hex[:12]}"
+        self.snapshots[sid] = server_id
+        self.calls.append(("snapshot", server_id))
+        return sid
+
+    async def discard_snapshot(self, snapshot_id: str) -> None:
+        await trio.lowlevel.checkpoint()
+        if self.snapshots.pop(snapshot_id, None) is not None:
+            self.calls.append(("discard_snapshot", snapshot_id))
 
     def _checked(self, spec: ServerSpec) -> tuple[dict[str, str], tuple[str, ...]]:
         """The metadata of a server for ``spec`` and its networks (the

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import errno
 import ipaddress
 import json
 import os
@@ -44,7 +45,7 @@ from pathlib import Path
 
 import trio
 
-from .base import META_PID, NotFound, NotOurs, Server, ServerSpec, ServerStats
+from .base import META_PID, DriverError, NotFound, NotOurs, Server, ServerSpec, ServerStats
 from .fake import FakeDriver
 
 __all__ = ["FakeCloudDriver"]
@@ -75,6 +76,11 @@ class FakeCloudDriver(FakeDriver):
         if not isinstance(cs, (int, float)) or isinstance(cs, bool) or not 0 <= cs <= 60:
             raise ValueError(f"{self.dir}/settings.json: create_seconds must be a number from 0 to 60")
         self.create_seconds = float(cs)
+
+    async def snapshot(self, server_id: str) -> str:
+        """EOPNOTSUPP: a snapshot in one daemon's memory is no use to the
+        others sharing the directory."""
+        raise DriverError("the fake cloud cannot copy a running server (fork live)", errno=errno.EOPNOTSUPP)
 
     # ---- files ----------------------------------------------------------------
 
