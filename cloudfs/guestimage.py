@@ -57,12 +57,14 @@ __all__ = [
 ]
 
 #: Bumped when the build procedure changes in a way that changes the output.
-_FORMAT = 2
+_FORMAT = 3
 
 #: Modules the guest needs; their ``depends=`` closure is added automatically.
 #: 9p (the filesystem), 9pnet_fd (``trans=tcp``), virtio_net + virtio_pci (the
-#: NIC), virtio_blk (the scratch disk), virtio_balloon (memory statistics).
-ROOT_MODULES: tuple[str, ...] = ("9p", "9pnet_fd", "virtio_net", "virtio_pci", "virtio_blk", "virtio_balloon")
+#: NIC), virtio_blk (the scratch disk), virtio_balloon (memory statistics),
+#: qemu_fw_cfg (the VM's identity, read again by a restored copy).
+ROOT_MODULES: tuple[str, ...] = ("9p", "9pnet_fd", "virtio_net", "virtio_pci", "virtio_blk", "virtio_balloon",
+                                 "qemu_fw_cfg")
 
 #: The guest's /init, a POSIX sh script run by busybox as PID 1.
 INIT_SCRIPT = r"""#!/bin/busybox sh

@@ -74,6 +74,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
+import hashlib
 import json
 import logging
 import os
@@ -95,7 +96,8 @@ from .. import imagestore
 from ..guestimage import append_files
 from ..ctl import valid_name
 from ..znodes import parse_pid
-from . import qemunet
+from . import qemunet, qemusnap
+from .qmp import QmpError, load_state, qmp_command, save_state
 from .netns import NetnsError, listen_in, netns_argv
 from .base import (
     META_DEPLOYMENT, META_PID, ComputeDriver, DriverError, Image, Network, NotFound, NotOurs, Server, ServerSpec, ServerStats,
@@ -136,6 +138,10 @@ SCRATCH_GIB: dict[str, int] = {"m1.tiny": 1, "m1.small": 2}
 #: takes at most 1.5 × CONSOLE_MAX plus what it writes in CONSOLE_CHECK.
 CONSOLE_MAX = 1 << 20
 CONSOLE_CHECK = 1.0
+#: Seconds before a boot template that failed to be made is tried again.
+TEMPLATE_RETRY = 600.0
+#: Seconds between sweeps of stale template builds and snapshots (qemusnap).
+SWEEP_INTERVAL = 60.0
 #: Consoles of deleted VMs kept in STATE/logs (the newest).
 LOGS_KEEP = 256
 #: Free space (bytes) the state dir's filesystem must keep beyond a new VM's
@@ -172,12 +178,115 @@ exec mount -t 9p -o "trans=tcp,port=$CLOUDFS_PORT,version=9p2000.L,msize=65560,a
     "$CLOUDFS_SERVER" /cloud
 """
 
+#: Where the guest finds what QEMU's fw_cfg device holds for it (module
+#: qemu_fw_cfg): ``gen`` (GEN_WIDTH bytes: ``<pid> <server id>``, padded;
+#: ``template`` in a boot template), ``identity`` and ``userdata``.
+FW_CFG_DIR = "/sys/firmware/qemu_fw_cfg/by_name/opt/cloudfs"
+GEN_WIDTH = 32
+
+#: ``/sbin/cloudfs-identity``: take this VM's identity and user-data from
+#: fw_cfg.  The module is loaded again first: it reads the list of fw_cfg
+#: files (and their sizes) once, when it loads, and a restored copy's files
+#: are its own QEMU's.  Sets the clock from CLOUDFS_EPOCH (a copy keeps the
+#: time of the VM it was copied from).
+IDENTITY_SCRIPT = r"""#!/bin/sh
+# cloudfs-identity: this VM's identity and user-data from QEMU's fw_cfg
+# (cloudfs/drivers/qemu.py)
+d=/sys/firmware/qemu_fw_cfg/by_name/opt/cloudfs
+rmmod qemu_fw_cfg 2>/dev/null
+insmod "/lib/modules/$(uname -r)/qemu_fw_cfg.ko" || exit 1
+cat $d/identity/raw > /etc/cloudfs/identity.new && mv /etc/cloudfs/identity.new /etc/cloudfs/identity || exit 1
+cat $d/userdata/raw > /etc/cloudfs/userdata || exit 1
+cat $d/gen/raw > /run/cloudfs/gen || exit 1
+. /etc/cloudfs/identity
+[ -n "$CLOUDFS_EPOCH" ] && date -s "@$CLOUDFS_EPOCH" >/dev/null
+exit 0
+"""
+
+#: ``/sbin/cloudfs-notes``: take the process's notes one by one (proc(3)):
+#: interrupt and hangup signal the user-data's process group, kill powers
+#: off at once, any other goes to /run/cloudfs/note-handler (made by the
+#: user-data) as its argument.
+NOTES_SCRIPT = r"""#!/bin/sh
+# cloudfs-notes: the note loop (cloudfs/drivers/qemu.py)
+while :; do
+  note=$(cat /cloud/proc/self/note 2>/dev/null) || { sleep 1; continue; }
+  ud=$(cat /run/cloudfs/userdata.pid 2>/dev/null)
+  case "$note" in
+    interrupt) [ -n "$ud" ] && kill -INT -"$ud" ;;
+    hangup) [ -n "$ud" ] && kill -HUP -"$ud" ;;
+    kill) echo "cloudfs-exit: 137 note kill"; sync; poweroff -f ;;
+    *) if [ -x /run/cloudfs/note-handler ]; then /run/cloudfs/note-handler "$note" </dev/null &
+       else echo "cloudfs-note: $note (no /run/cloudfs/note-handler)"; fi ;;
+  esac
+done
+"""
+
+#: ``/sbin/cloudfs-fork [live] [name=N]``: fork(2) for a VM's process.  It
+#: writes ``fork …`` to ``/cloud/proc/self/ctl`` and prints the child's pid;
+#: after ``fork live`` the child VM resumes inside this same command (a copy
+#: of the parent's memory), notices from fw_cfg that it is a new VM, takes
+#: its identity, mounts its own ``/cloud``, restarts the note loop and
+#: prints 0.  The ctl write it was waiting on belongs to the parent's 9P
+#: connection, which the copy does not have: it is killed.
+FORK_SCRIPT = r"""#!/bin/sh
+# cloudfs-fork [live] [name=N]: fork this VM's process (docs/namespace.md).
+# Prints the child's pid in the parent, 0 in the child of a live fork (whose
+# CLOUDFS_PID is then in /etc/cloudfs/identity).  Status 1 if the fork failed.
+fw=/sys/firmware/qemu_fw_cfg/by_name/opt/cloudfs/gen/raw
+mine=$(cat /run/cloudfs/gen 2>/dev/null)
+out=/run/cloudfs/fork.$$
+rm -f "$out"
+( exec 3<>/cloud/proc/self/ctl && echo "fork $*" >&3 && read -r pid <&3 && echo "$pid" > "$out" ) \
+  </dev/null >/dev/null 2>"$out.err" &
+w=$!
+while :; do
+  if [ -n "$mine" ] && [ "$(cat $fw 2>/dev/null)" != "$mine" ]; then
+    kill -9 "$w" 2>/dev/null
+    rm -f "$out" "$out.err"
+    cloudfs-identity || { echo "cloudfs-fork: no identity in fw_cfg" >&2; exit 1; }
+    notes=$(cat /run/cloudfs/notes.pid 2>/dev/null)
+    [ -n "$notes" ] && kill -9 -"$notes" 2>/dev/null
+    n=0
+    until cloudfs-mount 2>/dev/null; do
+      n=$((n + 1))
+      [ "$n" -ge 100 ] && { echo "cloudfs-fork: the child cannot mount /cloud" >&2; exit 1; }
+      sleep 0.1
+    done
+    setsid cloudfs-notes </dev/null >/dev/console 2>&1 &
+    echo $! > /run/cloudfs/notes.pid
+    echo 0
+    exit 0
+  fi
+  if ! kill -0 "$w" 2>/dev/null; then
+    wait "$w" && [ -s "$out" ] && { cat "$out"; rm -f "$out" "$out.err"; exit 0; }
+    cat "$out.err" >&2
+    rm -f "$out" "$out.err"
+    exit 1
+  fi
+  sleep 0.02
+done
+"""
+
 #: The per-VM boot script, run by the tiny image's /init (cloudfs.mode=boot).
 BOOT_SCRIPT = r"""#!/bin/sh
-# cloudfs per-VM boot script (cloudfs/drivers/qemu.py): mount the namespace,
-# run the user-data, report its exit status; /init powers off afterwards.
+# cloudfs per-VM boot script (cloudfs/drivers/qemu.py): take the identity,
+# mount the namespace, run the user-data, report its exit status; /init
+# powers off afterwards.
+export PATH=/sbin:/usr/sbin:/bin:/usr/bin HOME=/root
+mkdir -p /run/cloudfs
+fw=/sys/firmware/qemu_fw_cfg/by_name/opt/cloudfs/gen/raw
+if [ -f /etc/cloudfs/template ]; then
+  # a boot template: it is paused and copied while it waits here; a copy
+  # goes on as soon as it reads its own identity from fw_cfg
+  echo "cloudfs-template: ready"
+  while read -r g < $fw && [ "$g" = template ]; do sleep 0.01; done
+  cloudfs-identity || { echo "cloudfs-exit: 255 no identity in fw_cfg"; exit 255; }
+else
+  cat $fw > /run/cloudfs/gen 2>/dev/null
+fi
 . /etc/cloudfs/identity
-export CLOUDFS_PID PATH=/sbin:/usr/sbin:/bin:/usr/bin HOME=/root
+export CLOUDFS_PID
 # the networks besides user, in NIC order: eth1, eth2 … (CLOUDFS_NETS: name=address/prefix …)
 i=1
 for net in $CLOUDFS_NETS; do
@@ -187,88 +296,36 @@ done
 n=0
 until cloudfs-mount; do
   n=$((n + 1))
-  if [ "$n" -ge 30 ]; then
+  if [ "$n" -ge 60 ]; then
     echo "cloudfs-exit: 255 cannot mount the namespace from $CLOUDFS_SERVER:$CLOUDFS_PORT"
     exit 255
   fi
-  sleep 1
+  # quickly at first: a restored copy's channel opens a moment after it runs
+  if [ "$n" -lt 30 ]; then sleep 0.05; else sleep 1; fi
 done
 echo "cloudfs-boot: mounted /cloud as process $CLOUDFS_PID"
 cd /
-mkdir -p /run/cloudfs
-# notes (proc(3)), taken one by one while the user-data runs: interrupt and
-# hangup signal its process group, kill powers off at once, any other goes
-# to /run/cloudfs/note-handler (made by the user-data) as its argument
-setsid sh -c '
-  while :; do
-    note=$(cat /cloud/proc/self/note 2>/dev/null) || { sleep 1; continue; }
-    ud=$(cat /run/cloudfs/userdata.pid 2>/dev/null)
-    case "$note" in
-      interrupt) [ -n "$ud" ] && kill -INT -"$ud" ;;
-      hangup) [ -n "$ud" ] && kill -HUP -"$ud" ;;
-      kill) echo "cloudfs-exit: 137 note kill"; sync; poweroff -f ;;
-      *) if [ -x /run/cloudfs/note-handler ]; then /run/cloudfs/note-handler "$note" </dev/null &
-         else echo "cloudfs-note: $note (no /run/cloudfs/note-handler)"; fi ;;
-    esac
-  done' </dev/null &
-notes=$!
+setsid cloudfs-notes </dev/null &
+echo $! > /run/cloudfs/notes.pid
 # the user-data in the foreground (an asynchronous list would ignore SIGINT)
 # and in a process group of its own (it leads it: setsid), so a note reaches
 # all it started
 setsid sh -c 'echo $$ > /run/cloudfs/userdata.pid; exec sh /etc/cloudfs/userdata' </dev/null
 st=$?
-kill -TERM -"$notes" 2>/dev/null
+kill -TERM -"$(cat /run/cloudfs/notes.pid)" 2>/dev/null
 echo "cloudfs-exit: $st user-data exited with status $st"
 umount /cloud 2>/dev/null
 exit 0
 """
 
-
-class QmpError(DriverError):
-    """QMP failed: the socket is gone, timed out, or QEMU answered an error."""
-
-
-def qmp_command(sock_path: Path, command: str, arguments: dict | None = None, timeout: float = 5.0) -> object:
-    """Run one QMP command (QEMU's JSON protocol, docs/interop/qmp-spec.rst) on
-    a fresh connection to ``sock_path``: greeting, ``qmp_capabilities``,
-    ``command``; returns its ``return`` value.  Events are skipped.  Blocks
-    at most about ``timeout`` seconds per step.  Raises QmpError."""
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-            s.settimeout(timeout)
-            s.connect(str(sock_path))
-            f = s.makefile("rwb")
-
-            def reply() -> object:
-                while True:
-                    line = f.readline()
-                    if not line:
-                        raise QmpError(f"QMP {command}: QEMU closed the connection")
-                    msg = json.loads(line)
-                    if "return" in msg:
-                        return msg["return"]
-                    if "error" in msg:
-                        raise QmpError(f"QMP {command}: {msg['error'].get('desc', msg['error'])}")
-
-            greeting = json.loads(f.readline() or b"{}")
-            if "QMP" not in greeting:
-                raise QmpError(f"QMP: no greeting from {sock_path}")
-            f.write(b'{"execute":"qmp_capabilities"}\n')
-            f.flush()
-            reply()
-            msg: dict = {"execute": command}
-            if arguments:
-                msg["arguments"] = arguments
-            f.write(json.dumps(msg).encode() + b"\n")
-            f.flush()
-            try:
-                return reply()
-            except QmpError as e:
-                if command == "quit" and "closed the connection" in str(e):
-                    return {}
-                raise
-    except (OSError, ValueError) as e:
-        raise QmpError(f"QMP {command} on {sock_path}: {e}") from e
+#: The files every VM's initramfs gets besides its identity and user-data.
+GUEST_FILES: dict[str, str] = {
+    "/etc/cloudfs/boot": BOOT_SCRIPT,
+    "/sbin/cloudfs-mount": MOUNT_SCRIPT,
+    "/sbin/cloudfs-identity": IDENTITY_SCRIPT,
+    "/sbin/cloudfs-notes": NOTES_SCRIPT,
+    "/sbin/cloudfs-fork": FORK_SCRIPT,
+}
 
 
 def probe_kvm(qemu: str, kernel: Path, timeout: float = 5.0) -> bool:
@@ -361,6 +418,19 @@ def _boot_id() -> str:
         return ""
 
 
+def _opt(path: Path) -> str:
+    """``path`` as a value in a QEMU option list (a comma doubled)."""
+    return str(path).replace(",", ",,")
+
+
+def _gen(vm: "_Vm") -> str:
+    """The VM's fw_cfg ``gen``: ``<pid> <id>`` (``template`` for a boot
+    template) padded to GEN_WIDTH: every VM's has that size, since the
+    guest's fw_cfg module keeps the sizes it read at boot."""
+    text = "template" if vm.metadata.get(META_PID) is None else f"{vm.metadata[META_PID]} {vm.id}"
+    return text[:GEN_WIDTH].ljust(GEN_WIDTH)
+
+
 #: Whether a pid runs the QEMU whose command line names a marker (its QMP socket).
 _pid_alive = qemunet.qemu_running
 
@@ -400,6 +470,18 @@ class _Vm:
     @property
     def scratch(self) -> Path:
         return self.dir / "scratch.img"
+
+    @property
+    def initramfs(self) -> Path:
+        return self.dir / "initramfs.cpio.gz"
+
+    @property
+    def fw_identity(self) -> Path:
+        return self.dir / "fw-identity"
+
+    @property
+    def fw_userdata(self) -> Path:
+        return self.dir / "fw-userdata"
 
     def to_json(self) -> str:
         return json.dumps({"id": self.id, "name": self.name, "image": self.image, "flavor": self.flavor,
@@ -479,7 +561,8 @@ class QemuDriver(ComputeDriver):
     def __init__(self, state_dir: Path, *, accel: str = "auto", kvm_probe_timeout: float = 5.0,
                  qemu: str = "qemu-system-x86_64", host: str | None = None, kernel_args: str = "",
                  bios: str | None = None, qemu_user: str | None = "nobody",
-                 channel_handler: ChannelHandler | None = None):
+                 channel_handler: ChannelHandler | None = None, snapshot_boot: bool = True,
+                 shm: Path | None = None):
         if accel not in ("auto", "tcg", "kvm"):
             raise ValueError(f"accel must be auto, tcg or kvm, not {accel!r}")
         self.state_dir = Path(state_dir).resolve()
@@ -508,6 +591,18 @@ class QemuDriver(ComputeDriver):
         self.nets_dir = self.state_dir / "nets"
         self._nets_lock = threading.Lock()  # making networks; the table of per-network locks
         self._net_locks: dict[str, threading.Lock] = {}
+        self.snapshot_boot = snapshot_boot
+        self.templates_dir = self.state_dir / "templates"
+        self.snapshots_dir = self.state_dir / "snapshots"
+        shm = Path(shm) if shm is not None else Path("/dev/shm")
+        self.shm_dir = qemusnap.shm_dir_for(shm if shm.is_dir() else self.templates_dir, self.state_dir)
+        self._moving: set[str] = set()  # VMs being copied (fork live)
+        self._moving_lock = threading.Lock()
+        self._building: set[str] = set()  # template build directories in use
+        self._template_wanted: dict[tuple[str, str, str], None] = {}
+        self._template_failed: dict[tuple[str, str, str], float] = {}
+        self._template_poke = trio.Event()
+        self._stop_building = threading.Event()
         self.vms_dir.mkdir(parents=True, exist_ok=True)
         os.chmod(self.vms_dir, 0o700)
 
@@ -621,18 +716,38 @@ class QemuDriver(ComputeDriver):
             return Server(vm.id, vm.name, "stopped", self.host, addrs)
         if status in ("internal-error", "guest-panicked", "io-error"):
             return Server(vm.id, vm.name, "error", self.host, addrs, f"QEMU reports {status}")
-        if status in ("shutdown", "postmigrate"):
+        if status == "postmigrate":  # copied for fork live: it runs on (or a daemon died mid-copy: start resumes it)
+            with self._moving_lock:
+                moving = vm.id in self._moving
+            return Server(vm.id, vm.name, "running" if moving else "stopped", self.host, addrs)
+        if status == "shutdown":
             return Server(vm.id, vm.name, "exited", self.host, addrs, vm.exit_message())
         return Server(vm.id, vm.name, "unknown", self.host, addrs, f"QEMU reports {status or 'no status'}")
 
-    def _argv(self, vm: _Vm, image: imagestore.StoredImage) -> list[str]:
-        memory, cpus = FLAVORS.get(vm.flavor, next(iter(FLAVORS.values())))
+    def _argv(self, vm: _Vm, image: imagestore.StoredImage, *, initrd: Path | None = None,
+              memory: str | None = None, scratch_fds: tuple[int, int] = (-1, -1)) -> list[str]:
+        """QEMU's command line for ``vm``: ``initrd`` (default the VM's own
+        initramfs) and ``memory``, the ``-object`` of its RAM (id ``mem``;
+        default anonymous memory).  Every VM has the same devices for its
+        flavor and networks, so a state saved from one loads into another
+        (boot templates, ``fork live``).
+
+        The scratch disk is given as two descriptors (``scratch_fds``:
+        read-write and read-only, inherited by QEMU) in fd set 1, not as a
+        path: when a migration ends QEMU re-opens its disks read-only, by
+        then as ``qemu_user``, who may not reach the state dir.  Without
+        image locking: the file is this VM's alone, and OFD locks taken
+        through the set's descriptors outlive the re-opening (``cont``
+        after a copy would fail to get its "write" lock back)."""
+        mib, cpus = FLAVORS.get(vm.flavor, next(iter(FLAVORS.values())))
+        memory = memory or f"memory-backend-ram,id=mem,size={mib}M"
         # the VM's own network namespace: the guest reaches only its channel
         netdev = "user,id=n0,restrict=off,net=10.0.2.0/24"
         argv = netns_argv(self.rootless) + [
-            self.qemu, "-name", f"cloudfs-{vm.id}", "-accel", vm.accel, "-m", str(memory), "-smp", str(cpus),
+            self.qemu, "-name", f"cloudfs-{vm.id}", "-accel", vm.accel, "-m", str(mib), "-smp", str(cpus),
+            "-object", memory, "-machine", "memory-backend=mem",
             "-nodefaults", "-display", "none", "-no-reboot",
-            "-kernel", str(image.kernel_pvh or image.kernel), "-initrd", str(vm.dir / "initramfs.cpio.gz"),
+            "-kernel", str(image.kernel_pvh or image.kernel), "-initrd", str(initrd or vm.initramfs),
             "-append", f"console=ttyS0 cloudfs.mode=boot quiet panic=-1 {self.kernel_args}".strip(),
             "-chardev", f"file,id=con,path={vm.console},append=on", "-serial", "chardev:con",
             "-qmp", f"unix:{vm.qmp},server=on,wait=off",
@@ -641,6 +756,12 @@ class QemuDriver(ComputeDriver):
             # (spawn stays allowed: -daemonize forks; elevateprivileges=deny
             # stops QEMU 7.2 from starting, and -runas needs setuid)
             "-sandbox", "on,obsolete=deny,resourcecontrol=deny",
+            # what the guest reads from fw_cfg (FW_CFG_DIR): a copy of a VM
+            # finds its own identity there; vmgenid tells its kernel to reseed
+            "-fw_cfg", f"name=opt/cloudfs/gen,string={_gen(vm)}",
+            "-fw_cfg", f"name=opt/cloudfs/identity,file={_opt(vm.fw_identity)}",
+            "-fw_cfg", f"name=opt/cloudfs/userdata,file={_opt(vm.fw_userdata)}",
+            "-device", "vmgenid",
         ]
         if self.qemu_user:
             argv += ["-runas", self.qemu_user]
@@ -654,49 +775,79 @@ class QemuDriver(ComputeDriver):
                      "-device", f"virtio-net-pci,netdev=n{i},mac={qemunet.mac_of(addr)}"]
         if image.disk is not None:
             argv += ["-drive", f"file={image.disk},if=virtio,snapshot=on"]
-        argv += ["-drive", f"file={vm.scratch},if=virtio,format=raw,id=scratch",
+        rw, ro = scratch_fds
+        argv += ["-add-fd", f"fd={rw},set=1,opaque=scratch-rw", "-add-fd", f"fd={ro},set=1,opaque=scratch-ro",
+                 "-drive", "file=/dev/fdset/1,file.locking=off,if=virtio,format=raw,id=scratch",
                  "-device", "virtio-balloon-pci,id=balloon0"]
         return argv
 
-    def _prepare(self, vm: _Vm, image: imagestore.StoredImage, userdata: bytes) -> None:
-        """Blocking: write the VM's initramfs (identity, user-data, boot script)."""
+    def _identity(self, vm: _Vm) -> str:
+        """The guest's /etc/cloudfs/identity (sh assignments)."""
         pid = vm.metadata.get(META_PID, "0")
         nets = " ".join(f"{n}={a}/{self._net_prefix(n)}" for n, a in vm.nets.items())
-        identity = (f"CLOUDFS_PID={int(pid)}\nCLOUDFS_SERVER={SERVER_ADDRESS}\nCLOUDFS_PORT={GUEST_9P_PORT}\n"
-                    f"CLOUDFS_NETS='{nets}'\n")
+        return (f"CLOUDFS_PID={int(pid)}\nCLOUDFS_SERVER={SERVER_ADDRESS}\nCLOUDFS_PORT={GUEST_9P_PORT}\n"
+                f"CLOUDFS_NETS='{nets}'\nCLOUDFS_EPOCH={int(time.time())}\n")
+
+    def _write_fw(self, vm: _Vm, userdata: bytes, identity: str | None = None) -> None:
+        """Blocking: the files QEMU hands the guest through fw_cfg."""
+        for path, data in ((vm.fw_identity, (self._identity(vm) if identity is None else identity).encode()),
+                           (vm.fw_userdata, bytes(userdata))):
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+
+    def _prepare(self, vm: _Vm, image: imagestore.StoredImage, userdata: bytes) -> None:
+        """Blocking: write the VM's initramfs (identity, user-data, the guest
+        scripts) and its fw_cfg files."""
+        identity = self._identity(vm)
         old = os.umask(0o077)
         try:
-            append_files(image.initramfs, {
-                "/etc/cloudfs/boot": BOOT_SCRIPT,
-                "/sbin/cloudfs-mount": MOUNT_SCRIPT,
-                "/etc/cloudfs/identity": identity,
-                "/etc/cloudfs/userdata": bytes(userdata),
-            }, vm.dir / "initramfs.cpio.gz")
+            self._write_fw(vm, userdata, identity)
+            append_files(image.initramfs, {**GUEST_FILES, "/etc/cloudfs/identity": identity,
+                                           "/etc/cloudfs/userdata": bytes(userdata)}, vm.initramfs)
         finally:
             os.umask(old)
 
-    def _launch(self, vm: _Vm, image: imagestore.StoredImage) -> None:
+    def _launch(self, vm: _Vm, image: imagestore.StoredImage, *, initrd: Path | None = None,
+                memory: str | None = None, state: Path | None = None, scratch: Path | None = None) -> None:
         """Blocking: start QEMU (daemonized, own session) with a fresh
-        scratch disk; DriverError on failure."""
+        scratch disk, or, given ``state``, restore that saved state into it
+        (``-incoming``; ``scratch`` then the disk saved with it, moved into
+        the VM) and let it run; DriverError on failure (QmpError if the
+        state does not load)."""
         for p in (vm.qmp, vm.pidfile, vm.scratch):
             p.unlink(missing_ok=True)
-        gib = SCRATCH_GIB.get(vm.flavor, 1)
-        fd = os.open(vm.scratch, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            os.ftruncate(fd, gib << 30)  # sparse: takes no space until the guest writes
-        finally:
-            os.close(fd)
+        if scratch is not None:
+            os.replace(scratch, vm.scratch)
+        else:
+            gib = SCRATCH_GIB.get(vm.flavor, 1)
+            fd = os.open(vm.scratch, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                os.ftruncate(fd, gib << 30)  # sparse: takes no space until the guest writes
+            finally:
+                os.close(fd)
         fd = os.open(vm.console, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)  # the user-data's output
+        how = "restoring" if state is not None else "starting"
         with os.fdopen(fd, "ab") as f:
-            f.write(f"--- cloudfs: starting {vm.id} ({vm.accel}) at {time.strftime('%H:%M:%S')} ---\n".encode())
+            f.write(f"--- cloudfs: {how} {vm.id} ({vm.accel}) at {time.strftime('%H:%M:%S')} ---\n".encode())
+        fds = (os.open(vm.scratch, os.O_RDWR | os.O_CLOEXEC), os.open(vm.scratch, os.O_RDONLY | os.O_CLOEXEC))
         try:
-            p = subprocess.run(self._argv(vm, image), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, start_new_session=True, timeout=60)
+            argv = self._argv(vm, image, initrd=initrd, memory=memory, scratch_fds=fds)
+            if state is not None:
+                argv += ["-incoming", "defer"]
+            p = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               start_new_session=True, timeout=60, pass_fds=fds)
         except (OSError, subprocess.TimeoutExpired) as e:
             raise DriverError(f"cannot start QEMU: {e}") from e
+        finally:
+            for fd in fds:
+                os.close(fd)
         if p.returncode != 0 or vm.pid() is None:
             err = (p.stderr or b"").decode(errors="replace").strip()[-1500:]
             raise DriverError(f"QEMU failed to start (status {p.returncode}): {err or 'no message'}")
+        if state is not None:
+            load_state(vm.qmp, state)
+            qmp_command(vm.qmp, "cont")
         # the guest's balloon driver reports its memory use every few seconds
         with contextlib.suppress(QmpError):
             qmp_command(vm.qmp, "qom-set", {"path": "/machine/peripheral/balloon0",
@@ -729,10 +880,20 @@ class QemuDriver(ComputeDriver):
         deleted); otherwise write its directory and initramfs and start QEMU; returns
         it ``running`` (the guest is booting).  The tags go to meta.json;
         ``spec.secret`` is not used (the guest's channel is its identity).  NotFound
-        for an unknown image/flavor/network."""
+        for an unknown image/flavor/network.
+
+        Snapshot boot: a VM on the user network alone is restored from its
+        image and flavor's boot template when there is one (qemusnap),
+        else it boots cold and the template is made in the background
+        (while :meth:`run` runs; ``snapshot_boot=False``: never).  A
+        template that fails to restore is dropped and the VM boots cold.
+        ``spec.snapshot``: restore that ``fork live`` snapshot instead
+        (DriverError if it is gone; it is consumed)."""
         adopted = await trio.to_thread.run_sync(self._adopt, spec.pid)
         if adopted is not None:
             return adopted
+        if spec.snapshot:
+            return await self._create_from_snapshot(spec)
         meta = self.metadata_for(spec)
         img = await trio.to_thread.run_sync(imagestore.get_image, self.state_dir, spec.image)
         if img is None:
@@ -757,12 +918,19 @@ class QemuDriver(ComputeDriver):
                  networks=networks, metadata=meta,
                  created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), accel=accel)
 
-        def boot() -> Server:
+        eligible = self.snapshot_boot and networks == [USER_NET.name]
+
+        def boot() -> tuple[Server, bool]:
             vm.dir.mkdir(mode=0o700)
+            restored = False
             try:
                 self._plug(vm, networks[1:])
-                self._prepare(vm, img, spec.userdata)
-                self._launch(vm, img)
+                tpl = self._ready_template(img, flavor, accel) if eligible else None
+                if tpl is not None:
+                    restored = self._restore_template(vm, img, tpl, spec.userdata)
+                if not restored:
+                    self._prepare(vm, img, spec.userdata)
+                    self._launch(vm, img)
                 self._connect(vm)
             except BaseException:
                 with contextlib.suppress(DriverError):
@@ -776,11 +944,312 @@ class QemuDriver(ComputeDriver):
             with os.fdopen(fd, "w") as f:
                 f.write(vm.to_json())
             os.replace(tmp, vm.dir / "meta.json")
-            return Server(vm.id, vm.name, "running", self.host, (GUEST_ADDRESS, *vm.nets.values()))
+            return Server(vm.id, vm.name, "running", self.host, (GUEST_ADDRESS, *vm.nets.values())), restored
 
-        server = await trio.to_thread.run_sync(boot)
+        server, restored = await trio.to_thread.run_sync(boot)
         self._poke_channels()
-        log.info("created %s (%s) for pid %d of deployment %s", vm.id, accel, spec.pid, self.deployment)
+        if eligible and not restored:
+            self._want_template(spec.image, flavor, accel)
+        log.info("created %s (%s, %s) for pid %d of deployment %s", vm.id, accel,
+                 "from its boot template" if restored else "cold boot", spec.pid, self.deployment)
+        return server
+
+    # -- boot templates and fork live (cloudfs.drivers.qemusnap) -------------------------
+
+    def _template_key(self, img: imagestore.StoredImage, flavor: str, accel: str) -> str | None:
+        """Blocking: the key of ``img``'s template for ``flavor`` and
+        ``accel`` (what its saved state depends on); None if a file of it
+        cannot be read."""
+        mib, cpus = FLAVORS[flavor]
+        try:
+            q = shutil.which(self.qemu) or self.qemu
+            st = os.stat(q)
+            files = [(str(p), os.stat(p).st_size, os.stat(p).st_mtime_ns)
+                     for p in (img.kernel_pvh or img.kernel, img.initramfs, img.disk) if p is not None]
+        except OSError:
+            return None
+        guest = hashlib.sha256(json.dumps(GUEST_FILES, sort_keys=True).encode()).hexdigest()
+        return qemusnap.template_key({
+            "image": [img.name, img.id, img.checksum], "files": files,
+            "qemu": [os.path.realpath(q), st.st_size, st.st_mtime_ns], "mib": mib, "cpus": cpus, "accel": accel,
+            "kernel_args": self.kernel_args, "bios": self.bios, "qemu_user": self.qemu_user,
+            "rootless": self.rootless, "guest": guest})
+
+    def _ready_template(self, img: imagestore.StoredImage, flavor: str, accel: str) -> qemusnap.Template | None:
+        """Blocking: ``img``'s ready boot template for ``flavor`` and ``accel``, or None."""
+        key = self._template_key(img, flavor, accel)
+        if key is None:
+            return None
+        return qemusnap.load_template(self.templates_dir / qemusnap.template_name(img.name, flavor, key), key)
+
+    def _restore_template(self, vm: _Vm, img: imagestore.StoredImage, tpl: qemusnap.Template,
+                          userdata: bytes) -> bool:
+        """Blocking: start ``vm`` as a copy of boot template ``tpl``; False
+        (and the template removed, nothing left running) if that fails."""
+        try:
+            self._write_fw(vm, userdata)
+            self._launch(vm, img, initrd=tpl.initramfs, state=tpl.state,
+                         memory=f"memory-backend-file,id=mem,size={tpl.mib}M,mem-path={_opt(tpl.memory)},share=off")
+            return True
+        except DriverError as e:
+            log.warning("%s: restoring boot template %s failed (%s); dropping it, booting cold",
+                        vm.id, tpl.dir.name, e)
+            with contextlib.suppress(DriverError):
+                self._kill(vm)
+            self._remove_template(tpl.dir)
+            return False
+
+    def _remove_template(self, d: Path) -> None:
+        """Blocking: remove template directory ``d`` and its RAM file (VMs
+        restored from it keep their mapping of the file)."""
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+            mem = Path(json.loads((d / "template.json").read_text())["memory"])
+            if mem.parent == self.shm_dir:
+                mem.unlink(missing_ok=True)
+        shutil.rmtree(d, ignore_errors=True)
+
+    def _want_template(self, image: str, flavor: str, accel: str) -> None:
+        """Ask :meth:`run`'s template builder for this template (no-op when
+        it does not run, or the last try failed less than TEMPLATE_RETRY s ago)."""
+        want = (image, flavor, accel)
+        failed = self._template_failed.get(want)
+        if not self._running or (failed is not None and time.monotonic() - failed < TEMPLATE_RETRY):
+            return
+        self._template_wanted[want] = None
+        self._template_poke.set()
+
+    async def prepare_template(self, image: str, flavor: str = "") -> Path:
+        """Make (or find) the boot template of ``image`` and ``flavor``
+        (default the first) now; returns its directory.  NotFound for an
+        unknown image or flavor; DriverError if the template guest does not
+        boot to its wait within TEMPLATE_BOOT_TIMEOUT s or its state
+        cannot be saved."""
+        flavor = flavor or next(iter(FLAVORS))
+        if flavor not in FLAVORS:
+            raise NotFound(f"no flavor {flavor!r}")
+        img = await trio.to_thread.run_sync(imagestore.get_image, self.state_dir, image)
+        if img is None:
+            raise NotFound(f"no image {image!r}")
+        accel = await self._choose_accel(img.kernel)
+        tpl = await trio.to_thread.run_sync(self._build_template, img, flavor, accel, abandon_on_cancel=True)
+        return tpl.dir
+
+    async def _template_builder(self) -> None:
+        """Make the templates creates asked for, one at a time."""
+        while True:
+            await self._template_poke.wait()
+            self._template_poke = trio.Event()
+            while self._template_wanted:
+                want = next(iter(self._template_wanted))
+                image, flavor, accel = want
+                try:
+                    img = await trio.to_thread.run_sync(imagestore.get_image, self.state_dir, image)
+                    if img is None:
+                        raise NotFound(f"no image {image!r}")
+                    tpl = await trio.to_thread.run_sync(self._build_template, img, flavor, accel,
+                                                        abandon_on_cancel=True)
+                    log.info("boot template %s ready", tpl.dir.name)
+                except (DriverError, OSError) as e:
+                    log.warning("no boot template of %s (%s, %s): %s; its VMs boot cold", image, flavor, accel, e)
+                    self._template_failed[want] = time.monotonic()
+                except Exception:  # never take the daemon down for this
+                    log.exception("making the boot template of %s", image)
+                    self._template_failed[want] = time.monotonic()
+                finally:
+                    self._template_wanted.pop(want, None)
+
+    def _build_template(self, img: imagestore.StoredImage, flavor: str, accel: str) -> qemusnap.Template:
+        """Blocking: boot ``img`` as a template guest with its RAM in a
+        shared file under :attr:`shm_dir`, wait for its boot script to say
+        ``cloudfs-template: ready``, pause it, save its state without that
+        RAM and end it; older templates of the image and flavor go."""
+        key = self._template_key(img, flavor, accel)
+        if key is None:
+            raise DriverError(f"cannot read the files of image {img.name!r}")
+        final = self.templates_dir / qemusnap.template_name(img.name, flavor, key)
+        tpl = qemusnap.load_template(final, key)
+        if tpl is not None:
+            return tpl
+        mib = FLAVORS[flavor][0]
+        tid = uuid.uuid4().hex[:12]
+        build = self.templates_dir / f".build-{tid}"
+        mem = self.shm_dir / f"{final.name}-{tid}.mem"
+        vm = _Vm(id=f"tpl-{tid}", dir=build, name=f"template-{img.name}", image=img.name, flavor=flavor,
+                 networks=[USER_NET.name], metadata={}, created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                 accel=accel)
+        self.templates_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.shm_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self._building.add(build.name)
+        try:
+            build.mkdir(mode=0o700)
+            old = os.umask(0o077)
+            try:
+                self._write_fw(vm, b"", identity="")
+                append_files(img.initramfs, {**GUEST_FILES, "/etc/cloudfs/template": ""}, vm.initramfs)
+            finally:
+                os.umask(old)
+            self._launch(vm, img, memory=f"memory-backend-file,id=mem,size={mib}M,mem-path={_opt(mem)},share=on")
+            deadline = time.monotonic() + qemusnap.TEMPLATE_BOOT_TIMEOUT
+            while b"cloudfs-template: ready" not in _console_tail(vm, 65536):
+                if vm.pid() is None:
+                    raise DriverError(f"the template guest of {img.name} ended: {vm.exit_message()}")
+                if time.monotonic() > deadline or self._stop_building.is_set():
+                    raise DriverError(f"the template guest of {img.name} did not boot within "
+                                      f"{qemusnap.TEMPLATE_BOOT_TIMEOUT:g} s")
+                time.sleep(0.05)
+            qmp_command(vm.qmp, "stop")
+            save_state(vm.qmp, build / "state")
+            self._kill(vm)
+            qemusnap.write_json(build / "template.json", {
+                "key": key, "memory": str(mem), "mib": mib, "image": img.name, "flavor": flavor,
+                "made": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+            for d in self.templates_dir.glob(f"{img.name}-{flavor}-*"):
+                self._remove_template(d)
+            os.rename(build, final)
+        except BaseException:
+            with contextlib.suppress(DriverError):
+                self._kill(vm)
+            shutil.rmtree(build, ignore_errors=True)
+            mem.unlink(missing_ok=True)
+            raise
+        finally:
+            self._building.discard(build.name)
+        tpl = qemusnap.load_template(final, key)
+        if tpl is None:
+            raise DriverError(f"boot template {final.name} is incomplete")
+        log.info("made boot template %s (state %d bytes)", final.name, tpl.state.stat().st_size)
+        return tpl
+
+    def _sweep_templates(self) -> None:
+        """Blocking: end and remove template builds no one is making (a
+        daemon killed mid-build), and RAM files no template names."""
+        used: set[Path] = set()
+        for d in self.templates_dir.iterdir() if self.templates_dir.is_dir() else ():
+            if d.name.startswith(".build-"):
+                if d.name not in self._building:
+                    stale = _Vm(d.name, d, "", "", "m1.tiny", [], {}, "")
+                    with contextlib.suppress(DriverError):
+                        self._kill(stale, grace=1.0)
+                    shutil.rmtree(d, ignore_errors=True)
+                continue
+            with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+                used.add(Path(json.loads((d / "template.json").read_text())["memory"]))
+        building = tuple(f"-{b[len('.build-'):]}.mem" for b in self._building)
+        for f in self.shm_dir.iterdir() if self.shm_dir.is_dir() else ():
+            if f not in used and not f.name.endswith(building or ("\0",)):
+                f.unlink(missing_ok=True)
+
+    async def snapshot(self, server_id: str) -> str:
+        """Copy the VM for ``fork live``: its state with all its RAM (QMP
+        ``migrate`` to a file while it runs; it pauses for the last pass)
+        and, while it is paused, its scratch disk; then it runs on.  While
+        it is copied its status stays ``running``.  EOPNOTSUPP for a VM on
+        networks besides ``user`` (the copy would hold the parent's
+        addresses) or of an image with a disk (its changes are in a
+        temporary overlay); EBUSY while it is being copied; EAGAIN with
+        SNAPSHOT_MAX snapshots held; DriverError if it has exited."""
+        vm = await trio.to_thread.run_sync(self._vm, server_id)
+        if vm.nets or vm.networks != [USER_NET.name]:
+            raise DriverError("fork live copies only VMs on the user network alone", errno=errno.EOPNOTSUPP)
+        img = await trio.to_thread.run_sync(imagestore.get_image, self.state_dir, vm.image)
+        if img is None:
+            raise NotFound(f"no image {vm.image!r}")
+        if img.disk is not None:
+            raise DriverError(f"fork live cannot copy a VM of image {vm.image} (it has a disk)",
+                              errno=errno.EOPNOTSUPP)
+        return await trio.to_thread.run_sync(self._snapshot, vm)
+
+    def _snapshot(self, vm: _Vm) -> str:
+        with self._moving_lock:
+            if vm.id in self._moving:
+                raise DriverError(f"server {vm.id} is being copied already", errno=errno.EBUSY)
+            self.snapshots_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            if len(list(self.snapshots_dir.iterdir())) >= qemusnap.SNAPSHOT_MAX:
+                raise DriverError(f"{qemusnap.SNAPSHOT_MAX} fork live copies are waiting to start; try again",
+                                  errno=errno.EAGAIN)
+            sid = qemusnap.new_snapshot_id()
+            d = self.snapshots_dir / sid
+            d.mkdir(mode=0o700)
+            self._moving.add(vm.id)
+        try:
+            if vm.pid() is None:
+                raise DriverError(f"server {vm.id} has exited ({vm.exit_message()})")
+            st = qmp_command(vm.qmp, "query-status", timeout=3.0)
+            running = isinstance(st, dict) and st.get("status") == "running"
+            t0 = time.monotonic()
+            try:
+                info = save_state(vm.qmp, d / "state")
+                p = subprocess.run(["cp", "--sparse=always", "--reflink=auto", str(vm.scratch),
+                                    str(d / "scratch.img")], capture_output=True, timeout=300)
+                if p.returncode != 0:
+                    raise DriverError(f"copying the scratch disk: {p.stderr.decode(errors='replace').strip()}")
+            finally:
+                if running:
+                    try:
+                        qmp_command(vm.qmp, "cont")
+                    except QmpError as e:
+                        log.warning("%s: cannot resume after copying it: %s", vm.id, e)
+            paused_ms = info.get("downtime") if isinstance(info, dict) else None
+            qemusnap.write_json(d / "meta.json", qemusnap.SnapshotMeta(
+                self.bound(), vm.id, vm.image, vm.flavor, vm.accel, time.time()).to_dict())
+            log.info("fork live: copied %s as %s in %.2f s (downtime %s ms)", vm.id, sid,
+                     time.monotonic() - t0, paused_ms)
+            return sid
+        except BaseException:
+            shutil.rmtree(d, ignore_errors=True)
+            raise
+        finally:
+            with self._moving_lock:
+                self._moving.discard(vm.id)
+
+    async def discard_snapshot(self, snapshot_id: str) -> None:
+        """Remove snapshot ``snapshot_id`` (nothing for a malformed id)."""
+        if qemusnap.valid_snapshot_id(snapshot_id):
+            await trio.to_thread.run_sync(shutil.rmtree, self.snapshots_dir / snapshot_id, True)
+
+    async def _create_from_snapshot(self, spec: ServerSpec) -> Server:
+        """Start the ``fork live`` child of ``spec`` from its snapshot, with
+        the parent's image, flavor and accelerator and its own identity;
+        the snapshot is consumed."""
+        if not qemusnap.valid_snapshot_id(spec.snapshot):
+            raise DriverError(f"bad snapshot id {spec.snapshot!r}")
+        d = self.snapshots_dir / spec.snapshot
+        snap = await trio.to_thread.run_sync(qemusnap.load_snapshot, d)
+        if snap is None:
+            raise DriverError(f"the fork live copy {spec.snapshot} is gone (used, discarded or expired)")
+        if snap.deployment != self.bound():
+            raise NotOurs(f"snapshot {spec.snapshot} is not deployment {self.deployment}'s")
+        img = await trio.to_thread.run_sync(imagestore.get_image, self.state_dir, snap.image)
+        if img is None or snap.flavor not in FLAVORS:
+            raise NotFound(f"no image {snap.image!r} or flavor {snap.flavor!r} for the copy")
+        vid = f"vm-{uuid.uuid4().hex[:12]}"
+        vm = _Vm(id=vid, dir=self.vms_dir / vid, name=spec.name, image=snap.image, flavor=snap.flavor,
+                 networks=[USER_NET.name], metadata=self.metadata_for(spec),
+                 created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), accel=snap.accel)
+
+        def restore() -> Server:
+            vm.dir.mkdir(mode=0o700)
+            try:
+                self._write_fw(vm, spec.userdata)
+                self._launch(vm, img, initrd=img.initramfs, state=d / "state", scratch=d / "scratch.img")
+            except BaseException:
+                with contextlib.suppress(DriverError):
+                    self._kill(vm)
+                with contextlib.suppress(OSError):  # the snapshot stays whole for a retry
+                    os.replace(vm.scratch, d / "scratch.img")
+                shutil.rmtree(vm.dir, ignore_errors=True)
+                raise
+            tmp = vm.dir / "meta.json.tmp"
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(vm.to_json())
+            os.replace(tmp, vm.dir / "meta.json")
+            shutil.rmtree(d, ignore_errors=True)
+            return Server(vm.id, vm.name, "running", self.host, (GUEST_ADDRESS,))
+
+        server = await trio.to_thread.run_sync(restore)
+        self._poke_channels()
+        log.info("created %s for pid %d from fork live copy %s", vm.id, spec.pid, spec.snapshot)
         return server
 
     def servers(self) -> list[Server]:
@@ -794,8 +1263,8 @@ class QemuDriver(ComputeDriver):
 
     def kill_all(self) -> int:
         """Blocking: end every VM of this state directory (QMP quit, then
-        SIGKILL) and remove them, and every network's hub (of any
-        deployment); returns how many VM QEMUs were running.  For test
+        SIGKILL) and remove them, every network's hub (of any deployment),
+        the boot templates and fork live copies; returns how many VM QEMUs were running.  For test
         teardown and ``cloudfs down --vms``-style cleanup."""
         n = 0
         for d in sorted(self.vms_dir.iterdir()) if self.vms_dir.is_dir() else ():
@@ -813,7 +1282,18 @@ class QemuDriver(ComputeDriver):
             if net is not None:
                 qemunet.stop_hub(net, qmp_command)
             shutil.rmtree(d, ignore_errors=True)
+        self.remove_templates()
+        shutil.rmtree(self.snapshots_dir, ignore_errors=True)
         return n
+
+    def remove_templates(self) -> None:
+        """Blocking: end any template being made and remove every boot
+        template of this state directory, with its RAM file."""
+        for d in sorted(self.templates_dir.iterdir()) if self.templates_dir.is_dir() else ():
+            with contextlib.suppress(DriverError):
+                self._kill(_Vm(d.name, d, "", "", "m1.tiny", [], {}, ""), grace=1.0)
+            self._remove_template(d)
+        shutil.rmtree(self.shm_dir, ignore_errors=True)
 
     def qemu_pid(self, server_id: str) -> int | None:
         """Blocking: the pid of the QEMU running ``server_id`` (None if not running)."""
@@ -960,19 +1440,34 @@ class QemuDriver(ComputeDriver):
             await trio.sleep_forever()
         self._running = True
         try:
+            self._stop_building.clear()
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._serve_channels, nursery)
+                nursery.start_soon(self._template_builder)
+                swept = -SWEEP_INTERVAL
                 while True:
                     try:
                         await trio.to_thread.run_sync(self._trim_consoles)
+                        if trio.current_time() - swept >= SWEEP_INTERVAL:
+                            swept = trio.current_time()
+                            await trio.to_thread.run_sync(self._sweep)
                     except Exception:  # never take the daemon down for this
-                        log.exception("trimming consoles")
+                        log.exception("trimming consoles, sweeping templates and snapshots")
                     await trio.sleep(CONSOLE_CHECK)
         finally:
+            self._stop_building.set()
             self._running = False
             for ch in self._channels.values():
                 ch.scope.cancel()
             self._channels.clear()
+
+    def _sweep(self) -> None:
+        """Blocking: stale template builds, and snapshots past SNAPSHOT_TTL."""
+        self._sweep_templates()
+        with self._moving_lock:
+            gone = qemusnap.sweep_snapshots(self.snapshots_dir)
+        if gone:
+            log.info("removed %d fork live copies no create took: %s", len(gone), " ".join(gone))
 
     def _poke_channels(self) -> None:
         """Have the channel supervisor look at the VMs now (a QEMU started)."""

@@ -1,0 +1,147 @@
+"""QMP, QEMU's JSON control protocol (docs/interop/qmp-spec.rst), and
+migration of a VM's state to and from a file (QMP ``migrate`` and
+``migrate-incoming`` with a file descriptor handed over by ``getfd``).
+
+Every function blocks (call it from a worker thread) and raises
+:class:`QmpError` when QMP fails: the socket is gone, a step timed out, or
+QEMU answered an error.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from pathlib import Path
+
+from .base import DriverError
+
+__all__ = ["QmpError", "qmp_command", "save_state", "load_state", "MIGRATE_BANDWIDTH"]
+
+#: Bytes per second a migration to a file may use (QMP ``max-bandwidth``;
+#: QEMU's default, 128 MiB/s, would make a 70 MB state take half a second).
+MIGRATE_BANDWIDTH = 8 << 30
+
+
+class QmpError(DriverError):
+    """QMP failed: the socket is gone, timed out, or QEMU answered an error."""
+
+
+def qmp_command(sock_path: Path, command: str, arguments: dict | None = None, timeout: float = 5.0,
+                fds: list[int] | None = None) -> object:
+    """Run one QMP command on a fresh connection to ``sock_path``: greeting,
+    ``qmp_capabilities``, ``command``; returns its ``return`` value.  Events
+    are skipped.  ``fds`` go with the command as SCM_RIGHTS ancillary data
+    (for ``getfd``).  Blocks at most about ``timeout`` seconds per step."""
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(timeout)
+            s.connect(str(sock_path))
+            f = s.makefile("rwb")
+
+            def reply() -> object:
+                while True:
+                    line = f.readline()
+                    if not line:
+                        raise QmpError(f"QMP {command}: QEMU closed the connection")
+                    msg = json.loads(line)
+                    if "return" in msg:
+                        return msg["return"]
+                    if "error" in msg:
+                        raise QmpError(f"QMP {command}: {msg['error'].get('desc', msg['error'])}")
+
+            greeting = json.loads(f.readline() or b"{}")
+            if "QMP" not in greeting:
+                raise QmpError(f"QMP: no greeting from {sock_path}")
+            f.write(b'{"execute":"qmp_capabilities"}\n')
+            f.flush()
+            reply()
+            msg: dict = {"execute": command}
+            if arguments:
+                msg["arguments"] = arguments
+            data = json.dumps(msg).encode() + b"\n"
+            if fds:
+                socket.send_fds(s, [data], fds)
+            else:
+                f.write(data)
+                f.flush()
+            try:
+                return reply()
+            except QmpError as e:
+                if command == "quit" and "closed the connection" in str(e):
+                    return {}
+                raise
+    except (OSError, ValueError) as e:
+        raise QmpError(f"QMP {command} on {sock_path}: {e}") from e
+
+
+def _capabilities(qmp: Path) -> None:
+    # x-ignore-shared: RAM in a share=on memory backend is not sent (a boot
+    # template's memory file is mapped by its copies instead); without such
+    # RAM it changes nothing, and both ends must agree, so every cloudfs
+    # migration sets it
+    qmp_command(qmp, "migrate-set-capabilities",
+                {"capabilities": [{"capability": "x-ignore-shared", "state": True}]})
+
+
+def save_state(qmp: Path, dest: Path, timeout: float = 60.0) -> dict:
+    """Write the VM's state (devices, and the RAM not in a shared memory
+    backend) to the new file ``dest`` (mode 0600) with QMP ``migrate``.  A
+    running VM keeps running while its RAM is copied, then pauses for the
+    last pass and stays paused (``postmigrate``: the caller sends ``cont``
+    to go on); a paused one stays paused.  Returns ``query-migrate``'s
+    answer (``downtime`` and ``total-time`` in ms, ``ram.transferred``
+    bytes).  QmpError if the migration fails or takes longer than
+    ``timeout`` seconds (it is then cancelled: the VM runs on)."""
+    _capabilities(qmp)
+    qmp_command(qmp, "migrate-set-parameters", {"max-bandwidth": MIGRATE_BANDWIDTH})
+    fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        qmp_command(qmp, "getfd", {"fdname": "cloudfs-state"}, fds=[fd])
+    finally:
+        os.close(fd)
+    qmp_command(qmp, "migrate", {"uri": "fd:cloudfs-state"})
+    deadline = time.monotonic() + timeout
+    while True:
+        got = qmp_command(qmp, "query-migrate")
+        status = got.get("status") if isinstance(got, dict) else None
+        if status == "completed":
+            return got
+        if status in ("failed", "cancelled", None):
+            why = got.get("error-desc", "") if isinstance(got, dict) else ""
+            raise QmpError(f"migration to {dest.name} {status or 'gave no status'}" + (f": {why}" if why else "")
+                           + f" ({got})")
+        if time.monotonic() > deadline:
+            try:
+                qmp_command(qmp, "migrate_cancel")
+            except QmpError:
+                pass
+            raise QmpError(f"migration to {dest.name} took more than {timeout:g} s; cancelled")
+        time.sleep(0.005)
+
+
+def load_state(qmp: Path, src: Path, timeout: float = 60.0) -> None:
+    """Load a state written by :func:`save_state` into a QEMU started with
+    ``-incoming defer`` and the same machine, memory size and devices
+    (QMP ``migrate-incoming``); returns once it is loaded (status
+    ``paused``, or ``running`` when the source was running).  QmpError if
+    loading fails or takes longer than ``timeout`` seconds."""
+    _capabilities(qmp)
+    fd = os.open(src, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        qmp_command(qmp, "getfd", {"fdname": "cloudfs-state"}, fds=[fd])
+    finally:
+        os.close(fd)
+    qmp_command(qmp, "migrate-incoming", {"uri": "fd:cloudfs-state"})
+    deadline = time.monotonic() + timeout
+    while True:
+        got = qmp_command(qmp, "query-status")
+        status = got.get("status") if isinstance(got, dict) else None
+        if status in ("paused", "running", "postmigrate"):
+            return
+        if status != "inmigrate":
+            raise QmpError(f"loading {src.name}: QEMU is {status}")
+        if time.monotonic() > deadline:
+            raise QmpError(f"loading {src.name} took more than {timeout:g} s")
+        time.sleep(0.005)
