@@ -70,6 +70,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         adopt_open_tree=args.adopt_open_tree,
         max_processes=args.max_processes,
         qemu_user=None if args.qemu_user == "root" else args.qemu_user,
+        boot=args.boot,
         files=args.files,
         files_container=args.files_container,
         files_limits=dict(args.files_limit or []),
@@ -285,6 +286,10 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--qemu-user", metavar="USER", default="nobody",
                     help="qemu driver, daemon run as root: the user QEMU drops to once it has opened its files "
                          "(-runas; default nobody; 'root' keeps root)")
+    up.add_argument("--boot", choices=["snapshot", "cold"], default="snapshot",
+                    help="qemu driver: how new VMs start: snapshot (default: restored from a boot template of "
+                         "their image, made once in the background; cold until it is ready) or cold (always "
+                         "booted)")
     up.add_argument("--os-cloud", metavar="NAME",
                     help="openstack driver: the clouds.yaml entry (default: OS_CLOUD or the OS_* variables)")
     up.add_argument("--state-dir", metavar="DIR", default=str(DEFAULT_STATE_DIR),

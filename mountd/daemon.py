@@ -67,7 +67,7 @@ async def _qemu_driver(opts: "DaemonOptions", _ninep_port: int | None) -> Comput
     from cloudfs.drivers.qemu import QemuDriver
 
     # guests come in over their own channels (served below), not the listeners
-    return QemuDriver(opts.state_dir, qemu_user=opts.qemu_user)
+    return QemuDriver(opts.state_dir, qemu_user=opts.qemu_user, snapshot_boot=opts.boot == "snapshot")
 
 
 async def _openstack_driver(opts: "DaemonOptions", ninep_port: int | None) -> ComputeDriver:
@@ -114,6 +114,9 @@ class DaemonOptions:
     max_processes: int = DEFAULT_MAX_PROCESSES
     #: the user QEMU drops to (-runas) when the daemon runs as root (None: root)
     qemu_user: str | None = "nobody"
+    #: qemu driver: "snapshot" (new VMs restored from a boot template of
+    #: their image when there is one) or "cold" (always booted)
+    boot: str = "snapshot"
     #: the backend of /files: "local" (STATE/files) or "swift" (the cloud's
     #: object store, container ``files_container``)
     files: str = "local"

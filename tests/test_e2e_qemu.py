@@ -654,3 +654,49 @@ async def test_guests_share_files(cloud):
         assert (q.used["files"], q.used["file-bytes"]) == (1, 50 << 20)
         for p in (a, b):
             await ctl(c, p, "kill")
+
+
+# -- fork live ----------------------------------------------------------------------
+
+FORKLIVE = REPO / "examples" / "forklive" / "userdata.sh"
+
+
+async def test_fork_live_children_use_the_parents_memory(cloud):
+    """examples/forklive: a parent computes a table in memory, forks live
+    children with cloudfs-fork; each child is a copy that takes its own pid
+    and mount, uses the table without computing it, and the parent runs on."""
+    async with open_client(cloud.operator) as c:
+        pid = int(await ctl(c, 1, "fork"))
+        await c.write_file(f"proc/{pid}/userdata", FORKLIVE.read_bytes())
+        await c.write_file(f"proc/{pid}/env/n", b"2")
+        await ctl(c, pid, "exec tiny")
+        table = await env(c, pid, "table")
+        assert table.startswith("125 primes"), table
+        parent = await status(c, pid)
+        try:
+            answer = await env(c, pid, "answer", timeout=BOOT_TIMEOUT * 2)
+        except BaseException:
+            print(console(cloud, parent["host"] and (await cloud.fs.records.require(pid)).value.vm))
+            raise
+        assert answer == "125", answer
+        kids = (await env(c, pid, "children")).split()
+        assert len(kids) == 2 and all(int(k) > pid for k in kids)
+        # the parent's VM ran on in the same QEMU
+        rec = (await cloud.fs.records.require(pid)).value
+        assert (await status(c, pid))["state"] == "running" and rec.vm == (await cloud.fs.records.require(pid)).value.vm
+        text = console(cloud, rec.vm)
+        assert "forklive parent" in text and "primes counted by" in text, text
+        # each child wrote its share from the copied table, as its own process
+        waits = []
+        with trio.fail_after(60):
+            while len(waits) < 2:
+                line = (await c.read_file(f"proc/{pid}/wait")).decode()
+                waits += line.splitlines()
+        assert sorted(w.split()[0] for w in waits) == sorted(kids), waits
+        # the children were restored from copies, and said so on their consoles
+        logs = [p.read_text(errors="replace") for p in (cloud.state / "logs").glob("*.console.log")]
+        children = [t for t in logs if "forklive child" in t]
+        assert len(children) == 2 and all("--- cloudfs: restoring" in t for t in children), logs
+        assert not (cloud.state / "snapshots").exists() or not list((cloud.state / "snapshots").iterdir())
+        await ctl(c, pid, "kill")
+        await until(lambda: _only(c, [1]), timeout=60, what="demo processes gone")
