@@ -10,6 +10,10 @@ daemon (also after ``kill -9``) re-adopts them::
     STATE/vms/<id>/qmp.sock     QMP (docs/interop/qmp-spec) control socket
     STATE/vms/<id>/console.log  the guest's serial console
     STATE/vms/<id>/initramfs.cpio.gz  the image's initramfs + this VM's files
+    STATE/vms/<id>/fw-identity, fw-userdata  what fw_cfg hands the guest
+    STATE/vms/<id>/scratch.img  its scratch disk (given to QEMU as descriptors)
+    STATE/templates/, STATE/snapshots/  boot templates and fork live copies
+                                (cloudfs.drivers.qemusnap)
     STATE/logs/<id>.console.log the console of a deleted VM (kept for debugging)
     STATE/kvm-probe.json        the KVM probe's answer (per host boot, QEMU, kernel)
 
@@ -29,9 +33,12 @@ command line is ``console=ttyS0 cloudfs.mode=boot quiet panic=-1``.
 
 The guest (image "tiny", cloudfs.guestimage) gets, appended to its
 initramfs: ``/etc/cloudfs/identity`` (``CLOUDFS_PID``, server address and
-port), ``/etc/cloudfs/userdata``, ``/sbin/cloudfs-mount``
-(:data:`MOUNT_SCRIPT`) and ``/etc/cloudfs/boot`` (:data:`BOOT_SCRIPT`), which
-mounts the namespace at ``/cloud`` with the kernel's 9P client::
+port), ``/etc/cloudfs/userdata``, the scripts of :data:`GUEST_FILES`
+(``/sbin/cloudfs-mount``, ``cloudfs-identity``, ``cloudfs-notes``,
+``cloudfs-fork``) and ``/etc/cloudfs/boot`` (:data:`BOOT_SCRIPT`); its QEMU
+also carries them in fw_cfg (``opt/cloudfs/gen``, ``identity``,
+``userdata``), where a VM restored from a boot template or a ``fork live``
+copy reads its own.  The boot script mounts the namespace at ``/cloud`` with the kernel's 9P client::
 
     mount -t 9p -o trans=tcp,port=564,version=9p2000.L,aname=proc/<pid> 10.0.2.2 /cloud
 
