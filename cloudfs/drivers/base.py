@@ -282,6 +282,18 @@ class ComputeDriver(abc.ABC):
         memory clone)."""
         raise DriverError("this compute driver cannot copy a running server (fork live)", errno=errno.EOPNOTSUPP)
 
+    async def migrate(self, server_id: str, host: str) -> Server:
+        """Live-migrate the running server to compute host ``host`` of the
+        same cloud (Nova's os-migrateLive with ``block_migration: auto``)
+        and return it once it runs there (``host`` the new host), or
+        DriverError: EINVAL for an unknown host or the host it is on,
+        EBUSY while it is moving or not running, EOPNOTSUPP from drivers
+        that cannot (a QEMU VM moves between daemons instead:
+        cloudfs.moves), EIO if the migration failed (the server then runs
+        where it was), EAGAIN if it did not finish within the driver's
+        deadline.  NotFound if there is no such server.  The default cannot."""
+        raise DriverError("this compute driver cannot move a server to another host", errno=errno.EOPNOTSUPP)
+
     async def discard_snapshot(self, snapshot_id: str) -> None:
         """Remove snapshot ``snapshot_id`` (no error if it is gone or
         malformed).  The default has none."""
