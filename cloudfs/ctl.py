@@ -7,6 +7,7 @@ One command per write(2), ``verb args…`` (a trailing newline is allowed)::
     kill
     stop
     start
+    migrate <host>
 
 Errors: FsError(EINVAL) whose message says what was wrong (empty command,
 several lines, unknown verb, missing image, unknown or repeated option,
@@ -22,7 +23,7 @@ from dataclasses import dataclass, field
 
 from ninep.errors import FsError
 
-VERBS = ("fork", "exec", "kill", "stop", "start")
+VERBS = ("fork", "exec", "kill", "stop", "start", "migrate")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
 _OPTIONS = {"fork": ("name",), "exec": ("flavor", "net", "name")}
 USAGE = {
@@ -31,6 +32,7 @@ USAGE = {
     "kill": "kill",
     "stop": "stop",
     "start": "start",
+    "migrate": "migrate <host>",
 }
 
 
@@ -38,7 +40,7 @@ USAGE = {
 class Command:
     """A parsed ctl command.  ``networks`` is empty when not given;
     ``live`` is ``fork live`` (the child starts as a copy of the running
-    parent's memory and disks)."""
+    parent's memory and disks); ``host`` the host of ``migrate``."""
 
     verb: str
     image: str | None = None
@@ -46,6 +48,7 @@ class Command:
     networks: tuple[str, ...] = field(default=())
     name: str | None = None
     live: bool = False
+    host: str | None = None
 
 
 def _bad(msg: str) -> FsError:
@@ -85,6 +88,8 @@ def parse(data: bytes | str) -> Command:
             if k not in allowed:
                 if allowed:
                     raise _bad(f"{verb}: unknown option {k!r}; usage: {USAGE[verb]}")
+                if verb == "migrate":
+                    raise _bad(f"migrate takes no options; usage: {USAGE[verb]}")
                 raise _bad(f"{verb} takes no arguments; usage: {USAGE[verb]}")
             if k in opts:
                 raise _bad(f"{verb}: option {k}= given twice")
@@ -98,6 +103,12 @@ def parse(data: bytes | str) -> Command:
             raise _bad(f"exec needs an image; usage: {USAGE['exec']}")
         if len(positional) > 1:
             raise _bad(f"exec takes one image, got {len(positional)}: {' '.join(positional)}")
+    elif verb == "migrate":
+        if len(positional) != 1:
+            raise _bad(f"migrate takes one host; usage: {USAGE['migrate']}")
+        if not valid_name(positional[0]):
+            raise _bad(f"migrate: bad host name {positional[0]!r} (letters, digits, '.', '_', '-')")
+        return Command(verb="migrate", host=positional[0])
     elif verb == "fork" and positional:
         if positional != ["live"]:
             raise _bad(f"fork: unexpected argument {' '.join(positional)!r}; usage: {USAGE['fork']}")

@@ -155,7 +155,16 @@ class Note:
     error: str = ""
 
 
-Action = Disown | End | Create | Rebuild | Power | Note
+@dataclass(frozen=True)
+class Migrate:
+    """Move server ``vm`` to host ``host`` (``migrate HOST``; the record's
+    ``move_to``)."""
+
+    vm: str
+    host: str
+
+
+Action = Disown | End | Create | Rebuild | Power | Note | Migrate
 
 
 def decide(rec: Process, seen: Seen, scope: str) -> Action | None:
@@ -191,6 +200,8 @@ def decide(rec: Process, seen: Seen, scope: str) -> Action | None:
         return End(State.EXITED, server.message or "server deleted", reparent=True)
     if server.status == "error":
         return Note(State.ERROR, error=server.message or "the backend reports an error")
+    if rec.move_to:
+        return Migrate(rec.vm, rec.move_to)
     observed = _POWER.get(server.status)
     if observed is None:
         return None
@@ -227,6 +238,39 @@ def built(now: Process, server: Server, gen: int, scope: str, creating: bool, se
     if now.desired is not Desired.KILLED:
         rec.state = _POWER.get(server.status, State.RUNNING)
     return rec
+
+
+def migrating(now: Process, vm: str, host: str) -> Process:
+    """``now`` (still on ``vm``, still asked to go to ``host``) in state
+    migrating; Superseded if it names another server or another move now,
+    or is being killed."""
+    if now.vm != vm or now.move_to != host or now.desired is Desired.KILLED:
+        raise Superseded(now)
+    return dataclasses.replace(now, state=State.MIGRATING)
+
+
+def moved(now: Process, vm: str, server: Server, scope: str, at: str) -> Process:
+    """``now`` after its VM ``vm`` moved: ``server`` (on its new host, made
+    by a driver of ``scope``) is its VM; the move is done.  Superseded if
+    ``now`` names another server or is being killed (the move is then
+    undone)."""
+    if now.vm != vm or now.desired is Desired.KILLED:
+        raise Superseded(now)
+    state = State.STOPPED if now.desired is Desired.STOPPED else State.RUNNING
+    return dataclasses.replace(now, vm=server.id, host=server.host, addresses=list(server.addresses) or now.addresses,
+                               scope=scope, state=state, move_to="", move=f"from {now.host} to {server.host} at {at}")
+
+
+def move_failed(now: Process, vm: str, host: str, message: str) -> Process:
+    """``now`` after a move of ``vm`` to ``host`` failed: it stays where it
+    was (state as desired), the move is given up and says why."""
+    if now.vm != vm:
+        raise Superseded(now)
+    state = State.STOPPED if now.desired is Desired.STOPPED else State.RUNNING
+    if now.state not in (State.MIGRATING, State.RUNNING, State.STOPPED):
+        state = now.state
+    return dataclasses.replace(now, state=state, move_to="" if now.move_to == host else now.move_to,
+                               move=f"to {host} failed: {' '.join(message.split())}")
 
 
 def build_failed(now: Process, message: str, gen: int, creating: bool) -> Process:

@@ -67,6 +67,7 @@ async def open_deployment(store: Store, layout: Layout, max_processes: int = DEF
         t.create(L.pending, b"")
         t.create(L.owners, b"")
         t.create(L.hosts, b"")
+        t.create(L.moves, b"")
         init = L.process_subtree(INIT_PID)
         t.create(init[0], init_record().to_json())
         for p in init[1:]:
@@ -82,11 +83,12 @@ async def open_deployment(store: Store, layout: Layout, max_processes: int = DEF
             await store.create(L.quota(INIT_PID), init_quota.using(descendants=max(0, len(live) - 1)).to_json())
         except (NodeExistsError, NoNodeError):
             pass
-    if await store.exists(L.hosts) is None:  # a tree from before /hosts
-        try:
-            await store.create(L.hosts, b"")
-        except NodeExistsError:
-            pass
+    for older in (L.hosts, L.moves):  # a tree from before /hosts or migrate
+        if await store.exists(older) is None:
+            try:
+                await store.create(older, b"")
+            except NodeExistsError:
+                pass
     got = await store.get(L.id)
     if got is None:  # a tree from before deployment ids: its servers carry its root
         try:

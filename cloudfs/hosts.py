@@ -1,7 +1,9 @@
 """``/hosts``: the live daemons of a deployment, one ephemeral znode each.
 
 Every daemon keeps ``<root>/hosts/<name>`` while its ZooKeeper session
-lives: JSON ``{"daemon", "driver", "scope", "since"}``.  ``name`` is the
+lives: JSON ``{"daemon", "driver", "scope", "since", "migrate"}``
+(``migrate``: where the daemon takes VMs moved to it, a dial string, or
+empty: cloudfs.moves).  ``name`` is the
 host's name (``cloudfs up --host``, default the machine's hostname): what
 people (and a later ``migrate HOST``) call the host.  The entry goes with
 the daemon's session, so ``ls /hosts`` lists exactly the daemons that are up
@@ -63,17 +65,19 @@ def default_host_name() -> str:
 class Host:
     """One entry of ``/hosts``: ``name``; ``daemon`` its daemon's id;
     ``driver`` the compute driver's kind; ``scope`` its scope; ``since``
-    ISO 8601 UTC."""
+    ISO 8601 UTC; ``migrate`` the dial string where it takes moved VMs
+    (``""``: it takes none)."""
 
     name: str
     daemon: str
     driver: str
     scope: str
     since: str
+    migrate: str = ""
 
     def to_json(self) -> bytes:
         return json.dumps({"daemon": self.daemon, "driver": self.driver, "scope": self.scope,
-                           "since": self.since}).encode()
+                           "since": self.since, "migrate": self.migrate}).encode()
 
     @classmethod
     def from_json(cls, name: str, data: bytes) -> "Host":
@@ -83,17 +87,19 @@ class Host:
         except ValueError:
             raise CorruptRecord(f"host entry {name!r}", "not JSON") from None
         if not isinstance(raw, dict) or not all(isinstance(raw.get(k), str)
-                                                for k in ("daemon", "driver", "scope", "since")):
+                                                for k in ("daemon", "driver", "scope", "since")) \
+                or not isinstance(raw.get("migrate", ""), str):
             raise CorruptRecord(f"host entry {name!r}", "fields of the wrong type")
-        return cls(name, raw["daemon"], raw["driver"], raw["scope"], raw["since"])
+        return cls(name, raw["daemon"], raw["driver"], raw["scope"], raw["since"], raw.get("migrate", ""))
 
 
 class Hosts:
     """This daemon's entry (``name``) and the reading of everyone's."""
 
-    def __init__(self, store: Store, layout: Layout, name: str, daemon_id: str, driver: ComputeDriver):
+    def __init__(self, store: Store, layout: Layout, name: str, daemon_id: str, driver: ComputeDriver,
+                 migrate: str = ""):
         self.store, self.layout = store, layout
-        self.me = Host(check_host_name(name), daemon_id, driver.kind, driver.scope, now_iso())
+        self.me = Host(check_host_name(name), daemon_id, driver.kind, driver.scope, now_iso(), migrate)
         self.registered = False
         self._owners_lock = trio.Lock()
         self._owners_map: dict[int, bytes] | None = None

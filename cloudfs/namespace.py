@@ -39,10 +39,12 @@ from .filestore import FileStore
 from .hosts import Hosts
 from .identity import PublicFS, parse_attach, secret_matches
 from .lifecycle import Lifecycle
+from .moves import Moves
+from .drivers.qemu import QemuDriver
 from .nodes import OPERATOR, PROCESS, READONLY, RootNode, View
 from .procdata import ProcData
 from .decisions import reaches
-from .process import Desired, State
+from .process import Desired, Process, State
 from .notes import Notes
 from .pipes import Pipes
 from .quotas import DEFAULT_LIMITS, DEFAULT_MAX_PROCESSES, Quotas
@@ -89,7 +91,8 @@ class CloudFS(FileSystem):
                  daemon_id: str | None = None, resync_interval: float | None = 10.0, *,
                  limits: Mapping[str, int] | None = None, max_processes: int = DEFAULT_MAX_PROCESSES,
                  adopt_open: bool = False, files: FileStore | None = None,
-                 files_limits: Mapping[str, int] | None = None, host: str | None = None):
+                 files_limits: Mapping[str, int] | None = None, host: str | None = None,
+                 migrate_listen: str = ""):
         self.store = store
         self.driver = driver
         self.layout = L = Layout(root)
@@ -110,7 +113,12 @@ class CloudFS(FileSystem):
         self.daemon_id = daemon_id or f"cloudfs-{uuid.uuid4().hex[:12]}"
         self.reconciler = Reconciler(store, L, self.records, self.data, self.exits, driver, self.daemon_id,
                                      resync_interval)
-        self.hosts = Hosts(store, L, host or self.daemon_id, self.daemon_id, driver)
+        self.hosts = Hosts(store, L, host or self.daemon_id, self.daemon_id, driver, migrate_listen)
+        self.moves: Moves | None = None
+        if isinstance(driver, QemuDriver):  # QEMU VMs move from daemon to daemon (cloudfs.moves)
+            self.moves = Moves(store, L, self.records, self.data, self.hosts, driver, self.reconciler.owners.take,
+                               migrate_listen)
+            self.reconciler.mover = self.moves
         self.deployment_id: str | None = None
         self.started_ns = time.time_ns()
         self._cancel: trio.CancelScope | None = None
@@ -142,6 +150,8 @@ class CloudFS(FileSystem):
                     inner.start_soon(self.driver.run)
                     await inner.start(self.hosts.run)
                     await inner.start(self.reconciler.run)
+                    if self.moves is not None and self.moves.listen:
+                        await inner.start(self.moves.serve)
                     task_status.started()
 
         await nursery.start(run)
@@ -197,6 +207,9 @@ class CloudFS(FileSystem):
             return f"{await self._fork_live(pid, cmd.name)}\n".encode()
         if cmd.verb == "fork":
             return f"{await self.lifecycle.fork(pid, cmd.name)}\n".encode()
+        if cmd.verb == "migrate":
+            await self._migrate(pid, cmd.host or "")
+            return b""
         if cmd.verb == "exec":
             await self.lifecycle.exec(pid, cmd)
         elif cmd.verb == "kill":
@@ -236,6 +249,45 @@ class CloudFS(FileSystem):
                 await self.driver.discard_snapshot(snap)
             raise
 
+    async def _migrate(self, pid: int, host: str) -> None:
+        """``migrate HOST``: ask for ``pid``'s VM to move to ``host`` (the
+        owning daemon's reconciler moves it: state ``migrating``, then the
+        new host in ``status``, or the VM stays and ``status``'s ``move``
+        says why).  A QEMU VM moves to the daemon named ``host`` in
+        ``/hosts``; other drivers' to their compute host ``host``.  EINVAL
+        for init, a process without a VM, a host not in ``/hosts`` (QEMU)
+        or the host it is on; EBUSY while it is not built or moving
+        already; ESRCH while it is being killed; EOPNOTSUPP when the host's
+        daemon is not a QEMU one or takes no VMs (``--migrate-listen``)."""
+        rec = (await self.records.require(pid)).value
+        if pid == INIT_PID or not rec.has_image:
+            raise FsError(errno.EINVAL, f"migrate: process {pid} has no VM to move")
+        qemu = rec.scope.startswith("qemu!")
+        if qemu:
+            try:
+                target = await self.hosts.get(host)
+            except FsError as e:
+                if e.errno == errno.ENOENT:
+                    raise FsError(errno.EINVAL, f"migrate: no host {host!r} in /hosts") from None
+                raise
+            if target.driver != "qemu":
+                raise FsError(errno.EOPNOTSUPP, f"migrate: host {host} runs the {target.driver} driver, not qemu")
+            if not target.migrate:
+                raise FsError(errno.EOPNOTSUPP, f"migrate: host {host} takes no VMs (cloudfs up --migrate-listen)")
+
+        def change(now: Process) -> None:
+            if now.desired is Desired.KILLED:
+                raise FsError(errno.ESRCH, f"process {pid} is being killed")
+            if now.vm is None or now.state not in (State.RUNNING, State.STOPPED, State.MIGRATING):
+                raise FsError(errno.EBUSY, f"migrate: process {pid} is {now.state}, not running")
+            if now.move_to or now.state is State.MIGRATING:
+                raise FsError(errno.EBUSY, f"migrate: process {pid} is moving to {now.move_to or 'another host'}")
+            if (qemu and now.scope == target.scope) or (not qemu and now.host == host):
+                raise FsError(errno.EINVAL, f"migrate: process {pid} is on host {host} already")
+            now.move_to = host
+
+        await self.records.update(pid, change, work=True)
+
     async def close(self) -> None:
         """Stop the reconciler (the store is closed by whoever opened it)."""
         if self._cancel is not None:
@@ -250,7 +302,7 @@ async def open_cloudfs(hosts: str, driver: ComputeDriver, root: str = DEFAULT_RO
                        limits: Mapping[str, int] | None = None, max_processes: int = DEFAULT_MAX_PROCESSES,
                        zk_auth: str | None = None, adopt_open: bool = False,
                        files: FileStore | None = None, files_limits: Mapping[str, int] | None = None,
-                       host: str | None = None, **store_options) -> AsyncIterator[CloudFS]:
+                       host: str | None = None, migrate_listen: str = "", **store_options) -> AsyncIterator[CloudFS]:
     """Connect to ZooKeeper at ``hosts``, start a CloudFS on ``root`` and
     yield it; on exit stop the reconciler and close the session.
     ``limits`` and ``max_processes`` as for :class:`CloudFS`; ``zk_auth`` a
@@ -262,7 +314,8 @@ async def open_cloudfs(hosts: str, driver: ComputeDriver, root: str = DEFAULT_RO
     await store.start()
     try:
         fs = CloudFS(store, driver, root, daemon_id, resync_interval, limits=limits, max_processes=max_processes,
-                     adopt_open=adopt_open, files=files, files_limits=files_limits, host=host)
+                     adopt_open=adopt_open, files=files, files_limits=files_limits, host=host,
+                     migrate_listen=migrate_listen)
         await fs.prepare()  # its errors come as themselves, not in an exception group
         async with trio.open_nursery() as nursery:
             await fs.start(nursery)

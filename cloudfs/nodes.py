@@ -602,7 +602,7 @@ class HostsNode(CNode):
 
 
 class HostNode(CNode):
-    """``/hosts/<name>``: name daemon driver scope since processes."""
+    """``/hosts/<name>``: name daemon driver scope since migrate processes."""
 
     kind = tree.HOST
 
@@ -613,7 +613,8 @@ class HostNode(CNode):
         h = await self.fs.hosts.get(self.key)
         pids = await self.fs.hosts.processes(h)
         return kv_text([("name", h.name), ("daemon", h.daemon), ("driver", h.driver), ("scope", h.scope),
-                        ("since", h.since), ("processes", " ".join(map(str, pids)) or "-")])
+                        ("since", h.since), ("migrate", h.migrate or "-"),
+                        ("processes", " ".join(map(str, pids)) or "-")])
 
     def _open(self, flags: int) -> OpenFile:
         return InfoFile(self._info, flags)

@@ -7,6 +7,7 @@ States (:class:`State`, observed: written by fork and the reconciler):
 - ``running``, ``stopped``: as the driver reports;
 - ``exited``, ``killed``: final states, seen only in wait records (the
   process leaves /proc when it ends);
+- ``migrating``: the VM is moving to another host (``migrate HOST``);
 - ``error``: the driver failed; ``error`` holds its message.
 
 ``desired`` (:class:`Desired`) is what ctl asked for (``new``, ``running``,
@@ -38,6 +39,7 @@ class State(enum.StrEnum):
     CREATING = "creating"
     RUNNING = "running"
     STOPPED = "stopped"
+    MIGRATING = "migrating"
     EXITED = "exited"
     KILLED = "killed"
     ERROR = "error"
@@ -99,7 +101,9 @@ class Process:
     ``snapshot`` the driver's snapshot a ``fork live`` child is restored from
     (:meth:`~cloudfs.drivers.base.ComputeDriver.snapshot`; set with ``scope``
     at the fork, so only a daemon of the parent's scope creates it; cleared
-    once its server is built).
+    once its server is built); ``move_to`` the host ``migrate`` asked
+    for (cleared when the move ends) and ``move`` what the last move did
+    (``from A to B at T`` or ``to B failed: …``).
     """
 
     pid: int
@@ -120,6 +124,8 @@ class Process:
     secret: str = ""
     scope: str = ""
     snapshot: str = ""
+    move_to: str = ""
+    move: str = ""
 
     def __post_init__(self) -> None:
         # states given as text (tests, callers) become the enums; ValueError if unknown
@@ -187,6 +193,8 @@ class Process:
         ]
         if self.state is State.ERROR:
             rows.append(("error", self.error or "-"))
+        if self.move_to or self.move:
+            rows.append(("move", f"to {self.move_to}" if self.move_to else self.move))
         return "".join(f"{k} {_one_line(v)}\n" for k, v in rows)
 
 
@@ -194,7 +202,7 @@ _SCHEMA = {
     "pid": _INT, "ppid": _INT, "name": _STR, "state": _STR, "desired": _STR, "image": _OPT_STR,
     "flavor": _OPT_STR, "networks": _STRS, "host": _STR, "addresses": _STRS, "created": _STR, "error": _STR,
     "vm": _OPT_STR, "gen": _INT, "built_gen": _INT, "secret": _STR, "scope": _STR,
-    "snapshot": _STR,
+    "snapshot": _STR, "move_to": _STR, "move": _STR,
 }
 
 

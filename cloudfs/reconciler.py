@@ -40,6 +40,7 @@ killed before that leaves a duplicate, which goes when the process ends
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 
@@ -52,7 +53,7 @@ from .drivers.base import ComputeDriver, DriverError, NotFound, NotOurs, Server,
 from .exits import Exits
 from .identity import new_secret
 from .procdata import ProcData
-from .process import CorruptRecord, Desired, Process, State, Versioned
+from .process import CorruptRecord, Desired, Process, State, Versioned, now_iso
 from .records import Records
 from .store import BadVersionError, NodeExistsError, NoNodeError, Store
 from .znodes import INIT_PID, Layout
@@ -134,6 +135,9 @@ class Reconciler:
         #: pid → server this daemon made whose record write failed (ZooKeeper
         #: trouble: it may or may not be recorded); see _settle_unconfirmed
         self.unconfirmed: dict[int, str] = {}
+        #: carries out moves of QEMU VMs between daemons (cloudfs.moves.Moves;
+        #: None: moves are the driver's own live migration)
+        self.mover = None
         self._settling = trio.Lock()
         self._nursery: trio.Nursery | None = None
         self.store.on_reconnect.append(self._reconnected)
@@ -355,7 +359,33 @@ class Reconciler:
             return await self._build(rec, action)
         elif isinstance(action, d.Power):
             return await self._power(rec, action)
+        elif isinstance(action, d.Migrate):
+            await self._migrate(rec, action)
         return None
+
+    async def _migrate(self, rec: Process, action: d.Migrate) -> None:
+        """Move the VM to ``action.host``: state ``migrating``, then the
+        move (:attr:`mover` for QEMU VMs, which go from daemon to daemon;
+        else the driver's live migration), recorded as done or failed (the
+        VM then stays where it was)."""
+        pid = rec.pid
+        try:
+            await self.records.update(pid, lambda now: d.migrating(now, action.vm, action.host))
+        except d.Superseded:
+            return  # killed, or asked to go elsewhere, meanwhile: decide again
+        if self.mover is not None:
+            await self.mover.move(pid, action.vm, action.host)
+            return
+        try:
+            server = await self.driver.migrate(action.vm, action.host)
+        except DriverError as e:
+            log.warning("pid %d: moving %s to %s failed: %s", pid, action.vm, action.host, e)
+            with contextlib.suppress(d.Superseded):
+                await self.records.update(pid, lambda now: d.move_failed(now, action.vm, action.host, e.message))
+            return
+        scope = self.driver.scope
+        with contextlib.suppress(d.Superseded):
+            await self.records.update(pid, lambda now: d.moved(now, action.vm, server, scope, now_iso()))
 
     async def _end(self, rec: Process, action: d.End) -> None:
         """Delete the servers, then remove the process (cloudfs.exits).

@@ -26,6 +26,8 @@
     <root>/owners/<pid>              ephemeral: the daemon (its id as data)
                                      that acts on <pid> for the compute driver
     <root>/hosts/<name>              ephemeral: a live daemon (JSON, cloudfs.hosts)
+    <root>/moves/<pid>               ephemeral: a QEMU VM being moved to another
+                                     host by its daemon (JSON, cloudfs.moves)
     <root>/files                     JSON limits and counts of the shared
                                      tree /files (cloudfs.sharedfiles); the
                                      files themselves are in its backend
@@ -79,6 +81,7 @@ class Layout:
         self.pending = f"{self.root}/pending"
         self.owners = f"{self.root}/owners"
         self.hosts = f"{self.root}/hosts"
+        self.moves = f"{self.root}/moves"
         #: JSON limits and counts of /files (cloudfs.sharedfiles)
         self.files_usage = f"{self.root}/files"
 
@@ -163,6 +166,10 @@ class Layout:
         return paths + ([self.quota(pid)] if quota else []) + self.process_subtree(pid)[::-1]
 
     # -- work items and owners ----------------------------------------------
+
+    def move(self, pid: int) -> str:
+        """``moves/<pid>``: the move of ``pid``'s VM in progress."""
+        return f"{self.moves}/{pid}"
 
     def pending_prefix(self, pid: int) -> str:
         """The path to create a sequential work item for ``pid`` with."""

@@ -71,6 +71,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         max_processes=args.max_processes,
         qemu_user=None if args.qemu_user == "root" else args.qemu_user,
         boot=args.boot,
+        migrate_listen=args.migrate_listen or "",
         files=args.files,
         files_container=args.files_container,
         files_limits=dict(args.files_limit or []),
@@ -83,6 +84,19 @@ def cmd_up(args: argparse.Namespace) -> int:
     if args.fake_cloud and args.driver != "fake":
         logging.getLogger("cloudfs").error("cloudfs up: --fake-cloud is for --driver fake")
         return 2
+    if args.migrate_listen:
+        from ninep.dial import parse_dial
+
+        try:
+            where = parse_dial(args.migrate_listen)
+        except ValueError as e:
+            where, why = None, str(e)
+        else:
+            why = "want tcp!ADDR!PORT"
+        if args.driver != "qemu" or where is None or where.net != "tcp":
+            logging.getLogger("cloudfs").error("cloudfs up: --migrate-listen %s: %s", args.migrate_listen,
+                                               why if args.driver == "qemu" else "it is for --driver qemu")
+            return 2
     if args.debug_9p:
         logging.getLogger("ninep.trace").setLevel(logging.DEBUG)
     try:
@@ -290,6 +304,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="qemu driver: how new VMs start: snapshot (default: restored from a boot template of "
                          "their image, made once in the background; cold until it is ready) or cold (always "
                          "booted)")
+    up.add_argument("--migrate-listen", metavar="DIALSTRING",
+                    help="qemu driver: take VMs moved here by 'migrate HOST' at this tcp!ADDR!PORT, an address the "
+                         "other hosts' daemons reach (shown in /hosts; default: take none)")
     up.add_argument("--os-cloud", metavar="NAME",
                     help="openstack driver: the clouds.yaml entry (default: OS_CLOUD or the OS_* variables)")
     up.add_argument("--state-dir", metavar="DIR", default=str(DEFAULT_STATE_DIR),

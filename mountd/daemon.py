@@ -67,7 +67,9 @@ async def _qemu_driver(opts: "DaemonOptions", _ninep_port: int | None) -> Comput
     from cloudfs.drivers.qemu import QemuDriver
 
     # guests come in over their own channels (served below), not the listeners
-    return QemuDriver(opts.state_dir, qemu_user=opts.qemu_user, snapshot_boot=opts.boot == "snapshot")
+    # the host its VMs are reported on is the daemon's name in /hosts, which migrate names
+    return QemuDriver(opts.state_dir, qemu_user=opts.qemu_user, snapshot_boot=opts.boot == "snapshot",
+                      host=opts.host or default_host_name())
 
 
 async def _openstack_driver(opts: "DaemonOptions", ninep_port: int | None) -> ComputeDriver:
@@ -117,6 +119,9 @@ class DaemonOptions:
     #: qemu driver: "snapshot" (new VMs restored from a boot template of
     #: their image when there is one) or "cold" (always booted)
     boot: str = "snapshot"
+    #: qemu driver: where this daemon takes VMs moved to it (``migrate``;
+    #: a tcp dial string other hosts reach; "": it takes none)
+    migrate_listen: str = ""
     #: the backend of /files: "local" (STATE/files) or "swift" (the cloud's
     #: object store, container ``files_container``)
     files: str = "local"
@@ -212,7 +217,7 @@ async def run(opts: DaemonOptions, *, task_status=trio.TASK_STATUS_IGNORED) -> N
                                 files=files, files_limits=opts.files_limits,
                                 adopt_open=opts.adopt_open_tree,
                                 max_processes=opts.max_processes, session_timeout=opts.session_timeout,
-                                host=opts.host or default_host_name()) as fs:
+                                host=opts.host or default_host_name(), migrate_listen=opts.migrate_listen) as fs:
             if hasattr(driver, "channel_handler"):  # VMs with a channel each (the QEMU driver)
                 driver.channel_handler = Channels(fs, trace=opts.debug_9p).serve
             async with trio.open_nursery() as nursery:

@@ -11,6 +11,8 @@ unless given another (to stand for separate hosts, as QEMU drivers are).
 ``snapshot`` (``fork live``) works on running or stopped servers: the
 child's server gets the parent's ``userdata`` and ``secret`` is its own;
 ``snapshots`` maps the ids not yet consumed to the parent's server id.
+``migrate`` moves a server between ``compute_hosts`` (its host and
+``<host>-2``), as Nova's live migration between compute hosts.
 Servers of other deployments (made by another instance bound elsewhere, or
 put into ``servers`` by a test) are left alone, as the interface requires.
 """
@@ -60,6 +62,8 @@ class FakeDriver(ComputeDriver):
         self.listings: collections.Counter[str] = collections.Counter()
         self._failures: dict[str, str] = {}
         self.snapshots: dict[str, str] = {}
+        #: the hosts ``migrate`` moves servers between (Nova compute hosts)
+        self.compute_hosts = [host, f"{host}-2"]
         self._addr = {n: itertools.count(10) for n in self.networks}
         self._subnet = itertools.count(1)
 
@@ -119,6 +123,20 @@ class FakeDriver(ComputeDriver):
         await trio.lowlevel.checkpoint()
         if self.snapshots.pop(snapshot_id, None) is not None:
             self.calls.append(("discard_snapshot", snapshot_id))
+
+    async def migrate(self, server_id: str, host: str) -> Server:
+        """Move a running or stopped server to ``host``, one of
+        :attr:`compute_hosts` (EINVAL otherwise, or for its own host)."""
+        await trio.lowlevel.checkpoint()
+        self._maybe_fail("migrate")
+        s = self._get(server_id)
+        if host not in self.compute_hosts or host == s.host:
+            raise DriverError(f"no other compute host {host!r}", errno=errno.EINVAL)
+        if s.status not in ("running", "stopped"):
+            raise DriverError(f"server {server_id} is {s.status}", errno=errno.EBUSY)
+        self.servers[server_id] = moved = Server(s.id, s.name, s.status, host, s.addresses, s.message)
+        self.calls.append(("migrate", server_id))
+        return moved
 
     def _checked(self, spec: ServerSpec) -> tuple[dict[str, str], tuple[str, ...]]:
         """The metadata of a server for ``spec`` and its networks (the

@@ -104,10 +104,10 @@ from ..guestimage import append_files
 from ..ctl import valid_name
 from ..znodes import parse_pid
 from . import qemunet, qemusnap
-from .qmp import QmpError, load_state, qmp_command, save_state
+from .qmp import QmpError, load_state, qmp_command, save_state, start_incoming
 from .netns import NetnsError, listen_in, netns_argv
 from .base import (
-    META_DEPLOYMENT, META_PID, ComputeDriver, DriverError, Image, Network, NotFound, NotOurs, Server, ServerSpec, ServerStats,
+    META_DEPLOYMENT, META_PID, ComputeDriver, server_metadata, DriverError, Image, Network, NotFound, NotOurs, Server, ServerSpec, ServerStats,
 )
 
 log = logging.getLogger(__name__)
@@ -229,41 +229,83 @@ while :; do
 done
 """
 
+#: ``/sbin/cloudfs-renew``: if fw_cfg says this is a new VM (a ``fork
+#: live`` copy, or moved to another host: its ``gen`` is not the one this
+#: guest took), take the new VM's identity and mount ``/cloud`` again.  The
+#: old 9P connection belongs to the old VM, and the new one's user-mode
+#: network knows nothing of it: a request on it draws a reset, which fails
+#: every request still waiting on it (EIO) instead of leaving them blocked.
+#: One at a time (a lock directory); exit 0 when there is nothing to do.
+RENEW_SCRIPT = r"""#!/bin/sh
+# cloudfs-renew: take a new VM's identity and mount /cloud again
+# (cloudfs/drivers/qemu.py)
+fw=/sys/firmware/qemu_fw_cfg/by_name/opt/cloudfs/gen/raw
+until mkdir /run/cloudfs/renew.lock 2>/dev/null; do sleep 0.05; done
+trap 'rmdir /run/cloudfs/renew.lock' EXIT
+read -r now < $fw
+read -r mine < /run/cloudfs/gen
+[ "$now" = "$mine" ] && exit 0
+timeout 5 cat /cloud/proc/self/status >/dev/null 2>&1
+cloudfs-identity || { echo "cloudfs-renew: no identity in fw_cfg"; exit 1; }
+. /etc/cloudfs/identity
+notes=$(cat /run/cloudfs/notes.pid 2>/dev/null)
+[ -n "$notes" ] && kill -9 -"$notes" 2>/dev/null
+n=0
+until cloudfs-mount 2>/dev/null; do
+  n=$((n + 1))
+  [ "$n" -ge 200 ] && { echo "cloudfs-renew: cannot mount /cloud"; exit 1; }
+  sleep 0.05
+done
+setsid cloudfs-notes </dev/null >/dev/console 2>&1 &
+echo $! > /run/cloudfs/notes.pid
+echo "cloudfs-renew: /cloud mounted again as process $CLOUDFS_PID"
+exit 0
+"""
+
+#: ``/sbin/cloudfs-watch``: once a second (a builtin ``read -t`` on a FIFO,
+#: no process started), whether this is a new VM: then cloudfs-renew.
+WATCH_SCRIPT = r"""#!/bin/sh
+# cloudfs-watch: notice a move or a live copy, then cloudfs-renew (cloudfs/drivers/qemu.py)
+fw=/sys/firmware/qemu_fw_cfg/by_name/opt/cloudfs/gen/raw
+tick=/run/cloudfs/tick
+[ -p $tick ] || mkfifo $tick
+while :; do
+  read -r -t 1 x <> $tick
+  read -r now < $fw
+  read -r mine < /run/cloudfs/gen
+  [ "$now" = "$mine" ] || cloudfs-renew
+done
+"""
+
 #: ``/sbin/cloudfs-fork [live] [name=N]``: fork(2) for a VM's process.  It
 #: writes ``fork …`` to ``/cloud/proc/self/ctl`` and prints the child's pid;
 #: after ``fork live`` the child VM resumes inside this same command (a copy
-#: of the parent's memory), notices from fw_cfg that it is a new VM, takes
-#: its identity, mounts its own ``/cloud``, restarts the note loop and
-#: prints 0.  The ctl write it was waiting on belongs to the parent's 9P
-#: connection, which the copy does not have: it is killed.
+#: of the parent's memory), renews its identity and ``/cloud``
+#: (cloudfs-renew) and prints 0.
 FORK_SCRIPT = r"""#!/bin/sh
 # cloudfs-fork [live] [name=N]: fork this VM's process (docs/namespace.md).
 # Prints the child's pid in the parent, 0 in the child of a live fork (whose
 # CLOUDFS_PID is then in /etc/cloudfs/identity).  Status 1 if the fork failed.
+. /etc/cloudfs/identity
+me=$CLOUDFS_PID
 fw=/sys/firmware/qemu_fw_cfg/by_name/opt/cloudfs/gen/raw
-mine=$(cat /run/cloudfs/gen 2>/dev/null)
+read -r mine < /run/cloudfs/gen
 out=/run/cloudfs/fork.$$
 rm -f "$out"
 ( exec 3<>/cloud/proc/self/ctl && echo "fork $*" >&3 && read -r pid <&3 && echo "$pid" > "$out" ) \
   </dev/null >/dev/null 2>"$out.err" &
 w=$!
 while :; do
-  if [ -n "$mine" ] && [ "$(cat $fw 2>/dev/null)" != "$mine" ]; then
+  read -r now < $fw
+  if [ "$now" != "$mine" ]; then
+    cloudfs-renew >/dev/console 2>&1 || { echo "cloudfs-fork: cannot take the new VM's identity" >&2; exit 1; }
+    . /etc/cloudfs/identity
     kill -9 "$w" 2>/dev/null
     rm -f "$out" "$out.err"
-    cloudfs-identity || { echo "cloudfs-fork: no identity in fw_cfg" >&2; exit 1; }
-    notes=$(cat /run/cloudfs/notes.pid 2>/dev/null)
-    [ -n "$notes" ] && kill -9 -"$notes" 2>/dev/null
-    n=0
-    until cloudfs-mount 2>/dev/null; do
-      n=$((n + 1))
-      [ "$n" -ge 100 ] && { echo "cloudfs-fork: the child cannot mount /cloud" >&2; exit 1; }
-      sleep 0.1
-    done
-    setsid cloudfs-notes </dev/null >/dev/console 2>&1 &
-    echo $! > /run/cloudfs/notes.pid
-    echo 0
-    exit 0
+    if [ "$CLOUDFS_PID" != "$me" ]; then echo 0; exit 0; fi
+    mine=$now  # moved to another host meanwhile: the fork's answer went with the old connection
+    echo "cloudfs-fork: the VM moved during the fork; see /cloud/proc/self/children" >&2
+    exit 1
   fi
   if ! kill -0 "$w" 2>/dev/null; then
     wait "$w" && [ -s "$out" ] && { cat "$out"; rm -f "$out" "$out.err"; exit 0; }
@@ -314,6 +356,7 @@ echo "cloudfs-boot: mounted /cloud as process $CLOUDFS_PID"
 cd /
 setsid cloudfs-notes </dev/null &
 echo $! > /run/cloudfs/notes.pid
+setsid cloudfs-watch </dev/null >/dev/console 2>&1 &
 # the user-data in the foreground (an asynchronous list would ignore SIGINT)
 # and in a process group of its own (it leads it: setsid), so a note reaches
 # all it started
@@ -332,6 +375,8 @@ GUEST_FILES: dict[str, str] = {
     "/sbin/cloudfs-identity": IDENTITY_SCRIPT,
     "/sbin/cloudfs-notes": NOTES_SCRIPT,
     "/sbin/cloudfs-fork": FORK_SCRIPT,
+    "/sbin/cloudfs-renew": RENEW_SCRIPT,
+    "/sbin/cloudfs-watch": WATCH_SCRIPT,
 }
 
 
@@ -545,7 +590,7 @@ class QemuDriver(ComputeDriver):
     missing).  ``accel``: ``"auto"`` (probe KVM once, else TCG), ``"tcg"`` or
     ``"kvm"``.  ``kvm_probe_timeout`` seconds.  ``qemu`` the binary.  ``host``
     the name reported as each server's host (default: this machine's
-    hostname).  ``kernel_args`` extra guest kernel arguments; ``bios`` a
+    hostname; ``cloudfs up`` gives its ``/hosts`` name).  ``kernel_args`` extra guest kernel arguments; ``bios`` a
     firmware file for ``-bios`` (e.g. /usr/share/qemu/qboot.rom; None:
     QEMU's default).  ``qemu_user``: the user QEMU runs as (``-runas``) when
     the daemon is root (None: stays root; ValueError if there is no such
@@ -579,7 +624,8 @@ class QemuDriver(ComputeDriver):
         self.kvm_probe_timeout = kvm_probe_timeout
         self.qemu = qemu
         self.host = host or socket.gethostname()
-        self.scope = f"qemu!{self.host}!{self.state_dir}"  # only this daemon reaches its VMs
+        # only this daemon reaches its VMs: this machine and state dir
+        self.scope = f"qemu!{socket.gethostname()}!{self.state_dir}"
         self.kernel_args = kernel_args
         self.bios = bios
         self.rootless = os.geteuid() != 0
@@ -699,7 +745,8 @@ class QemuDriver(ComputeDriver):
         found = []
         for d in self.vms_dir.iterdir():
             vm = _Vm.load(d)
-            if vm is not None and self.ours(vm.metadata) and vm.metadata.get(META_PID) == str(pid):
+            if vm is not None and self.ours(vm.metadata) and vm.metadata.get(META_PID) == str(pid) \
+                    and not vm.metadata.get("incoming"):  # a move here not recorded yet is not the pid's VM
                 found.append(vm)
         return sorted(found, key=lambda v: (v.created, v.id))
 
@@ -816,7 +863,8 @@ class QemuDriver(ComputeDriver):
             os.umask(old)
 
     def _launch(self, vm: _Vm, image: imagestore.StoredImage, *, initrd: Path | None = None,
-                memory: str | None = None, state: Path | None = None, scratch: Path | None = None) -> None:
+                memory: str | None = None, state: Path | None = None, scratch: Path | None = None,
+                incoming_fd: int | None = None) -> None:
         """Blocking: start QEMU (daemonized, own session) with a fresh
         scratch disk, or, given ``state``, restore that saved state into it
         (``-incoming``; ``scratch`` then the disk saved with it, moved into
@@ -840,8 +888,10 @@ class QemuDriver(ComputeDriver):
         fds = (os.open(vm.scratch, os.O_RDWR | os.O_CLOEXEC), os.open(vm.scratch, os.O_RDONLY | os.O_CLOEXEC))
         try:
             argv = self._argv(vm, image, initrd=initrd, memory=memory, scratch_fds=fds)
-            if state is not None:
+            if state is not None or incoming_fd is not None:
                 argv += ["-incoming", "defer"]
+            if incoming_fd is not None:
+                argv += ["-S"]  # a moved VM runs once its move is recorded (incoming_commit)
             p = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                start_new_session=True, timeout=60, pass_fds=fds)
         except (OSError, subprocess.TimeoutExpired) as e:
@@ -855,6 +905,8 @@ class QemuDriver(ComputeDriver):
         if state is not None:
             load_state(vm.qmp, state)
             qmp_command(vm.qmp, "cont")
+        if incoming_fd is not None:
+            start_incoming(vm.qmp, incoming_fd)
         # the guest's balloon driver reports its memory use every few seconds
         with contextlib.suppress(QmpError):
             qmp_command(vm.qmp, "qom-set", {"path": "/machine/peripheral/balloon0",
@@ -946,11 +998,7 @@ class QemuDriver(ComputeDriver):
                 shutil.rmtree(vm.dir, ignore_errors=True)
                 raise
             # meta.json last: find() sees only VMs whose QEMU was started
-            tmp = vm.dir / "meta.json.tmp"
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "w") as f:
-                f.write(vm.to_json())
-            os.replace(tmp, vm.dir / "meta.json")
+            self._write_meta(vm)
             return Server(vm.id, vm.name, "running", self.host, (GUEST_ADDRESS, *vm.nets.values())), restored
 
         server, restored = await trio.to_thread.run_sync(boot)
@@ -1078,8 +1126,8 @@ class QemuDriver(ComputeDriver):
         if tpl is not None:
             return tpl
         mib = FLAVORS[flavor][0]
-        tid = uuid.uuid4().hex[:12]
-        build = self.templates_dir / f".build-{tid}"
+        tid = uuid.uuid4().hex[:8]
+        build = self.templates_dir / f".b-{tid}"  # short: QEMU's QMP socket path must fit sun_path
         mem = self.shm_dir / f"{final.name}-{tid}.mem"
         vm = _Vm(id=f"tpl-{tid}", dir=build, name=f"template-{img.name}", image=img.name, flavor=flavor,
                  networks=[USER_NET.name], metadata={}, created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -1132,7 +1180,7 @@ class QemuDriver(ComputeDriver):
         daemon killed mid-build), and RAM files no template names."""
         used: set[Path] = set()
         for d in self.templates_dir.iterdir() if self.templates_dir.is_dir() else ():
-            if d.name.startswith(".build-"):
+            if d.name.startswith(".b-"):
                 if d.name not in self._building:
                     stale = _Vm(d.name, d, "", "", "m1.tiny", [], {}, "")
                     with contextlib.suppress(DriverError):
@@ -1141,7 +1189,7 @@ class QemuDriver(ComputeDriver):
                 continue
             with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
                 used.add(Path(json.loads((d / "template.json").read_text())["memory"]))
-        building = tuple(f"-{b[len('.build-'):]}.mem" for b in self._building)
+        building = tuple(f"-{b[len('.b-'):]}.mem" for b in self._building)
         for f in self.shm_dir.iterdir() if self.shm_dir.is_dir() else ():
             if f not in used and not f.name.endswith(building or ("\0",)):
                 f.unlink(missing_ok=True)
@@ -1209,6 +1257,152 @@ class QemuDriver(ComputeDriver):
             with self._moving_lock:
                 self._moving.discard(vm.id)
 
+    # -- moves between daemons (cloudfs.moves) -------------------------------------
+
+    async def move_spec(self, server_id: str) -> dict:
+        """What the daemon a VM moves to needs to start its QEMU: image,
+        flavor, accel, name, running.  EOPNOTSUPP for a VM on networks
+        besides ``user`` or of an image with a disk (as for fork live)."""
+        vm = await trio.to_thread.run_sync(self._vm, server_id)
+        if vm.nets or vm.networks != [USER_NET.name]:
+            raise DriverError("migrate moves only VMs on the user network alone", errno=errno.EOPNOTSUPP)
+        img = await trio.to_thread.run_sync(imagestore.get_image, self.state_dir, vm.image)
+        if img is None or img.disk is not None:
+            raise DriverError(f"migrate cannot move a VM of image {vm.image} (missing, or it has a disk)",
+                              errno=errno.EOPNOTSUPP)
+        st = await trio.to_thread.run_sync(self._server, vm)
+        return {"image": vm.image, "flavor": vm.flavor, "accel": vm.accel, "name": vm.name,
+                "running": st.status == "running"}
+
+    def migrate_out(self, server_id: str, fd: int, timeout: float = 120.0) -> dict:
+        """Blocking: send the running VM's state and RAM to ``fd`` (QMP
+        ``migrate``; the caller relays it to the other host) and return
+        ``query-migrate``'s answer once done: the VM is then paused
+        (``postmigrate``) and its status stays ``running`` until
+        :meth:`end_moved` or :meth:`resume`.  EBUSY while it is copied or
+        moved already; QmpError if the migration fails (QEMU resumes it)."""
+        vm = self._vm(server_id)
+        with self._moving_lock:
+            if vm.id in self._moving:
+                raise DriverError(f"server {vm.id} is being copied or moved already", errno=errno.EBUSY)
+            self._moving.add(vm.id)
+        try:
+            if vm.pid() is None:
+                raise DriverError(f"server {vm.id} has exited ({vm.exit_message()})")
+            return save_state(vm.qmp, None, timeout=timeout, fd=fd)
+        except BaseException:
+            with self._moving_lock:
+                self._moving.discard(vm.id)
+            raise
+
+    def resume(self, server_id: str, running: bool = True) -> None:
+        """Blocking: the move of ``server_id`` was given up: it runs on
+        here (``cont`` if it was running and is paused by the move)."""
+        vm = self._vm(server_id)
+        try:
+            if running and vm.pid() is not None:
+                st = qmp_command(vm.qmp, "query-status", timeout=3.0)
+                if isinstance(st, dict) and st.get("status") in ("postmigrate", "paused", "finish-migrate"):
+                    qmp_command(vm.qmp, "cont")
+        finally:
+            with self._moving_lock:
+                self._moving.discard(vm.id)
+
+    def end_moved(self, server_id: str) -> None:
+        """Blocking: the VM now runs on the other host: end this copy."""
+        try:
+            vm = self._vm(server_id)
+        except NotFound:
+            return
+        try:
+            self._remove(vm)
+        finally:
+            with self._moving_lock:
+                self._moving.discard(vm.id)
+
+    def incoming_start(self, pid: int, ppid: int, spec: dict, userdata: bytes, fd: int) -> str:
+        """Blocking: start a paused QEMU (``-S``) for process ``pid`` that
+        takes a moved VM's state from ``fd`` (QMP ``migrate-incoming``);
+        returns its server id.  Its meta.json says ``incoming`` until
+        :meth:`incoming_commit`: :meth:`incoming_vms` lists it for a daemon
+        that restarts meanwhile.  NotFound for an unknown image or flavor."""
+        image, flavor, accel = spec["image"], spec["flavor"], spec["accel"]
+        img = imagestore.get_image(self.state_dir, image)
+        if img is None or flavor not in FLAVORS or accel not in ("tcg", "kvm"):
+            raise NotFound(f"no image {image!r}, flavor {flavor!r} or accelerator {accel!r} here")
+        vid = f"vm-{uuid.uuid4().hex[:12]}"
+        vm = _Vm(id=vid, dir=self.vms_dir / vid, name=str(spec.get("name", f"p{pid}"))[:63], image=image,
+                 flavor=flavor, networks=[USER_NET.name],
+                 metadata={**server_metadata(self.bound(), pid, ppid, self.deployment_root), "incoming": "1"},
+                 created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), accel=accel)
+        vm.dir.mkdir(mode=0o700)
+        try:
+            self._write_fw(vm, userdata)
+            self._write_meta(vm)
+            self._launch(vm, img, initrd=img.initramfs, incoming_fd=fd)
+        except BaseException:
+            with contextlib.suppress(DriverError):
+                self._kill(vm)
+            shutil.rmtree(vm.dir, ignore_errors=True)
+            raise
+        return vid
+
+    def incoming_wait(self, server_id: str, timeout: float = 120.0) -> None:
+        """Blocking: until the incoming state is loaded (QEMU paused);
+        QmpError if loading failed (QEMU ended) or took too long."""
+        vm = self._load(server_id)
+        if vm is None:
+            raise NotFound(f"no server {server_id!r}")
+        deadline = time.monotonic() + timeout
+        while True:
+            st = qmp_command(vm.qmp, "query-status", timeout=5.0)
+            status = st.get("status") if isinstance(st, dict) else None
+            if status in ("paused", "prelaunch", "running"):
+                return
+            if status != "inmigrate":
+                raise QmpError(f"loading the moved VM: QEMU is {status}")
+            if time.monotonic() > deadline:
+                raise QmpError(f"loading the moved VM took more than {timeout:g} s")
+            time.sleep(0.01)
+
+    async def incoming_commit(self, server_id: str, run: bool) -> None:
+        """The move is recorded: ``server_id`` is the process's VM now
+        (meta.json without ``incoming``); ``run``: let it run."""
+        def commit() -> None:
+            vm = self._vm(server_id)
+            vm.metadata.pop("incoming", None)
+            self._write_meta(vm)
+            if run:
+                qmp_command(vm.qmp, "cont")
+
+        await trio.to_thread.run_sync(commit)
+        self._poke_channels()
+
+    def incoming_abort(self, server_id: str) -> None:
+        """Blocking: the move was given up: end and remove ``server_id``."""
+        vm = self._load(server_id)
+        if vm is not None and self.ours(vm.metadata):
+            self._remove(vm)
+
+    def incoming_vms(self) -> list[tuple[str, int]]:
+        """Blocking: ``(server id, pid)`` of this deployment's VMs whose move
+        here was not committed yet (a daemon restarted mid-move)."""
+        out = []
+        for d in self.vms_dir.iterdir() if self.vms_dir.is_dir() else ():
+            vm = _Vm.load(d)
+            if vm is not None and self.ours(vm.metadata) and vm.metadata.get("incoming"):
+                pid = parse_pid(vm.metadata.get(META_PID, ""))
+                if pid is not None:
+                    out.append((vm.id, pid))
+        return out
+
+    def _write_meta(self, vm: _Vm) -> None:
+        tmp = vm.dir / "meta.json.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(vm.to_json())
+        os.replace(tmp, vm.dir / "meta.json")
+
     async def discard_snapshot(self, snapshot_id: str) -> None:
         """Remove snapshot ``snapshot_id`` (nothing for a malformed id)."""
         if qemusnap.valid_snapshot_id(snapshot_id):
@@ -1246,11 +1440,7 @@ class QemuDriver(ComputeDriver):
                     os.replace(vm.scratch, d / "scratch.img")
                 shutil.rmtree(vm.dir, ignore_errors=True)
                 raise
-            tmp = vm.dir / "meta.json.tmp"
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "w") as f:
-                f.write(vm.to_json())
-            os.replace(tmp, vm.dir / "meta.json")
+            self._write_meta(vm)
             shutil.rmtree(d, ignore_errors=True)
             return Server(vm.id, vm.name, "running", self.host, (GUEST_ADDRESS,))
 

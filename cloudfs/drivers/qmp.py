@@ -17,7 +17,7 @@ from pathlib import Path
 
 from .base import DriverError
 
-__all__ = ["QmpError", "qmp_command", "save_state", "load_state", "MIGRATE_BANDWIDTH"]
+__all__ = ["QmpError", "qmp_command", "save_state", "load_state", "start_incoming", "MIGRATE_BANDWIDTH"]
 
 #: Bytes per second a migration to a file may use (QMP ``max-bandwidth``;
 #: QEMU's default, 128 MiB/s, would make a 70 MB state take half a second).
@@ -85,7 +85,7 @@ def _capabilities(qmp: Path) -> None:
                 {"capabilities": [{"capability": "x-ignore-shared", "state": True}]})
 
 
-def save_state(qmp: Path, dest: Path, timeout: float = 60.0) -> dict:
+def save_state(qmp: Path, dest: Path | None, timeout: float = 60.0, fd: int | None = None) -> dict:
     """Write the VM's state (devices, and the RAM not in a shared memory
     backend) to the new file ``dest`` (mode 0600) with QMP ``migrate``.  A
     running VM keeps running while its RAM is copied, then pauses for the
@@ -93,14 +93,21 @@ def save_state(qmp: Path, dest: Path, timeout: float = 60.0) -> dict:
     to go on); a paused one stays paused.  Returns ``query-migrate``'s
     answer (``downtime`` and ``total-time`` in ms, ``ram.transferred``
     bytes).  QmpError if the migration fails or takes longer than
-    ``timeout`` seconds (it is then cancelled: the VM runs on)."""
+    ``timeout`` seconds (it is then cancelled: the VM runs on).  Given
+    ``fd`` (a socket: a move to another host) instead of ``dest``, the state
+    goes there; the caller keeps and closes ``fd``."""
     _capabilities(qmp)
     qmp_command(qmp, "migrate-set-parameters", {"max-bandwidth": MIGRATE_BANDWIDTH})
-    fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    try:
+    name = dest.name if dest is not None else "the other host"
+    if fd is None:
+        assert dest is not None
+        own = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            qmp_command(qmp, "getfd", {"fdname": "cloudfs-state"}, fds=[own])
+        finally:
+            os.close(own)
+    else:
         qmp_command(qmp, "getfd", {"fdname": "cloudfs-state"}, fds=[fd])
-    finally:
-        os.close(fd)
     qmp_command(qmp, "migrate", {"uri": "fd:cloudfs-state"})
     deadline = time.monotonic() + timeout
     while True:
@@ -110,15 +117,23 @@ def save_state(qmp: Path, dest: Path, timeout: float = 60.0) -> dict:
             return got
         if status in ("failed", "cancelled", None):
             why = got.get("error-desc", "") if isinstance(got, dict) else ""
-            raise QmpError(f"migration to {dest.name} {status or 'gave no status'}" + (f": {why}" if why else "")
-                           + f" ({got})")
+            raise QmpError(f"migration to {name} {status or 'gave no status'}" + (f": {why}" if why else ""))
         if time.monotonic() > deadline:
             try:
                 qmp_command(qmp, "migrate_cancel")
             except QmpError:
                 pass
-            raise QmpError(f"migration to {dest.name} took more than {timeout:g} s; cancelled")
+            raise QmpError(f"migration to {name} took more than {timeout:g} s; cancelled")
         time.sleep(0.005)
+
+
+def start_incoming(qmp: Path, fd: int) -> None:
+    """Have a QEMU started with ``-incoming defer`` take a migration
+    stream from ``fd`` (a socket; the caller keeps and closes it) without
+    waiting for it (QMP ``getfd`` and ``migrate-incoming``)."""
+    _capabilities(qmp)
+    qmp_command(qmp, "getfd", {"fdname": "cloudfs-state"}, fds=[fd])
+    qmp_command(qmp, "migrate-incoming", {"uri": "fd:cloudfs-state"})
 
 
 def load_state(qmp: Path, src: Path, timeout: float = 60.0) -> None:

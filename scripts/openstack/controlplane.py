@@ -71,7 +71,16 @@ PACKAGES = [
     "swift-proxy", "swift-account", "swift-container", "swift-object", "python3-keystonemiddleware",
 ]
 
-HOST = "cloudfs-compute"      # the nova-compute service's host name
+HOST = "cloudfs-compute"      # the first nova-compute service's host name: boots land here
+HOST2 = "cloudfs-compute2"    # the second one's: a target for live migration
+#: The nova-compute services: service name → the ``host`` it runs as.
+COMPUTES = {"nova-compute": HOST, "nova-compute2": HOST2}
+#: MiB of the fake hypervisor's 800000 that the second host keeps back
+#: (``reserved_host_memory_mb``): with free RAM the scheduler's only weigher,
+#: every boot goes to the first host while it has room (deterministic
+#: placement for the tests), and a flavor of more than 400000 MiB fits the
+#: first host only (a live migration the scheduler refuses).
+HOST2_RESERVED_MB = 400000
 PASSWORD = "cloudfs-secret"    # admin and database password (loopback only)
 REGION = "RegionOne"
 # The standard ports; ``--port-base N`` puts them at N … N+7 instead (several
@@ -83,7 +92,7 @@ PORTS = dict(STANDARD_PORTS)  # this run's, set by load_ports()
 DATABASES = ["keystone", "glance", "placement", "nova_api", "nova", "nova_cell0", "neutron"]
 # Services in start order; each runs in its own process group.
 SERVICES = ["mariadb", "rabbitmq", "keystone", "placement", "glance", "neutron",
-            "nova-api", "nova-conductor", "nova-scheduler", "nova-compute",
+            "nova-api", "nova-conductor", "nova-scheduler", *COMPUTES,
             "swift-account", "swift-container", "swift-object", "swift-proxy"]
 #: Swift's servers: service name → (ports key, ring name or None for the proxy)
 SWIFT = {"swift-account": ("swift_account", "account"), "swift-container": ("swift_container", "container"),
@@ -141,6 +150,7 @@ class Layout:
         self.keystone = f"{self.root}/keystone"
         self.glance = f"{self.root}/glance"
         self.nova = f"{self.root}/nova"
+        self.nova2 = f"{self.root}/nova2"  # the second nova-compute's state
         self.neutron = f"{self.root}/neutron"
         self.swift = f"{self.root}/swift"  # rings
         self.swift_devices = f"{self.root}/swift/node"
@@ -151,7 +161,7 @@ class Layout:
         for d in (self.etc, self.log, self.run, self.stamps, self.rabbit, self.locks,
                   f"{self.keystone}/fernet-keys", f"{self.keystone}/credential-keys",
                   f"{self.glance}/images", f"{self.glance}/staging", f"{self.glance}/tasks",
-                  f"{self.nova}/instances", self.neutron, f"{self.swift_devices}/d1",
+                  f"{self.nova}/instances", f"{self.nova2}/instances", f"{self.nova2}/locks", self.neutron, f"{self.swift_devices}/d1",
                   *(f"{self.etc}/{p}" for p in ("keystone", "glance", "placement", "nova", "neutron", "rabbitmq",
                                                   "swift"))):
             os.makedirs(d, exist_ok=True)
@@ -312,12 +322,22 @@ def write_configs(L: Layout) -> None:
         "conductor": {"workers": 1},
         "scheduler": {"workers": 1},
         "quota": {"instances": -1, "cores": -1, "ram": -1},
+        # free RAM alone decides between the hosts (see HOST2_RESERVED_MB);
+        # all weighers would let the CPU and I/O weighers, and a host's
+        # build failures, send a boot to either host
+        "filter_scheduler": {"weight_classes": "nova.scheduler.weights.ram.RAMWeigher"},
         "oslo_concurrency": {"lock_path": L.locks},
         "oslo_messaging_notifications": msg,
         "oslo_messaging_rabbit": rabbit,
         "notifications": {"notification_format": "unversioned"},
         "vnc": {"enabled": "false"},
         "wsgi": {"api_paste_config": f"{L.etc}/nova/api-paste.ini"},
+    })
+    # the second nova-compute: nova.conf, then this (later files win)
+    files["nova/nova-compute2.conf"] = ini({
+        "DEFAULT": {"host": HOST2, "state_path": L.nova2, "instances_path": f"{L.nova2}/instances",
+                    "reserved_host_memory_mb": HOST2_RESERVED_MB},
+        "oslo_concurrency": {"lock_path": f"{L.nova2}/locks"},
     })
     files["rabbitmq/rabbitmq.conf"] = "\n".join([
         f"listeners.tcp.default = 127.0.0.1:{PORTS['rabbit']}",
@@ -659,14 +679,20 @@ def catalog(L: Layout) -> None:
 
 
 def agent_row(L: Layout) -> None:
-    """The openvswitch agent row for the compute host, so ML2 binds ports
+    """An openvswitch agent row for each compute host, so ML2 binds ports
     there (no agent process runs: nothing is plugged on this machine)."""
+    for host in COMPUTES.values():
+        agent_row_for(L, host)
+
+
+def agent_row_for(L: Layout, host: str) -> None:
+    """The openvswitch agent row for compute host ``host``."""
     conf = json.dumps({"bridge_mappings": {}, "tunnel_types": ["vxlan"], "integration_bridge": "br-int",
                        "tunneling_ip": "127.0.0.1", "l2_population": False, "datapath_type": "system",
                        "ovs_hybrid_plug": False, "enable_distributed_routing": False,
                        "ovs_capabilities": {"datapath_types": ["system"], "iface_types": ["vxlan"]}})
     now = datetime.datetime.utcnow().replace(microsecond=0)
-    rows = sql(L, "SELECT id FROM agents WHERE host=%s AND agent_type=%s", (HOST, "Open vSwitch agent"), db="neutron")
+    rows = sql(L, "SELECT id FROM agents WHERE host=%s AND agent_type=%s", (host, "Open vSwitch agent"), db="neutron")
     if rows:
         sql(L, "UPDATE agents SET heartbeat_timestamp=%s, started_at=%s, configurations=%s WHERE id=%s",
             (now, now, conf, rows[0][0]), db="neutron")
@@ -675,29 +701,36 @@ def agent_row(L: Layout) -> None:
     sql(L, "INSERT INTO agents (id, agent_type, `binary`, topic, host, admin_state_up, created_at, started_at,"
            " heartbeat_timestamp, description, configurations, `load`, availability_zone, resources_synced)"
            " VALUES (%s,%s,%s,%s,%s,1,%s,%s,%s,%s,%s,0,NULL,NULL)",
-        (str(uuid.uuid4()), "Open vSwitch agent", "neutron-openvswitch-agent", "N/A", HOST, now, now, now,
+        (str(uuid.uuid4()), "Open vSwitch agent", "neutron-openvswitch-agent", "N/A", host, now, now, now,
          "row inserted by cloudfs controlplane.py", conf), db="neutron")
 
 
-def service_fresh(L: Layout, binary: str, since: datetime.datetime) -> bool:
-    """Whether Nova service ``binary`` on our host reported (heartbeat,
+def service_fresh(L: Layout, binary: str, since: datetime.datetime, host: str = HOST) -> bool:
+    """Whether Nova service ``binary`` on ``host`` reported (heartbeat,
     ``updated_at``, UTC) at or after ``since``."""
     rows = sql(L, "SELECT updated_at FROM services WHERE host=%s AND `binary`=%s AND deleted=0",
-               (HOST, binary), db="nova")
+               (host, binary), db="nova")
     return bool(rows) and rows[0][0] is not None and rows[0][0] >= since
 
 
 def compute_mapped(L: Layout) -> bool:
-    if not sql(L, "SELECT id FROM compute_nodes WHERE host=%s AND deleted=0", (HOST,), db="nova"):
-        return False
-    if not sql(L, "SELECT id FROM host_mappings WHERE host=%s", (HOST,), db="nova_api"):
+    """Whether every compute host has its compute node and is mapped to
+    cell1 (``nova-manage cell_v2 discover_hosts`` once all have nodes: it
+    maps them in one run)."""
+    hosts = list(COMPUTES.values())
+    for host in hosts:
+        if not sql(L, "SELECT id FROM compute_nodes WHERE host=%s AND deleted=0", (host,), db="nova"):
+            return False
+    mapped = lambda: {h for (h,) in sql(L, "SELECT host FROM host_mappings", db="nova_api")}  # noqa: E731
+    if not set(hosts) <= mapped():
         run(L, "nova", ["nova-manage", "--config-file", f"{L.etc}/nova/nova.conf", "cell_v2", "discover_hosts"])
-    return bool(sql(L, "SELECT id FROM host_mappings WHERE host=%s", (HOST,), db="nova_api"))
+    return set(hosts) <= mapped()
 
 
 def placement_ready(L: Layout) -> bool:
-    return bool(sql(L, "SELECT i.id FROM inventories i JOIN resource_providers r ON r.id=i.resource_provider_id"
-                       " WHERE r.name=%s", (HOST,), db="placement"))
+    """Whether every compute host's resource provider has its inventory."""
+    return all(sql(L, "SELECT i.id FROM inventories i JOIN resource_providers r ON r.id=i.resource_provider_id"
+                      " WHERE r.name=%s", (host,), db="placement") for host in COMPUTES.values())
 
 
 def seed(L: Layout) -> None:
@@ -746,9 +779,12 @@ def write_clouds(L: Layout) -> None:
     os.replace(L.clouds + ".tmp", L.clouds)
 
 
-def nova_compute_argv(L: Layout) -> list[str]:
+def nova_compute_argv(L: Layout, name: str = "nova-compute") -> list[str]:
+    """The command line of nova-compute service ``name`` (a COMPUTES key):
+    nova.conf, and for the second its own file over it."""
+    extra = [] if name == "nova-compute" else ["--config-file", f"{L.etc}/nova/{name}.conf"]
     return ["/usr/bin/python3", "-c", "import sys; from nova.cmd.compute import main; sys.exit(main())",
-            "--config-file", f"{L.etc}/nova/nova.conf"]
+            "--config-file", f"{L.etc}/nova/nova.conf", *extra]
 
 
 def retried(what: str, fn, tries: int = 4) -> None:
@@ -802,7 +838,7 @@ def launchers(L: Layout) -> dict:
         "nova-scheduler": lambda: spawn(L, "nova-scheduler", ["/usr/bin/nova-scheduler", *nova_conf]),
         "neutron": lambda: spawn(L, "neutron", ["neutron-server", "--config-file", f"{L.etc}/neutron/neutron.conf",
                                                 "--config-file", f"{L.etc}/neutron/ml2_conf.ini"]),
-        "nova-compute": lambda: spawn(L, "nova-compute", nova_compute_argv(L)),
+        **{name: (lambda name=name: spawn(L, name, nova_compute_argv(L, name))) for name in COMPUTES},
     }
 
 
@@ -848,17 +884,20 @@ def start(state: str, port_base: int | None = None) -> None:
     # a conductor heartbeat comes after its RPC server consumes
     wait_until("nova-conductor consuming", lambda: service_fresh(L, "nova-conductor", started.get("nova-conductor", epoch)),
                90, L, ["nova-conductor"])
-    launch("nova-compute")
+    for name in COMPUTES:
+        launch(name)
     apis = {"placement": PORTS["placement"], "glance": PORTS["glance"], "neutron": PORTS["neutron"],
             "nova-api": PORTS["nova"]}
     for name, port in apis.items():
         wait_until(name, lambda port=port: http_ok(f"http://127.0.0.1:{port}/"), 90, L, [name])
     wait_until("nova-scheduler consuming", lambda: service_fresh(L, "nova-scheduler", started.get("nova-scheduler", epoch)),
                90, L, ["nova-scheduler"])
-    wait_until("a fresh nova-compute heartbeat", lambda: service_fresh(L, "nova-compute", started.get("nova-compute", epoch)),
-               90, L, ["nova-compute"])
-    wait_until("compute host mapped to cell1", lambda: compute_mapped(L), 60, L, ["nova-compute"])
-    wait_until("compute resources in placement", lambda: placement_ready(L), 60, L, ["nova-compute"])
+    for name, host in COMPUTES.items():
+        wait_until(f"a fresh {name} heartbeat ({host})",
+                   lambda name=name, host=host: service_fresh(L, "nova-compute", started.get(name, epoch), host),
+                   90, L, [name])
+    wait_until("compute hosts mapped to cell1", lambda: compute_mapped(L), 60, L, list(COMPUTES))
+    wait_until("compute resources in placement", lambda: placement_ready(L), 60, L, list(COMPUTES))
     wait_until("swift", lambda: http_ok(f"http://127.0.0.1:{PORTS['swift']}/healthcheck")
                and all(port_open(PORTS[p]) for p, _ in SWIFT.values()), 60, L, list(SWIFT))
     retried("image, flavors and network", lambda: seed(L))

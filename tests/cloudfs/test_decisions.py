@@ -11,7 +11,7 @@ import itertools
 import pytest
 
 from cloudfs import decisions as d
-from cloudfs.decisions import Create, Disown, End, Note, Power, Rebuild
+from cloudfs.decisions import Create, Disown, End, Migrate, Note, Power, Rebuild
 from cloudfs.drivers.base import Server
 from cloudfs.process import Desired, Process, State
 
@@ -67,6 +67,8 @@ running  stopped         vanished  theirs  exited  deleted  err    -        -   
 stopped  stopped         vanished  theirs  exited  deleted  err    -        -       accept:running  -
 creating stopped         vanished  theirs  exited  deleted  err    -        -       power:stopped   note:stopped
 new      stopped         vanished  theirs  exited  deleted  err    -        -       power:stopped   note:stopped
+migrating running        vanished  theirs  exited  deleted  err    -        -       note:running    power:running
+migrating stopped        vanished  theirs  exited  deleted  err    -        -       power:stopped   note:stopped
 """
 ROWS = [line.split() for line in GRID.strip().splitlines()]
 
@@ -147,9 +149,9 @@ def test_exec_of_a_vm_rebuilds(state, desired):
 
 
 def _all_records():
-    for state, desired, vm, image, built, scope in itertools.product(
-            State, Desired, (None, VM), (None, "tiny"), (True, False), (SCOPE, "", "elsewhere")):
-        yield proc(state, desired, vm=vm, image=image, built=built, scope=scope)
+    for state, desired, vm, image, built, scope, move_to in itertools.product(
+            State, Desired, (None, VM), (None, "tiny"), (True, False), (SCOPE, "", "elsewhere"), ("", "h2")):
+        yield dataclasses.replace(proc(state, desired, vm=vm, image=image, built=built, scope=scope), move_to=move_to)
 
 
 def _all_seen():
@@ -157,6 +159,45 @@ def _all_seen():
     for observed, kids, found in itertools.product(OBSERVED + ("unknown-word",), (False, True), ((), ("x",))):
         s = seen(observed, kids)
         yield dataclasses.replace(s, found=found)
+
+
+#: With ``move_to`` set, what each observation does: the server's end or
+#: failure first, else the move (whatever its power state).
+MOVE_GRID = dict(zip(OBSERVED, "vanished theirs exited deleted err move move move move".split()))
+
+
+@pytest.mark.parametrize("state", ["running", "stopped", "migrating"])
+@pytest.mark.parametrize("desired", ["running", "stopped"])
+@pytest.mark.parametrize("observed", OBSERVED)
+def test_a_move_asked_for(state, desired, observed):
+    rec = dataclasses.replace(proc(State(state), Desired(desired)), move_to="h2")
+    code = MOVE_GRID[observed]
+    assert d.decide(rec, seen(observed), SCOPE) == (Migrate(VM, "h2") if code == "move" else expected(code))
+    killed = dataclasses.replace(rec, desired=Desired.KILLED)
+    assert d.decide(killed, seen(observed), SCOPE) == End(State.KILLED, "killed", (VM,))  # a kill wins
+
+
+def test_move_records():
+    rec = dataclasses.replace(proc(State.RUNNING), move_to="h2", host="h1")
+    going = d.migrating(rec, VM, "h2")
+    assert going.state is State.MIGRATING and going.move_to == "h2"
+    for other in (dataclasses.replace(rec, vm="vm-2"), dataclasses.replace(rec, move_to="h3"),
+                  dataclasses.replace(rec, desired=Desired.KILLED)):
+        with pytest.raises(d.Superseded):
+            d.migrating(other, VM, "h2")
+    there = Server("vm-9", "p7", "running", "h2", ("10.0.2.15",))
+    done = d.moved(going, VM, there, "scope-2", "T")
+    assert (done.vm, done.host, done.scope, done.state, done.move_to, done.move) == \
+        ("vm-9", "h2", "scope-2", State.RUNNING, "", "from h1 to h2 at T")
+    assert "move from h1 to h2 at T" in done.status_text()
+    assert d.moved(dataclasses.replace(going, desired=Desired.STOPPED), VM, there, "s", "T").state is State.STOPPED
+    with pytest.raises(d.Superseded):
+        d.moved(dataclasses.replace(going, desired=Desired.KILLED), VM, there, "s", "T")
+    failed = d.move_failed(going, VM, "h2", "no\nroute")
+    assert (failed.state, failed.move_to, failed.move, failed.vm) == (State.RUNNING, "", "to h2 failed: no route", VM)
+    assert "move to h2 failed: no route" in failed.status_text() and "move to h2\n" in going.status_text()
+    newer = d.move_failed(dataclasses.replace(going, move_to="h3"), VM, "h2", "x")
+    assert newer.move_to == "h3"  # a newer request stays
 
 
 def test_decide_is_total_and_needs_only_what_look_asks_for():

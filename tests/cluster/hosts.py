@@ -62,6 +62,10 @@ def _free_subnet() -> str:
     raise RuntimeError("no free 10.x.y.0/24 for the cluster")
 
 
+#: Where each QEMU daemon takes moved VMs (on its host's address).
+MIGRATE_PORT = 5640
+
+
 @dataclass
 class Host:
     """One namespace: ``name`` (zk1, d1 …), ``netns``, root-side ``veth``,
@@ -219,6 +223,8 @@ class Cluster:
                 "--zookeeper", self.state.zk_hosts, "--state-dir", str(self.state_dir(i)),
                 "--deployment", self.deployment, "--session-timeout", f"{self.session_timeout:g}", "--host", f"d{i}",
                 "--max-processes", "100000", "--limit", "descendants=100000", "--limit", "env-keys=100000"]
+        if self.driver == "qemu":  # VMs move between the daemons (migrate HOST)
+            argv += ["--migrate-listen", f"tcp!{self.host(f'd{i}').address}!{MIGRATE_PORT}"]
         if i != 1:
             argv += ["--zookeeper-auth", str(self.state_dir(1) / "zookeeper.auth")]
         return argv

@@ -173,3 +173,153 @@ async def _new_d1(cluster: Cluster, old_daemon: str) -> dict[str, str] | None:
     except FsError:
         return None
     return h if h["daemon"] != old_daemon and h["processes"] != "-" else None
+
+
+# -- migrate: a VM moves to the other host's daemon ----------------------------------
+
+#: Writes 1, 2, 3 … into its env key n every 0.1 s; a write that fails
+#: (its /cloud went with a move, until cloudfs-watch mounts it again) is
+#: tried again with the same number, so no number is skipped.
+COUNTER = r"""
+i=0
+while :; do
+  i=$((i+1))
+  until echo $i > /cloud/proc/self/env/n 2>/dev/null; do sleep 0.1; done
+  sleep 0.1
+done
+"""
+
+
+async def status_of(cluster: Cluster, daemon: int, pid: int) -> dict[str, str]:
+    async with open_client(cluster.socket(daemon)) as c:
+        text = (await c.read_file(f"proc/{pid}/status")).decode()
+    return dict(line.split(" ", 1) for line in text.splitlines())
+
+
+def running_copies(cluster: Cluster, pid: int) -> list[str]:
+    """The QEMUs tagged with ``pid`` that run (QMP says ``running``), on both hosts."""
+    import json as _json
+
+    from cloudfs.drivers.qmp import QmpError, qmp_command
+    out = []
+    for i in (1, 2):
+        for name in vms(cluster, i):
+            d = cluster.state_dir(i) / "vms" / name
+            try:
+                meta = _json.loads((d / "meta.json").read_text())
+            except (OSError, ValueError):
+                continue
+            if meta["metadata"].get("cloudfs-pid") != str(pid):
+                continue
+            try:
+                st = qmp_command(d / "qmp.sock", "query-status", timeout=2.0)
+            except QmpError:
+                continue
+            if st.get("status") == "running":
+                out.append(f"d{i}/{name}")
+    return out
+
+
+class Sampler:
+    """Reads the counter through d2's operator socket every 50 ms:
+    (monotonic time, value) pairs."""
+
+    def __init__(self, cluster: Cluster, pid: int):
+        self.cluster, self.pid, self.samples = cluster, pid, []
+
+    async def run(self):
+        while True:
+            v = await value(self.cluster, 2, self.pid, "n")
+            if v is not None and v.isdigit():
+                self.samples.append((trio.current_time(), int(v)))
+            await trio.sleep(0.05)
+
+    def went_back(self) -> list[tuple[int, int]]:
+        return [(a[1], b[1]) for a, b in zip(self.samples, self.samples[1:]) if b[1] < a[1]]
+
+    def longest_stall(self) -> float:
+        """Seconds of the longest time the value did not change."""
+        longest, since = 0.0, None
+        for (t0, v0), (t1, v1) in zip(self.samples, self.samples[1:]):
+            since = t0 if since is None else since
+            if v1 != v0:
+                longest, since = max(longest, t1 - since), None
+        return longest
+
+
+async def _up_with_counter(cluster: Cluster, tiny_image) -> int:
+    await trio.to_thread.run_sync(cluster.up)
+    for i in (1, 2):
+        install_image(cluster.state_dir(i), tiny_image)
+    await cluster.start_daemons("qemu")
+    cluster.daemon_signal(2, signal.SIGSTOP)  # the VM goes to d1
+    try:
+        async with open_client(cluster.socket(1)) as c:
+            pid = int(await ctl(c, 1, "fork"))
+            await c.write_file(f"proc/{pid}/userdata", COUNTER.encode())
+            await ctl(c, pid, "exec tiny")
+        await until(lambda: trio.to_thread.run_sync(vms, cluster, 1), "a VM on d1", 60)
+    finally:
+        cluster.daemon_signal(2, signal.SIGCONT)
+    await until(lambda: _at_least(cluster, 1, pid, "n", 5), "the counter")
+    return pid
+
+
+async def test_migrate_a_counting_guest(tmp_path, tiny_image):
+    cluster = Cluster(tmp_path / "cluster", n_daemons=2, session_timeout=10.0, driver="qemu")
+    try:
+        pid = await _up_with_counter(cluster, tiny_image)
+        [vm1] = vms(cluster, 1)
+        assert (await host_entry(cluster, "d2"))["migrate"].endswith("!5640")
+        async with open_client(cluster.socket(2)) as c:
+            for bad, err in (("migrate d9", "EINVAL"), ("migrate d1", "EINVAL"), ("migrate a/b", "EINVAL")):
+                with pytest.raises(FsError) as e:
+                    await ctl(c, pid, bad)
+                assert e.value.errno == __import__("errno").EINVAL, (bad, e.value)
+        sampler = Sampler(cluster, pid)
+        async with trio.open_nursery() as n:
+            n.start_soon(sampler.run)
+            await trio.sleep(1)
+            before = int(await value(cluster, 2, pid, "n"))
+            t0 = trio.current_time()
+            async with open_client(cluster.socket(2)) as c:  # written on the other daemon
+                await ctl(c, pid, "migrate d2")
+                with pytest.raises(FsError) as e:
+                    await ctl(c, pid, "migrate d2")  # already moving
+                assert e.value.errno == __import__("errno").EBUSY
+            st = await until(lambda: _moved(cluster, pid, "d2"), "the VM on d2", 120)
+            moved_s = trio.current_time() - t0
+            assert st["state"] == "running" and st["move"].startswith("from d1 to d2 at "), st
+            await until(lambda: _at_least(cluster, 2, pid, "n", before + 30), "the counter rising on d2", 120)
+            n.cancel_scope.cancel()
+        assert sampler.went_back() == []
+        assert vms(cluster, 1) == [] and len(vms(cluster, 2)) == 1 and vms(cluster, 2) != [vm1]
+        assert running_copies(cluster, pid) == [f"d2/{vms(cluster, 2)[0]}"]
+        assert (await host_entry(cluster, "d2"))["processes"].split() == [str(pid)]
+        await until(lambda: _owned_by(cluster, "d2", pid), "d2 owning the pid", 30)
+        print(f"moved in {moved_s:.2f} s; the counter stood still for {sampler.longest_stall():.2f} s at most")
+        # and back, written on the host it is on
+        async with open_client(cluster.socket(2)) as c:
+            await ctl(c, pid, "migrate d1")
+        await until(lambda: _moved(cluster, pid, "d1"), "the VM back on d1", 120)
+        n_now = int(await value(cluster, 1, pid, "n"))
+        await until(lambda: _at_least(cluster, 1, pid, "n", n_now + 10), "the counter rising on d1", 120)
+        async with open_client(cluster.socket(1)) as c:
+            await ctl(c, pid, "kill")
+    finally:
+        await trio.to_thread.run_sync(cluster.down)
+        for i in (1, 2):
+            await trio.to_thread.run_sync(lambda: QemuDriver(cluster.state_dir(i), accel="tcg").kill_all())
+
+
+async def _moved(cluster: Cluster, pid: int, host: str) -> dict[str, str] | None:
+    try:
+        st = await status_of(cluster, 2, pid)
+    except FsError:
+        return None
+    return st if st.get("host") == host and st.get("state") == "running" and "move" in st \
+        and st["move"].startswith("from") and f"to {host} at" in st["move"] else None
+
+
+async def _owned_by(cluster: Cluster, host: str, pid: int) -> bool:
+    return str(pid) in (await host_entry(cluster, host))["processes"].split()

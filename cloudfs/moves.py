@@ -1,0 +1,414 @@
+"""Moving a QEMU VM to another host's daemon: ``echo migrate HOST > ctl``.
+
+A QEMU VM runs in a network namespace of its own and reaches nothing, so
+the daemons carry the migration stream (QEMU live migration, docs
+``migration.rst``) between them, over TCP, and ZooKeeper decides who holds
+the VM at the end.  The source daemon ``S`` owns the process; the daemon
+``D`` on the host named in ``/hosts`` takes VMs at its ``--migrate-listen``
+address (its ``/hosts`` entry's ``migrate``):
+
+1. S writes ``moves/<pid>`` (ephemeral: it goes with S's session) naming D's
+   host and a random token, and connects to D.
+2. S sends one JSON line: pid, token, image, flavor, accelerator, name.  D
+   checks it against ``moves/<pid>`` (the token, its own host name), starts
+   a paused QEMU for the pid (``-incoming``, ``-S``; its directory marked
+   *incoming*), answers ``ready``.
+3. S's QEMU migrates into a socket pair whose other end S relays to the TCP
+   connection, then S closes its sending side; D relays into its QEMU's
+   socket pair, waits until the state is loaded and answers ``loaded <id>``.
+   The source is paused then (``postmigrate``); the copy waits paused.
+4. The commit is one compare-and-set of the process record: its VM, host
+   and scope become D's (state as desired, ``move`` says ``from A to B at
+   T``).  Then S deletes ``moves/<pid>`` and ends its copy; ownership passes
+   to D like any takeover (S disowns the pid; D takes ``owners/<pid>``).
+5. D waits for ``moves/<pid>`` to go, then reads the record: if it names
+   D's copy, D marks it as its VM and lets it run; if not (S gave up, or
+   died before the commit), D ends the copy.
+
+Before the commit the record names S's VM, and S resumes it if anything
+fails (the move's ``move`` then says why); after it, the record names D's,
+which D runs even if S dies.  So there is always one VM to run, and never
+two running: the copy waits paused until the record is D's, and the source
+stays paused once its state went.  A daemon restarted mid-move finds its
+copies marked *incoming* and settles them the same way (:meth:`Moves.recover`).
+
+Bounds: a daemon takes MAX_INCOMING moves at once (more are refused), the
+JSON line is at most HEADER_MAX bytes and must come within HEADER_TIMEOUT
+seconds, the stream at most the VM's RAM plus STREAM_SLACK bytes, the whole
+transfer at most MOVE_TIMEOUT seconds.
+
+The guest's 9P connection does not survive a move (user-mode networking
+keeps no TCP state): the guest's ``cloudfs-watch`` notices that its fw_cfg
+``gen`` changed and mounts ``/cloud`` again (cloudfs.drivers.qemu).
+"""
+
+from __future__ import annotations
+
+import errno
+import hmac
+import json
+import logging
+import secrets
+import socket
+
+import trio
+
+from ninep.dial import parse_dial
+from ninep.errors import FsError
+
+from . import decisions as d
+from .drivers.base import DriverError, Server
+from .drivers.qemu import FLAVORS, QemuDriver
+from .hosts import Hosts
+from .procdata import ProcData
+from .process import Desired, now_iso
+from .records import Records
+from .store import NodeExistsError, NoNodeError, Store, Unreachable
+from .znodes import Layout
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Moves", "MAX_INCOMING", "MOVE_TIMEOUT"]
+
+#: Moves a daemon takes at once; more are refused (``failed busy``).
+MAX_INCOMING = 2
+#: The JSON line's size (bytes) and the seconds it may take to come.
+HEADER_MAX = 4096
+HEADER_TIMEOUT = 10.0
+#: Seconds for connecting, and for a whole transfer (connect to loaded).
+CONNECT_TIMEOUT = 10.0
+MOVE_TIMEOUT = 120.0
+#: Bytes a migration stream may hold beyond the VM's RAM (device state).
+STREAM_SLACK = 64 << 20
+#: Relay buffer (bytes).
+CHUNK = 1 << 16
+
+
+class MoveFailed(FsError):
+    """A move did not happen; the VM stays where it was (EIO, or the
+    errno of what refused it)."""
+
+
+async def _line(stream: trio.abc.ReceiveStream, buf: bytearray, limit: int = HEADER_MAX) -> bytes:
+    """One ``\\n``-terminated line from ``stream`` (``buf`` keeps what came
+    after it); MoveFailed if it is longer than ``limit`` or the stream ends."""
+    while b"\n" not in buf:
+        if len(buf) > limit:
+            raise MoveFailed(errno.EPROTO, "move: line too long")
+        more = await stream.receive_some(CHUNK)
+        if not more:
+            raise MoveFailed(errno.EPROTO, "move: the other daemon closed the connection")
+        buf += more
+    line, _, rest = bytes(buf).partition(b"\n")
+    buf[:] = rest
+    return line
+
+
+class Moves:
+    """Both sides of moving QEMU VMs between the daemons of a deployment
+    (module docstring).  ``listen`` the dial string this daemon takes moves
+    at (``""``: none; it may still send)."""
+
+    def __init__(self, store: Store, layout: Layout, records: Records, data: ProcData, hosts: Hosts,
+                 driver: QemuDriver, take_owner, listen: str = ""):
+        self.store, self.layout, self.records, self.data = store, layout, records, data
+        self.hosts, self.driver = hosts, driver
+        self.take_owner = take_owner  # async (pid) -> bool: the reconciler's Owners.take
+        self.listen = listen
+        self._incoming = trio.CapacityLimiter(MAX_INCOMING)
+        self._nursery: trio.Nursery | None = None
+
+    # -- the source -------------------------------------------------------------------
+
+    async def move(self, pid: int, vm: str, host: str) -> None:
+        """Move ``pid``'s VM ``vm`` to the daemon of ``host`` and record
+        the outcome (moved, or failed with the VM where it was)."""
+        try:
+            target = await self.hosts.get(host)
+            if target.driver != "qemu" or not target.migrate:
+                raise MoveFailed(errno.EOPNOTSUPP, f"host {host} takes no VMs")
+            if target.scope == self.driver.scope:
+                raise MoveFailed(errno.EINVAL, f"the VM is on host {host} already")
+            spec = await self.driver.move_spec(vm)
+        except FsError as e:
+            await self._failed(pid, vm, host, e)
+            return
+        token = secrets.token_hex(16)
+        path = self.layout.move(pid)
+        doc = json.dumps({"to": host, "token": token, "vm": vm}).encode()
+        try:
+            try:
+                await self.store.create(path, doc, ephemeral=True)
+            except NodeExistsError:  # our own, from an attempt cut short
+                await self.store.delete(path)
+                await self.store.create(path, doc, ephemeral=True)
+        except FsError as e:
+            await self._failed(pid, vm, host, e)
+            return
+        rec = (await self.records.require(pid)).value
+        try:
+            with trio.fail_after(MOVE_TIMEOUT):
+                copy, stats = await self._send(pid, rec.ppid, vm, target.migrate, token, spec)
+            server = Server(copy, rec.name, "running", host, tuple(rec.addresses))
+            await self._commit(pid, vm, server, target.scope)
+        except BaseException as e:
+            with trio.CancelScope(shield=True):
+                await self._undo(pid, vm, path, spec["running"])
+                if isinstance(e, d.Superseded):
+                    return  # killed meanwhile: the kill ends it here
+                if not isinstance(e, Exception):
+                    raise
+                why = e if isinstance(e, FsError) else \
+                    MoveFailed(errno.EAGAIN, f"took more than {MOVE_TIMEOUT:g} s") \
+                    if isinstance(e, trio.TooSlowError) else MoveFailed(errno.EIO, str(e) or type(e).__name__)
+                await self._failed(pid, vm, host, why)
+            return
+        log.info("moved pid %d from %s to %s (%s); downtime %s ms, %s bytes", pid, vm, host, copy,
+                 stats.get("downtime"), stats.get("ram", {}).get("transferred"))
+        with trio.CancelScope(shield=True):
+            try:
+                await self.store.delete(path)
+            except (NoNodeError, FsError):
+                pass  # it goes with our session anyway
+            try:
+                await trio.to_thread.run_sync(self.driver.end_moved, vm)
+            except DriverError as e:
+                log.warning("pid %d moved; ending the copy left here (%s): %s", pid, vm, e)
+
+    async def _send(self, pid: int, ppid: int, vm: str, dial: str, token: str, spec: dict) -> tuple[str, dict]:
+        """Steps 2–3 (module docstring): the copy's id on the other host,
+        and the migration's statistics."""
+        try:
+            where = parse_dial(dial)
+        except ValueError as e:
+            raise MoveFailed(errno.EINVAL, f"the other daemon's move address: {e}") from None
+        if where.net != "tcp":
+            raise MoveFailed(errno.EINVAL, f"the other daemon's move address {dial!r} is not tcp")
+        with trio.fail_after(CONNECT_TIMEOUT):
+            stream = await trio.open_tcp_stream(where.host, where.port)
+        async with stream:
+            header = {"pid": pid, "ppid": ppid, "token": token, **spec}
+            await stream.send_all(json.dumps(header).encode() + b"\n")
+            buf = bytearray()
+            answer = await _line(stream, buf)
+            if answer != b"ready":
+                raise MoveFailed(errno.EIO, "the other daemon refused: " + answer.decode(errors="replace")[:200])
+            mine, theirs = socket.socketpair()
+            try:
+                stats: dict = {}
+
+                async def migrate():
+                    try:
+                        stats.update(await trio.to_thread.run_sync(self.driver.migrate_out, vm, theirs.fileno()))
+                    finally:
+                        theirs.close()  # QEMU holds its own copy until the migration ends
+
+                async def relay(source: trio.socket.SocketType):
+                    try:
+                        while True:
+                            chunk = await source.recv(CHUNK)
+                            if not chunk:
+                                break
+                            await stream.send_all(chunk)
+                        await stream.send_eof()
+                    except BaseException:
+                        source.close()  # QEMU's next write fails: the migration ends, the VM runs on
+                        raise
+
+                async with trio.open_nursery() as n:
+                    n.start_soon(migrate)
+                    n.start_soon(relay, trio.socket.from_stdlib_socket(mine))
+            finally:
+                mine.close()
+                theirs.close()
+            answer = await _line(stream, buf)
+            if not answer.startswith(b"loaded "):
+                raise MoveFailed(errno.EIO, "the other daemon could not load the VM: "
+                                 + answer.decode(errors="replace")[:200])
+            return answer[len(b"loaded "):].decode(errors="replace").strip(), stats
+
+    async def _commit(self, pid: int, vm: str, server: Server, scope: str) -> None:
+        """Step 4: the record names the copy.  When the write's outcome is
+        unknown (ZooKeeper trouble, also a lost session), the record is
+        read back, as the other daemon will: MoveFailed if it does not name
+        the copy, d.Superseded if the process is being killed."""
+        at = now_iso()
+        try:
+            await self.records.update(pid, lambda now: d.moved(now, vm, server, scope, at))
+            return
+        except FsError as e:
+            if e.errno == errno.ENOENT:
+                raise
+            failure = e
+        while True:
+            try:
+                now = (await self.records.require(pid)).value
+            except Unreachable:
+                await self.store.wait_connected()
+                continue
+            if now.vm == server.id:
+                return
+            raise MoveFailed(failure.errno, f"recording the move: {failure.message}")
+
+    async def _undo(self, pid: int, vm: str, path: str, running: bool) -> None:
+        """The move did not happen: the VM runs on here, the other daemon
+        ends its copy when ``moves/<pid>`` goes."""
+        try:
+            await trio.to_thread.run_sync(self.driver.resume, vm, running)
+        except DriverError as e:
+            log.warning("pid %d: resuming %s after a failed move: %s", pid, vm, e)
+        try:
+            await self.store.delete(path)
+        except (NoNodeError, FsError):
+            pass
+
+    async def _failed(self, pid: int, vm: str, host: str, e: FsError) -> None:
+        log.warning("pid %d: moving %s to %s failed: %s", pid, vm, host, e.message)
+        try:
+            await self.records.update(pid, lambda now: d.move_failed(now, vm, host, e.message))
+        except (d.Superseded, FsError):
+            pass
+
+    # -- the destination -----------------------------------------------------------------
+
+    async def serve(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Take moves at :attr:`listen` (a ``tcp!addr!port`` dial string)
+        until cancelled; copies left by an earlier run are settled first."""
+        where = parse_dial(self.listen)
+        if where.net != "tcp":
+            raise ValueError(f"--migrate-listen must be tcp!ADDR!PORT, not {self.listen!r}")
+        listeners = await trio.open_tcp_listeners(where.port, host=None if where.host == "*" else where.host)
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            nursery.start_soon(self.recover)
+            task_status.started()
+            await trio.serve_listeners(self._handle, listeners, handler_nursery=nursery)
+
+    async def _handle(self, stream: trio.SocketStream) -> None:
+        async with stream:
+            try:
+                self._incoming.acquire_nowait()
+            except trio.WouldBlock:
+                await _reply(stream, b"failed busy: too many moves at once")
+                return
+            try:
+                await self._take(stream)
+            except Exception as e:  # a hostile or broken peer never takes the daemon down
+                log.info("refused a move: %s", getattr(e, "message", None) or e)
+                await _reply(stream, b"failed " + str(getattr(e, "message", e)).encode()[:200])
+            finally:
+                self._incoming.release()
+
+    async def _take(self, stream: trio.SocketStream) -> None:
+        buf = bytearray()
+        with trio.fail_after(HEADER_TIMEOUT):
+            raw = await _line(stream, buf)
+        try:
+            h = json.loads(raw)
+            pid, ppid, token = h["pid"], h["ppid"], h["token"]
+            spec = {k: h[k] for k in ("image", "flavor", "accel", "name")}
+            if not all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in (pid, ppid)) \
+                    or not isinstance(token, str) or not all(isinstance(v, str) for v in spec.values()):
+                raise ValueError("fields of the wrong type")
+        except (ValueError, KeyError, TypeError) as e:
+            raise MoveFailed(errno.EPROTO, f"not a move request: {e}") from None
+        got = await self.store.get(self.layout.move(pid))
+        try:
+            move = json.loads(got[0]) if got is not None else {}
+        except ValueError:
+            move = {}
+        if not isinstance(move, dict) or move.get("to") != self.hosts.me.name \
+                or not hmac.compare_digest(str(move.get("token", "")), token):
+            raise MoveFailed(errno.EACCES, f"no move of process {pid} to this host")
+        userdata = await self.data.userdata(pid)
+        mine, theirs = socket.socketpair()
+        copy = None
+        try:
+            copy = await trio.to_thread.run_sync(self.driver.incoming_start, pid, ppid, spec, userdata,
+                                                 theirs.fileno())
+            theirs.close()
+            await stream.send_all(b"ready\n")
+            limit = (FLAVORS[spec["flavor"]][0] << 20) + STREAM_SLACK
+            sink = trio.socket.from_stdlib_socket(mine)
+            with trio.fail_after(MOVE_TIMEOUT):
+                total = len(buf)
+                if buf:
+                    await _send_all(sink, bytes(buf))
+                while True:
+                    chunk = await stream.receive_some(CHUNK)
+                    if not chunk:
+                        break
+                    total += len(chunk)
+                    if total > limit:
+                        raise MoveFailed(errno.EFBIG, f"the stream passed {limit} bytes")
+                    await _send_all(sink, chunk)
+                mine.shutdown(socket.SHUT_WR)
+                await trio.to_thread.run_sync(self.driver.incoming_wait, copy)
+        except BaseException:
+            mine.close()
+            theirs.close()
+            if copy is not None:
+                with trio.CancelScope(shield=True):
+                    await trio.to_thread.run_sync(self.driver.incoming_abort, copy)
+            raise
+        mine.close()
+        await stream.send_all(f"loaded {copy}\n".encode())
+        assert self._nursery is not None
+        self._nursery.start_soon(self._settle, pid, copy)
+
+    async def _settle(self, pid: int, copy: str) -> None:
+        """Step 5: once ``moves/<pid>`` is gone, keep ``copy`` if the record
+        names it, else end it."""
+        path = self.layout.move(pid)
+        while True:
+            try:
+                with self.store.watching(path) as ev:
+                    if await self.store.exists(path, watch=True) is None:
+                        break
+                    await ev.wait()
+            except Unreachable:
+                await self.store.wait_connected()
+        while True:
+            try:
+                rec = await self.records.get(pid)
+                break
+            except Unreachable:
+                await self.store.wait_connected()
+        try:
+            if rec is not None and rec.value.vm == copy:
+                await self.driver.incoming_commit(copy, rec.value.desired is not Desired.STOPPED)
+                log.info("pid %d moved here: %s runs", pid, copy)
+                await self.take_owner(pid)
+            else:
+                await trio.to_thread.run_sync(self.driver.incoming_abort, copy)
+                log.info("pid %d's move here was given up: %s ended", pid, copy)
+        except (DriverError, FsError) as e:
+            log.warning("pid %d: settling the moved copy %s: %s", pid, copy, e)
+
+    async def recover(self) -> None:
+        """Settle the copies an earlier run of this daemon took but did
+        not settle (it was killed mid-move)."""
+        try:
+            left = await trio.to_thread.run_sync(self.driver.incoming_vms)
+        except OSError as e:
+            log.warning("listing moved copies: %s", e)
+            return
+        assert self._nursery is not None
+        for copy, pid in left:
+            log.info("settling pid %d's copy %s, left by a move cut short", pid, copy)
+            self._nursery.start_soon(self._settle, pid, copy)
+
+
+async def _send_all(sock: trio.socket.SocketType, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        n = await sock.send(view)
+        view = view[n:]
+
+
+async def _reply(stream: trio.SocketStream, line: bytes) -> None:
+    with trio.move_on_after(2):
+        try:
+            await stream.send_all(line.replace(b"\n", b" ") + b"\n")
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass
