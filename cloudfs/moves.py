@@ -150,7 +150,7 @@ class Moves:
             with trio.fail_after(MOVE_TIMEOUT):
                 copy, stats = await self._send(pid, rec.ppid, vm, target.migrate, token, spec)
             server = Server(copy, rec.name, "running", host, tuple(rec.addresses))
-            await self._commit(pid, vm, server, target.scope)
+            await self._commit(pid, vm, server, target.scope, stats.get("downtime"))
         except BaseException as e:
             with trio.CancelScope(shield=True):
                 await self._undo(pid, vm, path, spec["running"])
@@ -227,12 +227,12 @@ class Moves:
                                  + answer.decode(errors="replace")[:200])
             return answer[len(b"loaded "):].decode(errors="replace").strip(), stats
 
-    async def _commit(self, pid: int, vm: str, server: Server, scope: str) -> None:
+    async def _commit(self, pid: int, vm: str, server: Server, scope: str, downtime: object = None) -> None:
         """Step 4: the record names the copy.  When the write's outcome is
         unknown (ZooKeeper trouble, also a lost session), the record is
         read back, as the other daemon will: MoveFailed if it does not name
         the copy, d.Superseded if the process is being killed."""
-        at = now_iso()
+        at = now_iso() + (f" (paused {downtime} ms)" if isinstance(downtime, int) else "")
         try:
             await self.records.update(pid, lambda now: d.moved(now, vm, server, scope, at))
             return
@@ -268,6 +268,27 @@ class Moves:
             await self.records.update(pid, lambda now: d.move_failed(now, vm, host, e.message))
         except (d.Superseded, FsError):
             pass
+
+    async def sweep(self) -> None:
+        """End the VMs here whose process moved to another host (this
+        daemon died between the move's commit and ending its copy, which
+        stayed paused): the record names another host's VM."""
+        try:
+            mine = await trio.to_thread.run_sync(self.driver.local_vms)
+        except OSError as e:
+            log.warning("listing VMs: %s", e)
+            return
+        for vm, pid in mine:
+            try:
+                rec = await self.records.get(pid)
+            except FsError:
+                continue
+            if rec is not None and rec.value.vm not in (None, vm) and rec.value.scope not in ("", self.driver.scope):
+                log.warning("pid %d moved to %s; ending its old VM %s here", pid, rec.value.host, vm)
+                try:
+                    await trio.to_thread.run_sync(self.driver.end_moved, vm)
+                except DriverError as e:
+                    log.warning("ending %s: %s", vm, e)
 
     # -- the destination -----------------------------------------------------------------
 

@@ -150,8 +150,10 @@ class CloudFS(FileSystem):
                     inner.start_soon(self.driver.run)
                     await inner.start(self.hosts.run)
                     await inner.start(self.reconciler.run)
-                    if self.moves is not None and self.moves.listen:
-                        await inner.start(self.moves.serve)
+                    if self.moves is not None:
+                        inner.start_soon(self.moves.sweep)
+                        if self.moves.listen:
+                            await inner.start(self.moves.serve)
                     task_status.started()
 
         await nursery.start(run)

@@ -18,11 +18,16 @@ Image API v2, Networking API v2.0):
   DriverError with Nova's fault message (e.g. "No valid host was found. …").
 - ``find`` lists the deployment's servers of a pid, any status, no side
   effects.  Every action on a server id (delete, rebuild, stop, start,
-  status) first checks that the server carries this deployment's id, and
-  is NotFound otherwise: other deployments' servers are never touched.
+  migrate, status) first checks that the server carries this deployment's
+  id, and is NotFound otherwise: other deployments' servers are never
+  touched.
 - ``rebuild`` is Nova rebuild (microversion ≥ 2.57 carries user data);
   ``delete`` waits until the server is gone; ``stop``/``start`` are the
   os-stop/os-start actions, idempotent.
+- ``migrate`` is live migration (os-migrateLive, microversion 2.30: a named
+  host the scheduler still checks, ``block_migration: auto``) to another
+  nova-compute host, waiting until the server is ACTIVE there; the host a
+  server is on is Nova's ``OS-EXT-SRV-ATTR:host`` (shown to admins).
 - ``status`` maps Nova's status: BUILD/REBUILD → ``creating``, ACTIVE →
   ``running``, SHUTOFF (and PAUSED, SUSPENDED, SHELVED*) → ``stopped``,
   ERROR → ``error`` (Nova's fault message in ``message``), DELETED and
@@ -407,7 +412,8 @@ class OpenStackDriver(ComputeDriver):
         return self._server(s, addrs)
 
     async def _watch(self, server_id: str, done: Callable[[OSServer | None], bool],
-                     limit: float, what: str) -> OSServer | None:
+                     limit: float, what: str, *,
+                     expired: Callable[[str], DriverError] = DriverError) -> OSServer | None:
         """Follow one server until ``done(server)`` (``None``: Nova no longer
         has it) and return that server.  Every waiting operation shares one
         poll per ``poll_interval``: Nova's ``GET /servers/detail?changes-since``
@@ -415,7 +421,7 @@ class OpenStackDriver(ComputeDriver):
         :data:`SINCE_MARGIN`, so N waiting boots cost one list call per
         interval, not N gets; each waiter also GETs its server every
         :data:`RECHECK_INTERVAL` seconds.
-        DriverError after ``limit`` seconds."""
+        ``expired(message)`` (a DriverError) after ``limit`` seconds."""
         w = self._watches.get(server_id)
         if w is None:
             w = self._watches[server_id] = _Watch()
@@ -444,7 +450,7 @@ class OpenStackDriver(ComputeDriver):
                             log.warning("looking at server %s failed: %s", server_id, e)
             last = w.server
             where = f" (still {last.nova_status}, task {last.task_state})" if last and not w.gone else ""
-            raise DriverError(f"openstack: server {server_id} not {what} after {limit:g}s{where}")
+            raise expired(f"openstack: server {server_id} not {what} after {limit:g}s{where}")
         finally:
             w.refs -= 1
             if w.refs == 0:
@@ -490,12 +496,13 @@ class OpenStackDriver(ComputeDriver):
                 w.see(None if srv.nova_status in ("DELETED", "SOFT_DELETED") else srv, raw.updated_at)
 
     async def wait(self, server_id: str, states: tuple[str, ...] = ("running",),
-                   timeout: float | None = None, *, ports: bool = True) -> OSServer:
+                   timeout: float | None = None, *, ports: bool = True,
+                   expired: Callable[[str], DriverError] = DriverError) -> OSServer:
         """Wait until the server is in one of ``states`` (cloudfs words) with
         no Nova task under way, and return it (addresses from its ports).
         DriverError with Nova's fault message if it reaches ``error``
-        instead, or on the deadline (``boot_timeout`` by default); NotFound
-        if it disappears."""
+        instead, ``expired(message)`` on the deadline (``boot_timeout`` by
+        default); NotFound if it disappears."""
         def done(s: OSServer | None) -> bool:
             if s is None:
                 raise NotFound(f"openstack: server {server_id} is gone")
@@ -504,7 +511,7 @@ class OpenStackDriver(ComputeDriver):
             return s.status in states and s.task_state is None
 
         limit = self.boot_timeout if timeout is None else timeout
-        srv = await self._watch(server_id, done, limit, "/".join(states))
+        srv = await self._watch(server_id, done, limit, "/".join(states), expired=expired)
         assert srv is not None
         if srv.status == "error":
             # the fault comes with GET /servers/{id}; Nova records it just
@@ -759,6 +766,116 @@ class OpenStackDriver(ComputeDriver):
     async def start(self, server_id: str) -> OSServer:
         """Nova os-start and wait for ACTIVE; a running server is left as is."""
         return await self._power(server_id, "running", "start", self.conn.compute.start_server)
+
+    async def migrate(self, server_id: str, host: str) -> OSServer:
+        """Live-migrate a running server to nova-compute host ``host`` (Nova
+        ``POST /servers/{id}/action`` ``os-migrateLive`` at microversion
+        2.30, openstacksdk's ``live_migrate_server``: ``host`` named but not
+        forced, so the scheduler still checks it, ``block_migration:
+        auto``) and wait until Nova has it ACTIVE with no task again
+        (``boot_timeout``).  ``host`` is a compute service's host name as
+        ``os-services`` lists it (``openstack compute service list``).
+        Returns the server with ``host`` the new one (Nova's
+        ``OS-EXT-SRV-ATTR:host``, as :meth:`status` and :meth:`find` show
+        it) and its addresses, which a live migration keeps (its ports are
+        bound to the new host).  Nova's default policy lets admins only.
+
+        Errors (DriverError): EINVAL when ``host`` is not a nova-compute
+        host of the cloud or is the one the server is on (Nova would say
+        "No valid host" for that); EBUSY when the server is not ACTIVE
+        (SHUTOFF, ERROR, building …), has a task under way (moving,
+        rebooting …) or Nova answers 409; EIO when Nova refuses the move
+        (its pre-checks, HTTP 400: the host has no room, is down or
+        disabled, a port cannot be bound there) or the migration fails
+        later (Nova's migration status ``error``/``failed``, given in the
+        message) — the server then runs where it was — or the server ends
+        in ERROR (Nova's fault message); EAGAIN (:class:`DriverTimeout`)
+        when a call outlives ``timeout`` or the move ``boot_timeout`` (it
+        may still finish: :meth:`status` tells).  NotFound if Nova has no
+        such server, NotOurs if it is another deployment's (then nothing
+        is asked of Nova)."""
+        s = await self._get(server_id)
+        if s.task_state is not None or s.nova_status != "ACTIVE":
+            doing = f"busy ({s.nova_status}, task {s.task_state})" if s.task_state else f"not running ({s.nova_status})"
+            raise DriverError(f"openstack: server {server_id} cannot move now: it is {doing}", errno=errno.EBUSY)
+        if not host:
+            raise DriverError("openstack: migrate needs a compute host", errno=errno.EINVAL)
+        if host == s.host:
+            raise DriverError(f"openstack: server {server_id} already runs on {host}", errno=errno.EINVAL)
+        known = await self._call(f"compute host {host!r}", self._compute_hosts, host)
+        if known is not None and host not in known:
+            raise DriverError(f"openstack: no compute host {host!r}", errno=errno.EINVAL)
+        what = f"live-migrate server {server_id} to {host}"
+        try:
+            await self._call(what, self._live_migrate, server_id, host, what)
+        except (NotFound, DriverTimeout):
+            raise
+        except DriverError as e:
+            if e.errno != errno.EIO:
+                raise
+            # an unexpected refusal (HTTP 500 when another move began since
+            # our look): the state decides
+            now = await self._get(server_id)
+            if now.task_state is not None:
+                raise DriverError(f"openstack: server {server_id} cannot move now: it is busy "
+                                  f"({now.nova_status}, task {now.task_state})", errno=errno.EBUSY) from e
+            raise
+        srv = await self.wait(server_id, ("running", "stopped"), ports=False, expired=DriverTimeout)
+        if srv.host == host:
+            return await self._with_ports(srv)
+        status = await self._migration_status(server_id)
+        raise DriverError(f"openstack: live migration of server {server_id} to {host} failed "
+                          f"(Nova's migration status: {status}); it runs on {srv.host}")
+
+    def _compute_hosts(self, host: str) -> list[str] | None:
+        """The hosts of nova-compute services named ``host`` (``[]``: none);
+        None when Nova does not show services to us (not an admin)."""
+        import openstack.exceptions as osx
+
+        try:
+            return [sv.host for sv in self.conn.compute.services(binary="nova-compute", host=host)]
+        except osx.ForbiddenException:
+            return None
+
+    def _live_migrate(self, server_id: str, host: str, what: str) -> None:
+        """``os-migrateLive``; Nova's 400 (a pre-check refused the move) is
+        EIO, its 409 (the server's state forbids it) EBUSY."""
+        import openstack.exceptions as osx
+
+        try:
+            self.conn.compute.live_migrate_server(server_id, host=host, block_migration="auto")
+        except osx.BadRequestException as e:
+            raise DriverError(f"openstack: {what}: refused: {_message(e)}") from e
+        except osx.ConflictException as e:
+            raise DriverError(f"openstack: {what}: {_message(e)}", errno=errno.EBUSY) from e
+
+    async def _migration_status(self, server_id: str, settle: float = 5.0) -> str:
+        """Nova's status of the server's newest live migration (``GET
+        /os-migrations``, admin), waiting up to ``settle`` seconds for a
+        final one (Nova sets it just after the server's task): ``error``,
+        ``failed`` …; ``unknown`` when Nova shows none."""
+        import openstack.exceptions as osx
+
+        def newest() -> str:
+            try:
+                for m in self.conn.compute.migrations(server_id=server_id, migration_type="live-migration"):
+                    return str(m.status or "unknown")  # newest first
+            except osx.ForbiddenException:
+                pass
+            return "unknown"
+
+        status = "unknown"
+        with trio.move_on_after(settle):
+            while True:
+                try:
+                    status = await self._call(f"migrations of {server_id}", newest)
+                except DriverError as e:
+                    log.warning("looking at the migrations of %s failed: %s", server_id, e)
+                    break
+                if status in ("error", "failed", "cancelled", "completed", "done", "unknown"):
+                    break
+                await trio.sleep(0.25)
+        return status
 
     async def status(self, server_id: str) -> OSServer:
         """The server now (state per :data:`STATES`, fault message in

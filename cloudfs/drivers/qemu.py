@@ -1384,6 +1384,18 @@ class QemuDriver(ComputeDriver):
         if vm is not None and self.ours(vm.metadata):
             self._remove(vm)
 
+    def local_vms(self) -> list[tuple[str, int]]:
+        """Blocking: ``(server id, pid)`` of this deployment's VMs here
+        (not counting copies whose move here is not recorded yet)."""
+        out = []
+        for d in self.vms_dir.iterdir() if self.vms_dir.is_dir() else ():
+            vm = _Vm.load(d)
+            if vm is not None and self.ours(vm.metadata) and not vm.metadata.get("incoming"):
+                pid = parse_pid(vm.metadata.get(META_PID, ""))
+                if pid is not None:
+                    out.append((vm.id, pid))
+        return out
+
     def incoming_vms(self) -> list[tuple[str, int]]:
         """Blocking: ``(server id, pid)`` of this deployment's VMs whose move
         here was not committed yet (a daemon restarted mid-move)."""

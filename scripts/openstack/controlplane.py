@@ -76,11 +76,13 @@ HOST2 = "cloudfs-compute2"    # the second one's: a target for live migration
 #: The nova-compute services: service name → the ``host`` it runs as.
 COMPUTES = {"nova-compute": HOST, "nova-compute2": HOST2}
 #: MiB of the fake hypervisor's 800000 that the second host keeps back
-#: (``reserved_host_memory_mb``): with free RAM the scheduler's only weigher,
-#: every boot goes to the first host while it has room (deterministic
-#: placement for the tests), and a flavor of more than 400000 MiB fits the
-#: first host only (a live migration the scheduler refuses).
-HOST2_RESERVED_MB = 400000
+#: (``reserved_host_memory_mb``).  Free RAM being the scheduler's only
+#: weigher, every boot goes to the first host while it has more than 200000
+#: MiB free (deterministic placement for the tests), and with Nova's RAM
+#: allocation ratio of 1.5 the second takes 300000 MiB of flavors, the
+#: first 1200000: a server of a larger flavor cannot move there (the
+#: scheduler refuses a live migration: "No valid host was found").
+HOST2_RESERVED_MB = 600000
 PASSWORD = "cloudfs-secret"    # admin and database password (loopback only)
 REGION = "RegionOne"
 # The standard ports; ``--port-base N`` puts them at N … N+7 instead (several

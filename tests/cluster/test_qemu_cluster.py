@@ -323,3 +323,53 @@ async def _moved(cluster: Cluster, pid: int, host: str) -> dict[str, str] | None
 
 async def _owned_by(cluster: Cluster, host: str, pid: int) -> bool:
     return str(pid) in (await host_entry(cluster, host))["processes"].split()
+
+
+async def test_source_daemon_killed_mid_move(tmp_path, tiny_image):
+    """SIGKILL of the moving VM's daemon while it moves: never two running
+    copies; once it is back, exactly one, and the counter rises on."""
+    cluster = Cluster(tmp_path / "cluster", n_daemons=2, session_timeout=4.0, driver="qemu")
+    try:
+        pid = await _up_with_counter(cluster, tiny_image)
+        async with open_client(cluster.socket(2)) as c:
+            await ctl(c, pid, "migrate d2")
+        with trio.fail_after(30):
+            while (await status_of(cluster, 2, pid))["state"] != "migrating":
+                await trio.sleep(0.01)
+        await trio.sleep(0.2)  # in the middle of the transfer, or just after it
+        await trio.to_thread.run_sync(cluster.daemon_kill, 1)
+        most = 0
+        for _ in range(20):  # d1's session expires meanwhile: d2 settles its copy
+            most = max(most, len(await trio.to_thread.run_sync(running_copies, cluster, pid)))
+            await trio.sleep(0.5)
+        cluster.daemon_start(1)
+        await cluster.wait_daemon(1)
+        for _ in range(20):
+            most = max(most, len(await trio.to_thread.run_sync(running_copies, cluster, pid)))
+            await trio.sleep(0.5)
+        st = await until(lambda: _settled(cluster, pid), "the VM running on one host", 120)
+        assert most <= 1, most
+        host = int(st["host"][1:])
+        n_now = int(await value(cluster, host, pid, "n"))
+        await until(lambda: _at_least(cluster, host, pid, "n", n_now + 10), "the counter rising", 120)
+        copies = await trio.to_thread.run_sync(running_copies, cluster, pid)
+        assert len(copies) == 1 and copies[0].startswith(st["host"] + "/"), (copies, st)
+        assert sum(len(vms(cluster, i)) for i in (1, 2)) == 1, (vms(cluster, 1), vms(cluster, 2))
+        async with open_client(cluster.socket(2)) as c:
+            await ctl(c, pid, "kill")
+    finally:
+        await trio.to_thread.run_sync(cluster.down)
+        for i in (1, 2):
+            await trio.to_thread.run_sync(lambda: QemuDriver(cluster.state_dir(i), accel="tcg").kill_all())
+
+
+async def _settled(cluster: Cluster, pid: int) -> dict[str, str] | None:
+    try:
+        st = await status_of(cluster, 2, pid)
+    except FsError:
+        return None
+    if st.get("state") != "running" or "move" in st and st["move"].startswith("to ") and "failed" not in st["move"]:
+        return None
+    if len(await trio.to_thread.run_sync(running_copies, cluster, pid)) != 1:
+        return None
+    return st
