@@ -64,6 +64,8 @@ class FakeDriver(ComputeDriver):
         self.snapshots: dict[str, str] = {}
         #: the hosts ``migrate`` moves servers between (Nova compute hosts)
         self.compute_hosts = [host, f"{host}-2"]
+        #: when set to an Event, ``migrate`` waits for it (tests of a move in progress)
+        self.hold_migrate: trio.Event | None = None
         self._addr = {n: itertools.count(10) for n in self.networks}
         self._subnet = itertools.count(1)
 
@@ -127,6 +129,8 @@ class FakeDriver(ComputeDriver):
     async def migrate(self, server_id: str, host: str) -> Server:
         """Move a running or stopped server to ``host``, one of
         :attr:`compute_hosts` (EINVAL otherwise, or for its own host)."""
+        if self.hold_migrate is not None:
+            await self.hold_migrate.wait()
         await trio.lowlevel.checkpoint()
         self._maybe_fail("migrate")
         s = self._get(server_id)

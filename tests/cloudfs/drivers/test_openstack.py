@@ -8,6 +8,7 @@ made, so tests never see each other's servers.
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import os
 import re
@@ -18,7 +19,7 @@ import uuid
 import pytest
 import trio
 
-from cloudfs.drivers.base import META_ROOT, DriverError, NotFound, ServerSpec
+from cloudfs.drivers.base import META_ROOT, DriverError, DriverTimeout, NotFound, NotOurs, ServerSpec
 from cloudfs.drivers.openstack import META_DEPLOYMENT, META_PID, META_PPID, OpenStackDriver
 from tests.openstack import openstack_cloud  # noqa: F401
 
@@ -28,6 +29,12 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore::PendingDeprecationWarning:openstack"),
     pytest.mark.filterwarnings("ignore::DeprecationWarning:openstack"),
 ]
+
+
+#: The control plane's two nova-compute hosts (scripts/openstack/controlplane.py
+#: HOST, HOST2): boots land on the first, the second is a migration target
+#: that takes flavors of up to 300000 MiB.
+HOST, HOST2 = "cloudfs-compute", "cloudfs-compute2"
 
 
 @pytest.fixture
@@ -212,6 +219,128 @@ async def test_explicit_flavor_and_network(drv, conn):
         await drv.delete_network(name)
 
 
+def live_migrations(conn, server_id: str) -> list[tuple[str, str, str]]:
+    """Nova's live migrations of a server (status, source, destination), newest first."""
+    return [(m.status, m.source_compute, m.dest_compute)
+            for m in conn.compute.migrations(server_id=server_id, migration_type="live-migration")]
+
+
+async def until_migration_settles(conn, server_id: str) -> list[tuple[str, str, str]]:
+    """``live_migrations`` once the newest has a final status (Nova sets it
+    just after the server's task ends)."""
+    with trio.fail_after(30):
+        while True:
+            got = await trio.to_thread.run_sync(live_migrations, conn, server_id)
+            if got and got[0][0] in ("completed", "error", "failed", "cancelled"):
+                return got
+            await trio.sleep(0.2)
+
+
+async def test_live_migration_moves_a_running_server(drv, conn):
+    """migrate: Nova live migration to the other compute host and back.
+    Same id, address and port (bound to the new host); status, find and
+    Nova agree on the host; Nova's migration completed; it still powers
+    off and on where it is."""
+    s = await drv.create(spec(80, name="mover"))
+    assert s.host == HOST
+    m = await drv.migrate(s.id, HOST2)
+    assert (m.id, m.status, m.nova_status, m.task_state, m.host, m.addresses) == \
+        (s.id, "running", "ACTIVE", None, HOST2, s.addresses)
+    assert m.metadata == s.metadata
+    assert (await drv.status(s.id)).host == HOST2
+    assert [(x.id, x.host, x.status) for x in await drv.find(80)] == [(s.id, HOST2, "running")]
+    nova = conn.compute.get_server(s.id)
+    assert (nova.status, nova.compute_host, nova.hypervisor_hostname) == ("ACTIVE", HOST2, HOST2)
+    [port] = conn.network.ports(device_id=s.id)
+    assert port.binding_host_id == HOST2 and (port.fixed_ips[0]["ip_address"],) == s.addresses
+    assert await until_migration_settles(conn, s.id) == [("completed", HOST, HOST2)]
+
+    back = await drv.migrate(s.id, HOST)
+    assert (back.id, back.status, back.host, back.addresses) == (s.id, "running", HOST, s.addresses)
+    assert [(x.id, x.host) for x in await drv.find(80)] == [(s.id, HOST)]
+    assert conn.compute.get_server(s.id).compute_host == HOST
+    assert await until_migration_settles(conn, s.id) == [("completed", HOST2, HOST), ("completed", HOST, HOST2)]
+
+    assert (await drv.stop(s.id)).host == HOST
+    assert (await drv.start(s.id)).host == HOST
+    await drv.delete(s.id)
+    with pytest.raises(NotFound):
+        await drv.migrate(s.id, HOST2)
+
+
+async def test_migrate_refusals_leave_the_server_alone(drv, conn):
+    """EINVAL for an unknown host, the host it is on, no host; EBUSY for a
+    stopped server; NotFound for no such server; Nova is asked nothing."""
+    s = await drv.create(spec(81))
+    for host, why in (("no-such-host", "no compute host"), (HOST, "already runs on"), ("", "needs a compute host")):
+        with pytest.raises(DriverError, match=why) as e:
+            await drv.migrate(s.id, host)
+        assert e.value.errno == errno.EINVAL
+    await drv.stop(s.id)
+    with pytest.raises(DriverError, match="not running [(]SHUTOFF[)]") as e:
+        await drv.migrate(s.id, HOST2)
+    assert e.value.errno == errno.EBUSY
+    nova = conn.compute.get_server(s.id)
+    assert (nova.status, nova.task_state, nova.compute_host) == ("SHUTOFF", None, HOST)
+    assert live_migrations(conn, s.id) == []
+    with pytest.raises(NotFound):
+        await drv.migrate(str(uuid.uuid4()), HOST2)
+
+
+@pytest.fixture
+def big_flavor(conn):
+    """A flavor the first compute host takes and the second cannot (350000
+    MiB; it takes 300000: see HOST2_RESERVED_MB in controlplane.py)."""
+    f = conn.compute.find_flavor("test.big")
+    if f is None:
+        f = conn.compute.create_flavor(name="test.big", ram=350_000, vcpus=1, disk=1)
+    return f.name
+
+
+async def test_a_migration_nova_refuses_is_eio_and_the_server_stays(drv, conn, big_flavor):
+    """The destination has no room: Nova's scheduler refuses (HTTP 400, its
+    migration record 'error'); EIO with Nova's words, and the server runs
+    on where it was."""
+    s = await drv.create(spec(82, flavor=big_flavor))
+    assert s.host == HOST
+    with pytest.raises(DriverError, match="No valid host was found") as e:
+        await drv.migrate(s.id, HOST2)
+    assert e.value.errno == errno.EIO and not isinstance(e.value, NotFound)
+    now = await drv.status(s.id)
+    assert (now.status, now.nova_status, now.task_state, now.host, now.addresses) == \
+        ("running", "ACTIVE", None, HOST, s.addresses)
+    assert await until_migration_settles(conn, s.id) == [("error", HOST, None)]
+    await drv.delete(s.id)
+
+
+async def test_migrate_past_its_deadline_is_eagain(openstack_cloud, drv, conn):  # noqa: F811
+    """Nova's conductor paused (the API waits on its pre-checks): EAGAIN
+    after the driver's call deadline; the move goes on once the conductor
+    runs again, as status then shows."""
+    import signal
+
+    s = await drv.create(spec(83))
+    quick = OpenStackDriver(conn, deployment=drv.deployment, timeout=3, poll_interval=0.3)
+    with open(os.path.join(openstack_cloud.state, "run", "nova-conductor.pid")) as f:
+        conductor = int(f.read().split()[0])
+    os.kill(conductor, signal.SIGSTOP)
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(DriverTimeout, match="timed out after 3s") as e:
+            await quick.migrate(s.id, HOST2)
+        assert e.value.errno == errno.EAGAIN and time.monotonic() - t0 < 10
+    finally:
+        os.kill(conductor, signal.SIGCONT)
+    with trio.fail_after(60):
+        while True:
+            now = await drv.status(s.id)
+            if now.host == HOST2 and now.task_state is None:
+                break
+            await trio.sleep(0.3)
+    assert (now.status, now.addresses) == ("running", s.addresses)
+    await drv.delete(s.id)
+
+
 async def test_unknown_image_flavor_network_are_notfound(drv):
     with pytest.raises(NotFound, match="image"):
         await drv.create(spec(3, image="no-such-image"))
@@ -347,11 +476,13 @@ async def test_another_deployments_servers_are_never_touched(drv, conn, deployme
         mine = await drv.create(spec(70))
         assert mine.id != theirs.id
         for call in (drv.status(theirs.id), drv.stop(theirs.id), drv.start(theirs.id),
-                     drv.rebuild(theirs.id, "tiny", b""), drv.delete(theirs.id)):
-            with pytest.raises(NotFound, match="not deployment"):
+                     drv.rebuild(theirs.id, "tiny", b""), drv.migrate(theirs.id, HOST2), drv.delete(theirs.id)):
+            with pytest.raises(NotOurs, match="not deployment"):
                 await call
         await drv.delete(mine.id)
-        assert conn.compute.get_server(theirs.id).status == "ACTIVE"
+        nova = conn.compute.get_server(theirs.id)
+        assert (nova.status, nova.compute_host) == ("ACTIVE", HOST)
+        assert live_migrations(conn, theirs.id) == []
         assert [x.id for x in await other.find(70)] == [theirs.id]
     finally:
         await trio.to_thread.run_sync(delete_servers, conn, other.deployment)
