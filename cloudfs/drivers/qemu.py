@@ -180,7 +180,12 @@ MOUNT_SCRIPT = r"""#!/bin/sh
 # with the kernel's 9P client (cloudfs/drivers/qemu.py).  Exit status of mount.
 . /etc/cloudfs/identity
 mkdir -p /cloud
-umount -l /cloud 2>/dev/null
+# under the 9P mount, an empty read-only tmpfs: while /cloud is mounted
+# again (after a move, a live copy, a daemon restart) a write fails (EROFS)
+# instead of landing in the guest's own root directory
+grep -q " /cloud tmpfs " /proc/mounts || mount -t tmpfs -o ro,size=4k,mode=0555 cloudfs-none /cloud
+# the last mount on /cloud is the one in use; a 9P one goes (lazily)
+[ "$(awk '$2 == "/cloud" { t = $3 } END { print t }' /proc/mounts)" = 9p ] && umount -l /cloud
 exec mount -t 9p -o "trans=tcp,port=$CLOUDFS_PORT,version=9p2000.L,msize=65560,aname=proc/$CLOUDFS_PID" \
     "$CLOUDFS_SERVER" /cloud
 """

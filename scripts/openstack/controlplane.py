@@ -18,12 +18,17 @@ Usage (as root, with Debian's own ``/usr/bin/python3``)::
 Services (standard ports, or N … N+11 with --port-base; kept in STATE_DIR/ports.json):
 MariaDB (unix socket only), RabbitMQ (127.0.0.1:5672, its own
 epmd on 127.0.0.1), keystone, placement and nova-api under uwsgi, glance-api,
-neutron-server (ML2, openvswitch mechanism driver, vxlan tenant networks, one
-agent row for the compute host inserted by us), nova-conductor,
-nova-scheduler and a nova-compute run from python3-nova's ``nova.cmd.compute``
-with ``compute_driver = fake.FakeDriver`` (Nova's in-tree fake hypervisor: the
-API, scheduler, placement, Neutron port binding and the server state machine
-are real; no VM runs), and Swift: a proxy (keystone auth, object-store
+neutron-server (ML2, openvswitch mechanism driver, vxlan tenant networks, an
+agent row for each compute host inserted by us), nova-conductor,
+nova-scheduler and two nova-computes run from python3-nova's
+``nova.cmd.compute`` with ``compute_driver = fake.FakeDriver`` (Nova's
+in-tree fake hypervisor: the API, scheduler, placement, Neutron port binding,
+live migration and the server state machine are real; no VM runs), hosts
+``cloudfs-compute`` (HOST: every boot goes there while it has room) and
+``cloudfs-compute2`` (HOST2: a live-migration target; its own state dir
+``STATE_DIR/nova2`` and ``etc/nova/nova-compute2.conf`` read after
+``nova.conf``; it keeps most of its fake RAM back, see HOST2_RESERVED_MB),
+and Swift: a proxy (keystone auth, object-store
 endpoint ``/v1/AUTH_<project>``) with one account, container and object
 server, a one-replica ring each, storage in ``STATE_DIR/swift/node/d1``
 (the hash prefix and suffix of Debian's ``/etc/swift/swift.conf``).
@@ -31,9 +36,9 @@ server, a one-replica ring each, storage in ``STATE_DIR/swift/node/d1``
 Everything lives under STATE_DIR (configs in ``etc/``, logs in ``log/``, pid
 files in ``run/``, databases, keys); ``start`` on a STATE_DIR that already has
 data restarts on it without re-initialising, and ``start`` on a running one
-only checks readiness.  Ready means: a compute-service heartbeat newer than
-this start, its resource provider in placement, its host mapped to cell1 and
-the APIs answering.  The cloud ``cloudfs`` is written to
+only checks readiness.  Ready means: for each compute host a compute-service
+heartbeat newer than this start, its resource provider in placement, the
+host mapped to cell1; and the APIs answering.  The cloud ``cloudfs`` is written to
 ``STATE_DIR/clouds.yaml`` (admin in project admin), with image ``tiny``,
 flavors ``m1.tiny`` (default) and ``m1.small``, and network ``user``
 (10.0.0.0/24).
