@@ -793,10 +793,13 @@ class OpenStackDriver(ComputeDriver):
         when a call outlives ``timeout`` or the move ``boot_timeout`` (it
         may still finish: :meth:`status` tells).  NotFound if Nova has no
         such server, NotOurs if it is another deployment's (then nothing
-        is asked of Nova)."""
+        is asked of Nova).  Two daemons moving one server at once: one
+        moves it, the other gets EBUSY while it moves, or the server if
+        that move brought it to ``host`` before the refusal was looked at."""
         s = await self._get(server_id)
         if s.task_state is not None or s.nova_status != "ACTIVE":
-            doing = f"busy ({s.nova_status}, task {s.task_state})" if s.task_state else f"not running ({s.nova_status})"
+            doing = (f"busy ({s.nova_status}, task {s.task_state})" if s.task_state
+                     else f"not running ({s.nova_status})")
             raise DriverError(f"openstack: server {server_id} cannot move now: it is {doing}", errno=errno.EBUSY)
         if not host:
             raise DriverError("openstack: migrate needs a compute host", errno=errno.EINVAL)
@@ -813,12 +816,15 @@ class OpenStackDriver(ComputeDriver):
         except DriverError as e:
             if e.errno != errno.EIO:
                 raise
-            # an unexpected refusal (HTTP 500 when another move began since
-            # our look): the state decides
+            # a refusal; when a task began since our look (another daemon's
+            # move: Nova then answers 500, "Conflict updating instance") the
+            # state decides: busy while it moves, done if it is there now
             now = await self._get(server_id)
             if now.task_state is not None:
                 raise DriverError(f"openstack: server {server_id} cannot move now: it is busy "
                                   f"({now.nova_status}, task {now.task_state})", errno=errno.EBUSY) from e
+            if now.host == host and now.nova_status == "ACTIVE":
+                return await self._with_ports(now)
             raise
         srv = await self.wait(server_id, ("running", "stopped"), ports=False, expired=DriverTimeout)
         if srv.host == host:

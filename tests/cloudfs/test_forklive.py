@@ -65,9 +65,9 @@ async def test_fork_live_of_another_hosts_vm_is_exdev(zookeeper, zk_root, driver
 async def test_fork_live_child_waits_for_the_parents_scope(zookeeper, zk_root, driver, root, cfs):
     """Another daemon, of another scope, never takes the child's create
     (the snapshot is where the parent runs)."""
+    parent = await vm(root)  # made by this daemon, before the other one is there
     other = FakeDriver(host="other-host", scope="fake-other")
     async with open_cloudfs(zookeeper.hosts, other, zk_root, daemon_id="daemon-o"):
-        parent = await vm(root)
         kids = [int(await ctl(root, parent, "fork live")) for _ in range(3)]
         for k in kids:
             await state_is(root, k, "running")

@@ -287,6 +287,29 @@ async def test_migrate_refusals_leave_the_server_alone(drv, conn):
         await drv.migrate(str(uuid.uuid4()), HOST2)
 
 
+async def test_two_daemons_moving_one_server_at_once(openstack_cloud, drv):  # noqa: F811
+    """Two daemons (own connections) move one server to the same host at
+    once: it moves once; the other is told it is busy (Nova's 409 or 500
+    while the first move runs; or it is there already), never an EIO."""
+    s = await drv.create(spec(84))
+    other = OpenStackDriver(openstack_cloud.connect(), deployment=drv.deployment, poll_interval=0.3, boot_timeout=120)
+    got = []
+
+    async def one(d):
+        try:
+            got.append((await d.migrate(s.id, HOST2)).host)
+        except DriverError as e:
+            got.append(e.errno)
+
+    async with trio.open_nursery() as n:
+        n.start_soon(one, drv)
+        n.start_soon(one, other)
+    assert HOST2 in got and set(got) <= {HOST2, errno.EBUSY, errno.EINVAL}, got
+    now = await drv.status(s.id)
+    assert (now.host, now.status, now.task_state) == (HOST2, "running", None)
+    await drv.delete(s.id)
+
+
 @pytest.fixture
 def big_flavor(conn):
     """A flavor the first compute host takes and the second cannot (350000
