@@ -276,6 +276,8 @@ class CloudFS(FileSystem):
                 raise FsError(errno.EOPNOTSUPP, f"migrate: host {host} runs the {target.driver} driver, not qemu")
             if not target.migrate:
                 raise FsError(errno.EOPNOTSUPP, f"migrate: host {host} takes no VMs (cloudfs up --migrate-listen)")
+        elif reaches(rec, self.driver.scope) and not self.driver.migrates:
+            raise FsError(errno.EOPNOTSUPP, f"migrate: the {self.driver.kind} driver cannot move a VM to another host")
 
         def change(now: Process) -> None:
             if now.desired is Desired.KILLED:

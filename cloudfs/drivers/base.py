@@ -195,6 +195,9 @@ class ComputeDriver(abc.ABC):
     scope: str = "shared"
     #: what ``/hosts`` calls this kind of driver (``cloudfs up --driver``)
     kind: str = "driver"
+    #: whether :meth:`migrate` can move servers (live migration between
+    #: the cloud's compute hosts); False: ``migrate`` is EOPNOTSUPP
+    migrates: bool = False
     deployment: str | None = None
     #: the deployment's ZooKeeper root, written as META_ROOT (informational)
     deployment_root: str = ""

@@ -36,6 +36,7 @@ class FakeDriver(ComputeDriver):
     """An in-memory cloud.  Share one instance between daemons of one test."""
 
     kind = "fake"
+    migrates = True
 
     def __init__(self, host: str = "fake-host", scope: str = "fake"):
         self.host = host

@@ -82,6 +82,8 @@ class FakeCloudDriver(FakeDriver):
         others sharing the directory."""
         raise DriverError("the fake cloud cannot copy a running server (fork live)", errno=errno.EOPNOTSUPP)
 
+    migrates = False
+
     async def migrate(self, server_id: str, host: str) -> Server:
         """EOPNOTSUPP: the fake cloud has one host per daemon."""
         raise DriverError("the fake cloud cannot move a server to another host", errno=errno.EOPNOTSUPP)

@@ -97,6 +97,15 @@ async def test_qemu_scoped_processes_move_between_daemons_in_hosts(zookeeper, zk
         assert "move" not in await status(r, pid)
 
 
+async def test_a_driver_that_cannot_move_is_eopnotsupp(zookeeper, zk_root, tmp_path):
+    from cloudfs.drivers.fakecloud import FakeCloudDriver
+    async with open_cloudfs(zookeeper.hosts, FakeCloudDriver(tmp_path / "cloud"), zk_root, daemon_id="d-c") as fs:
+        r = await fs.attach("glenda", "")
+        pid = await vm(r)
+        await fails(errno.EOPNOTSUPP, ctl(r, pid, "migrate elsewhere"), "cannot move")
+        assert "move" not in await status(r, pid)
+
+
 async def _host_is(root, pid, host):
     return (await status(root, pid))["host"] == host
 
