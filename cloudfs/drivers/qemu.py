@@ -759,6 +759,8 @@ class QemuDriver(ComputeDriver):
         """Blocking: the Server for ``vm`` now (QMP query-status if running)."""
         pid = vm.pid()
         addrs = ((GUEST_ADDRESS,) if "user" in vm.networks else ()) + tuple(vm.nets.values())
+        if vm.metadata.get("incoming"):  # a move here not settled yet (cloudfs.moves): nobody acts on it
+            return Server(vm.id, vm.name, "unknown", self.host, addrs, "being moved here")
         if pid is None:
             return Server(vm.id, vm.name, "exited", self.host, addrs, vm.exit_message())
         try:
