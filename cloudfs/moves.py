@@ -158,6 +158,7 @@ class Moves:
                     return  # killed meanwhile: the kill ends it here
                 if not isinstance(e, Exception):
                     raise
+                e = _leaf(e)
                 why = e if isinstance(e, FsError) else \
                     MoveFailed(errno.EAGAIN, f"took more than {MOVE_TIMEOUT:g} s") \
                     if isinstance(e, trio.TooSlowError) else MoveFailed(errno.EIO, str(e) or type(e).__name__)
@@ -418,6 +419,15 @@ class Moves:
         for copy, pid in left:
             log.info("settling pid %d's copy %s, left by a move cut short", pid, copy)
             self._nursery.start_soon(self._settle, pid, copy)
+
+
+def _leaf(e: BaseException) -> BaseException:
+    """The first exception in ``e`` that is not a group or a cancellation
+    (what went wrong first in a nursery)."""
+    while isinstance(e, BaseExceptionGroup):
+        inner = [x for x in e.exceptions if not isinstance(x, trio.Cancelled)] or list(e.exceptions)
+        e = inner[0]
+    return e
 
 
 async def _send_all(sock: trio.socket.SocketType, data: bytes) -> None:

@@ -325,25 +325,28 @@ async def _owned_by(cluster: Cluster, host: str, pid: int) -> bool:
     return str(pid) in (await host_entry(cluster, host))["processes"].split()
 
 
-async def test_source_daemon_killed_mid_move(tmp_path, tiny_image):
-    """SIGKILL of the moving VM's daemon while it moves: never two running
-    copies; once it is back, exactly one, and the counter rises on."""
+@pytest.mark.parametrize("killed", [1, 2], ids=["source", "destination"])
+async def test_daemon_killed_mid_move(tmp_path, tiny_image, killed):
+    """SIGKILL of the source or the destination daemon while the VM moves:
+    never two running copies; once it is back, exactly one, and the
+    counter rises on."""
     cluster = Cluster(tmp_path / "cluster", n_daemons=2, session_timeout=4.0, driver="qemu")
+    live = 3 - killed
     try:
         pid = await _up_with_counter(cluster, tiny_image)
-        async with open_client(cluster.socket(2)) as c:
+        async with open_client(cluster.socket(live)) as c:
             await ctl(c, pid, "migrate d2")
         with trio.fail_after(30):
-            while (await status_of(cluster, 2, pid))["state"] != "migrating":
+            while (await status_of(cluster, live, pid))["state"] != "migrating":
                 await trio.sleep(0.01)
         await trio.sleep(0.2)  # in the middle of the transfer, or just after it
-        await trio.to_thread.run_sync(cluster.daemon_kill, 1)
+        await trio.to_thread.run_sync(cluster.daemon_kill, killed)
         most = 0
-        for _ in range(20):  # d1's session expires meanwhile: d2 settles its copy
+        for _ in range(20):  # the killed daemon's session expires meanwhile
             most = max(most, len(await trio.to_thread.run_sync(running_copies, cluster, pid)))
             await trio.sleep(0.5)
-        cluster.daemon_start(1)
-        await cluster.wait_daemon(1)
+        cluster.daemon_start(killed)
+        await cluster.wait_daemon(killed)
         for _ in range(20):
             most = max(most, len(await trio.to_thread.run_sync(running_copies, cluster, pid)))
             await trio.sleep(0.5)
