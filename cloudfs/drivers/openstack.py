@@ -238,6 +238,7 @@ class OpenStackDriver(ComputeDriver):
     """
 
     kind = "openstack"
+    migrates = True  # Nova live migration between the cloud's compute hosts
 
     def __init__(self, conn: Any, *, deployment: str | None = None, timeout: float = 60.0,
                  boot_timeout: float = 600.0, poll_interval: float = 0.5, concurrency: int = 16,

@@ -36,10 +36,10 @@ server, a one-replica ring each, storage in ``STATE_DIR/swift/node/d1``
 Everything lives under STATE_DIR (configs in ``etc/``, logs in ``log/``, pid
 files in ``run/``, databases, keys); ``start`` on a STATE_DIR that already has
 data restarts on it without re-initialising, and ``start`` on a running one
-only checks readiness.  Ready means: for each compute host a compute-service
-heartbeat newer than this start, its resource provider in placement, the
-host mapped to cell1; and the APIs answering.  The cloud ``cloudfs`` is written to
-``STATE_DIR/clouds.yaml`` (admin in project admin), with image ``tiny``,
+only checks readiness.  Ready means: for each compute host a
+compute-service heartbeat newer than this start, its resource provider in
+placement and the host mapped to cell1; and the APIs answering.  The cloud
+``cloudfs`` is written to ``STATE_DIR/clouds.yaml`` (admin in project admin), with image ``tiny``,
 flavors ``m1.tiny`` (default) and ``m1.small``, and network ``user``
 (10.0.0.0/24).
 
@@ -168,7 +168,8 @@ class Layout:
         for d in (self.etc, self.log, self.run, self.stamps, self.rabbit, self.locks,
                   f"{self.keystone}/fernet-keys", f"{self.keystone}/credential-keys",
                   f"{self.glance}/images", f"{self.glance}/staging", f"{self.glance}/tasks",
-                  f"{self.nova}/instances", f"{self.nova2}/instances", f"{self.nova2}/locks", self.neutron, f"{self.swift_devices}/d1",
+                  f"{self.nova}/instances", f"{self.nova2}/instances", f"{self.nova2}/locks",
+                  self.neutron, f"{self.swift_devices}/d1",
                   *(f"{self.etc}/{p}" for p in ("keystone", "glance", "placement", "nova", "neutron", "rabbitmq",
                                                   "swift"))):
             os.makedirs(d, exist_ok=True)

@@ -644,6 +644,43 @@ async def test_proc_lifecycle_reaches_nova(openstack_cloud, zookeeper, os_root, 
             assert s is None or s.status == "DELETED"
 
 
+async def test_migrate_through_the_namespace_reaches_nova(openstack_cloud, zookeeper, os_root, conn):  # noqa: F811
+    """``migrate HOST`` on an OpenStack process: the reconciler live-migrates
+    its server (same server, now on HOST in status and in Nova); a host
+    Nova does not have fails the move and leaves it where it was."""
+    from cloudfs.namespace import open_cloudfs
+    from tests.cloudfs.fsops import ctl, eventually, status
+
+    async with open_cloudfs(zookeeper.hosts, os_driver(openstack_cloud), os_root) as fs:
+        root = await fs.attach("", "")
+        pid = int(await ctl(root, 1, "fork"))
+        await ctl(root, pid, "exec tiny")
+        st = await wait_state(root, pid, "running")
+        vm = (await record(fs, pid)).vm
+        assert st["host"] == HOST
+        await ctl(root, pid, f"migrate {HOST2}")
+
+        async def moved():
+            st = await status(root, pid)
+            return st if st["host"] == HOST2 and st["state"] == "running" else None
+
+        st = await eventually(moved, 90, 0.3)
+        assert st["move"].startswith(f"from {HOST} to {HOST2} at "), st
+        assert (await record(fs, pid)).vm == vm and conn.compute.get_server(vm).compute_host == HOST2
+        assert st["addresses"] == " ".join(ip["ip_address"] for p in conn.network.ports(device_id=vm)
+                                           for ip in p.fixed_ips)
+
+        await ctl(root, pid, "migrate no-such-host")
+
+        async def failed():
+            st = await status(root, pid)
+            return st if st.get("move", "").startswith("to no-such-host failed") else None
+
+        st = await eventually(failed, 90, 0.3)
+        assert (st["state"], st["host"]) == ("running", HOST2) and "no compute host" in st["move"], st
+        assert conn.compute.get_server(vm).compute_host == HOST2
+
+
 async def test_nova_error_in_status(openstack_cloud, zookeeper, os_root, huge_flavor):  # noqa: F811
     from cloudfs.namespace import open_cloudfs
     from tests.cloudfs.fsops import ctl
