@@ -463,6 +463,12 @@ class Client:
         except Exception as e:  # never let the reader take the user's block down
             log.exception("9P client reader failed")
             self._fail(FsError(errno.EIO, f"9P client reader failed: {e!r}"))
+        except BaseException:
+            # cancelled: the client closes, or a scope around the whole
+            # client was cancelled; no reply is read any more, so no one
+            # may wait for one (a shielded Tflush would wait forever)
+            self._fail(FsError(errno.EIO, "9P client stopped reading replies"))
+            raise
 
     def _dispatch(self, reply: m.Message) -> None:
         p = self._pending.pop(reply.tag, None)

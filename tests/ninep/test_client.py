@@ -474,6 +474,21 @@ async def test_cancel_sends_tflush_and_waits_for_rflush(slow):
         assert not c.closed
 
 
+async def test_a_scope_around_the_whole_client_cancels_a_blocked_read(slow):
+    """The cancellation reaches the request and the client's reader at
+    once: the request's shielded wait for Rflush must not outlive the
+    reader (it would wait forever)."""
+    server, addr = slow
+    server.flush_gate = trio.Event()  # Rflush comes late, if ever
+    with trio.fail_after(5):
+        with trio.move_on_after(0.3) as scope:
+            async with open_client(addr) as c:
+                f = await _open_x(c)
+                await f.read(HOLD, 10)
+    assert scope.cancelled_caught
+    server.flush_gate.set()
+
+
 async def test_reply_before_rflush_is_dropped(slow):
     server, addr = slow
     server.late_reply = True
