@@ -188,6 +188,7 @@ async def anchor(n: int, image) -> dict:
                 t0 = time.monotonic()
                 copy = await trio.to_thread.run_sync(d.incoming_start, 2, 1, spec, b"", b.fileno())
                 b.close()
+                await trio.to_thread.run_sync(d.mark_moving, vm)
                 stats = await trio.to_thread.run_sync(d.migrate_out, vm, a.fileno())
                 a.close()
                 await trio.to_thread.run_sync(d.incoming_wait, copy)

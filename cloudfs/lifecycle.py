@@ -160,6 +160,10 @@ class Lifecycle:
             rec.desired = Desired.RUNNING
             rec.state = State.CREATING
             rec.error = ""
+            if rec.snapshot:  # a fork live child not built yet boots the image instead (its copy is swept later)
+                rec.snapshot = ""
+                if rec.vm is None:
+                    rec.scope = ""
 
         return (await self.records.update(pid, change, work=True)).value
 

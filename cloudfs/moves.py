@@ -63,7 +63,7 @@ from .hosts import Hosts
 from .procdata import ProcData
 from .process import Desired, now_iso
 from .records import Records
-from .store import NodeExistsError, NoNodeError, Store, Unreachable
+from .store import BadVersionError, NodeExistsError, NoNodeError, Store, Unreachable
 from .znodes import Layout
 
 log = logging.getLogger(__name__)
@@ -129,7 +129,11 @@ class Moves:
                 raise MoveFailed(errno.EOPNOTSUPP, f"host {host} takes no VMs")
             if target.scope == self.driver.scope:
                 raise MoveFailed(errno.EINVAL, f"the VM is on host {host} already")
+            # a VM left paused by a move of ours cut short (the record names it: that move did not land)
+            await trio.to_thread.run_sync(self.driver.resume_left, vm)
             spec = await self.driver.move_spec(vm)
+            if not spec["running"]:
+                raise MoveFailed(errno.EBUSY, "the VM is not running")
         except FsError as e:
             await self._failed(pid, vm, host, e)
             return
@@ -142,38 +146,44 @@ class Moves:
             except NodeExistsError:  # our own, from an attempt cut short
                 await self.store.delete(path)
                 await self.store.create(path, doc, ephemeral=True)
+            st = await self.store.exists(path)
+            if st is None:
+                raise MoveFailed(errno.EAGAIN, "the move's znode went at once")
+            version = st.version
+            rec = (await self.records.require(pid)).value
+            await trio.to_thread.run_sync(self.driver.mark_moving, vm)
         except FsError as e:
+            with trio.CancelScope(shield=True):
+                await self._delete(path)
             await self._failed(pid, vm, host, e)
             return
-        rec = (await self.records.require(pid)).value
+        landed: bool | None = False
         try:
             with trio.fail_after(MOVE_TIMEOUT):
                 copy, stats = await self._send(pid, rec.ppid, vm, target.migrate, token, spec)
             server = Server(copy, rec.name, "running", host, tuple(rec.addresses))
-            await self._commit(pid, vm, server, target.scope, stats.get("downtime"))
+            with trio.CancelScope(shield=True):  # once sent, the commit's outcome must be known
+                landed = await self._commit(pid, vm, server, target.scope, path, version, stats.get("downtime"))
         except BaseException as e:
             with trio.CancelScope(shield=True):
-                await self._undo(pid, vm, path, spec["running"])
-                if isinstance(e, d.Superseded):
-                    return  # killed meanwhile: the kill ends it here
-                if not isinstance(e, Exception):
-                    raise
-                e = _leaf(e)
-                why = e if isinstance(e, FsError) else \
-                    MoveFailed(errno.EAGAIN, f"took more than {MOVE_TIMEOUT:g} s") \
-                    if isinstance(e, trio.TooSlowError) else MoveFailed(errno.EIO, str(e) or type(e).__name__)
-                await self._failed(pid, vm, host, why)
+                await self._give_up(pid, vm, host, path, _leaf(e))
+            if not isinstance(e, Exception):
+                raise
             return
-        log.info("moved pid %d from %s to %s (%s); downtime %s ms, %s bytes", pid, vm, host, copy,
-                 stats.get("downtime"), stats.get("ram", {}).get("transferred"))
         with trio.CancelScope(shield=True):
-            try:
-                await self.store.delete(path)
-            except (NoNodeError, FsError):
-                pass  # it goes with our session anyway
+            if landed is None:  # ZooKeeper did not tell: the VM stays paused; the next look settles it
+                log.error("pid %d: cannot tell whether the move of %s to %s was recorded; it stays paused",
+                          pid, vm, host)
+                return
+            if not landed:
+                await self._give_up(pid, vm, host, path, MoveFailed(errno.EAGAIN, "the move was not recorded"))
+                return
+            log.info("moved pid %d from %s to %s (%s); downtime %s ms, %s bytes", pid, vm, host, copy,
+                     stats.get("downtime"), stats.get("ram", {}).get("transferred"))
+            await self._delete(path)
             try:
                 await trio.to_thread.run_sync(self.driver.end_moved, vm)
-            except DriverError as e:
+            except (DriverError, OSError) as e:
                 log.warning("pid %d moved; ending the copy left here (%s): %s", pid, vm, e)
 
     async def _send(self, pid: int, ppid: int, vm: str, dial: str, token: str, spec: dict) -> tuple[str, dict]:
@@ -228,40 +238,81 @@ class Moves:
                                  + answer.decode(errors="replace")[:200])
             return answer[len(b"loaded "):].decode(errors="replace").strip(), stats
 
-    async def _commit(self, pid: int, vm: str, server: Server, scope: str, downtime: object = None) -> None:
-        """Step 4: the record names the copy.  When the write's outcome is
-        unknown (ZooKeeper trouble, also a lost session), the record is
-        read back, as the other daemon will: MoveFailed if it does not name
-        the copy, d.Superseded if the process is being killed."""
+    async def _commit(self, pid: int, vm: str, server: Server, scope: str, path: str, version: int,
+                      downtime: object = None) -> bool | None:
+        """Step 4: one multi writes the record naming the copy if
+        ``moves/<pid>`` is still the one this daemon made (so a session lost
+        mid-move, whose ephemeral znode went, cannot commit behind the other
+        daemon's back).  True if it landed, False if not (raises
+        d.Superseded when the process is being killed), None if ZooKeeper
+        did not say within MOVE_TIMEOUT seconds."""
         at = now_iso() + (f" (paused {downtime} ms)" if isinstance(downtime, int) else "")
-        try:
-            await self.records.update(pid, lambda now: d.moved(now, vm, server, scope, at))
-            return
-        except FsError as e:
-            if e.errno == errno.ENOENT:
-                raise
-            failure = e
-        while True:
-            try:
-                now = (await self.records.require(pid)).value
-            except Unreachable:
-                await self.store.wait_connected()
-                continue
-            if now.vm == server.id:
-                return
-            raise MoveFailed(failure.errno, f"recording the move: {failure.message}")
+        L = self.layout
+        with trio.move_on_after(MOVE_TIMEOUT):
+            while True:
+                try:
+                    cur = await self.records.require(pid)
+                    new = d.moved(cur.value, vm, server, scope, at)
+                    t = self.store.transaction()
+                    t.check(path, version)
+                    t.set_data(L.record(pid), new.to_json(), cur.version)
+                    try:
+                        await self.store.commit(t)
+                        return True
+                    except BadVersionError:
+                        if await self.store.exists(path) is None:
+                            return False
+                        continue  # the record changed meanwhile: again
+                    except NoNodeError:
+                        return False  # the move's znode (or the process) is gone
+                except Unreachable:
+                    pass
+                # the answer was lost: after a sync, the record says
+                try:
+                    await self.store.wait_connected()
+                    await self.store.sync(L.record(pid))
+                    now = await self.records.get(pid)
+                    if now is None:
+                        return False
+                    if now.value.vm == server.id:
+                        return True
+                    if await self.store.exists(path) is None:
+                        return False
+                except Unreachable:
+                    await trio.sleep(0.5)
+        return None
 
-    async def _undo(self, pid: int, vm: str, path: str, running: bool) -> None:
-        """The move did not happen: the VM runs on here, the other daemon
-        ends its copy when ``moves/<pid>`` goes."""
+    async def _give_up(self, pid: int, vm: str, host: str, path: str, e: BaseException) -> None:
+        """The move did not happen (or cannot have: the record still names
+        ``vm``): record why, resume the VM here, and let the other daemon
+        end its copy (``moves/<pid>`` goes).  The failure is recorded first
+        and only while the record names ``vm``: a late commit is fenced, and
+        a VM whose record names the copy is never resumed."""
+        why = e if isinstance(e, FsError) else \
+            MoveFailed(errno.EAGAIN, f"took more than {MOVE_TIMEOUT:g} s") if isinstance(e, trio.TooSlowError) \
+            else MoveFailed(errno.EIO, str(e) or type(e).__name__)
         try:
-            await trio.to_thread.run_sync(self.driver.resume, vm, running)
-        except DriverError as e:
-            log.warning("pid %d: resuming %s after a failed move: %s", pid, vm, e)
+            rec = await self.records.update(pid, lambda now: d.move_failed(now, vm, host, why.message))
+            ours = rec.value.vm == vm
+        except d.Superseded as s:
+            ours = s.record.vm == vm  # killed meanwhile: the kill ends it here
+        except FsError as err:
+            log.error("pid %d: recording the failed move of %s: %s; it stays paused until the next look",
+                      pid, vm, err.message)
+            return
+        log.warning("pid %d: moving %s to %s failed: %s", pid, vm, host, why.message)
+        if ours:
+            try:
+                await trio.to_thread.run_sync(self.driver.resume, vm)
+            except (DriverError, OSError) as err:
+                log.warning("pid %d: resuming %s after a failed move: %s", pid, vm, err)
+        await self._delete(path)
+
+    async def _delete(self, path: str) -> None:
         try:
             await self.store.delete(path)
         except (NoNodeError, FsError):
-            pass
+            pass  # it goes with our session anyway
 
     async def _failed(self, pid: int, vm: str, host: str, e: FsError) -> None:
         log.warning("pid %d: moving %s to %s failed: %s", pid, vm, host, e.message)
@@ -271,9 +322,10 @@ class Moves:
             pass
 
     async def sweep(self) -> None:
-        """End the VMs here whose process moved to another host (this
-        daemon died between the move's commit and ending its copy, which
-        stayed paused): the record names another host's VM."""
+        """Settle the VMs here that a move of an earlier run of this daemon
+        left paused: ended if their process moved to another host (the
+        record names another host's VM), resumed if the move did not land
+        (the record names them)."""
         try:
             mine = await trio.to_thread.run_sync(self.driver.local_vms)
         except OSError as e:
@@ -282,27 +334,33 @@ class Moves:
         for vm, pid in mine:
             try:
                 rec = await self.records.get(pid)
-            except FsError:
-                continue
-            if rec is not None and rec.value.vm not in (None, vm) and rec.value.scope not in ("", self.driver.scope):
-                log.warning("pid %d moved to %s; ending its old VM %s here", pid, rec.value.host, vm)
-                try:
+                if rec is None:
+                    continue
+                if rec.value.vm not in (None, vm) and rec.value.scope not in ("", self.driver.scope):
+                    log.warning("pid %d moved to %s; ending its old VM %s here", pid, rec.value.host, vm)
                     await trio.to_thread.run_sync(self.driver.end_moved, vm)
-                except DriverError as e:
-                    log.warning("ending %s: %s", vm, e)
+                elif rec.value.vm == vm:
+                    await trio.to_thread.run_sync(self.driver.resume_left, vm)
+            except Exception as e:  # one VM's trouble is not the daemon's
+                log.warning("settling %s (pid %d) after a restart: %s", vm, pid, getattr(e, "message", None) or e)
 
     # -- the destination -----------------------------------------------------------------
 
-    async def serve(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        """Take moves at :attr:`listen` (a ``tcp!addr!port`` dial string)
-        until cancelled; copies left by an earlier run are settled first."""
-        where = parse_dial(self.listen)
-        if where.net != "tcp":
-            raise ValueError(f"--migrate-listen must be tcp!ADDR!PORT, not {self.listen!r}")
-        listeners = await trio.open_tcp_listeners(where.port, host=None if where.host == "*" else where.host)
+    async def run(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Until cancelled: settle what an earlier run left (:meth:`sweep`,
+        :meth:`recover`), and take moves at :attr:`listen` (a
+        ``tcp!addr!port`` dial string; none if empty)."""
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
+            nursery.start_soon(self.sweep)
             nursery.start_soon(self.recover)
+            if not self.listen:
+                task_status.started()
+                return
+            where = parse_dial(self.listen)
+            if where.net != "tcp":
+                raise ValueError(f"--migrate-listen must be tcp!ADDR!PORT, not {self.listen!r}")
+            listeners = await trio.open_tcp_listeners(where.port, host=None if where.host == "*" else where.host)
             task_status.started()
             await trio.serve_listeners(self._handle, listeners, handler_nursery=nursery)
 
@@ -374,38 +432,38 @@ class Moves:
                     await trio.to_thread.run_sync(self.driver.incoming_abort, copy)
             raise
         mine.close()
-        await stream.send_all(f"loaded {copy}\n".encode())
         assert self._nursery is not None
-        self._nursery.start_soon(self._settle, pid, copy)
+        self._nursery.start_soon(self._settle, pid, copy)  # whatever becomes of the answer
+        await stream.send_all(f"loaded {copy}\n".encode())
 
     async def _settle(self, pid: int, copy: str) -> None:
         """Step 5: once ``moves/<pid>`` is gone, keep ``copy`` if the record
-        names it, else end it."""
+        names it, else end it.  Trouble (ZooKeeper, the driver) is logged
+        and the step tried again: the copy is never left undecided."""
         path = self.layout.move(pid)
+        delay = 0.5
         while True:
             try:
                 with self.store.watching(path) as ev:
-                    if await self.store.exists(path, watch=True) is None:
-                        break
-                    await ev.wait()
-            except Unreachable:
-                await self.store.wait_connected()
-        while True:
-            try:
+                    if await self.store.exists(path, watch=True) is not None:
+                        await ev.wait()
+                        continue
                 rec = await self.records.get(pid)
-                break
+                if rec is not None and rec.value.vm == copy:
+                    await self.driver.incoming_commit(copy, rec.value.desired is not Desired.STOPPED)
+                    log.info("pid %d moved here: %s runs", pid, copy)
+                    await self.take_owner(pid)
+                else:
+                    await trio.to_thread.run_sync(self.driver.incoming_abort, copy)
+                    log.info("pid %d's move here was given up: %s ended", pid, copy)
+                return
             except Unreachable:
                 await self.store.wait_connected()
-        try:
-            if rec is not None and rec.value.vm == copy:
-                await self.driver.incoming_commit(copy, rec.value.desired is not Desired.STOPPED)
-                log.info("pid %d moved here: %s runs", pid, copy)
-                await self.take_owner(pid)
-            else:
-                await trio.to_thread.run_sync(self.driver.incoming_abort, copy)
-                log.info("pid %d's move here was given up: %s ended", pid, copy)
-        except (DriverError, FsError) as e:
-            log.warning("pid %d: settling the moved copy %s: %s", pid, copy, e)
+            except Exception as e:
+                log.warning("pid %d: settling the moved copy %s: %s; trying again", pid, copy,
+                            getattr(e, "message", None) or e)
+                await trio.sleep(delay)
+                delay = min(delay * 2, 30.0)
 
     async def recover(self) -> None:
         """Settle the copies an earlier run of this daemon took but did

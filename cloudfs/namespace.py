@@ -151,9 +151,7 @@ class CloudFS(FileSystem):
                     await inner.start(self.hosts.run)
                     await inner.start(self.reconciler.run)
                     if self.moves is not None:
-                        inner.start_soon(self.moves.sweep)
-                        if self.moves.listen:
-                            await inner.start(self.moves.serve)
+                        await inner.start(self.moves.run)
                     task_status.started()
 
         await nursery.start(run)
@@ -258,7 +256,7 @@ class CloudFS(FileSystem):
         says why).  A QEMU VM moves to the daemon named ``host`` in
         ``/hosts``; other drivers' to their compute host ``host``.  EINVAL
         for init, a process without a VM, a host not in ``/hosts`` (QEMU)
-        or the host it is on; EBUSY while it is not built or moving
+        or the host it is on; EBUSY while it is not running or moving
         already; ESRCH while it is being killed; EOPNOTSUPP when the host's
         daemon is not a QEMU one or takes no VMs (``--migrate-listen``)."""
         rec = (await self.records.require(pid)).value
@@ -282,7 +280,7 @@ class CloudFS(FileSystem):
         def change(now: Process) -> None:
             if now.desired is Desired.KILLED:
                 raise FsError(errno.ESRCH, f"process {pid} is being killed")
-            if now.vm is None or now.state not in (State.RUNNING, State.STOPPED, State.MIGRATING):
+            if now.vm is None or now.state not in (State.RUNNING, State.MIGRATING):
                 raise FsError(errno.EBUSY, f"migrate: process {pid} is {now.state}, not running")
             if now.move_to or now.state is State.MIGRATING:
                 raise FsError(errno.EBUSY, f"migrate: process {pid} is moving to {now.move_to or 'another host'}")

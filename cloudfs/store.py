@@ -425,6 +425,11 @@ class Store:
                 continue
         return changed
 
+    async def sync(self, path: str) -> None:
+        """ZooKeeper ``sync``: reads after it see every write the leader
+        committed before it (a read after a write whose answer was lost)."""
+        await self._call(self.client.sync_async, path)
+
     def transaction(self):
         """A kazoo ``TransactionRequest``; add ops, then ``await store.commit(t)``."""
         return self.client.transaction()

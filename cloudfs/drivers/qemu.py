@@ -199,8 +199,9 @@ GEN_WIDTH = 32
 #: ``/sbin/cloudfs-identity``: take this VM's identity and user-data from
 #: fw_cfg.  The module is loaded again first: it reads the list of fw_cfg
 #: files (and their sizes) once, when it loads, and a restored copy's files
-#: are its own QEMU's.  Sets the clock from CLOUDFS_EPOCH (a copy keeps the
-#: time of the VM it was copied from).
+#: are its own QEMU's.  Sets the clock forward to CLOUDFS_EPOCH (a copy
+#: keeps the time of the VM it was copied from).  The caller records the
+#: new ``gen`` in /run/cloudfs/gen once ``/cloud`` is mounted.
 IDENTITY_SCRIPT = r"""#!/bin/sh
 # cloudfs-identity: this VM's identity and user-data from QEMU's fw_cfg
 # (cloudfs/drivers/qemu.py)
@@ -209,9 +210,9 @@ rmmod qemu_fw_cfg 2>/dev/null
 insmod "/lib/modules/$(uname -r)/qemu_fw_cfg.ko" || exit 1
 cat $d/identity/raw > /etc/cloudfs/identity.new && mv /etc/cloudfs/identity.new /etc/cloudfs/identity || exit 1
 cat $d/userdata/raw > /etc/cloudfs/userdata || exit 1
-cat $d/gen/raw > /run/cloudfs/gen || exit 1
 . /etc/cloudfs/identity
-[ -n "$CLOUDFS_EPOCH" ] && date -s "@$CLOUDFS_EPOCH" >/dev/null
+# a copy keeps the clock of what it was copied from: only ever forward
+[ -n "$CLOUDFS_EPOCH" ] && [ "$CLOUDFS_EPOCH" -gt "$(date +%s)" ] && date -s "@$CLOUDFS_EPOCH" >/dev/null
 exit 0
 """
 
@@ -247,6 +248,7 @@ RENEW_SCRIPT = r"""#!/bin/sh
 fw=/sys/firmware/qemu_fw_cfg/by_name/opt/cloudfs/gen/raw
 until mkdir /run/cloudfs/renew.lock 2>/dev/null; do sleep 0.05; done
 trap 'rmdir /run/cloudfs/renew.lock' EXIT
+trap 'exit 1' INT TERM HUP
 read -r now < $fw
 read -r mine < /run/cloudfs/gen
 [ "$now" = "$mine" ] && exit 0
@@ -258,9 +260,10 @@ notes=$(cat /run/cloudfs/notes.pid 2>/dev/null)
 n=0
 until cloudfs-mount 2>/dev/null; do
   n=$((n + 1))
-  [ "$n" -ge 200 ] && { echo "cloudfs-renew: cannot mount /cloud"; exit 1; }
+  [ "$n" -ge 200 ] && { echo "cloudfs-renew: cannot mount /cloud (tried again in a second)"; exit 1; }
   sleep 0.05
 done
+cat $fw > /run/cloudfs/gen
 setsid cloudfs-notes </dev/null >/dev/console 2>&1 &
 echo $! > /run/cloudfs/notes.pid
 echo "cloudfs-renew: /cloud mounted again as process $CLOUDFS_PID"
@@ -334,11 +337,11 @@ if [ -f /etc/cloudfs/template ]; then
   # a boot template: it is paused and copied while it waits here; a copy
   # goes on as soon as it reads its own identity from fw_cfg
   echo "cloudfs-template: ready"
-  while read -r g < $fw && [ "$g" = template ]; do sleep 0.01; done
+  # (read's status is 1 here: the blob has no newline; g is set all the same)
+  while :; do read -r g < $fw; [ "$g" = template ] || break; sleep 0.01; done
   cloudfs-identity || { echo "cloudfs-exit: 255 no identity in fw_cfg"; exit 255; }
-else
-  cat $fw > /run/cloudfs/gen 2>/dev/null
 fi
+cat $fw > /run/cloudfs/gen 2>/dev/null
 . /etc/cloudfs/identity
 export CLOUDFS_PID
 # the networks besides user, in NIC order: eth1, eth2 … (CLOUDFS_NETS: name=address/prefix …)
@@ -777,10 +780,12 @@ class QemuDriver(ComputeDriver):
             return Server(vm.id, vm.name, "stopped", self.host, addrs)
         if status in ("internal-error", "guest-panicked", "io-error"):
             return Server(vm.id, vm.name, "error", self.host, addrs, f"QEMU reports {status}")
-        if status == "postmigrate":  # copied for fork live: it runs on (or a daemon died mid-copy: start resumes it)
+        if status == "postmigrate":  # paused by a copy or a move: it runs on, or is resumed or ended
             with self._moving_lock:
                 moving = vm.id in self._moving
-            return Server(vm.id, vm.name, "running" if moving else "stopped", self.host, addrs)
+            if moving:
+                return Server(vm.id, vm.name, "running", self.host, addrs)
+            return Server(vm.id, vm.name, "unknown", self.host, addrs, "paused by a copy or move cut short")
         if status == "shutdown":
             return Server(vm.id, vm.name, "exited", self.host, addrs, vm.exit_message())
         return Server(vm.id, vm.name, "unknown", self.host, addrs, f"QEMU reports {status or 'no status'}")
@@ -1238,6 +1243,8 @@ class QemuDriver(ComputeDriver):
                 raise DriverError(f"server {vm.id} has exited ({vm.exit_message()})")
             st = qmp_command(vm.qmp, "query-status", timeout=3.0)
             running = isinstance(st, dict) and st.get("status") == "running"
+            if not running:
+                raise DriverError(f"server {vm.id} is not running: only a running VM is copied", errno=errno.EBUSY)
             t0 = time.monotonic()
             try:
                 info = save_state(vm.qmp, d / "state")
@@ -1281,39 +1288,61 @@ class QemuDriver(ComputeDriver):
         return {"image": vm.image, "flavor": vm.flavor, "accel": vm.accel, "name": vm.name,
                 "running": st.status == "running"}
 
-    def migrate_out(self, server_id: str, fd: int, timeout: float = 120.0) -> dict:
-        """Blocking: send the running VM's state and RAM to ``fd`` (QMP
-        ``migrate``; the caller relays it to the other host) and return
-        ``query-migrate``'s answer once done: the VM is then paused
-        (``postmigrate``) and its status stays ``running`` until
-        :meth:`end_moved` or :meth:`resume`.  EBUSY while it is copied or
-        moved already; QmpError if the migration fails (QEMU resumes it)."""
+    def mark_moving(self, server_id: str) -> None:
+        """Blocking: ``server_id`` is about to move (``STATE/vms/<id>/moving``,
+        so a daemon restarted mid-move knows a paused VM is a move's, not a
+        copy's); until :meth:`resume` or :meth:`end_moved` its status stays
+        ``running`` while the move pauses it.  EBUSY while it is being
+        copied or moved already."""
         vm = self._vm(server_id)
         with self._moving_lock:
             if vm.id in self._moving:
                 raise DriverError(f"server {vm.id} is being copied or moved already", errno=errno.EBUSY)
             self._moving.add(vm.id)
         try:
-            if vm.pid() is None:
-                raise DriverError(f"server {vm.id} has exited ({vm.exit_message()})")
-            return save_state(vm.qmp, None, timeout=timeout, fd=fd)
-        except BaseException:
+            (vm.dir / "moving").touch(mode=0o600)
+        except OSError as e:
             with self._moving_lock:
                 self._moving.discard(vm.id)
-            raise
+            raise DriverError(f"marking {vm.id} as moving: {e}") from e
 
-    def resume(self, server_id: str, running: bool = True) -> None:
-        """Blocking: the move of ``server_id`` was given up: it runs on
-        here (``cont`` if it was running and is paused by the move)."""
+    def migrate_out(self, server_id: str, fd: int, timeout: float = 120.0) -> dict:
+        """Blocking: send the VM's state and RAM to ``fd`` (QMP ``migrate``;
+        the caller relays it to the other host; the VM is marked with
+        :meth:`mark_moving`) and return ``query-migrate``'s answer once
+        done: the VM is then paused (``postmigrate``).  QmpError if the
+        migration fails (QEMU resumes the VM)."""
+        vm = self._vm(server_id)
+        if vm.pid() is None:
+            raise DriverError(f"server {vm.id} has exited ({vm.exit_message()})")
+        return save_state(vm.qmp, None, timeout=timeout, fd=fd)
+
+    def resume(self, server_id: str) -> None:
+        """Blocking: the move of ``server_id`` (marked by :meth:`mark_moving`)
+        was given up: it runs on here (``cont`` if the move paused it)."""
         vm = self._vm(server_id)
         try:
-            if running and vm.pid() is not None:
+            if (vm.dir / "moving").exists() and vm.pid() is not None:
                 st = qmp_command(vm.qmp, "query-status", timeout=3.0)
-                if isinstance(st, dict) and st.get("status") in ("postmigrate", "paused", "finish-migrate"):
+                if isinstance(st, dict) and st.get("status") in ("postmigrate", "finish-migrate"):
                     qmp_command(vm.qmp, "cont")
+            (vm.dir / "moving").unlink(missing_ok=True)
         finally:
             with self._moving_lock:
                 self._moving.discard(vm.id)
+
+    def resume_left(self, server_id: str) -> None:
+        """Blocking: resume ``server_id`` if a move of an earlier run of this
+        daemon left it paused (its ``moving`` mark is there and nobody here
+        moves it); for a caller that knows the move did not land (the
+        record names this VM)."""
+        vm = self._vm(server_id)
+        with self._moving_lock:
+            if vm.id in self._moving or not (vm.dir / "moving").exists():
+                return
+            self._moving.add(vm.id)
+        log.info("%s: resuming it after a move cut short", vm.id)
+        self.resume(server_id)
 
     def end_moved(self, server_id: str) -> None:
         """Blocking: the VM now runs on the other host: end this copy."""
@@ -1326,6 +1355,28 @@ class QemuDriver(ComputeDriver):
         finally:
             with self._moving_lock:
                 self._moving.discard(vm.id)
+
+    def resume_copied(self) -> int:
+        """Blocking: resume this deployment's VMs a fork live copy left
+        paused (``postmigrate`` without a ``moving`` mark: the daemon died
+        while copying; only running VMs are copied).  How many."""
+        n = 0
+        for d in self.vms_dir.iterdir() if self.vms_dir.is_dir() else ():
+            vm = _Vm.load(d)
+            if vm is None or not self.ours(vm.metadata) or (d / "moving").exists() or vm.pid() is None:
+                continue
+            with self._moving_lock:
+                if vm.id in self._moving:
+                    continue
+            try:
+                st = qmp_command(vm.qmp, "query-status", timeout=3.0)
+                if isinstance(st, dict) and st.get("status") == "postmigrate":
+                    log.info("%s: resuming it after a fork live copy cut short", vm.id)
+                    qmp_command(vm.qmp, "cont")
+                    n += 1
+            except QmpError as e:
+                log.info("%s: %s", vm.id, e)
+        return n
 
     def incoming_start(self, pid: int, ppid: int, spec: dict, userdata: bytes, fd: int) -> str:
         """Blocking: start a paused QEMU (``-S``) for process ``pid`` that
@@ -1657,6 +1708,11 @@ class QemuDriver(ComputeDriver):
         self._running = True
         try:
             self._stop_building.clear()
+            if self.deployment is not None:
+                try:
+                    await trio.to_thread.run_sync(self.resume_copied)
+                except (OSError, DriverError) as e:
+                    log.warning("resuming VMs left paused: %s", e)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._serve_channels, nursery)
                 nursery.start_soon(self._template_builder)
