@@ -659,6 +659,9 @@ class QemuDriver(ComputeDriver):
         self.shm_dir = qemusnap.shm_dir_for(shm if shm.is_dir() else self.templates_dir, self.state_dir)
         self._moving: set[str] = set()  # VMs being copied (fork live)
         self._moving_lock = threading.Lock()
+        #: held while a VM starts from a template and while a template is removed:
+        #: the RAM file must not go between finding the template and QEMU opening it
+        self._templates_lock = threading.Lock()
         self._building: set[str] = set()  # template build directories in use
         self._template_wanted: dict[tuple[str, str, str], None] = {}
         self._template_failed: dict[tuple[str, str, str], float] = {}
@@ -1055,8 +1058,12 @@ class QemuDriver(ComputeDriver):
         (and the template removed, nothing left running) if that fails."""
         try:
             self._write_fw(vm, userdata)
-            self._launch(vm, img, initrd=tpl.initramfs, state=tpl.state,
-                         memory=f"memory-backend-file,id=mem,size={tpl.mib}M,mem-path={_opt(tpl.memory)},share=off")
+            with self._templates_lock:
+                if not tpl.memory.exists():
+                    raise DriverError(f"the RAM file of template {tpl.dir.name} is gone")
+                self._launch(vm, img, initrd=tpl.initramfs, state=tpl.state,
+                             memory=f"memory-backend-file,id=mem,size={tpl.mib}M,mem-path={_opt(tpl.memory)},"
+                                    "share=off")
             return True
         except DriverError as e:
             log.warning("%s: restoring boot template %s failed (%s); dropping it, booting cold",
@@ -1069,11 +1076,12 @@ class QemuDriver(ComputeDriver):
     def _remove_template(self, d: Path) -> None:
         """Blocking: remove template directory ``d`` and its RAM file (VMs
         restored from it keep their mapping of the file)."""
-        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
-            mem = Path(json.loads((d / "template.json").read_text())["memory"])
-            if mem.parent == self.shm_dir:
-                mem.unlink(missing_ok=True)
-        shutil.rmtree(d, ignore_errors=True)
+        with self._templates_lock:
+            with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+                mem = Path(json.loads((d / "template.json").read_text())["memory"])
+                if mem.parent == self.shm_dir:
+                    mem.unlink(missing_ok=True)
+            shutil.rmtree(d, ignore_errors=True)
 
     def _want_template(self, image: str, flavor: str, accel: str) -> None:
         """Ask :meth:`run`'s template builder for this template (no-op when
