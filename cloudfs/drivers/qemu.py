@@ -1284,7 +1284,9 @@ class QemuDriver(ComputeDriver):
     async def move_spec(self, server_id: str) -> dict:
         """What the daemon a VM moves to needs to start its QEMU: image,
         flavor, accel, name, running.  EOPNOTSUPP for a VM on networks
-        besides ``user`` or of an image with a disk (as for fork live)."""
+        besides ``user`` or of an image with a disk (as for fork live), or
+        one that wrote to its scratch disk (a move carries RAM and devices,
+        not disks: the VM would lose what it wrote)."""
         vm = await trio.to_thread.run_sync(self._vm, server_id)
         if vm.nets or vm.networks != [USER_NET.name]:
             raise DriverError("migrate moves only VMs on the user network alone", errno=errno.EOPNOTSUPP)
@@ -1293,8 +1295,25 @@ class QemuDriver(ComputeDriver):
             raise DriverError(f"migrate cannot move a VM of image {vm.image} (missing, or it has a disk)",
                               errno=errno.EOPNOTSUPP)
         st = await trio.to_thread.run_sync(self._server, vm)
+        written = await trio.to_thread.run_sync(self._scratch_written, vm)
+        if written:
+            raise DriverError("migrate does not carry the scratch disk, and this VM has written to it",
+                              errno=errno.EOPNOTSUPP)
         return {"image": vm.image, "flavor": vm.flavor, "accel": vm.accel, "name": vm.name,
                 "running": st.status == "running"}
+
+    def _scratch_written(self, vm: _Vm) -> bool:
+        """Blocking: whether the guest wrote to its scratch disk (QMP
+        ``query-blockstats``; True when QEMU cannot tell)."""
+        try:
+            blocks = qmp_command(vm.qmp, "query-blockstats", timeout=3.0)
+        except QmpError:
+            return True
+        for b in blocks if isinstance(blocks, list) else ():
+            if isinstance(b, dict) and b.get("device") == "scratch":
+                wr = b.get("stats", {}).get("wr_bytes")
+                return not isinstance(wr, int) or wr > 0
+        return True
 
     def mark_moving(self, server_id: str) -> None:
         """Blocking: ``server_id`` is about to move (``STATE/vms/<id>/moving``,

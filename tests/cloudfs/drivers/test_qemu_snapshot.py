@@ -204,3 +204,18 @@ async def test_live_copy_refusals(served, state):
     with pytest.raises(DriverError) as e:
         await d.snapshot(s.id)
     assert e.value.errno == errno.EOPNOTSUPP
+
+
+async def test_a_vm_that_wrote_its_scratch_disk_is_not_moved(served, state):
+    """A move carries RAM and devices, not disks: a VM that wrote to its
+    scratch disk is refused (EOPNOTSUPP), one that did not is not."""
+    import errno
+    d, fs, pids = served
+    quiet = await d.create(spec(51, b"echo up > /cloud/up-51\nsleep 600\n"))
+    wrote = await d.create(spec(52, b"echo data > /dev/vda; sync; echo up > /cloud/up-52\nsleep 600\n"))
+    for pid in (51, 52):
+        await until(lambda: trio.to_thread.run_sync(data, fs, f"up-{pid}"), what=f"VM {pid} ran")
+    assert (await d.move_spec(quiet.id))["running"] is True
+    with pytest.raises(DriverError) as e:
+        await d.move_spec(wrote.id)
+    assert e.value.errno == errno.EOPNOTSUPP and "scratch disk" in e.value.message
