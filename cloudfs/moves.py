@@ -57,7 +57,7 @@ from ninep.dial import parse_dial
 from ninep.errors import FsError
 
 from . import decisions as d
-from .drivers.base import DriverError, Server
+from .drivers.base import DriverError, NotFound, Server
 from .drivers.qemu import FLAVORS, QemuDriver
 from .hosts import Hosts
 from .procdata import ProcData
@@ -129,6 +129,16 @@ class Moves:
                 raise MoveFailed(errno.EOPNOTSUPP, f"host {host} takes no VMs")
             if target.scope == self.driver.scope:
                 raise MoveFailed(errno.EINVAL, f"the VM is on host {host} already")
+            left = await self.store.exists(self.layout.move(pid))
+            cid = self.store.client.client_id
+            if left is not None and (cid is None or left.ephemeralOwner != cid[0]):
+                # an earlier run's move: the other daemon decides when it goes, and so do we (sweep);
+                # this move is tried again at the next look
+                log.info("pid %d: an earlier move of %s is still being settled", pid, vm)
+                return
+            await self.store.sync(self.layout.record(pid))
+            if (await self.records.require(pid)).value.vm != vm:
+                return  # it moved meanwhile: the next look sees it
             # a VM left paused by a move of ours cut short (the record names it: that move did not land)
             await trio.to_thread.run_sync(self.driver.resume_left, vm)
             spec = await self.driver.move_spec(vm)
@@ -171,9 +181,10 @@ class Moves:
                 raise
             return
         with trio.CancelScope(shield=True):
-            if landed is None:  # ZooKeeper did not tell: the VM stays paused; the next look settles it
-                log.error("pid %d: cannot tell whether the move of %s to %s was recorded; it stays paused",
-                          pid, vm, host)
+            if landed is None:  # ZooKeeper did not tell: settled in the background once it does
+                log.error("pid %d: cannot tell yet whether the move of %s to %s was recorded; the VM stays "
+                          "paused until ZooKeeper says", pid, vm, host)
+                self._later(self._resolve, pid, vm, host, path, "ZooKeeper did not answer the commit")
                 return
             if not landed:
                 await self._give_up(pid, vm, host, path, MoveFailed(errno.EAGAIN, "the move was not recorded"))
@@ -185,6 +196,40 @@ class Moves:
                 await trio.to_thread.run_sync(self.driver.end_moved, vm)
             except (DriverError, OSError) as e:
                 log.warning("pid %d moved; ending the copy left here (%s): %s", pid, vm, e)
+
+    def _later(self, fn, *args) -> None:
+        """Run ``fn(*args)`` in the background (it retries until done)."""
+        assert self._nursery is not None
+        self._nursery.start_soon(fn, *args)
+
+    async def _resolve(self, pid: int, vm: str, host: str, path: str, why: str) -> None:
+        """Settle a move whose outcome, or whose failure, ZooKeeper has not
+        confirmed: once it answers (after a sync), if the record names
+        another VM the move landed (end ``vm`` here), else record the
+        failure (which fences a late commit) and resume ``vm``; then
+        ``moves/<pid>`` goes.  Tries until it is done."""
+        delay = 0.5
+        while True:
+            try:
+                await self.store.wait_connected()
+                await self.store.sync(self.layout.record(pid))
+                rec = await self.records.get(pid)
+                if rec is None or rec.value.vm != vm:
+                    await trio.to_thread.run_sync(self.driver.end_moved, vm)
+                else:
+                    try:
+                        await self.records.update(pid, lambda now: d.move_failed(now, vm, host, why))
+                    except d.Superseded:
+                        continue  # it changed meanwhile: look again
+                    await trio.to_thread.run_sync(self.driver.resume, vm)
+                await self._delete(path, retry=True)
+                log.info("pid %d: the move of %s to %s is settled", pid, vm, host)
+                return
+            except Exception as e:
+                log.warning("pid %d: settling the move of %s: %s; trying again", pid, vm,
+                            getattr(e, "message", None) or e)
+                await trio.sleep(delay)
+                delay = min(delay * 2, 30.0)
 
     async def _send(self, pid: int, ppid: int, vm: str, dial: str, token: str, spec: dict) -> tuple[str, dict]:
         """Steps 2–3 (module docstring): the copy's id on the other host,
@@ -287,32 +332,50 @@ class Moves:
         ``vm``): record why, resume the VM here, and let the other daemon
         end its copy (``moves/<pid>`` goes).  The failure is recorded first
         and only while the record names ``vm``: a late commit is fenced, and
-        a VM whose record names the copy is never resumed."""
+        a VM whose record names the copy is never resumed (it is ended).
+        What cannot be done now is done in the background (:meth:`_resolve`)."""
         why = e if isinstance(e, FsError) else \
             MoveFailed(errno.EAGAIN, f"took more than {MOVE_TIMEOUT:g} s") if isinstance(e, trio.TooSlowError) \
             else MoveFailed(errno.EIO, str(e) or type(e).__name__)
-        try:
-            rec = await self.records.update(pid, lambda now: d.move_failed(now, vm, host, why.message))
-            ours = rec.value.vm == vm
-        except d.Superseded as s:
-            ours = s.record.vm == vm  # killed meanwhile: the kill ends it here
-        except FsError as err:
-            log.error("pid %d: recording the failed move of %s: %s; it stays paused until the next look",
-                      pid, vm, err.message)
-            return
         log.warning("pid %d: moving %s to %s failed: %s", pid, vm, host, why.message)
-        if ours:
+        try:
             try:
+                rec = await self.records.update(pid, lambda now: d.move_failed(now, vm, host, why.message))
+                ours = rec.value.vm == vm
+            except d.Superseded as s:
+                ours = s.record.vm == vm  # killed meanwhile: the kill ends it here
+            if ours:
                 await trio.to_thread.run_sync(self.driver.resume, vm)
-            except (DriverError, OSError) as err:
-                log.warning("pid %d: resuming %s after a failed move: %s", pid, vm, err)
-        await self._delete(path)
+            else:  # the move landed after all: the copy is the VM
+                await trio.to_thread.run_sync(self.driver.end_moved, vm)
+            await self._delete(path, retry=True)
+        except Exception as err:
+            log.warning("pid %d: giving up the move of %s: %s; settling it in the background", pid, vm,
+                        getattr(err, "message", None) or err)
+            self._later(self._resolve, pid, vm, host, path, why.message)
 
-    async def _delete(self, path: str) -> None:
+    async def _delete(self, path: str, retry: bool = False) -> None:
+        """Delete ``moves/<pid>``; if ZooKeeper cannot now and ``retry``,
+        keep trying in the background (the other daemon's copy waits for it)."""
         try:
             await self.store.delete(path)
-        except (NoNodeError, FsError):
-            pass  # it goes with our session anyway
+        except NoNodeError:
+            pass
+        except FsError:
+            if retry:
+                self._later(self._delete_until_gone, path)
+
+    async def _delete_until_gone(self, path: str) -> None:
+        delay = 0.5
+        while True:
+            try:
+                await self.store.delete(path)
+                return
+            except NoNodeError:
+                return
+            except Exception:
+                await trio.sleep(delay)
+                delay = min(delay * 2, 30.0)
 
     async def _failed(self, pid: int, vm: str, host: str, e: FsError) -> None:
         log.warning("pid %d: moving %s to %s failed: %s", pid, vm, host, e.message)
@@ -323,26 +386,48 @@ class Moves:
 
     async def sweep(self) -> None:
         """Settle the VMs here that a move of an earlier run of this daemon
-        left paused: ended if their process moved to another host (the
-        record names another host's VM), resumed if the move did not land
-        (the record names them)."""
+        left paused (:meth:`_settle_left`, one task each)."""
         try:
             mine = await trio.to_thread.run_sync(self.driver.local_vms)
         except OSError as e:
             log.warning("listing VMs: %s", e)
             return
         for vm, pid in mine:
+            self._later(self._settle_left, vm, pid)
+
+    async def _settle_left(self, vm: str, pid: int) -> None:
+        """Once no earlier run's ``moves/<pid>`` remains (the other daemon
+        decides by the record when it goes, and so do we) and after a sync:
+        end ``vm`` if its process moved to another host's VM, resume it if
+        a move of ours left it paused and the record names it."""
+        path = self.layout.move(pid)
+        delay = 0.5
+        while True:
             try:
+                with self.store.watching(path) as ev:
+                    left = await self.store.exists(path, watch=True)
+                    cid = self.store.client.client_id
+                    if left is not None and (cid is None or left.ephemeralOwner != cid[0]):
+                        await ev.wait()
+                        continue
+                await self.store.sync(self.layout.record(pid))
                 rec = await self.records.get(pid)
-                if rec is None:
-                    continue
-                if rec.value.vm not in (None, vm) and rec.value.scope not in ("", self.driver.scope):
+                if rec is not None and rec.value.vm not in (None, vm) and \
+                        rec.value.scope not in ("", self.driver.scope):
                     log.warning("pid %d moved to %s; ending its old VM %s here", pid, rec.value.host, vm)
                     await trio.to_thread.run_sync(self.driver.end_moved, vm)
-                elif rec.value.vm == vm:
+                elif rec is not None and rec.value.vm == vm:
                     await trio.to_thread.run_sync(self.driver.resume_left, vm)
+                return
+            except Unreachable:
+                await self.store.wait_connected()
+            except NotFound:
+                return
             except Exception as e:  # one VM's trouble is not the daemon's
-                log.warning("settling %s (pid %d) after a restart: %s", vm, pid, getattr(e, "message", None) or e)
+                log.warning("settling %s (pid %d) after a restart: %s; trying again", vm, pid,
+                            getattr(e, "message", None) or e)
+                await trio.sleep(delay)
+                delay = min(delay * 2, 30.0)
 
     # -- the destination -----------------------------------------------------------------
 
@@ -459,6 +544,9 @@ class Moves:
                 return
             except Unreachable:
                 await self.store.wait_connected()
+            except NotFound:
+                log.info("pid %d: the moved copy %s is gone", pid, copy)
+                return
             except Exception as e:
                 log.warning("pid %d: settling the moved copy %s: %s; trying again", pid, copy,
                             getattr(e, "message", None) or e)

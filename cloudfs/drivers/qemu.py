@@ -659,8 +659,8 @@ class QemuDriver(ComputeDriver):
         self.shm_dir = qemusnap.shm_dir_for(shm if shm.is_dir() else self.templates_dir, self.state_dir)
         self._moving: set[str] = set()  # VMs being copied (fork live)
         self._moving_lock = threading.Lock()
-        #: held while a VM starts from a template and while a template is removed:
-        #: the RAM file must not go between finding the template and QEMU opening it
+        #: held while a QEMU restoring a template starts and while a template is
+        #: removed: the RAM file must not go between finding it and QEMU opening it
         self._templates_lock = threading.Lock()
         self._building: set[str] = set()  # template build directories in use
         self._template_wanted: dict[tuple[str, str, str], None] = {}
@@ -879,7 +879,7 @@ class QemuDriver(ComputeDriver):
 
     def _launch(self, vm: _Vm, image: imagestore.StoredImage, *, initrd: Path | None = None,
                 memory: str | None = None, state: Path | None = None, scratch: Path | None = None,
-                incoming_fd: int | None = None) -> None:
+                incoming_fd: int | None = None, needs: tuple[threading.Lock, Path] | None = None) -> None:
         """Blocking: start QEMU (daemonized, own session) with a fresh
         scratch disk, or, given ``state``, restore that saved state into it
         (``-incoming``; ``scratch`` then the disk saved with it, moved into
@@ -907,8 +907,12 @@ class QemuDriver(ComputeDriver):
                 argv += ["-incoming", "defer"]
             if incoming_fd is not None:
                 argv += ["-S"]  # a moved VM runs once its move is recorded (incoming_commit)
-            p = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               start_new_session=True, timeout=60, pass_fds=fds)
+            # ``needs``: a file QEMU opens as it starts, kept (under the lock) until it has
+            with needs[0] if needs is not None else contextlib.nullcontext():
+                if needs is not None and not needs[1].exists():
+                    raise DriverError(f"{needs[1]} is gone")
+                p = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                   start_new_session=True, timeout=60, pass_fds=fds)
         except (OSError, subprocess.TimeoutExpired) as e:
             raise DriverError(f"cannot start QEMU: {e}") from e
         finally:
@@ -1058,12 +1062,8 @@ class QemuDriver(ComputeDriver):
         (and the template removed, nothing left running) if that fails."""
         try:
             self._write_fw(vm, userdata)
-            with self._templates_lock:
-                if not tpl.memory.exists():
-                    raise DriverError(f"the RAM file of template {tpl.dir.name} is gone")
-                self._launch(vm, img, initrd=tpl.initramfs, state=tpl.state,
-                             memory=f"memory-backend-file,id=mem,size={tpl.mib}M,mem-path={_opt(tpl.memory)},"
-                                    "share=off")
+            self._launch(vm, img, initrd=tpl.initramfs, state=tpl.state, needs=(self._templates_lock, tpl.memory),
+                         memory=f"memory-backend-file,id=mem,size={tpl.mib}M,mem-path={_opt(tpl.memory)},share=off")
             return True
         except DriverError as e:
             log.warning("%s: restoring boot template %s failed (%s); dropping it, booting cold",
