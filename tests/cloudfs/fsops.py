@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import os
 
+import pytest
+
+from ninep.errors import FsError
 from ninep.fs import Node, SetAttr
 
 
@@ -104,3 +107,13 @@ async def vm(root: Node, image: str = "tiny", userdata: str = "#cloud-config\n")
     await ctl(root, pid, f"exec {image}")
     await state_is(root, pid, "running")
     return pid
+
+
+async def fails(errno_: int, aw, fragment: str = ""):
+    """Await ``aw``, which must raise FsError ``errno_`` whose message
+    holds ``fragment``; returns the error."""
+    with pytest.raises(FsError) as e:
+        await aw
+    assert e.value.errno == errno_, e.value
+    assert fragment in e.value.message, e.value.message
+    return e.value

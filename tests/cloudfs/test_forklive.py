@@ -11,20 +11,12 @@ import pytest
 from cloudfs.drivers.fake import FakeDriver
 from cloudfs.drivers.fakecloud import FakeCloudDriver
 from cloudfs.namespace import open_cloudfs
-from ninep.errors import FsError
-from tests.cloudfs.fsops import cat, ctl, eventually, state_is, status, vm
+from tests.cloudfs.fsops import fails, cat, ctl, eventually, state_is, status, vm
 
 
 @pytest.fixture
 async def root(cfs):
     return await cfs.attach("glenda", "")
-
-
-async def fails(errno_, aw, fragment=""):
-    with pytest.raises(FsError) as e:
-        await aw
-    assert e.value.errno == errno_, e.value
-    assert fragment in e.value.message, e.value.message
 
 
 async def test_fork_live_restores_child_from_snapshot(root, cfs):

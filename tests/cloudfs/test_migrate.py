@@ -11,19 +11,12 @@ import trio
 from cloudfs.drivers.fake import FakeDriver
 from cloudfs.namespace import open_cloudfs
 from ninep.errors import FsError
-from tests.cloudfs.fsops import ctl, eventually, state_is, status, vm
+from tests.cloudfs.fsops import fails, ctl, eventually, state_is, status, vm
 
 
 @pytest.fixture
 async def root(cfs):
     return await cfs.attach("glenda", "")
-
-
-async def fails(errno_, aw, fragment=""):
-    with pytest.raises(FsError) as e:
-        await aw
-    assert e.value.errno == errno_, e.value
-    assert fragment in e.value.message, e.value.message
 
 
 async def test_migrate_moves_to_the_host(root, cfs):

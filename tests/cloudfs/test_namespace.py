@@ -10,20 +10,12 @@ import trio
 from cloudfs import tree
 from ninep.errors import FsError
 from ninep.fs import SetAttr
-from tests.cloudfs.fsops import cat, ctl, echo, eventually, ls, state_is, status, vm, walk
+from tests.cloudfs.fsops import fails, cat, ctl, echo, eventually, ls, state_is, status, vm, walk
 
 
 @pytest.fixture
 async def root(cfs):
     return await cfs.attach("glenda", "")
-
-
-async def fails(errno_, aw, fragment=""):
-    with pytest.raises(FsError) as e:
-        await aw
-    assert e.value.errno == errno_, e.value
-    assert fragment in e.value.message
-    return e.value
 
 
 # -- the root and /proc ------------------------------------------------------
