@@ -36,9 +36,9 @@ import errno
 import os
 import stat
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 from .errors import FsError
+from .frozen import frozen
 from .qid import QTDIR, QTFILE, QTSYMLINK, Qid
 
 __all__ = [
@@ -69,7 +69,7 @@ def dirent_type_for_mode(mode: int) -> int:
     return stat.S_IFMT(mode) >> 12
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class Attr:
     """A file's attributes, the union of what Rgetattr (9P2000.L), the 9P2000/.u
     stat(5) record and FUSE's EntryAttributes carry.
@@ -98,7 +98,7 @@ class Attr:
     extension: str = ""
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class SetAttr:
     """The attribute changes of one Tsetattr/Twstat/FUSE setattr; ``None`` = keep.
 
@@ -118,7 +118,7 @@ class SetAttr:
         return self.size == 0 and self.mode is None and self.uid is None and self.gid is None
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class DirEntry:
     """One directory entry: ``name`` (no ``/``), the child's ``qid`` and ``mode``."""
 
@@ -131,7 +131,7 @@ class DirEntry:
         return dirent_type_for_mode(self.mode)
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class StatFs:
     """statfs(2) numbers for Rstatfs (9P2000.L) and FUSE statfs."""
 

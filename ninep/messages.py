@@ -32,9 +32,10 @@ from __future__ import annotations
 
 import enum
 import os
-from dataclasses import dataclass, fields
+from dataclasses import fields
 from typing import ClassVar
 
+from .frozen import frozen
 from .qid import Qid
 
 __all__ = [
@@ -233,7 +234,7 @@ def dotl_flags_to_os(wire_flags: int) -> int:
     return out
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class Stat:
     """A stat(5) directory entry: what Rstat returns and 9P2000 directory reads hold.
 
@@ -266,7 +267,7 @@ class Stat:
 class Message:
     """Base class of every 9P message dataclass.
 
-    Subclasses are ``@dataclass(frozen=True, slots=True)`` with ``tag`` first;
+    Subclasses are ``@frozen`` dataclasses (ninep.frozen) with ``tag`` first;
     ``TYPE`` is the wire type number and ``WIRE`` the field layout described in
     the module docstring.
     """
@@ -276,7 +277,7 @@ class Message:
     WIRE: ClassVar[str]
 
 
-_msg = dataclass(frozen=True, slots=True)
+_msg = frozen
 
 # --------------------------------------------------------------------------
 # 9P2000 (intro(5)); shared by all dialects.

@@ -9,7 +9,7 @@ byte of the file's 9P mode.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from .frozen import frozen
 
 QTDIR = 0x80
 QTAPPEND = 0x40
@@ -22,7 +22,7 @@ QTLINK = 0x01
 QTFILE = 0x00
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class Qid:
     """``Qid(type, version, path)``: QT* bits (u8), version (u32), path (u64)."""
 
