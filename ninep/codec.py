@@ -39,8 +39,9 @@ and ``TypeError`` for something that is not a message.
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from struct import Struct
+from types import MappingProxyType
 
 from .errors import ProtocolError
 from .messages import HEADER_SIZE, MESSAGE_TYPES, Dialect, Message, Stat
@@ -48,6 +49,7 @@ from .qid import Qid
 
 __all__ = [
     "encode",
+    "encoders",
     "decode",
     "FrameReader",
     "pack_dirent",
@@ -416,6 +418,7 @@ _check_defaults_trail()
 _ENCODERS: dict[Dialect, dict[type, object]] = {
     d: {cls: _gen_encoder(cls, d) for cls in MESSAGE_TYPES.values()} for d in Dialect
 }
+_ENCODER_VIEWS = {d: MappingProxyType(e) for d, e in _ENCODERS.items()}
 _DECODERS: dict[Dialect, dict[int, object]] = {
     d: {t: _gen_decoder(cls, d) for t, cls in MESSAGE_TYPES.items()} for d in Dialect
 }
@@ -440,6 +443,13 @@ def encode(msg: Message, dialect: Dialect) -> bytes:
             raise ValueError(f"unknown 9P dialect {dialect!r}") from None
         raise TypeError(f"not a 9P message: {msg!r}") from None
     return enc(msg)
+
+
+def encoders(dialect: Dialect) -> Mapping[type, Callable[[Message], bytes]]:
+    """The encoder of each message class in ``dialect`` (read-only): for a
+    server that encodes many replies in one dialect, one dict lookup instead
+    of :func:`encode`'s two.  Each raises as :func:`encode` does."""
+    return _ENCODER_VIEWS[dialect]
 
 
 def decode(frame: bytes | bytearray | memoryview, dialect: Dialect) -> Message:
@@ -511,6 +521,10 @@ class FrameReader:
             raise ProtocolError(f"frame size {size} exceeds the limit {self.max_size}")
         if have < size:
             return None
+        if have == size:  # the usual case: the buffer holds just this frame
+            frame = bytes(buf)
+            buf.clear()
+            return frame
         # Release both views before resizing buf (bytearray refuses while exported).
         with memoryview(buf) as mv, mv[:size] as view:
             frame = view.tobytes()

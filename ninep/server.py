@@ -122,7 +122,7 @@ from typing import Any
 import trio
 
 from . import messages as m
-from .codec import FrameReader, decode, encode, pack_dirent, pack_stat
+from .codec import FrameReader, decode, encode, encoders, pack_dirent, pack_stat
 from .dial import listener_address, open_listeners
 from .errors import FsError, ProtocolError
 from .fs import Attr, FileSystem, Node, OpenFile, SetAttr
@@ -327,6 +327,7 @@ class Connection:
         self.max_msize = max_msize
         self.msize = max_msize
         self.dialect: Dialect | None = None
+        self._encoders = encoders(Dialect.P2000)  # those of the dialect in force
         self.trace = trace
         self.peer = peer
         self.limits = limits if limits is not None else Limits()
@@ -491,10 +492,17 @@ class Connection:
         there is none).  Returns the request to run at once, when it is the
         only one ready and may start (the common case: no ready-queue round
         trip on the way from read to reply); None otherwise."""
-        frame = self._frames.next_frame()
+        frames = self._frames
+        frame = frames.next_frame()
         if frame is None:
-            await self._receive()
-            frame = self._frames.next_frame()
+            if len(frames):
+                await self._receive_rest()
+            else:
+                # Between frames: no deadline, and no cancel scope to enter and
+                # leave (measured: two scopes cost ~8 µs of a ~50 µs getattr).
+                self._partial_since = None
+                await self._read_some()
+            frame = frames.next_frame()
             if frame is None:
                 return None
         self._partial_since = None
@@ -502,29 +510,24 @@ class Connection:
         self.requests_seen += 1
         if self.trace:
             trace_log.debug("%s <- %r", self.peer, redacted(msg))
-        await self._dispatch(msg, len(frame))
+        if type(msg) is m.Tversion:
+            await self._version(msg)
+            await self._transmit()
+            return None
+        if self._dispatch(msg, len(frame)):  # answered at once (refused)
+            await self._transmit()
+            return None
         ready = self._ready
         if len(ready) == 1 and self._outq_bytes <= self._budget:
             return self._take_ready()
         return None
 
-    async def _receive(self) -> None:
-        """Read what the peer sent into the frame buffer.  A frame begun must be
-        complete within ``frame_timeout`` seconds (_Timeout otherwise)."""
-        if len(self._frames):
-            now = trio.current_time()
-            if self._partial_since is None:
-                self._partial_since = now
-            deadline = self._partial_since + self.limits.frame_timeout
-        else:
-            self._partial_since = None
-            deadline = math.inf
-        if deadline == math.inf:
-            # Between frames: no deadline, and no cancel scope to enter and
-            # leave (measured: two scopes cost ~8 µs of a ~50 µs getattr).
-            await self._read_some()
-            return
-        with trio.move_on_at(deadline):
+    async def _receive_rest(self) -> None:
+        """Read more of a frame begun: it must be complete within
+        ``frame_timeout`` seconds of its first bytes (_Timeout otherwise)."""
+        if self._partial_since is None:
+            self._partial_since = trio.current_time()
+        with trio.move_on_at(self._partial_since + self.limits.frame_timeout):
             await self._read_some()
             return
         raise _Timeout(f"partial frame ({len(self._frames)} bytes) not completed within "
@@ -552,6 +555,32 @@ class Connection:
         frame = self._encode(msg)
         self._outq.append(frame)
         self._outq_bytes += len(frame)
+
+    def _write_now(self) -> bool:
+        """Write everything queued with one write(2) that does not wait: True
+        when nothing is left for this task to send (all written, nothing
+        queued, or another task is the sender), False when the caller must
+        ``await self._transmit()`` for the rest.  (The common case, a reply
+        the kernel takes at once, then costs no coroutine.)"""
+        q = self._outq
+        if self._sending or not q:
+            return True
+        fd = self._fd
+        if fd is None:
+            return False
+        buf = q.popleft() if len(q) == 1 else b"".join([q.popleft() for _ in range(len(q))])
+        try:
+            sent = os.write(fd, buf)
+        except OSError:  # EAGAIN, or a broken stream :meth:`_transmit` reports
+            sent = 0
+        self._outq_bytes -= sent
+        if sent < len(buf):
+            q.appendleft(buf[sent:] if sent else buf)
+            return False
+        if self._drained is not None and self._outq_bytes <= self._budget:
+            self._drained.set()
+            self._drained = None
+        return True
 
     async def _transmit(self) -> None:
         """Send everything queued.  One task at a time is the sender: a task
@@ -592,18 +621,18 @@ class Connection:
 
     # -- dispatch ---------------------------------------------------------
 
-    async def _refuse(self, tag: int, e: FsError) -> None:
-        """Answer a request at once with an error, without running it."""
+    def _refuse(self, tag: int, e: FsError) -> bool:
+        """Answer a request at once with an error, without running it
+        (True: a reply is queued)."""
         self._queue(self._error(tag, e))
-        await self._transmit()
+        return True
 
-    async def _dispatch(self, msg: Any, size: int) -> None:
+    def _dispatch(self, msg: Any, size: int) -> bool:
+        """Check a request (any T-message but Tversion) and put it in the
+        ready queue, or answer it at once: True when a reply was queued
+        (the caller sends it).  ProtocolError for what ends the connection."""
         tag = msg.tag
         t = type(msg)
-        if t is m.Tversion:
-            await self._version(msg)
-            await self._transmit()
-            return
         name = t.__name__
         if name[0] != "T":
             raise _protocol(f"{name} from a client")
@@ -611,13 +640,11 @@ class Connection:
             raise _protocol(f"tag {tag} reused while outstanding")
         if self.dialect is None:
             self._queue(m.Rerror(tag=tag, ename="Tversion first", errno=errno.EPROTO))
-            await self._transmit()
-            return
+            return True
         handler = _HANDLERS.get(t)
         allowed = _DIALECT_OF.get(t)
         if handler is None or (allowed is not None and self.dialect not in allowed):
-            await self._refuse(tag, FsError(errno.EOPNOTSUPP, f"{name} not supported on {self.dialect.value}"))
-            return
+            return self._refuse(tag, FsError(errno.EOPNOTSUPP, f"{name} not supported on {self.dialect.value}"))
         # Synchronous fid checks: a newfid must be free (or equal fid, for Twalk).
         newfid = _newfid_of(msg)
         new = newfid is not None and newfid not in self.fids
@@ -626,11 +653,9 @@ class Connection:
         flush = t is m.Tflush
         if not flush:
             if len(self.pending) - self._flushes >= self.limits.max_outstanding:
-                await self._refuse(tag, FsError(errno.EAGAIN, "too many outstanding requests"))
-                return
+                return self._refuse(tag, FsError(errno.EAGAIN, "too many outstanding requests"))
             if new and len(self.fids) >= self.limits.max_fids:
-                await self._refuse(tag, FsError(errno.EMFILE, "too many fids"))
-                return
+                return self._refuse(tag, FsError(errno.EMFILE, "too many fids"))
         if new:
             self.fids[newfid] = _RESERVED
         req = _Request(tag, self._reply_bound(msg, size), flush)
@@ -638,6 +663,7 @@ class Connection:
         if flush:
             self._flushes += 1
         self._ready.append((handler, msg, req, newfid))
+        return False
 
     def _reply_bound(self, msg: Any, size: int) -> int:
         """The largest reply frame (bytes) ``msg`` (a frame of ``size`` bytes) may get."""
@@ -729,7 +755,7 @@ class Connection:
             if req.flush:
                 self._flushes -= 1
             req.finish()
-        if frame is not None and not scope.cancel_called:
+        if frame is not None and not scope.cancel_called and not self._write_now():
             await self._transmit()
 
     def _log_failure(self, msg: Any, e: Exception) -> None:
@@ -756,7 +782,10 @@ class Connection:
             trace_log.debug("%s -> %r", self.peer, reply)
         dialect = self.dialect or Dialect.P2000
         try:
-            frame = encode(reply, dialect)
+            enc = self._encoders.get(type(reply))
+            if enc is None:
+                raise TypeError(f"not a 9P message: {type(reply).__name__}")
+            frame = enc(reply)
         except (ValueError, TypeError, OverflowError) as e:
             self._logs.failure.log(log, logging.ERROR, "9P %s: cannot encode %s tag %s: %s", self.peer,
                                    type(reply).__name__, getattr(reply, "tag", "?"), shorten(str(e)))
@@ -800,10 +829,12 @@ class Connection:
         msize = min(msg.msize, self.max_msize)
         if dialect is None or msize < m.MIN_MSIZE:
             self.dialect = None
+            self._encoders = encoders(Dialect.P2000)
             self._frames.max_size = self.limits.pre_version_frame
             self._queue(m.Rversion(tag=msg.tag, msize=min(msg.msize, self.max_msize), version="unknown"))
             return
         self.dialect = dialect
+        self._encoders = encoders(dialect)
         self.msize = msize
         self._budget = self.limits.reply_budget(msize)
         self._frames.max_size = msize
@@ -1269,13 +1300,15 @@ async def _wstat(c: Connection, msg: m.Twstat):
 async def _getattr(c: Connection, msg: m.Tgetattr):
     f = c.fid(msg.fid)
     a = await f.node.getattr()
+    atime = divmod(a.atime_ns, 1_000_000_000)
+    mtime = divmod(a.mtime_ns, 1_000_000_000)
+    ctime = divmod(a.ctime_ns, 1_000_000_000)
+    # Positional, in Rgetattr's field order: half the cost of 21 keywords
+    # (0.7 against 1.4 µs) on the path of the commonest request.
     return m.Rgetattr(
-        tag=msg.tag, valid=m.P9_GETATTR_BASIC, qid=a.qid, mode=a.mode, uid=a.uid, gid=a.gid,
-        nlink=a.nlink, rdev=a.rdev, size=a.size, blksize=a.blksize, blocks=a.blocks,
-        atime_sec=a.atime_ns // 1_000_000_000, atime_nsec=a.atime_ns % 1_000_000_000,
-        mtime_sec=a.mtime_ns // 1_000_000_000, mtime_nsec=a.mtime_ns % 1_000_000_000,
-        ctime_sec=a.ctime_ns // 1_000_000_000, ctime_nsec=a.ctime_ns % 1_000_000_000,
-        btime_sec=0, btime_nsec=0, gen=0, data_version=0,
+        msg.tag, m.P9_GETATTR_BASIC, a.qid, a.mode, a.uid, a.gid, a.nlink, a.rdev, a.size, a.blksize,
+        a.blocks, *atime, *mtime, *ctime,
+        0, 0, 0, 0,  # btime_sec, btime_nsec, gen, data_version
     )
 
 
