@@ -54,6 +54,8 @@ LOADS = {"getattr -n1": ["-g", "-n1"], "getattr -n4": ["-g", "-n4"], "read/write
 TARGETS = {"getattr -n1": 0.8, "getattr -n4": 0.6, "read/write -n4": 0.7}
 #: the most server CPU µs per getattr (-n1)
 CPU_TARGET_US = 20.0
+#: diod (the anchor), ours, and bench/ninep_trio_floor.py (canned replies: trio's own cost)
+SERVERS = ("diod", "ninep", "trio_floor")
 
 FLOOR_SERVER = r"""
 import os, socket, sys
@@ -93,6 +95,8 @@ def start(kind: str, export: Path) -> tuple[subprocess.Popen, int]:
     if kind == "diod":
         diod = shutil.which("diod") or "/usr/sbin/diod"
         cmd = [diod, "-f", "-n", "-N", "-l", f"127.0.0.1:{port}", "-e", "ctl"]
+    elif kind == "trio_floor":
+        cmd = [sys.executable, str(REPO / "bench" / "ninep_trio_floor.py"), str(port)]
     else:
         cmd = [sys.executable, "-m", "ninep", "serve", "--listen", f"tcp!127.0.0.1!{port}", "--root", str(export),
                "--log-level", "WARNING"]
@@ -165,15 +169,15 @@ def main() -> None:
     ap.add_argument("--seconds", type=int, default=3, help="diodload run time per load (s)")
     ap.add_argument("--rounds", type=int, default=3, help="alternating rounds per server")
     args = ap.parse_args()
-    samples: dict[str, dict[str, list[float]]] = {k: {l: [] for l in LOADS} for k in ("diod", "ninep")}
-    cpu: dict[str, dict[str, list[float]]] = {k: {l: [] for l in LOADS} for k in ("diod", "ninep")}
+    samples: dict[str, dict[str, list[float]]] = {k: {l: [] for l in LOADS} for k in SERVERS}
+    cpu: dict[str, dict[str, list[float]]] = {k: {l: [] for l in LOADS} for k in SERVERS}
     floor: list[float] = []
     with tempfile.TemporaryDirectory() as tmp:
         export = Path(tmp)
         (export / "file").write_bytes(os.urandom(4096))
         for _ in range(args.rounds):
             floor.append(python_floor())
-            for kind in ("diod", "ninep"):
+            for kind in SERVERS:
                 proc, port = start(kind, export)
                 try:
                     for load, largs in LOADS.items():
@@ -186,13 +190,15 @@ def main() -> None:
     medcpu = {k: {l: statistics.median(v) for l, v in d.items()} for k, d in cpu.items()}
     rows = []
     for load in LOADS:
-        d, n = med["diod"][load], med["ninep"][load]
-        dc, nc = medcpu["diod"][load], medcpu["ninep"][load]
+        d, n, t = med["diod"][load], med["ninep"][load], med["trio_floor"][load]
+        dc, nc, tc = medcpu["diod"][load], medcpu["ninep"][load], medcpu["trio_floor"][load]
         ratio = n / d if d else 0.0
         rows.append({"load": load, "diod_ops": d, "ninep_ops": n, "ratio": ratio,
                      "diod_cpu_us_per_op": round(dc, 2), "ninep_cpu_us_per_op": round(nc, 2),
                      "cpu_ratio": round(nc / dc, 3) if dc else None,
-                     "min_ratio": TARGETS[load], "ratio_met": ratio >= TARGETS[load]})
+                     "min_ratio": TARGETS[load], "ratio_met": ratio >= TARGETS[load],
+                     "trio_floor_ops": t, "trio_floor_ratio": round(t / d, 3) if d else None,
+                     "trio_floor_cpu_us_per_op": round(tc, 2)})
     n1 = rows[0]
     cpu_met = n1["ninep_cpu_us_per_op"] <= CPU_TARGET_US
     result = {
@@ -214,10 +220,11 @@ def main() -> None:
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=2) + "\n")
     print(f"{'load':<16}{'diod ops/s':>12}{'ninep ops/s':>13}{'ratio':>8}{'target':>8}"
-          f"{'diod µs/op':>12}{'ninep µs/op':>13}")
+          f"{'diod µs/op':>12}{'ninep µs/op':>13}{'trio floor ops/s, ratio, µs/op':>34}")
     for r in rows:
         print(f"{r['load']:<16}{r['diod_ops']:>12.0f}{r['ninep_ops']:>13.0f}{r['ratio']:>8.2f}"
-              f"{'≥' + format(r['min_ratio'], '.1f'):>8}{r['diod_cpu_us_per_op']:>12.1f}{r['ninep_cpu_us_per_op']:>13.1f}")
+              f"{'≥' + format(r['min_ratio'], '.1f'):>8}{r['diod_cpu_us_per_op']:>12.1f}{r['ninep_cpu_us_per_op']:>13.1f}"
+              f"{r['trio_floor_ops']:>18.0f}{r['trio_floor_ratio']:>8.2f}{r['trio_floor_cpu_us_per_op']:>8.1f}")
     print(f"ratio targets: {'met' if result['ratios_met'] else 'NOT met'}; getattr -n1 ≤ {CPU_TARGET_US:g} µs "
           f"server CPU: {'met' if cpu_met else 'NOT met'} ({n1['ninep_cpu_us_per_op']:.1f} µs; diod "
           f"{n1['diod_cpu_us_per_op']:.1f}; a bare blocking Python loop "

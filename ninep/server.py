@@ -137,6 +137,11 @@ Dialect = m.Dialect
 #: The largest msize we offer; clients may ask for less.
 DEFAULT_MSIZE = 512 * 1024 + m.IOHDRSZ
 
+#: Bytes asked of each read(2): a 64 KiB Twrite with its header fits in one.
+#: Much larger reads cost more than they save (measured: a 68 KiB read of a
+#: small frame 2 µs, a 512 KiB one 16 µs, the buffer then being mmap'd).
+READ_SIZE = 68 * 1024
+
 #: Idle workers a connection keeps parked for the next requests.
 MAX_IDLE_WORKERS = 4
 #: Seconds a file's release (Tclunk, teardown) may take before it is abandoned.
@@ -446,8 +451,7 @@ class Connection:
                 await self._drained.wait()
                 self._partial_since = None  # our pause does not count against the peer
             elif ready and (job := self._take_ready()) is not None:
-                await self._run_request(*job, scope)
-                if scope.cancel_called:
+                if await self._run_request(*job, scope):
                     return False
             elif not self._leading and self._flushes < self.limits.max_outstanding:
                 self._leading = True
@@ -455,10 +459,8 @@ class Connection:
                     job = await self._lead()
                 finally:
                     self._leading = False
-                if job is not None:
-                    await self._run_request(*job, scope)
-                    if scope.cancel_called:
-                        return False
+                if job is not None and await self._run_request(*job, scope):
+                    return False
             elif len(idle) >= MAX_IDLE_WORKERS:
                 return True
             else:
@@ -527,6 +529,19 @@ class Connection:
         ``frame_timeout`` seconds of its first bytes (_Timeout otherwise)."""
         if self._partial_since is None:
             self._partial_since = trio.current_time()
+        fd = self._fd
+        if fd is not None:
+            # The rest of a large frame is usually there already: read it
+            # without an event loop round trip.
+            try:
+                data = os.read(fd, READ_SIZE)
+            except BlockingIOError:
+                pass
+            else:
+                if not data:
+                    raise _EOF
+                self._frames.feed(data)
+                return
         with trio.move_on_at(self._partial_since + self.limits.frame_timeout):
             await self._read_some()
             return
@@ -541,11 +556,11 @@ class Connection:
             # request is rarely there yet, and this saves a failed read.
             await trio.lowlevel.wait_readable(fd)
             try:
-                data = os.read(fd, 65536)
+                data = os.read(fd, READ_SIZE)
             except BlockingIOError:
                 return
         else:
-            data = await self.stream.receive_some(65536)
+            data = await self.stream.receive_some(READ_SIZE)
         if not data:
             raise _EOF
         self._frames.feed(data)
@@ -707,10 +722,13 @@ class Connection:
         req.finish()
 
     async def _run_request(self, handler: Callable, msg: Any, req: _Request, newfid: int | None,
-                           scope: trio.CancelScope) -> None:
+                           scope: trio.CancelScope) -> bool:
         """Run one request in the calling worker, whose cancel ``scope``
-        becomes the request's; queue its reply, retire its tag, and send
-        (unless the scope was cancelled: the worker sends after leaving it)."""
+        becomes the request's; queue its reply, retire its tag, and send.
+        True when a Tflush or Tversion cancelled it while it ran: ``scope``
+        is spent, and the worker sends the queue after leaving it.  (Our
+        flag, not ``scope.cancel_called``, which reads the clock each time:
+        the worker scopes have no deadline.)"""
         frame = None
         req.started = True
         req.scope = scope
@@ -718,8 +736,8 @@ class Connection:
         self._reserved += reserve
         self.running += 1
         try:
-            if req.cancel_called:  # flushed before it started: no reply
-                return
+            if req.cancel_called:  # flushed before it started: no reply, scope intact
+                return False
             try:
                 # Eager start: run the handler's first step here.  Most
                 # requests finish without ever yielding to trio; only one
@@ -755,8 +773,11 @@ class Connection:
             if req.flush:
                 self._flushes -= 1
             req.finish()
-        if frame is not None and not scope.cancel_called and not self._write_now():
+        if req.cancel_called:
+            return True
+        if frame is not None and not self._write_now():
             await self._transmit()
+        return False
 
     def _log_failure(self, msg: Any, e: Exception) -> None:
         """Log an exception of file code: one short line (message type, tag,
