@@ -17,13 +17,22 @@ no ``-L``: a second export and ``-L stderr`` halve its rate (measured:
 each server's CPU time per operation (utime + stime from /proc/PID/stat
 over the run, divided by its operations) is reported: more stable than
 ops/s, though it still moves with the host (diod measured ~15 µs per getattr
-when the issue was filed and ~30 µs on the same machine since).  So the run
-also measures a floor: the CPU µs per round trip of the least a Python server
-can do, a blocking ``os.read``/``os.write`` loop answering a 19-byte request
-with a 160-byte reply (an Rgetattr's sizes) on loopback TCP -- no 9P, no
-event loop.  PyPI's p9fs ships py9p, whose server needs a filesystem object of
-one's own: it serves no ``ctl`` tree diodload could load, so it is no
-anchor here.  Writes bench/results/ninep.json and prints a table.
+when the issue was filed and ~30 µs on the same machine since).
+
+Two more anchors tell what our server costs from what its parts cost:
+
+- the *trio floor*, bench/ninep_trio_floor.py: canned replies from one trio
+  task per connection (no fids, tags, checks or file code), served to the
+  same diodload loads: what trio's event loop, two syscalls and the codec
+  cost per request, i.e. the most a server on trio could reach;
+- the *Python floor*: a blocking ``os.read``/``os.write`` loop answering a
+  19-byte request with a 160-byte reply (an Rgetattr's sizes) on loopback
+  TCP -- no 9P, no event loop -- with its CPU per round trip.
+
+PyPI's p9fs ships py9p, whose server speaks 9P2000 and 9P2000.u only:
+diodload (like every diod tool) needs 9P2000.L ("error negotiating protocol
+with server" against a 9P2000 Rversion), so py9p cannot serve this load and
+is no anchor here.  Writes bench/results/ninep.json and prints a table.
 
 Targets (issue "ninep"): getattr -n1 ≥ 0.8 × diod and ≤ 20 µs server CPU per
 getattr; getattr -n4 ≥ 0.6 ×; read/write ≥ 0.7 ×.
