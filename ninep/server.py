@@ -84,8 +84,8 @@ in brackets:
   the replies queued and reserved stay within B + (max_outstanding + 1) ×
   SMALL_REPLY + 7 × max_outstanding bytes (``Connection.reply_bytes_held``).
   With the request bodies held (up to max_outstanding Twrites of msize) and
-  the frame being received (msize + 64 KiB), one connection holds at most
-  ``Limits.worst_case_bytes(msize)`` = 73 × msize + 100,109 bytes with the
+  the frame being received (msize + 68 KiB), one connection holds at most
+  ``Limits.worst_case_bytes(msize)`` = 73 × msize + 104,205 bytes with the
   defaults: about 36.6 MiB at the default msize of 512 KiB + 24, 9.2 MiB at
   msize 128 KiB; per server, ``max_connections`` times that.  (What file
   code keeps per open file, such as a directory listing snapshot, comes on
@@ -126,7 +126,7 @@ from .codec import FrameReader, decode, encode, encoders, pack_dirent, pack_stat
 from .dial import listener_address, open_listeners
 from .errors import FsError, ProtocolError
 from .fs import Attr, FileSystem, Node, OpenFile, SetAttr
-from .limits import MAX_ENAME, SMALL_REPLY, Limits, LogLimiter, shorten
+from .limits import MAX_ENAME, READ_SIZE, SMALL_REPLY, Limits, LogLimiter, shorten
 from .qid import QTDIR
 
 log = logging.getLogger("ninep.server")
@@ -136,11 +136,6 @@ Dialect = m.Dialect
 
 #: The largest msize we offer; clients may ask for less.
 DEFAULT_MSIZE = 512 * 1024 + m.IOHDRSZ
-
-#: Bytes asked of each read(2): a 64 KiB Twrite with its header fits in one.
-#: Much larger reads cost more than they save (measured: a 68 KiB read of a
-#: small frame 2 µs, a 512 KiB one 16 µs, the buffer then being mmap'd).
-READ_SIZE = 68 * 1024
 
 #: Idle workers a connection keeps parked for the next requests.
 MAX_IDLE_WORKERS = 4

@@ -80,7 +80,7 @@ def test_limits_defaults_and_validation():
             Limits(**bad)
     # the documented worst case, as a function of msize
     msize = DEFAULT_MSIZE
-    assert lim.worst_case_bytes(msize) == (8 * msize + 65 * SMALL_REPLY + 64 * 7) + 64 * msize + msize + 65536
+    assert lim.worst_case_bytes(msize) == (8 * msize + 65 * SMALL_REPLY + 64 * 7) + 64 * msize + msize + 68 * 1024
     assert lim.worst_case_bytes(msize) < 40 << 20
 
 
