@@ -390,6 +390,32 @@ async def test_a_partial_frame_must_arrive_within_frame_timeout(memfs, caplog):
     assert any("partial frame" in r.getMessage() for r in caplog.records)
 
 
+async def test_a_frame_cut_by_eof_closes_at_once_and_large_frames_arrive_whole(memfs, caplog):
+    caplog.set_level(logging.INFO, logger="ninep.server")
+    async with serving(memfs, limits=Limits(frame_timeout=30)) as (server, addr):
+        # a Twrite several reads long, sent in one piece and in pieces
+        w = await _session(addr, msize=1 << 20)
+        await w.rpc(m.Tlcreate(tag=1, fid=1, name="f", flags=m.P9_DOTL_RDWR, mode=0o644, gid=0))
+        data = bytes(range(256)) * 1000
+        frame = encode(m.Twrite(tag=1, fid=1, offset=0, data=data), L)
+        await w.send_raw(frame)
+        assert (await w.recv()).count == len(data)
+        await w.send_raw(frame[:100_000])
+        await trio.sleep(0.05)
+        await w.send_raw(frame[100_000:])
+        assert (await w.recv()).count == len(data)
+        assert (await w.rpc(m.Tread(tag=1, fid=1, offset=0, count=len(data)))).data == data
+        # the peer hangs up in the middle of a frame: closed now, not at frame_timeout
+        await w.send_raw(frame[:70_000])
+        await w.stream.send_eof()
+        t0 = trio.current_time()
+        assert await w.closed(timeout=5)
+        assert trio.current_time() - t0 < 3
+        with trio.fail_after(5):
+            while server.connections:
+                await trio.sleep(0.01)
+
+
 async def test_connections_that_never_attach_are_closed(memfs, caplog):
     async with serving(memfs, limits=Limits(attach_timeout=0.3)) as (server, addr):
         idle = await Wire.open(addr)  # says nothing at all
