@@ -1,15 +1,17 @@
 """The least a trio 9P server can do: canned replies, no checks (an anchor).
 
-One trio task per connection waits for its socket (``wait_readable``),
-reads, cuts frames, answers each with a reply built from the request alone
-(Rversion, Rlerror to Tauth, Rattach, Rwalk, Rlopen, Rgetattr of a fixed
-file, Rread of zeros, Rwrite of the count, Rclunk) and writes all the
-replies of one read with one write(2) (trio's send_all only for what
-the kernel did not take).  No fids, no tags, no cancel scopes,
-no file code: what it costs per request is the event loop, two syscalls and
-the codec.  bench/ninep_bench.py serves diodload with it, beside diod and
+One trio task per connection waits for its socket (``wait_readable``: trio's
+epoll), reads up to READ_SIZE bytes as our server does, cuts frames,
+answers each with a reply built from the request alone (Rversion, Rlerror
+to Tauth, Rattach, Rwalk, Rlopen, Rgetattr of a fixed file, Rread of zeros,
+Rwrite of the count, Rclunk) and writes all the replies of one read with
+one write(2) (trio's send_all only for what the kernel did not take).  No
+fids, no tags, no cancel scopes, no file code: what it costs per request is
+the event loop, its epoll calls, one read(2) and one write(2), and the
+codec.  bench/ninep_bench.py serves diodload with it, beside diod and
 ``python -m ninep serve``, to tell the cost of trio from the cost of our
-server.  Speaks 9P2000.L only; unsafe for anything but a benchmark.
+server.  Speaks 9P2000.L only and trusts its peer (a malformed frame ends
+the process): a benchmark's anchor, nothing more.
 
     python bench/ninep_trio_floor.py PORT
 """
@@ -28,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ninep import messages as m  # noqa: E402
 from ninep.codec import encode  # noqa: E402
+from ninep.limits import READ_SIZE  # noqa: E402
 from ninep.qid import Qid  # noqa: E402
 
 L = m.Dialect.L
@@ -66,21 +69,23 @@ def reply(typ: int, tag: int, frame: bytes) -> bytes:
 
 async def connection(stream: trio.SocketStream) -> None:
     fd = stream.socket.fileno()
-    buf = b""
+    buf = bytearray()
     while True:
         await trio.lowlevel.wait_readable(fd)
-        data = os.read(fd, 1 << 20)
+        data = os.read(fd, READ_SIZE)
         if not data:
             return
         buf += data
         out = []
-        while len(buf) >= 7:
-            (size,) = struct.unpack_from("<I", buf)
-            if len(buf) < size:
+        at = 0
+        while len(buf) - at >= 7:
+            (size,) = struct.unpack_from("<I", buf, at)
+            if len(buf) - at < size:
                 break
-            frame, buf = buf[:size], buf[size:]
-            typ, tag = struct.unpack_from("<BH", frame, 4)
-            out.append(reply(typ, tag, frame))
+            typ, tag = struct.unpack_from("<BH", buf, at + 4)
+            out.append(reply(typ, tag, bytes(buf[at:at + size])))
+            at += size
+        del buf[:at]
         if out:
             data = b"".join(out)
             try:

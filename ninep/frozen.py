@@ -33,9 +33,14 @@ def frozen(cls: T) -> T:
     arguments, the same defaults) and the same errors for missing or unknown
     arguments (TypeError).  Classes with ``__post_init__``, ``InitVar``s,
     ``default_factory``, ``init=False`` or keyword-only fields keep the
-    dataclass ``__init__``.
+    dataclass ``__init__``, and a class that writes its own ``__init__``
+    keeps it.  (Field names must not start with ``_set_`` or ``_default_``,
+    the generated code's own names.)
     """
+    own_init = "__init__" in cls.__dict__
     cls = dataclasses.dataclass(frozen=True, slots=True)(cls)
+    if own_init:  # dataclass keeps an __init__ written in the class; so do we
+        return cls
     fields = dataclasses.fields(cls)
     plain = all(f.init and not f.kw_only and f.default_factory is dataclasses.MISSING for f in fields)
     if not plain or hasattr(cls, "__post_init__") or any(
@@ -54,6 +59,7 @@ def frozen(cls: T) -> T:
     src = f"def __init__(self, {', '.join(params)}):\n" + ("\n".join(body) or "    pass") + "\n"
     exec(compile(src, f"<ninep.frozen {cls.__qualname__}.__init__>", "exec"), ns)
     init = ns["__init__"]
+    init.__annotations__ = dict(cls.__init__.__annotations__)  # as the dataclass __init__ had them
     init.__qualname__ = f"{cls.__qualname__}.__init__"
     init.__module__ = cls.__module__
     cls.__init__ = init

@@ -108,7 +108,6 @@ from __future__ import annotations
 import dataclasses
 import errno
 import logging
-import math
 import os
 from collections import deque
 import stat as st
@@ -136,6 +135,12 @@ Dialect = m.Dialect
 
 #: The largest msize we offer; clients may ask for less.
 DEFAULT_MSIZE = 512 * 1024 + m.IOHDRSZ
+
+#: Frames dispatched or reads done by one connection without waiting for its
+#: socket before it yields to the event loop: a peer that keeps its socket
+#: full never has to wait, and must not hold the loop (other connections,
+#: timeouts, shutdown) for longer than this many steps.
+STEPS_BEFORE_YIELD = 64
 
 #: Idle workers a connection keeps parked for the next requests.
 MAX_IDLE_WORKERS = 4
@@ -353,6 +358,7 @@ class Connection:
         self._nursery: trio.Nursery | None = None
         self.closed_reason: str | None = None
         self._frames = FrameReader(self.limits.pre_version_frame)
+        self._steps = 0  # frames dispatched and reads done since the last wait (STEPS_BEFORE_YIELD)
         self._partial_since: float | None = None  # when we began waiting for the rest of a frame
         self._attached = trio.Event()  # set by the first successful Tattach
         self._ready: deque[tuple[Callable, Any, _Request, int | None]] = deque()
@@ -489,6 +495,10 @@ class Connection:
         there is none).  Returns the request to run at once, when it is the
         only one ready and may start (the common case: no ready-queue round
         trip on the way from read to reply); None otherwise."""
+        self._steps += 1
+        if self._steps >= STEPS_BEFORE_YIELD:
+            self._steps = 0
+            await trio.lowlevel.checkpoint()
         frames = self._frames
         frame = frames.next_frame()
         if frame is None:
@@ -550,6 +560,7 @@ class Connection:
             # Wait first, then read: on a request/response stream the next
             # request is rarely there yet, and this saves a failed read.
             await trio.lowlevel.wait_readable(fd)
+            self._steps = 0
             try:
                 data = os.read(fd, READ_SIZE)
             except BlockingIOError:

@@ -82,3 +82,15 @@ def test_messages_qids_and_attrs_use_it():
     assert Attr(qid=q, mode=0o644).blksize == 4096
     with pytest.raises(dataclasses.FrozenInstanceError):
         r.size = 1  # type: ignore[misc]
+
+
+def test_an_init_of_its_own_is_kept_and_annotations_are_those_of_dataclass():
+    @frozen
+    class Own:
+        a: int
+
+        def __init__(self, a: int, scale: int) -> None:
+            object.__setattr__(self, "a", a * scale)
+
+    assert Own(2, 3).a == 6
+    assert Point.__init__.__annotations__ == {"x": "int", "y": "int", "label": "str", "return": None}

@@ -416,6 +416,70 @@ async def test_a_frame_cut_by_eof_closes_at_once_and_large_frames_arrive_whole(m
                 await trio.sleep(0.01)
 
 
+#: A peer that keeps its socket full: Tversion, Tattach, a file made, then
+#: Twrites of 1000 bytes (frames of 1,023 bytes: reads of READ_SIZE end
+#: between two frames once in 1,023) as fast as the kernel takes them, tag
+#: 1 each time (each is answered before the next is read), its replies read
+#: and dropped by a thread; for 15 s.
+FLOOD = r"""
+import socket, sys, threading, time
+sys.path.insert(0, sys.argv[2])
+from ninep import messages as m
+from ninep.codec import encode
+L = m.Dialect.L
+host, port = sys.argv[1].split("!")[1:]
+s = socket.create_connection((host, int(port)))
+s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+for msg in (m.Tversion(tag=m.NOTAG, msize=65560 + 4096, version="9P2000.L"),
+            m.Tattach(tag=1, fid=0, afid=m.NOFID, uname="u", aname="", n_uname=0),
+            m.Twalk(tag=1, fid=0, newfid=1, wnames=()),
+            m.Tlcreate(tag=1, fid=1, name="flood", flags=m.P9_DOTL_RDWR, mode=0o644, gid=0)):
+    s.sendall(encode(msg, L))
+    s.recv(65536)
+threading.Thread(target=lambda: [None for _ in iter(lambda: s.recv(1 << 20), b"")], daemon=True).start()
+batch = encode(m.Twrite(tag=1, fid=1, offset=0, data=b"f" * 1000), L) * 1024
+print("flooding", flush=True)
+end = time.monotonic() + 15
+while time.monotonic() < end:
+    s.sendall(batch)
+"""
+
+
+async def test_a_peer_that_keeps_its_socket_full_does_not_hold_the_server(memfs, monkeypatch):
+    """Frames that are always there to read never make the connection
+    wait; it still yields to the event loop (STEPS_BEFORE_YIELD), so other
+    connections are served meanwhile.  (Writes take 100 µs of file code
+    that never yields here, so that the peer outruns the server.)"""
+    from ninep import memfs as memfs_module
+
+    write = memfs_module._MemFile.write
+
+    async def slow_write(self, offset, data):
+        time.sleep(0.0001)
+        return await write(self, offset, data)
+
+    monkeypatch.setattr(memfs_module._MemFile, "write", slow_write)
+    async with serving(memfs) as (server, addr):
+        flood = subprocess.Popen([sys.executable, "-c", FLOOD, addr, str(Path(__file__).resolve().parents[2])],
+                                 stdout=subprocess.PIPE, text=True)
+        try:
+            assert await trio.to_thread.run_sync(flood.stdout.readline) == "flooding\n"
+            await trio.sleep(0.5)
+            [flooder] = server.connections
+            before = flooder.requests_seen
+            for _ in range(5):
+                t0 = trio.current_time()
+                w = await _session(addr)
+                r = await w.rpc(m.Tgetattr(tag=1, fid=1, request_mask=m.P9_GETATTR_BASIC))
+                assert isinstance(r, m.Rgetattr)
+                assert trio.current_time() - t0 < 2.0
+                await w.aclose()
+            assert flood.poll() is None and flooder.requests_seen - before > 1000  # flooding all along
+        finally:
+            flood.kill()
+            flood.wait()
+
+
 async def test_connections_that_never_attach_are_closed(memfs, caplog):
     async with serving(memfs, limits=Limits(attach_timeout=0.3)) as (server, addr):
         idle = await Wire.open(addr)  # says nothing at all
