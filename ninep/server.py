@@ -460,8 +460,11 @@ class Connection:
                     job = await self._lead()
                 finally:
                     self._leading = False
-                if job is not None and await self._run_request(*job, scope):
-                    return False
+                if job is not None:
+                    if await self._run_request(*job, scope):
+                        return False
+                elif not self._write_now():
+                    await self._transmit()
             elif len(idle) >= MAX_IDLE_WORKERS:
                 return True
             else:
@@ -517,12 +520,13 @@ class Connection:
         self.requests_seen += 1
         if self.trace:
             trace_log.debug("%s <- %r", self.peer, redacted(msg))
+        # A reply queued here is sent by the caller once it no longer leads:
+        # a leader blocked in a send to a peer that does not read would stop
+        # every other worker reading (the reply budget bounds what we queue).
         if type(msg) is m.Tversion:
             await self._version(msg)
-            await self._transmit()
             return None
         if self._dispatch(msg, len(frame)):  # answered at once (refused)
-            await self._transmit()
             return None
         ready = self._ready
         if len(ready) == 1 and self._outq_bytes <= self._budget:

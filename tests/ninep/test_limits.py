@@ -147,8 +147,12 @@ async def test_twenty_thousand_clones_are_not_kept(memfs):
         w = await _session(addr)
         conn = _conn(server)
         n = 20000
-        await w.send_raw(b"".join(encode(m.Twalk(tag=i % 50000, fid=1, newfid=i + 2, wnames=()), L)
-                                  for i in range(n)))
+        # ~340 KB of requests sent before any reply is read: the server must
+        # read on while its refusals wait in its queue (the reply budget is
+        # 512 KB), even when the worker that read them blocks sending.
+        with trio.fail_after(30):
+            await w.send_raw(b"".join(encode(m.Twalk(tag=i % 50000, fid=1, newfid=i + 2, wnames=()), L)
+                                      for i in range(n)))
         errors = 0
         for _ in range(n):
             r = await w.recv(timeout=20)
