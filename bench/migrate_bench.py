@@ -8,14 +8,18 @@ QEMU driver on a 3-server ZooKeeper ensemble (tests/cluster/hosts.py), one
 guest whose user-data writes a rising counter into its env every 0.1 s,
 retrying a failed write with the same number.  The guest is moved d1 → d2
 → d1 … N times; per move: seconds from the ctl write to the record naming
-the new host (state running), the VM's pause reported by QEMU (downtime),
+the new host (state running), the VM's pause (the ``move`` line's: QEMU's
+downtime plus the disk copy and the load on the other host),
 how long the counter stood still as seen by a host reading it every 50 ms
 (the guest's /cloud comes back by itself: cloudfs-watch), and whether any
 value went back.  The anchor: the same guest image, flavor and accelerator
 migrated QEMU to QEMU N times (total time and downtime).  CPU time of the
-daemons per move beside it.  Writes bench/results/migrate.json.
+daemons per move beside it.  Then the same moves of a guest that first
+wrote ``--disk-mib`` MiB of random data on its scratch disk (each move
+carries them while the VM is paused), against ``cp --sparse=never`` of a
+file holding as much data.  Writes bench/results/migrate.json.
 
-    .venv/bin/python bench/migrate_bench.py [--moves 6]
+    .venv/bin/python bench/migrate_bench.py [--moves 6] [--disk-mib 64]
 """
 
 from __future__ import annotations
@@ -91,7 +95,12 @@ def cpu_s(pid: int) -> float:
     return total
 
 
-async def moves(n: int, image) -> dict:
+async def moves(n: int, image, disk_mib: int = 0) -> dict:
+    """N moves of the counting guest; with ``disk_mib``, the guest first
+    writes that many MiB on its scratch disk, which each move carries."""
+    # random data: zeros are not carried (the copy's fresh disk reads zeros)
+    userdata = COUNTER if not disk_mib else \
+        f"dd if=/dev/urandom of=/dev/vda bs=1M count={disk_mib} conv=fsync 2>/dev/null\n" + COUNTER
     with tempfile.TemporaryDirectory(prefix="migrate-bench-") as tmp:
         cluster = Cluster(pathlib.Path(tmp) / "cluster", n_daemons=2, session_timeout=10.0, driver="qemu")
         try:
@@ -103,7 +112,7 @@ async def moves(n: int, image) -> dict:
             try:
                 async with open_client(cluster.socket(1)) as c:
                     pid = int(await ctl(c, 1, "fork"))
-                    await c.write_file(f"proc/{pid}/userdata", COUNTER.encode())
+                    await c.write_file(f"proc/{pid}/userdata", userdata.encode())
                     await ctl(c, pid, "exec tiny")
                 with trio.fail_after(120):
                     while not list((cluster.state_dir(1) / "vms").iterdir()):
@@ -156,11 +165,11 @@ async def moves(n: int, image) -> dict:
                     back = any(b[1] < a[1] for a, b in zip(window, window[1:]))
                     paused = st["move"].split("(paused ")[-1].split(" ms")[0] if "(paused" in st["move"] else None
                     rows.append({"to": to, "ctl_to_moved_s": round(moved, 3),
-                                 "qemu_downtime_ms": int(paused) if paused and paused.isdigit() else None,
+                                 "paused_ms": int(paused) if paused and paused.isdigit() else None,
                                  "counter_stalled_s": round(stall, 3), "counter_went_back": back,
                                  "daemons_cpu_s": round(cpu, 3)})
-                    print(f"move {k + 1} to {to}: {moved:.2f} s, QEMU paused {paused} ms, counter still "
-                          f"{stall:.2f} s, daemons' CPU {cpu:.2f} s", flush=True)
+                    print(f"move {k + 1} to {to} ({disk_mib} MiB disk): {moved:.2f} s, paused {paused} ms, "
+                          f"counter still {stall:.2f} s, daemons' CPU {cpu:.2f} s", flush=True)
                 nursery.cancel_scope.cancel()
             async with open_client(cluster.socket(2)) as c:
                 await ctl(c, pid, "kill")
@@ -204,13 +213,32 @@ async def anchor(n: int, image) -> dict:
             await trio.to_thread.run_sync(d.kill_all)
 
 
-async def run(n: int) -> dict:
+def copy_anchor(disk_mib: int) -> float:
+    """Seconds ``cp --sparse=never`` takes to copy a file holding
+    ``disk_mib`` MiB of random data on this machine's temporary directory
+    (the least a disk copy costs), median of 3."""
+    import subprocess
+    times = []
+    with tempfile.TemporaryDirectory(prefix="migrate-disk-") as tmp:
+        src = pathlib.Path(tmp) / "src"
+        src.write_bytes(os.urandom(disk_mib << 20))
+        for _ in range(3):
+            t0 = time.monotonic()
+            subprocess.run(["cp", "--sparse=never", str(src), str(pathlib.Path(tmp) / "dst")], check=True)
+            times.append(time.monotonic() - t0)
+            (pathlib.Path(tmp) / "dst").unlink()
+    return statistics.median(times)
+
+
+async def run(n: int, disk_mib: int) -> dict:
     image = await trio.to_thread.run_sync(lambda: build_tiny(CACHE_DIR, progress=lambda _l: None))
     a = await anchor(n, image)
     m = await moves(n, image)
+    md = await moves(n, image, disk_mib)
+    cp_s = await trio.to_thread.run_sync(copy_anchor, disk_mib)
     moved = [r["ctl_to_moved_s"] for r in m["rows"]]
     direct = [r["total_s"] for r in a["rows"]]
-    down = [r["qemu_downtime_ms"] for r in m["rows"] if r["qemu_downtime_ms"] is not None]
+    down = [r["paused_ms"] for r in m["rows"] if r["paused_ms"] is not None]
     down_a = [r["qemu_downtime_ms"] for r in a["rows"] if r["qemu_downtime_ms"] is not None]
     return {
         "what": "migrate HOST of a running tiny guest between two hosts' daemons (network namespaces, TCG), "
@@ -219,11 +247,24 @@ async def run(n: int) -> dict:
         "ctl_to_moved_p50_s": round(statistics.median(moved), 3),
         "anchor_total_p50_s": round(statistics.median(direct), 3),
         "moved_over_anchor_time": round(statistics.median(moved) / statistics.median(direct), 3),
-        "qemu_downtime_p50_ms": statistics.median(down) if down else None,
+        "paused_p50_ms": statistics.median(down) if down else None,
         "anchor_downtime_p50_ms": statistics.median(down_a) if down_a else None,
         "counter_stalled_max_s": max(r["counter_stalled_s"] for r in m["rows"]),
         "counter_went_back": any(r["counter_went_back"] for r in m["rows"]),
         "daemons_cpu_per_move_p50_s": round(statistics.median(r["daemons_cpu_s"] for r in m["rows"]), 3),
+        "with_disk": {
+            "what": f"the same guest having written {disk_mib} MiB of random data on its scratch disk: each move "
+                    "carries them while the VM is paused; anchor: cp --sparse=never of a file with as much data",
+            "disk_mib": disk_mib, "moves": md["rows"],
+            "ctl_to_moved_p50_s": round(statistics.median(r["ctl_to_moved_s"] for r in md["rows"]), 3),
+            "counter_stalled_p50_s": round(statistics.median(r["counter_stalled_s"] for r in md["rows"]), 3),
+            "counter_stalled_p50_s_without_disk":
+                round(statistics.median(r["counter_stalled_s"] for r in m["rows"]), 3),
+            "counter_went_back": any(r["counter_went_back"] for r in md["rows"]),
+            "paused_p50_ms": statistics.median([r["paused_ms"] for r in md["rows"] if r["paused_ms"] is not None]
+                                               or [None]),
+            "cp_anchor_s": round(cp_s, 3),
+        },
         "host": {"cpus": os.cpu_count(), "machine": platform.machine(), "python": platform.python_version()},
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
@@ -232,15 +273,20 @@ async def run(n: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--moves", type=int, default=6)
+    ap.add_argument("--disk-mib", type=int, default=64, help="MiB the guest writes on its disk for the second set")
     args = ap.parse_args()
-    result = trio.run(run, args.moves)
+    result = trio.run(run, args.moves, args.disk_mib)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=2) + "\n")
     print(f"migrate: ctl → moved p50 {result['ctl_to_moved_p50_s']:.2f} s (anchor, QEMU to QEMU: "
-          f"{result['anchor_total_p50_s']:.2f} s; ratio {result['moved_over_anchor_time']:.2f}); QEMU paused p50 "
-          f"{result['qemu_downtime_p50_ms']} ms (anchor {result['anchor_downtime_p50_ms']} ms); the guest's counter "
+          f"{result['anchor_total_p50_s']:.2f} s; ratio {result['moved_over_anchor_time']:.2f}); paused p50 "
+          f"{result['paused_p50_ms']} ms (anchor {result['anchor_downtime_p50_ms']} ms); the guest's counter "
           f"stood still {result['counter_stalled_max_s']:.2f} s at most, went back: {result['counter_went_back']}; "
-          f"results in {RESULTS}")
+          f"with {args.disk_mib} MiB written on its disk: moved p50 {result['with_disk']['ctl_to_moved_p50_s']:.2f} s, "
+          f"paused p50 {result['with_disk']['paused_p50_ms']} ms, "
+          f"counter still p50 {result['with_disk']['counter_stalled_p50_s']:.2f} s (without: "
+          f"{result['with_disk']['counter_stalled_p50_s_without_disk']:.2f} s; cp of the data "
+          f"{result['with_disk']['cp_anchor_s']:.2f} s); results in {RESULTS}")
 
 
 if __name__ == "__main__":

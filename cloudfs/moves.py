@@ -9,14 +9,30 @@ address (its ``/hosts`` entry's ``migrate``):
 
 1. S writes ``moves/<pid>`` (ephemeral: it goes with S's session) naming D's
    host and a random token, and connects to D.
-2. S sends one JSON line: pid, token, image, flavor, accelerator, name.  D
-   checks it against ``moves/<pid>`` (the token, its own host name), starts
-   a paused QEMU for the pid (``-incoming``, ``-S``; its directory marked
-   *incoming*), answers ``ready``.
+2. S sends one JSON line: protocol version (``v``, PROTOCOL), pid, token,
+   image, flavor, accelerator, name.  D checks it against ``moves/<pid>``
+   (the token, its own host name), starts a paused QEMU for the pid
+   (``-incoming``, ``-S``; its directory marked *incoming*), answers
+   ``ready 2`` (the protocol version: S goes on only if it is its own).
 3. S's QEMU migrates into a socket pair whose other end S relays to the TCP
-   connection, then S closes its sending side; D relays into its QEMU's
-   socket pair, waits until the state is loaded and answers ``loaded <id>``.
-   The source is paused then (``postmigrate``); the copy waits paused.
+   connection as ``M`` frames; D relays them into its QEMU's socket pair.
+   When QEMU is done the source is paused (``postmigrate``) and its scratch
+   disk no longer changes: S sends what the guest wrote on it (its data
+   extents, cloudfs.drivers.extents, less what reads as zeros) as ``D``
+   frames, which D writes into its copy's fresh scratch disk, then ``E``.
+   D waits until the state is loaded and answers ``loaded <id>``; the copy
+   waits paused.  Frames::
+
+       M len[4] data[len]               migration stream (len <= CHUNK)
+       D offset[8] len[4] data[len]     scratch disk bytes (len <= DISK_CHUNK)
+       E                                the end
+
+   (little-endian).  The disk is copied while the VM is paused, so the
+   pause grows with what the guest wrote (bench/results/migrate.json); the
+   ``move`` line's ``paused N ms`` is QEMU's downtime plus the time from
+   QEMU's end to ``loaded`` (at least the pause: the commit and the copy's
+   ``cont`` come after it).  D checks each frame before it reads its data,
+   but learns that its QEMU could not load the state only after ``E``.
 4. The commit is one compare-and-set of the process record: its VM, host
    and scope become D's (state as desired, ``move`` says ``from A to B at
    T``).  Then S deletes ``moves/<pid>`` and ends its copy; ownership passes
@@ -34,8 +50,13 @@ copies marked *incoming* and settles them the same way (:meth:`Moves.recover`).
 
 Bounds: a daemon takes MAX_INCOMING moves at once (more are refused), the
 JSON line is at most HEADER_MAX bytes and must come within HEADER_TIMEOUT
-seconds, the stream at most the VM's RAM plus STREAM_SLACK bytes, the whole
-transfer at most MOVE_TIMEOUT seconds.
+seconds, the migration stream at most the VM's RAM plus STREAM_SLACK bytes,
+disk frames only within the copy's scratch disk and at most its size in
+all, the whole transfer at most MOVE_TIMEOUT seconds; a move's buffers hold
+at most about 3 × DISK_CHUNK + 2 × CHUNK + HEADER_MAX bytes (3.2 MiB: the
+data of a frame being written, and the next one read).  Anything else (an
+unknown frame, a frame too long, disk data out of range, another protocol
+version) is refused with ``failed <why>`` and the copy removed.
 
 The guest's 9P connection does not survive a move (user-mode networking
 keeps no TCP state): the guest's ``cloudfs-watch`` notices that its fw_cfg
@@ -48,8 +69,10 @@ import errno
 import hmac
 import json
 import logging
+import os
 import secrets
 import socket
+import struct
 
 import trio
 
@@ -58,6 +81,7 @@ from ninep.errors import FsError
 
 from . import decisions as d
 from .drivers.base import DriverError, NotFound, Server
+from .drivers.extents import copy_ranges
 from .drivers.qemu import FLAVORS, QemuDriver
 from .hosts import Hosts
 from .procdata import ProcData
@@ -80,8 +104,20 @@ CONNECT_TIMEOUT = 10.0
 MOVE_TIMEOUT = 120.0
 #: Bytes a migration stream may hold beyond the VM's RAM (device state).
 STREAM_SLACK = 64 << 20
-#: Relay buffer (bytes).
+#: Relay buffer (bytes): the most data one ``M`` frame carries.
 CHUNK = 1 << 16
+#: The most data one ``D`` frame carries (bytes).
+DISK_CHUNK = 1 << 20
+#: Data extents of the scratch disk less than this many bytes apart are
+#: read and sent as one (a frame and a read per small extent saved).
+DISK_GAP = 1 << 16
+#: The version of the move protocol (the request's ``v``, the ``ready``
+#: answer's); both ends must speak it.
+PROTOCOL = 2
+READY = b"ready %d\n" % PROTOCOL
+_ZEROS = bytes(DISK_CHUNK)
+_M = struct.Struct("<cI")   # b"M", len
+_D = struct.Struct("<cQI")  # b"D", offset, len
 
 
 class MoveFailed(FsError):
@@ -173,7 +209,7 @@ class Moves:
                 copy, stats = await self._send(pid, rec.ppid, vm, target.migrate, token, spec)
             server = Server(copy, rec.name, "running", host, tuple(rec.addresses))
             with trio.CancelScope(shield=True):  # once sent, the commit's outcome must be known
-                landed = await self._commit(pid, vm, server, target.scope, path, version, stats.get("downtime"))
+                landed = await self._commit(pid, vm, server, target.scope, path, version, stats.get("paused"))
         except BaseException as e:
             with trio.CancelScope(shield=True):
                 await self._give_up(pid, vm, host, path, _leaf(e))
@@ -189,8 +225,9 @@ class Moves:
             if not landed:
                 await self._give_up(pid, vm, host, path, MoveFailed(errno.EAGAIN, "the move was not recorded"))
                 return
-            log.info("moved pid %d from %s to %s (%s); downtime %s ms, %s bytes", pid, vm, host, copy,
-                     stats.get("downtime"), stats.get("ram", {}).get("transferred"))
+            log.info("moved pid %d from %s to %s (%s); paused %s ms (QEMU's downtime %s ms), %s bytes of RAM, "
+                     "%s of disk", pid, vm, host, copy, stats.get("paused"), stats.get("downtime"),
+                     stats.get("ram", {}).get("transferred"), stats.get("disk"))
             await self._delete(path)
             try:
                 await trio.to_thread.run_sync(self.driver.end_moved, vm)
@@ -243,45 +280,90 @@ class Moves:
         with trio.fail_after(CONNECT_TIMEOUT):
             stream = await trio.open_tcp_stream(where.host, where.port)
         async with stream:
-            header = {"pid": pid, "ppid": ppid, "token": token, **spec}
+            header = {"v": PROTOCOL, "pid": pid, "ppid": ppid, "token": token, **spec}
             await stream.send_all(json.dumps(header).encode() + b"\n")
             buf = bytearray()
             answer = await _line(stream, buf)
-            if answer != b"ready":
+            if answer + b"\n" != READY:
                 raise MoveFailed(errno.EIO, "the other daemon refused: " + answer.decode(errors="replace")[:200])
-            mine, theirs = socket.socketpair()
+            stats: dict = {}
             try:
-                stats: dict = {}
-
-                async def migrate():
+                await self._stream_out(stream, vm, stats)
+                done = trio.current_time()  # QEMU is done: the VM is paused from here on
+                stats["disk"] = await self._send_disk(stream, vm)
+                await stream.send_all(b"E")
+            except BaseException as e:
+                if not _hung_up(e):
+                    raise
+                # The other daemon refused something and hung up: its reason
+                # (a ``failed`` line) may have come before the reset.
+                why = None
+                with trio.move_on_after(2):
                     try:
-                        stats.update(await trio.to_thread.run_sync(self.driver.migrate_out, vm, theirs.fileno()))
-                    finally:
-                        theirs.close()  # QEMU holds its own copy until the migration ends
-
-                async def relay(source: trio.socket.SocketType):
-                    try:
-                        while True:
-                            chunk = await source.recv(CHUNK)
-                            if not chunk:
-                                break
-                            await stream.send_all(chunk)
-                        await stream.send_eof()
-                    except BaseException:
-                        source.close()  # QEMU's next write fails: the migration ends, the VM runs on
-                        raise
-
-                async with trio.open_nursery() as n:
-                    n.start_soon(migrate)
-                    n.start_soon(relay, trio.socket.from_stdlib_socket(mine))
-            finally:
-                mine.close()
-                theirs.close()
+                        why = await _line(stream, buf)
+                    except (MoveFailed, trio.BrokenResourceError, trio.ClosedResourceError):
+                        pass
+                if why is None:
+                    raise
+                raise MoveFailed(errno.EIO, "the other daemon refused: " + why.decode(errors="replace")[:200]) \
+                    from None
             answer = await _line(stream, buf)
+            if isinstance(stats.get("downtime"), int):
+                # QEMU's own downtime counts only its last round; the disk
+                # copy and the load come after it, with the VM still paused.
+                stats["paused"] = stats["downtime"] + round((trio.current_time() - done) * 1000)
             if not answer.startswith(b"loaded "):
                 raise MoveFailed(errno.EIO, "the other daemon could not load the VM: "
                                  + answer.decode(errors="replace")[:200])
             return answer[len(b"loaded "):].decode(errors="replace").strip(), stats
+
+    async def _stream_out(self, stream: trio.SocketStream, vm: str, stats: dict) -> None:
+        """QEMU migrates ``vm`` into a socket pair whose other end is relayed
+        to ``stream`` as ``M`` frames; ``stats`` gets QEMU's statistics.
+        Returns when QEMU is done (the VM paused)."""
+        mine, theirs = socket.socketpair()
+        try:
+            async def migrate():
+                try:
+                    stats.update(await trio.to_thread.run_sync(self.driver.migrate_out, vm, theirs.fileno()))
+                finally:
+                    theirs.close()  # QEMU holds its own copy until the migration ends
+
+            async def relay(source: trio.socket.SocketType):
+                try:
+                    while True:
+                        chunk = await source.recv(CHUNK)
+                        if not chunk:
+                            break
+                        await stream.send_all(_M.pack(b"M", len(chunk)) + chunk)
+                except BaseException:
+                    source.close()  # QEMU's next write fails: the migration ends, the VM runs on
+                    raise
+
+            async with trio.open_nursery() as n:
+                n.start_soon(migrate)
+                n.start_soon(relay, trio.socket.from_stdlib_socket(mine))
+        finally:
+            mine.close()
+            theirs.close()
+
+    async def _send_disk(self, stream: trio.SocketStream, vm: str) -> int:
+        """Send what the guest of ``vm`` (paused now) wrote on its scratch
+        disk as ``D`` frames; the bytes sent."""
+        fd, extents = await trio.to_thread.run_sync(self.driver.scratch_out, vm)
+        sent = 0
+        try:
+            for off, n in copy_ranges(extents, DISK_CHUNK, DISK_GAP):
+                data = await trio.to_thread.run_sync(os.pread, fd, n, off)
+                if len(data) != n:
+                    raise MoveFailed(errno.EIO, "the scratch disk shrank while it was sent")
+                if data == _ZEROS[:n]:
+                    continue  # the copy's fresh disk reads zeros there already
+                await stream.send_all(_D.pack(b"D", off, n) + data)
+                sent += n
+        finally:
+            os.close(fd)
+        return sent
 
     async def _commit(self, pid: int, vm: str, server: Server, scope: str, path: str, version: int,
                       downtime: object = None) -> bool | None:
@@ -470,6 +552,11 @@ class Moves:
             raw = await _line(stream, buf)
         try:
             h = json.loads(raw)
+            if not isinstance(h, dict):
+                raise ValueError("not an object")
+            if h.get("v") != PROTOCOL:
+                raise MoveFailed(errno.EPROTO, f"move protocol {str(h.get('v'))[:20]} not spoken here "
+                                               f"(this daemon speaks {PROTOCOL})")
             pid, ppid, token = h["pid"], h["ppid"], h["token"]
             spec = {k: h[k] for k in ("image", "flavor", "accel", "name")}
             if not all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in (pid, ppid)) \
@@ -483,39 +570,60 @@ class Moves:
         except ValueError:
             move = {}
         if not isinstance(move, dict) or move.get("to") != self.hosts.me.name \
-                or not hmac.compare_digest(str(move.get("token", "")), token):
+                or not hmac.compare_digest(str(move.get("token", "")).encode(errors="replace"),
+                                           token.encode(errors="replace")):
             raise MoveFailed(errno.EACCES, f"no move of process {pid} to this host")
         userdata = await self.data.userdata(pid)
         mine, theirs = socket.socketpair()
         copy = None
+        disk = -1
         try:
             copy = await trio.to_thread.run_sync(self.driver.incoming_start, pid, ppid, spec, userdata,
                                                  theirs.fileno())
             theirs.close()
-            await stream.send_all(b"ready\n")
+            await stream.send_all(READY)
             limit = (FLAVORS[spec["flavor"]][0] << 20) + STREAM_SLACK
             sink = trio.socket.from_stdlib_socket(mine)
             with trio.fail_after(MOVE_TIMEOUT):
-                total = len(buf)
-                if buf:
-                    await _send_all(sink, bytes(buf))
-                while True:
-                    chunk = await stream.receive_some(CHUNK)
-                    if not chunk:
-                        break
-                    total += len(chunk)
+                total = 0
+                while (kind := await _exactly(stream, buf, 1)) == b"M":
+                    _, n = _M.unpack(kind + await _exactly(stream, buf, _M.size - 1))
+                    total += n
+                    if not 0 < n <= CHUNK:
+                        raise MoveFailed(errno.EPROTO, f"move: a frame of {n} bytes")
                     if total > limit:
                         raise MoveFailed(errno.EFBIG, f"the stream passed {limit} bytes")
-                    await _send_all(sink, chunk)
-                mine.shutdown(socket.SHUT_WR)
+                    await _send_all(sink, await _exactly(stream, buf, n))
+                mine.shutdown(socket.SHUT_WR)  # the end of the migration stream
+                disk, size = await trio.to_thread.run_sync(self.driver.scratch_in, copy)
+                written = 0
+                while kind == b"D":
+                    _, off, n = _D.unpack(kind + await _exactly(stream, buf, _D.size - 1))
+                    written += n
+                    if not 0 < n <= DISK_CHUNK or off + n > size or written > size:
+                        raise MoveFailed(errno.EPROTO, f"move: disk data of {n} bytes at {off} "
+                                                       f"(the disk has {size}, {written} so far)")
+                    data = await _exactly(stream, buf, n)
+                    await trio.to_thread.run_sync(_pwrite_all, disk, data, off)
+                    del data  # not held while the next frame is read (the buffer bound)
+                    kind = await _exactly(stream, buf, 1)
+                if kind != b"E":
+                    raise MoveFailed(errno.EPROTO, f"move: unknown frame {kind!r}")
                 await trio.to_thread.run_sync(self.driver.incoming_wait, copy)
         except BaseException:
             mine.close()
             theirs.close()
+            if disk >= 0:  # before the abort: the last descriptor of a removed file frees its blocks
+                doomed, disk = disk, -1
+                with trio.CancelScope(shield=True):
+                    await trio.to_thread.run_sync(os.close, doomed)
             if copy is not None:
                 with trio.CancelScope(shield=True):
                     await trio.to_thread.run_sync(self.driver.incoming_abort, copy)
             raise
+        finally:
+            if disk >= 0:
+                os.close(disk)
         mine.close()
         assert self._nursery is not None
         self._nursery.start_soon(self._settle, pid, copy)  # whatever becomes of the answer
@@ -567,6 +675,14 @@ class Moves:
             self._nursery.start_soon(self._settle, pid, copy)
 
 
+def _hung_up(e: BaseException) -> bool:
+    """Whether ``e`` (or an exception in the group ``e``) says the other
+    daemon closed the connection."""
+    if isinstance(e, BaseExceptionGroup):
+        return any(_hung_up(x) for x in e.exceptions)
+    return isinstance(e, (trio.BrokenResourceError, trio.ClosedResourceError))
+
+
 def _leaf(e: BaseException) -> BaseException:
     """The first exception in ``e`` that is not a group or a cancellation
     (what went wrong first in a nursery)."""
@@ -574,6 +690,28 @@ def _leaf(e: BaseException) -> BaseException:
         inner = [x for x in e.exceptions if not isinstance(x, trio.Cancelled)] or list(e.exceptions)
         e = inner[0]
     return e
+
+
+async def _exactly(stream: trio.abc.ReceiveStream, buf: bytearray, n: int) -> bytes:
+    """The next ``n`` bytes of ``stream`` (``buf`` holds what came early);
+    MoveFailed if it ends first."""
+    while len(buf) < n:
+        more = await stream.receive_some(max(CHUNK, n - len(buf)))
+        if not more:
+            raise MoveFailed(errno.EPROTO, "move: the other daemon closed the connection")
+        buf += more
+    with memoryview(buf) as mv, mv[:n] as head:
+        out = head.tobytes()
+    del buf[:n]
+    return out
+
+
+def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
+    """Blocking: write all of ``data`` at ``offset`` of ``fd``."""
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n
 
 
 async def _send_all(sock: trio.socket.SocketType, data: bytes) -> None:

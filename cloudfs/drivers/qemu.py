@@ -104,6 +104,7 @@ from ..guestimage import append_files
 from ..ctl import valid_name
 from ..znodes import parse_pid
 from . import qemunet, qemusnap
+from .extents import data_extents
 from .qmp import QmpError, load_state, qmp_command, save_state, start_incoming
 from .netns import NetnsError, listen_in, netns_argv
 from .base import (
@@ -448,6 +449,17 @@ def _free_bytes(path: Path) -> int:
     """Blocking: bytes free for unprivileged use on ``path``'s filesystem."""
     st = os.statvfs(path)
     return st.f_bavail * st.f_frsize
+
+
+def _room_for_scratch(state_dir: Path, flavor: str) -> None:
+    """Blocking: DriverError unless ``state_dir`` keeps a ``flavor`` VM's
+    whole scratch disk (SCRATCH_GIB) plus DISK_RESERVE free: a sparse disk
+    may fill up to its size, and other VMs must not run out first."""
+    need = (SCRATCH_GIB.get(flavor, 1) << 30) + DISK_RESERVE
+    free = _free_bytes(state_dir)
+    if free < need:
+        raise DriverError(f"not enough disk for a {flavor} VM's scratch disk: {free >> 20} MiB free in "
+                          f"{state_dir}, {need >> 20} MiB needed")
 
 
 def _task_ticks(pid: int, tid: int) -> int | None:
@@ -985,11 +997,7 @@ class QemuDriver(ComputeDriver):
         for n in networks[1:]:
             if n not in known:
                 raise NotFound(f"no network {n!r}")
-        need = (SCRATCH_GIB.get(flavor, 1) << 30) + DISK_RESERVE
-        free = await trio.to_thread.run_sync(_free_bytes, self.state_dir)
-        if free < need:
-            raise DriverError(f"not enough disk for a {flavor} VM's scratch disk: {free >> 20} MiB free in "
-                              f"{self.state_dir}, {need >> 20} MiB needed")
+        await trio.to_thread.run_sync(_room_for_scratch, self.state_dir, flavor)
         accel = await self._choose_accel(img.kernel)
         vid = f"vm-{uuid.uuid4().hex[:12]}"
         vm = _Vm(id=vid, dir=self.vms_dir / vid, name=spec.name, image=spec.image, flavor=flavor,
@@ -1284,9 +1292,8 @@ class QemuDriver(ComputeDriver):
     async def move_spec(self, server_id: str) -> dict:
         """What the daemon a VM moves to needs to start its QEMU: image,
         flavor, accel, name, running.  EOPNOTSUPP for a VM on networks
-        besides ``user`` or of an image with a disk (as for fork live), or
-        one that wrote to its scratch disk (a move carries RAM and devices,
-        not disks: the VM would lose what it wrote)."""
+        besides ``user`` or of an image with a disk (as for fork live).
+        (The scratch disk moves with it: :meth:`scratch_out`.)"""
         vm = await trio.to_thread.run_sync(self._vm, server_id)
         if vm.nets or vm.networks != [USER_NET.name]:
             raise DriverError("migrate moves only VMs on the user network alone", errno=errno.EOPNOTSUPP)
@@ -1295,25 +1302,45 @@ class QemuDriver(ComputeDriver):
             raise DriverError(f"migrate cannot move a VM of image {vm.image} (missing, or it has a disk)",
                               errno=errno.EOPNOTSUPP)
         st = await trio.to_thread.run_sync(self._server, vm)
-        written = await trio.to_thread.run_sync(self._scratch_written, vm)
-        if written:
-            raise DriverError("migrate does not carry the scratch disk, and this VM has written to it",
-                              errno=errno.EOPNOTSUPP)
         return {"image": vm.image, "flavor": vm.flavor, "accel": vm.accel, "name": vm.name,
                 "running": st.status == "running"}
 
-    def _scratch_written(self, vm: _Vm) -> bool:
-        """Blocking: whether the guest wrote to its scratch disk (QMP
-        ``query-blockstats``; True when QEMU cannot tell)."""
+    def scratch_out(self, server_id: str) -> tuple[int, list[tuple[int, int]]]:
+        """Blocking: a read-only descriptor of the scratch disk of
+        ``server_id`` (the caller closes it) and its data extents
+        (``[(offset, length)]``, bytes: what the guest wrote; the rest
+        reads as zeros).  For a move, once :meth:`migrate_out` returned and
+        the VM is paused: its disk no longer changes.  DriverError if the
+        file cannot be read."""
+        vm = self._vm(server_id)
         try:
-            blocks = qmp_command(vm.qmp, "query-blockstats", timeout=3.0)
-        except QmpError:
-            return True
-        for b in blocks if isinstance(blocks, list) else ():
-            if isinstance(b, dict) and b.get("device") == "scratch":
-                wr = b.get("stats", {}).get("wr_bytes")
-                return not isinstance(wr, int) or wr > 0
-        return True
+            fd = os.open(vm.scratch, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as e:
+            raise DriverError(f"opening the scratch disk of {vm.id}: {e.strerror}") from e
+        try:
+            return fd, data_extents(fd)
+        except OSError as e:
+            os.close(fd)
+            raise DriverError(f"listing the scratch disk of {vm.id}: {e.strerror}") from e
+
+    def scratch_in(self, server_id: str) -> tuple[int, int]:
+        """Blocking: a write-only descriptor of the scratch disk of the
+        incoming copy ``server_id`` (:meth:`incoming_start`; the caller
+        closes it) and that disk's size in bytes, for the data of the VM's
+        disk on the other host.  Its QEMU waits paused and does no I/O
+        meanwhile.  The disk is the fresh one :meth:`incoming_start` made
+        (all holes), so what the sender leaves out reads as zeros.  (Not
+        emptied here: QEMU reads the file's length when it has loaded the
+        state, and must not see it shrunk.)  NotFound unless ``server_id``
+        is an incoming copy; DriverError if the file cannot be opened."""
+        vm = self._load(server_id)
+        if vm is None or not self.ours(vm.metadata) or "incoming" not in vm.metadata:
+            raise NotFound(f"no incoming server {server_id!r}")
+        try:
+            fd = os.open(vm.scratch, os.O_WRONLY | os.O_CLOEXEC)
+        except OSError as e:
+            raise DriverError(f"opening the scratch disk of {vm.id}: {e.strerror}") from e
+        return fd, os.fstat(fd).st_size
 
     def mark_moving(self, server_id: str) -> None:
         """Blocking: ``server_id`` is about to move (``STATE/vms/<id>/moving``,
@@ -1410,11 +1437,13 @@ class QemuDriver(ComputeDriver):
         takes a moved VM's state from ``fd`` (QMP ``migrate-incoming``);
         returns its server id.  Its meta.json says ``incoming`` until
         :meth:`incoming_commit`: :meth:`incoming_vms` lists it for a daemon
-        that restarts meanwhile.  NotFound for an unknown image or flavor."""
+        that restarts meanwhile.  NotFound for an unknown image or flavor;
+        DriverError without room for its scratch disk (as for create)."""
         image, flavor, accel = spec["image"], spec["flavor"], spec["accel"]
         img = imagestore.get_image(self.state_dir, image)
         if img is None or flavor not in FLAVORS or accel not in ("tcg", "kvm"):
             raise NotFound(f"no image {image!r}, flavor {flavor!r} or accelerator {accel!r} here")
+        _room_for_scratch(self.state_dir, flavor)
         vid = f"vm-{uuid.uuid4().hex[:12]}"
         vm = _Vm(id=vid, dir=self.vms_dir / vid, name=str(spec.get("name", f"p{pid}"))[:63], image=image,
                  flavor=flavor, networks=[USER_NET.name],
@@ -1440,7 +1469,13 @@ class QemuDriver(ComputeDriver):
             raise NotFound(f"no server {server_id!r}")
         deadline = time.monotonic() + timeout
         while True:
-            st = qmp_command(vm.qmp, "query-status", timeout=5.0)
+            try:
+                st = qmp_command(vm.qmp, "query-status", timeout=5.0)
+            except QmpError as e:
+                if vm.pid() is not None:
+                    raise
+                log.info("%s: %s", vm.id, e)  # QEMU exits when the state does not load
+                raise QmpError("loading the moved VM failed: its QEMU ended") from None
             status = st.get("status") if isinstance(st, dict) else None
             if status in ("paused", "prelaunch", "running"):
                 return

@@ -177,10 +177,13 @@ async def _new_d1(cluster: Cluster, old_daemon: str) -> dict[str, str] | None:
 
 # -- migrate: a VM moves to the other host's daemon ----------------------------------
 
-#: Writes 1, 2, 3 … into its env key n every 0.1 s; a write that fails
-#: (its /cloud went with a move, until cloudfs-watch mounts it again) is
-#: tried again with the same number, so no number is skipped.
+#: Writes DISK_MARK on its scratch disk (at 1 MiB: a move must carry it),
+#: then 1, 2, 3 … into its env key n every 0.1 s; a write that fails (its
+#: /cloud went with a move, until cloudfs-watch mounts it again) is tried
+#: again with the same number, so no number is skipped.
+DISK_MARK = b"cloudfs-moved-disk\n"
 COUNTER = r"""
+echo cloudfs-moved-disk | dd of=/dev/vda bs=512 seek=2048 conv=fsync 2>/dev/null
 i=0
 while :; do
   i=$((i+1))
@@ -188,6 +191,14 @@ while :; do
   sleep 0.1
 done
 """
+
+
+def disk_mark(cluster: Cluster, daemon: int) -> bytes:
+    """What the one VM on ``daemon``'s host has at 1 MiB of its scratch disk."""
+    [name] = vms(cluster, daemon)
+    with open(cluster.state_dir(daemon) / "vms" / name / "scratch.img", "rb") as f:
+        f.seek(1 << 20)
+        return f.read(len(DISK_MARK))
 
 
 async def status_of(cluster: Cluster, daemon: int, pid: int) -> dict[str, str]:
@@ -295,6 +306,7 @@ async def test_migrate_a_counting_guest(tmp_path, tiny_image):
         assert sampler.went_back() == []
         assert vms(cluster, 1) == [] and len(vms(cluster, 2)) == 1 and vms(cluster, 2) != [vm1]
         assert running_copies(cluster, pid) == [f"d2/{vms(cluster, 2)[0]}"]
+        assert disk_mark(cluster, 2) == DISK_MARK  # the scratch disk came along
         assert (await host_entry(cluster, "d2"))["processes"].split() == [str(pid)]
         await until(lambda: _owned_by(cluster, "d2", pid), "d2 owning the pid", 30)
         print(f"moved in {moved_s:.2f} s; the counter stood still for {sampler.longest_stall():.2f} s at most")
@@ -304,6 +316,7 @@ async def test_migrate_a_counting_guest(tmp_path, tiny_image):
         await until(lambda: _moved(cluster, pid, "d1"), "the VM back on d1", 120)
         n_now = int(await value(cluster, 1, pid, "n"))
         await until(lambda: _at_least(cluster, 1, pid, "n", n_now + 10), "the counter rising on d1", 120)
+        assert disk_mark(cluster, 1) == DISK_MARK
         async with open_client(cluster.socket(1)) as c:
             await ctl(c, pid, "kill")
     finally:
@@ -358,6 +371,7 @@ async def test_daemon_killed_mid_move(tmp_path, tiny_image, killed):
         copies = await trio.to_thread.run_sync(running_copies, cluster, pid)
         assert len(copies) == 1 and copies[0].startswith(st["host"] + "/"), (copies, st)
         assert sum(len(vms(cluster, i)) for i in (1, 2)) == 1, (vms(cluster, 1), vms(cluster, 2))
+        assert disk_mark(cluster, host) == DISK_MARK  # wherever it ended, with its disk
         async with open_client(cluster.socket(2)) as c:
             await ctl(c, pid, "kill")
     finally:

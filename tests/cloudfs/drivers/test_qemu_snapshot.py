@@ -18,7 +18,7 @@ import trio
 
 from cloudfs import imagestore
 from cloudfs.drivers import qemusnap
-from cloudfs.drivers.base import DriverError, ServerSpec
+from cloudfs.drivers.base import DriverError, NotFound, ServerSpec
 from cloudfs.drivers.qemu import QemuDriver
 from ninep.memfs import MemFS
 from ninep.server import Server
@@ -206,16 +206,27 @@ async def test_live_copy_refusals(served, state):
     assert e.value.errno == errno.EOPNOTSUPP
 
 
-async def test_a_vm_that_wrote_its_scratch_disk_is_not_moved(served, state):
-    """A move carries RAM and devices, not disks: a VM that wrote to its
-    scratch disk is refused (EOPNOTSUPP), one that did not is not."""
-    import errno
+async def test_the_scratch_disk_a_move_carries(served, state):
+    """A move carries the scratch disk: :meth:`scratch_out` gives what the
+    guest wrote (its data extents) and nothing for a guest that wrote
+    nothing; :meth:`scratch_in` opens only an incoming copy's disk."""
     d, fs, pids = served
     quiet = await d.create(spec(51, b"echo up > /cloud/up-51\nsleep 600\n"))
-    wrote = await d.create(spec(52, b"echo data > /dev/vda; sync; echo up > /cloud/up-52\nsleep 600\n"))
+    wrote = await d.create(spec(52, b"echo data-52 | dd of=/dev/vda bs=512 seek=2048 conv=fsync; "
+                                    b"echo up > /cloud/up-52\nsleep 600\n"))
     for pid in (51, 52):
         await until(lambda: trio.to_thread.run_sync(data, fs, f"up-{pid}"), what=f"VM {pid} ran")
     assert (await d.move_spec(quiet.id))["running"] is True
-    with pytest.raises(DriverError) as e:
-        await d.move_spec(wrote.id)
-    assert e.value.errno == errno.EOPNOTSUPP and "scratch disk" in e.value.message
+    assert (await d.move_spec(wrote.id))["running"] is True
+    fd, extents = await trio.to_thread.run_sync(d.scratch_out, quiet.id)
+    os.close(fd)
+    assert extents == []
+    fd, extents = await trio.to_thread.run_sync(d.scratch_out, wrote.id)
+    try:
+        assert extents and sum(n for _, n in extents) < 1 << 20
+        assert any(off <= 1 << 20 < off + n for off, n in extents)
+        assert os.pread(fd, 8, 1 << 20) == b"data-52\n"
+    finally:
+        os.close(fd)
+    with pytest.raises(NotFound):
+        await trio.to_thread.run_sync(d.scratch_in, wrote.id)  # not an incoming copy

@@ -1,0 +1,176 @@
+"""The move listener (``cloudfs up --migrate-listen``, cloudfs.moves) against
+hostile and broken peers: every request it cannot take is answered
+``failed <why>``, a copy it started for one is removed, and it goes on
+taking moves.  A real ZooKeeper and the real QEMU driver (an incoming copy
+is a real paused QEMU); whole moves between two daemons are tested with
+real guests in tests/cluster/test_qemu_cluster.py."""
+
+from __future__ import annotations
+
+import json
+import socket
+import struct
+
+import pytest
+import trio
+
+from cloudfs import imagestore, moves
+from cloudfs.drivers.qemu import FLAVORS, SCRATCH_GIB, QemuDriver
+from cloudfs.namespace import open_cloudfs
+from tests.cloudfs.fsops import ctl, eventually
+
+pytestmark = pytest.mark.guest  # an incoming copy is a real (paused) QEMU
+
+TOKEN = "ab" * 16
+
+
+@pytest.fixture
+def state(tiny_image, tmp_path):
+    s = tmp_path / "state"
+    imagestore.install_image(s, tiny_image)
+    try:
+        yield s
+    finally:
+        QemuDriver(s, accel="tcg").kill_all()
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _header(pid_: int, **over) -> bytes:
+    h = {"v": moves.PROTOCOL, "pid": pid_, "ppid": 1, "token": TOKEN, "image": "tiny", "flavor": "m1.tiny",
+         "accel": "tcg", "name": "moved", **over}
+    return json.dumps(h).encode() + b"\n"
+
+
+async def _ask(port: int, request: bytes, after_ready: bytes | None = None) -> list[bytes]:
+    """Send ``request``; once the daemon says ``ready``, ``after_ready``;
+    the lines it answers until it hangs up."""
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    lines: list[bytes] = []
+    buf = b""
+    async with stream:
+        await stream.send_all(request)
+        with trio.fail_after(60):
+            while True:
+                try:
+                    more = await stream.receive_some(65536)
+                except trio.BrokenResourceError:
+                    break
+                if not more:
+                    break
+                buf += more
+                while b"\n" in buf:
+                    line, buf = buf.split(b"\n", 1)
+                    lines.append(line)
+                    if line == b"ready 2" and after_ready is not None:
+                        try:
+                            await stream.send_all(after_ready)
+                            await stream.send_eof()
+                        except trio.BrokenResourceError:
+                            pass
+    return lines
+
+
+def _vms(state) -> list[str]:
+    d = state / "vms"
+    return sorted(p.name for p in d.iterdir()) if d.is_dir() else []
+
+
+async def _no_vms(state) -> bool:
+    return _vms(state) == []
+
+
+async def test_hostile_move_requests_are_refused_and_leave_nothing(zookeeper, zk_root, state, monkeypatch):
+    monkeypatch.setattr(moves, "HEADER_TIMEOUT", 1.0)
+    # the migration stream may hold 100 bytes (the RAM of m1.tiny, less itself, plus 100)
+    monkeypatch.setattr(moves, "STREAM_SLACK", 100 - (FLAVORS["m1.tiny"][0] << 20))
+    disk_end = SCRATCH_GIB.get("m1.tiny", 1) << 30
+    port = _port()
+    driver = QemuDriver(state, accel="tcg")
+    async with open_cloudfs(zookeeper.hosts, driver, zk_root, host="h2",
+                            migrate_listen=f"tcp!127.0.0.1!{port}") as cfs:
+        root = await cfs.attach("glenda", "")
+        pid = int(await ctl(root, 1, "fork"))
+
+        # before any move is announced: the request itself
+        for request, why in (
+            (b"hello\n", b"not a move request"),
+            (b"[1, 2]\n", b"not a move request"),
+            (b"x" * 5000, b"line too long"),
+            (_header(pid, v=1), b"move protocol 1 not spoken here"),
+            (_header(-1), b"not a move request"),
+            (_header(pid, pid=True), b"not a move request"),
+            (_header(pid, token=7), b"not a move request"),
+            (_header(pid), b"no move of process"),
+        ):
+            [answer] = await _ask(port, request)
+            assert answer.startswith(b"failed ") and why in answer, (request[:40], answer)
+
+        # a move announced to another host, or with another token
+        path = cfs.layout.move(pid)
+        await cfs.store.create(path, json.dumps({"to": "h3", "token": TOKEN, "vm": "vm-x"}).encode(),
+                               ephemeral=True)
+        assert b"no move of process" in (await _ask(port, _header(pid)))[0]
+        await cfs.store.set(path, json.dumps({"to": "h2", "token": TOKEN, "vm": "vm-x"}).encode())
+        assert b"no move of process" in (await _ask(port, _header(pid, token="cd" * 16)))[0]
+        assert b"no move of process" in (await _ask(port, _header(pid, token="é" * 32)))[0]
+
+        # announced and right: a paused copy is started, then the stream is hostile
+        big = struct.pack("<cI", b"M", moves.CHUNK + 1) + b"\0" * 16
+        m60 = struct.pack("<cI", b"M", 60) + b"\0" * 60
+        disk = struct.pack("<cQI", b"D", 0, 4) + b"disk"
+        cases = (
+            (b"X", b"unknown frame"),
+            (big, b"a frame of 65537 bytes"),
+            (struct.pack("<cI", b"M", 0), b"a frame of 0 bytes"),
+            (m60 + m60, b"the stream passed 100 bytes"),
+            (struct.pack("<cQI", b"D", 1 << 40, 10) + b"0123456789", b"disk data of 10 bytes"),
+            (struct.pack("<cQI", b"D", disk_end - 3, 4) + b"disk", b"disk data of 4 bytes"),
+            (struct.pack("<cQI", b"D", 0, 0), b"disk data of 0 bytes"),
+            (struct.pack("<cQI", b"D", 0, moves.DISK_CHUNK + 1), b"disk data of"),
+            (disk + struct.pack("<cI", b"M", 4) + b"junk", b"unknown frame b'M'"),  # the stream is over
+            (struct.pack("<cI", b"M", 4) + b"junk" + b"E", b"loading the moved VM"),  # QEMU cannot load it
+            (disk, b"closed the connection"),  # taken, then it hangs up
+            (struct.pack("<cQI", b"D", disk_end - 4, 4) + b"disk", b"closed the connection"),  # the last bytes
+        )
+        for body, why in cases:
+            lines = await _ask(port, _header(pid), body)
+            assert lines[0] == b"ready 2" and len(lines) == 2, (body[:20], lines)
+            assert lines[1].startswith(b"failed ") and why in lines[1], (body[:20], lines)
+            await eventually(lambda: _no_vms(state), timeout=30)
+
+        # frames within the disk, but more than its size in all (a peer
+        # writing the same MiB over and over)
+        frame = struct.pack("<cQI", b"D", 0, moves.DISK_CHUNK) + bytes(moves.DISK_CHUNK)
+        async with await trio.open_tcp_stream("127.0.0.1", port) as s:
+            await s.send_all(_header(pid))
+            got = b""
+            with trio.fail_after(120):
+                while b"\n" not in got:
+                    got += await s.receive_some(100)
+                assert got == b"ready 2\n"
+                try:
+                    for _ in range(disk_end // moves.DISK_CHUNK + 1):
+                        await s.send_all(frame)
+                except trio.BrokenResourceError:
+                    pass
+                got = await s.receive_some(1000)
+        assert got.startswith(b"failed move: disk data of 1048576 bytes at 0") and b"so far" in got, got
+        await eventually(lambda: _no_vms(state), timeout=30)
+
+        # two silent peers hold both slots; a third is busy; the silence ends at HEADER_TIMEOUT
+        async with await trio.open_tcp_stream("127.0.0.1", port) as s1, \
+                await trio.open_tcp_stream("127.0.0.1", port) as s2:
+            await trio.sleep(0.2)
+            [answer] = await _ask(port, _header(pid))
+            assert answer.startswith(b"failed busy"), answer
+            with trio.fail_after(10):
+                assert b"failed" in await s1.receive_some(1000)
+                assert b"failed" in await s2.receive_some(1000)
+        # and it still takes requests
+        assert b"no move of process" in (await _ask(port, _header(pid, token="cd" * 16)))[0]
+        assert _vms(state) == []
