@@ -7,6 +7,7 @@ the guest's QEMU is re-adopted (same QEMU, still running), its ``/cloud``
 comes back (``cloudfs-mount`` again), the counter goes on rising, and the
 guest on the other host never saw a wrong value."""
 
+import contextlib
 import os
 import shutil
 import signal
@@ -258,7 +259,11 @@ class Sampler:
         return longest
 
 
-async def _up_with_counter(cluster: Cluster, tiny_image) -> int:
+async def _up_with_counter(cluster: Cluster, tiny_image, disk_mib: int = 0) -> int:
+    """The cluster up, and a COUNTER guest on d1 (which first writes
+    ``disk_mib`` MiB of random data on its scratch disk, from 2 MiB on)."""
+    userdata = COUNTER if not disk_mib else \
+        f"dd if=/dev/urandom of=/dev/vda bs=1M seek=2 count={disk_mib} conv=fsync 2>/dev/null\n" + COUNTER
     await trio.to_thread.run_sync(cluster.up)
     for i in (1, 2):
         install_image(cluster.state_dir(i), tiny_image)
@@ -267,12 +272,12 @@ async def _up_with_counter(cluster: Cluster, tiny_image) -> int:
     try:
         async with open_client(cluster.socket(1)) as c:
             pid = int(await ctl(c, 1, "fork"))
-            await c.write_file(f"proc/{pid}/userdata", COUNTER.encode())
+            await c.write_file(f"proc/{pid}/userdata", userdata.encode())
             await ctl(c, pid, "exec tiny")
         await until(lambda: trio.to_thread.run_sync(vms, cluster, 1), "a VM on d1", 60)
     finally:
         cluster.daemon_signal(2, signal.SIGCONT)
-    await until(lambda: _at_least(cluster, 1, pid, "n", 5), "the counter")
+    await until(lambda: _at_least(cluster, 1, pid, "n", 5), "the counter", 60 + disk_mib)
     return pid
 
 
@@ -338,21 +343,37 @@ async def _owned_by(cluster: Cluster, host: str, pid: int) -> bool:
     return str(pid) in (await host_entry(cluster, host))["processes"].split()
 
 
-@pytest.mark.parametrize("killed", [1, 2], ids=["source", "destination"])
-async def test_daemon_killed_mid_move(tmp_path, tiny_image, killed):
-    """SIGKILL of the source or the destination daemon while the VM moves:
-    never two running copies; once it is back, exactly one, and the
-    counter rises on."""
+def _copy_disk_bytes(cluster: Cluster) -> int:
+    """Bytes allocated in the scratch disk of the incoming copy on d2 (0 if none)."""
+    most = 0
+    for name in vms(cluster, 2):
+        with contextlib.suppress(OSError):
+            most = max(most, (cluster.state_dir(2) / "vms" / name / "scratch.img").stat().st_blocks * 512)
+    return most
+
+
+@pytest.mark.parametrize("killed, phase", [(1, "stream"), (2, "stream"), (1, "disk"), (2, "disk")],
+                         ids=["source-stream", "destination-stream", "source-disk", "destination-disk"])
+async def test_daemon_killed_mid_move(tmp_path, tiny_image, killed, phase):
+    """SIGKILL of the source or the destination daemon while the VM moves
+    (during QEMU's stream; or while the disk is copied, the source paused
+    and the copy's disk half written): never two running copies; once it
+    is back, exactly one, with its disk, and the counter rises on."""
     cluster = Cluster(tmp_path / "cluster", n_daemons=2, session_timeout=4.0, driver="qemu")
     live = 3 - killed
     try:
-        pid = await _up_with_counter(cluster, tiny_image)
+        pid = await _up_with_counter(cluster, tiny_image, 128 if phase == "disk" else 0)
         async with open_client(cluster.socket(live)) as c:
             await ctl(c, pid, "migrate d2")
         with trio.fail_after(30):
             while (await status_of(cluster, live, pid))["state"] != "migrating":
                 await trio.sleep(0.01)
-        await trio.sleep(0.2)  # in the middle of the transfer, or just after it
+        if phase == "stream":
+            await trio.sleep(0.2)  # in the middle of the transfer, or just after it
+        else:
+            with trio.fail_after(60):  # the copy's disk begins to fill: 128 MiB are on their way
+                while _copy_disk_bytes(cluster) < 4 << 20:
+                    await trio.sleep(0.005)
         await trio.to_thread.run_sync(cluster.daemon_kill, killed)
         most = 0
         for _ in range(20):  # the killed daemon's session expires meanwhile
