@@ -49,7 +49,8 @@ close``; conductor consuming before nova-compute starts; a fresh heartbeat
 before the first boot; stopping neutron means its workers (each service runs
 in its own process group and is stopped as a group; neutron's parent gets
 the SIGTERM alone and stops its workers, a second SIGTERM kills them with
-the signal) and RabbitMQ means
+the signal, and so does one before a new worker set its handler, so the
+stop waits for that) and RabbitMQ means
 ``epmd -kill`` too; AMQP heartbeats off (uwsgi's idle nova-api cannot send
 them, RabbitMQ drops its connection and the next cast is lost); neutron's
 ``agent_down_time`` at most 2**31-1 ms (a larger one crashes its workers
@@ -992,6 +993,8 @@ def kill_group(L: Layout, name: str, timeout: float = 20.0) -> None:
         if name in UWSGI:
             os.kill(pid, signal.SIGINT)
         elif name in PARENT_STOPS:
+            if not wait_until_quiet(lambda: workers_catch_sigterm(pid), 60):
+                log(f"{name}'s workers have not all set a SIGTERM handler after 60 s; stopping it anyway")
             os.kill(pid, signal.SIGTERM)
         else:
             os.killpg(pid, signal.SIGTERM)
@@ -1009,6 +1012,46 @@ def kill_group(L: Layout, name: str, timeout: float = 20.0) -> None:
         while group_alive(pid):
             time.sleep(0.1)
     os.unlink(L.pidfile(name))
+
+
+def workers_catch_sigterm(parent: int) -> tuple[int, ...] | None:
+    """The pids of ``parent``'s children when each of them catches SIGTERM
+    (``SigCgt`` in /proc/PID/status, proc(5)); None while one does not yet
+    (a worker still starting dies of the parent's SIGTERM instead of
+    stopping, which the health check counts as a crash)."""
+    kids = []
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            if int(fields[1]) != parent or fields[0] == "Z":
+                continue
+            with open(f"/proc/{d}/status") as f:
+                caught = next(int(line.split()[1], 16) for line in f if line.startswith("SigCgt:"))
+        except (OSError, StopIteration, ValueError, IndexError):
+            continue
+        if not caught >> (signal.SIGTERM - 1) & 1:
+            return None
+        kids.append(int(d))
+    return tuple(sorted(kids))
+
+
+def wait_until_quiet(probe, timeout: float, quiet: float = 2.0) -> bool:
+    """Wait until ``probe()`` has given the same value, not None, for
+    ``quiet`` seconds (a parent may still be forking workers); False after
+    ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    last, since = None, time.monotonic()
+    while time.monotonic() < deadline:
+        now = probe()
+        if now is None or now != last:
+            last, since = now, time.monotonic()
+        elif time.monotonic() - since >= quiet:
+            return True
+        time.sleep(0.1)
+    return False
 
 
 def group_alive(pgid: int) -> bool:
