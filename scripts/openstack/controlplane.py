@@ -49,8 +49,8 @@ close``; conductor consuming before nova-compute starts; a fresh heartbeat
 before the first boot; stopping neutron means its workers (each service runs
 in its own process group and is stopped as a group; neutron's parent gets
 the SIGTERM alone and stops its workers, a second SIGTERM kills them with
-the signal, and so does one before a new worker set its handler, so the
-stop waits for that) and RabbitMQ means
+the signal, and so does one to a worker still starting its service, so
+the stop waits until each has lived WORKER_SETTLE_S) and RabbitMQ means
 ``epmd -kill`` too; AMQP heartbeats off (uwsgi's idle nova-api cannot send
 them, RabbitMQ drops its connection and the next cast is lost); neutron's
 ``agent_down_time`` at most 2**31-1 ms (a larger one crashes its workers
@@ -993,8 +993,8 @@ def kill_group(L: Layout, name: str, timeout: float = 20.0) -> None:
         if name in UWSGI:
             os.kill(pid, signal.SIGINT)
         elif name in PARENT_STOPS:
-            if not wait_until_quiet(lambda: workers_catch_sigterm(pid), 60):
-                log(f"{name}'s workers have not all set a SIGTERM handler after 60 s; stopping it anyway")
+            if not wait_until_quiet(lambda: settled_workers(pid), 60):
+                log(f"{name}'s workers have not settled after 60 s; stopping it anyway")
             os.kill(pid, signal.SIGTERM)
         else:
             os.killpg(pid, signal.SIGTERM)
@@ -1014,11 +1014,21 @@ def kill_group(L: Layout, name: str, timeout: float = 20.0) -> None:
     os.unlink(L.pidfile(name))
 
 
-def workers_catch_sigterm(parent: int) -> tuple[int, ...] | None:
-    """The pids of ``parent``'s children when each of them catches SIGTERM
-    (``SigCgt`` in /proc/PID/status, proc(5)); None while one does not yet
-    (a worker still starting dies of the parent's SIGTERM instead of
-    stopping, which the health check counts as a crash)."""
+#: Seconds a neutron-server worker must have lived before the parent's
+#: SIGTERM: oslo.service installs the worker's own SIGTERM handler and then
+#: starts its service (seconds on a loaded host), and a SIGTERM meanwhile
+#: kills it "killed by signal 15".  (Its signal mask cannot tell: a forked
+#: worker inherits the parent's handler.)
+WORKER_SETTLE_S = 10.0
+
+
+def settled_workers(parent: int, min_age: float = WORKER_SETTLE_S) -> tuple[int, ...] | None:
+    """The pids of ``parent``'s children when there is at least one and
+    each has lived ``min_age`` seconds (start time, field 22 of
+    /proc/PID/stat, against /proc/uptime; proc(5)); None otherwise."""
+    hz = os.sysconf("SC_CLK_TCK")
+    with open("/proc/uptime") as f:
+        uptime = float(f.read().split()[0])
     kids = []
     for d in os.listdir("/proc"):
         if not d.isdigit():
@@ -1028,14 +1038,13 @@ def workers_catch_sigterm(parent: int) -> tuple[int, ...] | None:
                 fields = f.read().rsplit(")", 1)[1].split()
             if int(fields[1]) != parent or fields[0] == "Z":
                 continue
-            with open(f"/proc/{d}/status") as f:
-                caught = next(int(line.split()[1], 16) for line in f if line.startswith("SigCgt:"))
-        except (OSError, StopIteration, ValueError, IndexError):
+            born = int(fields[19]) / hz
+        except (OSError, ValueError, IndexError):
             continue
-        if not caught >> (signal.SIGTERM - 1) & 1:
+        if uptime - born < min_age:
             return None
         kids.append(int(d))
-    return tuple(sorted(kids))
+    return tuple(sorted(kids)) or None
 
 
 def wait_until_quiet(probe, timeout: float, quiet: float = 2.0) -> bool:
