@@ -227,8 +227,10 @@ def append_files(initramfs: Path, files: dict[str, bytes | str], out: Path) -> P
     if it starts with ``#!`` else 0644; missing parent directories are created
     (0755).  The kernel unpacks concatenated archives in order, later entries
     replacing earlier ones (buffer-format.rst), so this adds or overrides
-    files without rebuilding the base image.  Returns ``out``.  Raises
-    OSError on I/O failure, ValueError on an empty path.
+    files without rebuilding the base image.  ``out`` is readable by its
+    owner only (mode 0600: it may hold a guest's identity), set without
+    touching the process's umask, which is every thread's.  Returns
+    ``out``.  Raises OSError on I/O failure, ValueError on an empty path.
     """
     norm: dict[str, bytes] = {}
     for path, content in files.items():
@@ -245,7 +247,9 @@ def append_files(initramfs: Path, files: dict[str, bytes | str], out: Path) -> P
     extra = write_cpio(entries)
     out = Path(out)
     tmp = out.with_name(out.name + ".tmp")
-    with open(initramfs, "rb") as src, open(tmp, "wb") as dst:
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    with open(initramfs, "rb") as src, os.fdopen(fd, "wb") as dst:
+        os.fchmod(fd, 0o600)  # a tmp left by an earlier run may have another mode
         shutil.copyfileobj(src, dst)
         dst.write(extra)
     os.replace(tmp, out)

@@ -128,6 +128,26 @@ def test_write_cpio_is_deterministic():
         write_cpio([("/abs", stat.S_IFREG | 0o644, b"")])
 
 
+def test_append_files_output_is_its_owners_alone_whatever_the_umask(tiny_image, tmp_path):
+    """It may hold a guest's identity: mode 0600, set without the process's
+    umask (every thread's: the QEMU driver calls it from worker threads),
+    also over a stale ``.tmp`` of another mode."""
+    import os
+    import stat
+    out = tmp_path / "initrd"
+    stale = tmp_path / "initrd.tmp"
+    stale.write_bytes(b"stale")
+    stale.chmod(0o666)
+    old = os.umask(0)
+    try:
+        append_files(tiny_image.initramfs, {"/etc/x": "y"}, out)
+        assert os.umask(0) == 0  # untouched
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o600
+    assert not stale.exists()
+
+
 def test_boot_mode_runs_appended_script_and_powers_off(tiny_image, tmp_path):
     """Without cloudfs.mode=shell, /init runs /etc/cloudfs/boot (added by append_files), then powers off."""
     script = "#!/bin/sh\necho boot-script-ran $(uname -r)\ngrep -c 9p /proc/filesystems\n"

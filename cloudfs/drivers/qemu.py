@@ -881,13 +881,11 @@ class QemuDriver(ComputeDriver):
         """Blocking: write the VM's initramfs (identity, user-data, the guest
         scripts) and its fw_cfg files."""
         identity = self._identity(vm)
-        old = os.umask(0o077)
-        try:
-            self._write_fw(vm, userdata, identity)
-            append_files(image.initramfs, {**GUEST_FILES, "/etc/cloudfs/identity": identity,
-                                           "/etc/cloudfs/userdata": bytes(userdata)}, vm.initramfs)
-        finally:
-            os.umask(old)
+        # Both are created mode 0600 (never through the umask: it is the
+        # whole process's, and this runs in a worker thread).
+        self._write_fw(vm, userdata, identity)
+        append_files(image.initramfs, {**GUEST_FILES, "/etc/cloudfs/identity": identity,
+                                       "/etc/cloudfs/userdata": bytes(userdata)}, vm.initramfs)
 
     def _launch(self, vm: _Vm, image: imagestore.StoredImage, *, initrd: Path | None = None,
                 memory: str | None = None, state: Path | None = None, scratch: Path | None = None,
@@ -1165,12 +1163,8 @@ class QemuDriver(ComputeDriver):
         self._building.add(build.name)
         try:
             build.mkdir(mode=0o700)
-            old = os.umask(0o077)
-            try:
-                self._write_fw(vm, b"", identity="")
-                append_files(img.initramfs, {**GUEST_FILES, "/etc/cloudfs/template": ""}, vm.initramfs)
-            finally:
-                os.umask(old)
+            self._write_fw(vm, b"", identity="")  # mode 0600, as append_files makes its output
+            append_files(img.initramfs, {**GUEST_FILES, "/etc/cloudfs/template": ""}, vm.initramfs)
             self._launch(vm, img, memory=f"memory-backend-file,id=mem,size={mib}M,mem-path={_opt(mem)},share=on")
             deadline = time.monotonic() + qemusnap.TEMPLATE_BOOT_TIMEOUT
             while b"cloudfs-template: ready" not in _console_tail(vm, 65536):
