@@ -1030,20 +1030,12 @@ def settled_workers(parent: int, min_age: float = WORKER_SETTLE_S) -> tuple[int,
     with open("/proc/uptime") as f:
         uptime = float(f.read().split()[0])
     kids = []
-    for d in os.listdir("/proc"):
-        if not d.isdigit():
+    for pid, fields in live_processes():
+        if int(fields[1]) != parent:
             continue
-        try:
-            with open(f"/proc/{d}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            if int(fields[1]) != parent or fields[0] == "Z":
-                continue
-            born = int(fields[19]) / hz
-        except (OSError, ValueError, IndexError):
-            continue
-        if uptime - born < min_age:
+        if uptime - int(fields[19]) / hz < min_age:
             return None
-        kids.append(int(d))
+        kids.append(pid)
     return tuple(sorted(kids)) or None
 
 
@@ -1063,8 +1055,11 @@ def wait_until_quiet(probe, timeout: float, quiet: float = 2.0) -> bool:
     return False
 
 
-def group_alive(pgid: int) -> bool:
-    """Whether any (non-zombie) process is in process group ``pgid``."""
+def live_processes():
+    """``(pid, fields)`` of each process that is not a zombie, ``fields``
+    being /proc/PID/stat after the command name (``fields[0]`` the state,
+    field 3 of proc(5); field N is ``fields[N - 3]``).  A process that ends
+    meanwhile is left out."""
     for d in os.listdir("/proc"):
         if not d.isdigit():
             continue
@@ -1073,9 +1068,13 @@ def group_alive(pgid: int) -> bool:
                 fields = f.read().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        if fields[0] != "Z" and int(fields[2]) == pgid:
-            return True
-    return False
+        if len(fields) >= 20 and fields[0] != "Z":
+            yield int(d), fields
+
+
+def group_alive(pgid: int) -> bool:
+    """Whether any (non-zombie) process is in process group ``pgid``."""
+    return any(int(fields[2]) == pgid for _, fields in live_processes())
 
 
 def stop(state: str) -> None:
