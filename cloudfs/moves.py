@@ -56,7 +56,11 @@ all, the whole transfer at most MOVE_TIMEOUT seconds; a move's buffers hold
 at most about 3 × DISK_CHUNK + 2 × CHUNK + HEADER_MAX bytes (3.2 MiB: the
 data of a frame being written, and the next one read).  Anything else (an
 unknown frame, a frame too long, disk data out of range, another protocol
-version) is refused with ``failed <why>`` and the copy removed.
+version) is refused with ``failed <why>`` and the copy removed.  The
+sender trusts the other daemon's answers no further: it shows what it says
+in ``move`` as printable text (at most 200 bytes, control characters as
+``?``), takes only a VM id (cloudfs.drivers.qemu.SERVER_ID) as its copy's,
+and resumes its VM whatever the other daemon does (tests/cloudfs/test_moves.py).
 
 The guest's 9P connection does not survive a move (user-mode networking
 keeps no TCP state): the guest's ``cloudfs-watch`` notices that its fw_cfg
@@ -82,7 +86,7 @@ from ninep.errors import FsError
 from . import decisions as d
 from .drivers.base import DriverError, NotFound, Server
 from .drivers.extents import copy_ranges
-from .drivers.qemu import FLAVORS, QemuDriver
+from .drivers.qemu import FLAVORS, SERVER_ID, QemuDriver
 from .hosts import Hosts
 from .procdata import ProcData
 from .process import Desired, now_iso
@@ -285,7 +289,7 @@ class Moves:
             buf = bytearray()
             answer = await _line(stream, buf)
             if answer + b"\n" != READY:
-                raise MoveFailed(errno.EIO, "the other daemon refused: " + answer.decode(errors="replace")[:200])
+                raise MoveFailed(errno.EIO, "the other daemon refused: " + _printable(answer))
             stats: dict = {}
             try:
                 await self._stream_out(stream, vm, stats)
@@ -304,18 +308,20 @@ class Moves:
                     except (MoveFailed, trio.BrokenResourceError, trio.ClosedResourceError):
                         pass
                 if why is None:
-                    raise
-                raise MoveFailed(errno.EIO, "the other daemon refused: " + why.decode(errors="replace")[:200]) \
-                    from None
+                    raise MoveFailed(errno.EIO, f"the other daemon hung up mid-move ({_leaf(e)})") from None
+                raise MoveFailed(errno.EIO, "the other daemon refused: " + _printable(why)) from None
             answer = await _line(stream, buf)
             if isinstance(stats.get("downtime"), int):
                 # QEMU's own downtime counts only its last round; the disk
                 # copy and the load come after it, with the VM still paused.
                 stats["paused"] = stats["downtime"] + round((trio.current_time() - done) * 1000)
             if not answer.startswith(b"loaded "):
-                raise MoveFailed(errno.EIO, "the other daemon could not load the VM: "
-                                 + answer.decode(errors="replace")[:200])
-            return answer[len(b"loaded "):].decode(errors="replace").strip(), stats
+                raise MoveFailed(errno.EIO, "the other daemon could not load the VM: " + _printable(answer))
+            copy = answer[len(b"loaded "):].decode(errors="replace").strip()
+            if not SERVER_ID.fullmatch(copy):
+                raise MoveFailed(errno.EIO, "the other daemon named its copy " + _printable(answer[7:], 40)
+                                 + ", which is no VM id")
+            return copy, stats
 
     async def _stream_out(self, stream: trio.SocketStream, vm: str, stats: dict) -> None:
         """QEMU migrates ``vm`` into a socket pair whose other end is relayed
@@ -673,6 +679,17 @@ class Moves:
         for copy, pid in left:
             log.info("settling pid %d's copy %s, left by a move cut short", pid, copy)
             self._nursery.start_soon(self._settle, pid, copy)
+
+
+def _printable(raw: bytes, limit: int = 200) -> str:
+    """What the other daemon said, fit for a status line: at most
+    ``limit`` bytes of it, decoded as UTF-8 (U+FFFD for what is not), each
+    control character (C0, DEL, C1: terminal escapes, NUL) shown as "?"."""
+    text = raw[:limit].decode(errors="replace")
+    return text.translate(_CONTROLS)
+
+
+_CONTROLS = {c: "?" for c in (*range(0x20), *range(0x7f, 0xa0))}
 
 
 def _hung_up(e: BaseException) -> bool:

@@ -86,6 +86,7 @@ import json
 import logging
 import os
 import pwd
+import re
 import shutil
 import signal
 import socket
@@ -155,6 +156,8 @@ LOGS_KEEP = 256
 #: Free space (bytes) the state dir's filesystem must keep beyond a new VM's
 #: whole scratch disk for create to go ahead.
 DISK_RESERVE = 1 << 30
+#: A VM's id: "vm-" and 12 hex digits (new_server_id).
+SERVER_ID = re.compile(r"vm-[0-9a-f]{12}")
 USER_NET = Network("net-user", "user", "10.0.2.0/24", "active")
 
 #: Serves one VM's channel: ``(pid, listener)``, until cancelled (QemuDriver).
@@ -172,6 +175,12 @@ class _Channel:
 
 #: A VM that should have no channel (QemuDriver._channel_states).
 _GONE = (0, 0, 0)
+
+
+def new_server_id() -> str:
+    """A fresh VM id (matches SERVER_ID)."""
+    return f"vm-{uuid.uuid4().hex[:12]}"
+
 
 #: ``/sbin/cloudfs-mount`` in the guest: (re)mount the namespace at /cloud.
 #: The boot script uses it; user-data may call it again to remount after the
@@ -997,7 +1006,7 @@ class QemuDriver(ComputeDriver):
                 raise NotFound(f"no network {n!r}")
         await trio.to_thread.run_sync(_room_for_scratch, self.state_dir, flavor)
         accel = await self._choose_accel(img.kernel)
-        vid = f"vm-{uuid.uuid4().hex[:12]}"
+        vid = new_server_id()
         vm = _Vm(id=vid, dir=self.vms_dir / vid, name=spec.name, image=spec.image, flavor=flavor,
                  networks=networks, metadata=meta,
                  created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), accel=accel)
@@ -1438,7 +1447,7 @@ class QemuDriver(ComputeDriver):
         if img is None or flavor not in FLAVORS or accel not in ("tcg", "kvm"):
             raise NotFound(f"no image {image!r}, flavor {flavor!r} or accelerator {accel!r} here")
         _room_for_scratch(self.state_dir, flavor)
-        vid = f"vm-{uuid.uuid4().hex[:12]}"
+        vid = new_server_id()
         vm = _Vm(id=vid, dir=self.vms_dir / vid, name=str(spec.get("name", f"p{pid}"))[:63], image=image,
                  flavor=flavor, networks=[USER_NET.name],
                  metadata={**server_metadata(self.bound(), pid, ppid, self.deployment_root), "incoming": "1"},
@@ -1549,7 +1558,7 @@ class QemuDriver(ComputeDriver):
         img = await trio.to_thread.run_sync(imagestore.get_image, self.state_dir, snap.image)
         if img is None or snap.flavor not in FLAVORS:
             raise NotFound(f"no image {snap.image!r} or flavor {snap.flavor!r} for the copy")
-        vid = f"vm-{uuid.uuid4().hex[:12]}"
+        vid = new_server_id()
         vm = _Vm(id=vid, dir=self.vms_dir / vid, name=spec.name, image=snap.image, flavor=snap.flavor,
                  networks=[USER_NET.name], metadata=self.metadata_for(spec),
                  created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), accel=snap.accel)

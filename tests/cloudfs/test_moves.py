@@ -7,6 +7,7 @@ real guests in tests/cluster/test_qemu_cluster.py."""
 
 from __future__ import annotations
 
+import functools
 import json
 import socket
 import struct
@@ -16,8 +17,9 @@ import trio
 
 from cloudfs import imagestore, moves
 from cloudfs.drivers.qemu import FLAVORS, SCRATCH_GIB, QemuDriver
+from cloudfs.hosts import Host
 from cloudfs.namespace import open_cloudfs
-from tests.cloudfs.fsops import ctl, eventually
+from tests.cloudfs.fsops import ctl, eventually, status, vm
 
 pytestmark = pytest.mark.guest  # an incoming copy is a real (paused) QEMU
 
@@ -174,3 +176,112 @@ async def test_hostile_move_requests_are_refused_and_leave_nothing(zookeeper, zk
         # and it still takes requests
         assert b"no move of process" in (await _ask(port, _header(pid, token="cd" * 16)))[0]
         assert _vms(state) == []
+
+
+async def _frames_until_end(stream: trio.SocketStream, buf: bytearray) -> int:
+    """Read a sender's ``M``/``D`` frames up to ``E``; the frames read."""
+    async def exactly(n: int) -> bytes:
+        while len(buf) < n:
+            more = await stream.receive_some(1 << 20)
+            assert more, "the sender hung up before E"
+            buf.extend(more)
+        out = bytes(buf[:n])
+        del buf[:n]
+        return out
+
+    frames = 0
+    while True:
+        kind = await exactly(1)
+        if kind == b"E":
+            return frames
+        if kind == b"M":
+            (n,) = struct.unpack("<I", await exactly(4))
+        else:
+            assert kind == b"D", kind
+            _, n = struct.unpack("<QI", await exactly(12))
+        await exactly(n)
+        frames += 1
+
+
+async def test_a_hostile_destination_leaves_the_vm_running_here(zookeeper, zk_root, state, monkeypatch):
+    """The sending side against a daemon that misbehaves at each step: it
+    refuses mid-stream (its reason is what ``move`` says, terminal
+    escapes and all control bytes made harmless), hangs up, answers
+    another protocol, a line too long, no ``loaded`` or a copy id that is
+    none, or goes silent
+    (MOVE_TIMEOUT).  Each time the VM goes on running here, paused no
+    more, and ``moves/<pid>`` goes."""
+    monkeypatch.setattr(moves, "MOVE_TIMEOUT", 6.0)
+    port = _port()
+    driver = QemuDriver(state, accel="tcg")
+    script: dict = {}
+
+    async def destination(stream: trio.SocketStream):
+        buf = bytearray()
+        async with stream:
+            while b"\n" not in buf:
+                buf.extend(await stream.receive_some(65536))
+            header = json.loads(bytes(buf).split(b"\n", 1)[0])
+            del buf[:bytes(buf).index(b"\n") + 1]
+            script["header"] = header
+            how = script["how"]
+            if how in ("ready 1", "long"):
+                await stream.send_all(b"ready 1\n" if how == "ready 1" else b"x" * (moves.HEADER_MAX + 10))
+                await trio.sleep(5)  # the sender gives up, not us
+                return
+            await stream.send_all(moves.READY)
+            if how == "silent":
+                await trio.sleep(60)  # reads nothing: the sender's QEMU stream stalls
+                return
+            if how in ("refuse", "hang up"):
+                got = len(buf)
+                while got < 3 * moves.CHUNK:  # some of the stream: QEMU is migrating
+                    got += len(await stream.receive_some(65536))
+                if how == "refuse":
+                    await stream.send_all(b"failed move: no room\x1b[2J\x00\x07 here\n")
+                return  # hangs up with the sender's bytes unread: it sees a reset
+            script["frames"] = await _frames_until_end(stream, buf)
+            await stream.send_all(b"nope \xff\n" if how == "no loaded" else b"loaded ../x\x1b\n")
+
+    async with open_cloudfs(zookeeper.hosts, driver, zk_root, host="h1") as cfs, trio.open_nursery() as n:
+        await n.start(functools.partial(trio.serve_tcp, destination, port, host="127.0.0.1"))
+        await cfs.store.create(f"{cfs.layout.hosts}/h3", Host(
+            "h3", "daemon-h3", "qemu", "qemu!h3!/elsewhere", "2026-12-01T00:00:00Z",
+            f"tcp!127.0.0.1!{port}").to_json(), ephemeral=True)
+        root = await cfs.attach("glenda", "")
+        pid = await vm(root)
+        sid = (await cfs.records.require(pid)).value.vm
+        host = (await status(root, pid))["host"]
+        for how, why in (
+            ("refuse", "the other daemon refused: failed move: no room?[2J?? here"),
+            ("hang up", "to h3 failed: the other daemon hung up mid-move (socket connection broken: "),
+            ("ready 1", "the other daemon refused: ready 1"),
+            ("long", "move: line too long"),
+            ("silent", f"took more than {moves.MOVE_TIMEOUT:g} s"),
+            ("no loaded", "the other daemon could not load the VM: nope \ufffd"),
+            ("bad id", "the other daemon named its copy ../x?, which is no VM id"),
+        ):
+            script.clear()
+            script["how"] = how
+            await ctl(root, pid, "migrate h3")
+
+            async def failed():
+                st = await status(root, pid)
+                return st if st.get("move", "").startswith("to h3 failed") else None
+
+            st = await eventually(failed, timeout=60)
+            assert why in st["move"], (how, st["move"])
+            assert "\x1b" not in st["move"] and "\x00" not in st["move"], st["move"]
+            assert st["state"] == "running" and st["host"] == host, (how, st)
+            assert script["header"]["pid"] == pid and script["header"]["v"] == moves.PROTOCOL
+            if how in ("no loaded", "bad id"):
+                assert script["frames"] > 0
+            rec = (await cfs.records.require(pid)).value
+            assert rec.vm == sid and rec.move_to == "", (how, rec)
+            assert (await driver.status(sid)).status == "running", how  # resumed, not left paused
+            await eventually(lambda: _gone_znode(cfs, cfs.layout.move(pid)))
+        n.cancel_scope.cancel()
+
+
+async def _gone_znode(cfs, path: str) -> bool:
+    return await cfs.store.exists(path) is None
