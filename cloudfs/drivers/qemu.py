@@ -106,6 +106,7 @@ from ..ctl import valid_name
 from ..znodes import parse_pid
 from . import qemunet, qemusnap
 from .extents import data_extents
+from .scratchroom import ScratchRoom
 from .qmp import QmpError, load_state, qmp_command, save_state, start_incoming
 from .netns import NetnsError, listen_in, netns_argv
 from .base import (
@@ -153,8 +154,9 @@ TEMPLATE_RETRY = 600.0
 SWEEP_INTERVAL = 60.0
 #: Consoles of deleted VMs kept in STATE/logs (the newest).
 LOGS_KEEP = 256
-#: Free space (bytes) the state dir's filesystem must keep beyond a new VM's
-#: whole scratch disk for create to go ahead.
+#: Free space (bytes) the state dir's filesystem must keep with every VM's
+#: scratch disk full: a VM is made, moved in or forked live only then
+#: (cloudfs.drivers.scratchroom).
 DISK_RESERVE = 1 << 30
 #: A VM's id: "vm-" and 12 hex digits (new_server_id).
 SERVER_ID = re.compile(r"vm-[0-9a-f]{12}")
@@ -454,23 +456,6 @@ def _rotate(current: Path, old: Path, keep: int) -> None:
     os.truncate(current, 0)
 
 
-def _free_bytes(path: Path) -> int:
-    """Blocking: bytes free for unprivileged use on ``path``'s filesystem."""
-    st = os.statvfs(path)
-    return st.f_bavail * st.f_frsize
-
-
-def _room_for_scratch(state_dir: Path, flavor: str) -> None:
-    """Blocking: DriverError unless ``state_dir`` keeps a ``flavor`` VM's
-    whole scratch disk (SCRATCH_GIB) plus DISK_RESERVE free: a sparse disk
-    may fill up to its size, and other VMs must not run out first."""
-    need = (SCRATCH_GIB.get(flavor, 1) << 30) + DISK_RESERVE
-    free = _free_bytes(state_dir)
-    if free < need:
-        raise DriverError(f"not enough disk for a {flavor} VM's scratch disk: {free >> 20} MiB free in "
-                          f"{state_dir}, {need >> 20} MiB needed")
-
-
 def _task_ticks(pid: int, tid: int) -> int | None:
     """utime + stime (clock ticks) of thread ``tid`` of ``pid`` (proc(5))."""
     try:
@@ -648,6 +633,7 @@ class QemuDriver(ComputeDriver):
             raise ValueError(f"accel must be auto, tcg or kvm, not {accel!r}")
         self.state_dir = Path(state_dir).resolve()
         self.vms_dir = self.state_dir / "vms"
+        self._room = ScratchRoom(self.state_dir, self.vms_dir, DISK_RESERVE)
         self.logs_dir = self.state_dir / "logs"
         self.accel = accel
         self.kvm_probe_timeout = kvm_probe_timeout
@@ -1004,7 +990,6 @@ class QemuDriver(ComputeDriver):
         for n in networks[1:]:
             if n not in known:
                 raise NotFound(f"no network {n!r}")
-        await trio.to_thread.run_sync(_room_for_scratch, self.state_dir, flavor)
         accel = await self._choose_accel(img.kernel)
         vid = new_server_id()
         vm = _Vm(id=vid, dir=self.vms_dir / vid, name=spec.name, image=spec.image, flavor=flavor,
@@ -1014,23 +999,24 @@ class QemuDriver(ComputeDriver):
         eligible = self.snapshot_boot and networks == [USER_NET.name]
 
         def boot() -> tuple[Server, bool]:
-            vm.dir.mkdir(mode=0o700)
-            restored = False
-            try:
-                self._plug(vm, networks[1:])
-                tpl = self._ready_template(img, flavor, accel) if eligible else None
-                if tpl is not None:
-                    restored = self._restore_template(vm, img, tpl, spec.userdata)
-                if not restored:
-                    self._prepare(vm, img, spec.userdata)
-                    self._launch(vm, img)
-                self._connect(vm)
-            except BaseException:
-                with contextlib.suppress(DriverError):
-                    self._kill(vm)
-                self._unplug(vm)
-                shutil.rmtree(vm.dir, ignore_errors=True)
-                raise
+            with self._room.claim(SCRATCH_GIB.get(flavor, 1) << 30, f"a {flavor} VM's scratch disk"):
+                vm.dir.mkdir(mode=0o700)
+                restored = False
+                try:
+                    self._plug(vm, networks[1:])
+                    tpl = self._ready_template(img, flavor, accel) if eligible else None
+                    if tpl is not None:
+                        restored = self._restore_template(vm, img, tpl, spec.userdata)
+                    if not restored:
+                        self._prepare(vm, img, spec.userdata)
+                        self._launch(vm, img)
+                    self._connect(vm)
+                except BaseException:
+                    with contextlib.suppress(DriverError):
+                        self._kill(vm)
+                    self._unplug(vm)
+                    shutil.rmtree(vm.dir, ignore_errors=True)
+                    raise
             # meta.json last: find() sees only VMs whose QEMU was started
             self._write_meta(vm)
             return Server(vm.id, vm.name, "running", self.host, (GUEST_ADDRESS, *vm.nets.values())), restored
@@ -1446,22 +1432,22 @@ class QemuDriver(ComputeDriver):
         img = imagestore.get_image(self.state_dir, image)
         if img is None or flavor not in FLAVORS or accel not in ("tcg", "kvm"):
             raise NotFound(f"no image {image!r}, flavor {flavor!r} or accelerator {accel!r} here")
-        _room_for_scratch(self.state_dir, flavor)
         vid = new_server_id()
         vm = _Vm(id=vid, dir=self.vms_dir / vid, name=str(spec.get("name", f"p{pid}"))[:63], image=image,
                  flavor=flavor, networks=[USER_NET.name],
                  metadata={**server_metadata(self.bound(), pid, ppid, self.deployment_root), "incoming": "1"},
                  created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), accel=accel)
-        vm.dir.mkdir(mode=0o700)
-        try:
-            self._write_fw(vm, userdata)
-            self._write_meta(vm)
-            self._launch(vm, img, initrd=img.initramfs, incoming_fd=fd)
-        except BaseException:
-            with contextlib.suppress(DriverError):
-                self._kill(vm)
-            shutil.rmtree(vm.dir, ignore_errors=True)
-            raise
+        with self._room.claim(SCRATCH_GIB.get(flavor, 1) << 30, f"a moved {flavor} VM's scratch disk"):
+            vm.dir.mkdir(mode=0o700)
+            try:
+                self._write_fw(vm, userdata)
+                self._write_meta(vm)
+                self._launch(vm, img, initrd=img.initramfs, incoming_fd=fd)
+            except BaseException:
+                with contextlib.suppress(DriverError):
+                    self._kill(vm)
+                shutil.rmtree(vm.dir, ignore_errors=True)
+                raise
         return vid
 
     def incoming_wait(self, server_id: str, timeout: float = 120.0) -> None:
@@ -1564,17 +1550,19 @@ class QemuDriver(ComputeDriver):
                  created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), accel=snap.accel)
 
         def restore() -> Server:
-            vm.dir.mkdir(mode=0o700)
-            try:
-                self._write_fw(vm, spec.userdata)
-                self._launch(vm, img, initrd=img.initramfs, state=d / "state", scratch=d / "scratch.img")
-            except BaseException:
-                with contextlib.suppress(DriverError):
-                    self._kill(vm)
-                with contextlib.suppress(OSError):  # the snapshot stays whole for a retry
-                    os.replace(vm.scratch, d / "scratch.img")
-                shutil.rmtree(vm.dir, ignore_errors=True)
-                raise
+            with self._room.claim(0, f"the scratch disk of fork live copy {spec.snapshot}",
+                                  have=d / "scratch.img"):
+                vm.dir.mkdir(mode=0o700)
+                try:
+                    self._write_fw(vm, spec.userdata)
+                    self._launch(vm, img, initrd=img.initramfs, state=d / "state", scratch=d / "scratch.img")
+                except BaseException:
+                    with contextlib.suppress(DriverError):
+                        self._kill(vm)
+                    with contextlib.suppress(OSError):  # the snapshot stays whole for a retry
+                        os.replace(vm.scratch, d / "scratch.img")
+                    shutil.rmtree(vm.dir, ignore_errors=True)
+                    raise
             self._write_meta(vm)
             shutil.rmtree(d, ignore_errors=True)
             return Server(vm.id, vm.name, "running", self.host, (GUEST_ADDRESS,))

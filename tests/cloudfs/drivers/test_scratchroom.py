@@ -1,0 +1,173 @@
+"""cloudfs.drivers.scratchroom: scratch disks are admitted only while all
+of them, filled, leave the reserve free.  Real sparse files on a real
+tmpfs of a known size (mounted by the test, so root only); then the QEMU
+driver refusing a create that would overcommit its state dir's disk."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import subprocess
+import threading
+from pathlib import Path
+
+import pytest
+import trio
+
+from cloudfs import imagestore
+from cloudfs.drivers import qemu
+from cloudfs.drivers.base import DriverError, ServerSpec
+from cloudfs.drivers.scratchroom import ScratchRoom, shortfall, unwritten
+
+MiB = 1 << 20
+
+root_only = pytest.mark.skipif(os.geteuid() != 0, reason="mounts a tmpfs")
+
+
+@pytest.mark.parametrize("free, promised, need, reserve, missing", [
+    (100, 0, 50, 10, -40),
+    (100, 40, 50, 10, 0),     # exactly fits
+    (100, 41, 50, 10, 1),
+    (100, 0, 0, 100, 0),      # a disk that can grow no more needs only the reserve
+    (0, 0, 1, 0, 1),
+    (10, 200, 0, 0, 190),     # already overcommitted (by what was there before): nothing more
+])
+def test_shortfall(free, promised, need, reserve, missing):
+    assert shortfall(free, promised, need, reserve) == missing
+
+
+def test_unwritten_counts_what_a_sparse_file_may_still_take(tmp_path):
+    p = tmp_path / "disk"
+    assert unwritten(p) == 0
+    with open(p, "wb") as f:
+        f.truncate(8 * MiB)
+    assert unwritten(p) == 8 * MiB
+    with open(p, "r+b") as f:
+        f.seek(2 * MiB)
+        f.write(b"\1" * MiB)
+        f.flush()
+        os.fsync(f.fileno())
+    assert 7 * MiB - 64 * 1024 <= unwritten(p) <= 7 * MiB
+    with open(p, "r+b") as f:
+        f.write(os.urandom(8 * MiB))
+    assert unwritten(p) == 0
+    with open(p, "r+b") as f:
+        f.truncate(MiB)  # shrunk below what it held: nothing more, never negative
+    assert unwritten(p) == 0
+
+
+@contextlib.contextmanager
+def tmpfs(where: Path, size: int):
+    where.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", str(where)], check=True)
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+def _disk(vms: Path, name: str, size: int) -> Path:
+    d = vms / name
+    d.mkdir(parents=True)
+    with open(d / "scratch.img", "wb") as f:
+        f.truncate(size)
+    return d / "scratch.img"
+
+
+@root_only
+def test_claims_keep_the_reserve_with_every_disk_full(tmp_path):
+    with tmpfs(tmp_path / "fs", 64 * MiB) as fs:
+        vms = fs / "vms"
+        room = ScratchRoom(fs, vms, 8 * MiB)
+        for name in ("a", "b"):
+            with room.claim(20 * MiB, "a test disk"):
+                _disk(vms, name, 20 * MiB)
+        assert room.promised() == 40 * MiB
+        with pytest.raises(DriverError) as e:  # 64 − 40 owed < 20 + 8
+            with room.claim(20 * MiB, "a third disk"):
+                pytest.fail("admitted")
+        assert e.value.errno == errno.ENOSPC
+        assert "not enough disk for a third disk" in e.value.message and "40 MiB of it owed" in e.value.message
+        # a guest filling its disk changes nothing: what it writes was owed
+        with open(vms / "a" / "scratch.img", "r+b") as f:
+            f.write(os.urandom(20 * MiB))
+        assert room.promised() == 20 * MiB
+        with pytest.raises(DriverError):
+            with room.claim(20 * MiB, "a third disk"):
+                pass
+        # a disk of its own that can grow by 8 MiB fits (64 − 20 used − 20 owed ≥ 8 + 8)
+        with room.claim(8 * MiB, "a small disk"):
+            pass
+        # a fork live copy: only what its file may still take counts
+        copy = fs / "copy.img"
+        with open(copy, "wb") as f:
+            f.truncate(12 * MiB)
+            f.write(os.urandom(8 * MiB))
+        with room.claim(0, "a copy's disk", have=copy):  # 64 − 28 used − 20 owed ≥ 4 + 8
+            pass
+        os.unlink(copy)
+        # a VM ending gives its room back
+        (vms / "b" / "scratch.img").unlink()
+        with room.claim(20 * MiB, "a third disk"):
+            pass
+
+
+@root_only
+def test_a_claim_under_way_counts_for_the_others(tmp_path):
+    with tmpfs(tmp_path / "fs", 64 * MiB) as fs:
+        room = ScratchRoom(fs, fs / "vms", 8 * MiB)
+        inside, release = threading.Event(), threading.Event()
+        outcome: list[object] = []
+
+        def first():
+            with room.claim(30 * MiB, "the first"):
+                inside.set()
+                release.wait(10)
+
+        t = threading.Thread(target=first)
+        t.start()
+        try:
+            assert inside.wait(10)
+            assert room.promised() == 30 * MiB
+            try:
+                with room.claim(30 * MiB, "the second"):  # 64 − 30 < 30 + 8
+                    outcome.append("admitted")
+            except DriverError as e:
+                outcome.append(e.errno)
+        finally:
+            release.set()
+            t.join()
+        assert outcome == [errno.ENOSPC]
+        assert room.promised() == 0
+        with room.claim(30 * MiB, "the second"):
+            pass
+
+
+@root_only
+@pytest.mark.guest
+async def test_qemu_create_refuses_to_overcommit_the_state_dir(tiny_image, tmp_path, monkeypatch):
+    monkeypatch.setattr(qemu, "DISK_RESERVE", 256 * MiB)
+    with tmpfs(tmp_path / "fs", 2560 * MiB) as fs:
+        state = fs / "state"
+        imagestore.install_image(state, tiny_image)
+        d = qemu.QemuDriver(state, accel="tcg", snapshot_boot=False)
+        d.bind("d" * 32, "/test/qemu")
+        try:
+            def spec(pid: int) -> ServerSpec:
+                return ServerSpec(pid=pid, ppid=1, name=f"p{pid}", image="tiny", flavor="m1.tiny",
+                                  networks=("user",), userdata=b"")
+
+            # 1 GiB scratch disks: two fit in 2.5 GiB with 256 MiB kept free, a third does not,
+            # however little the first two hold now
+            first = await d.create(spec(2))
+            await d.create(spec(3))
+            with pytest.raises(DriverError) as e:
+                await d.create(spec(4))
+            assert e.value.errno == errno.ENOSPC and "not enough disk for a m1.tiny VM's scratch disk" \
+                in e.value.message, e.value.message
+            assert len(list((state / "vms").iterdir())) == 2  # nothing left of the refused one
+            await d.delete(first.id)
+            await d.create(spec(4))
+        finally:
+            await trio.to_thread.run_sync(d.kill_all)
