@@ -226,7 +226,8 @@ class CloudFS(FileSystem):
         from it.  The parent's VM must be this daemon's to reach (EXDEV:
         write to its ctl through the daemon of its host) and built (EBUSY);
         EINVAL for init or a process with no VM; ESRCH while it is being
-        killed; the driver's EOPNOTSUPP where it cannot copy a VM.  A failed
+        killed; the driver's EOPNOTSUPP where it cannot copy a VM, ENOSPC without
+        room for the copy (cloudfs.drivers.scratchroom).  A failed
         fork discards the snapshot."""
         rec = await self.records.get(pid)
         if rec is None:

@@ -158,6 +158,9 @@ LOGS_KEEP = 256
 #: scratch disk full: a VM is made, moved in or forked live only then
 #: (cloudfs.drivers.scratchroom).
 DISK_RESERVE = 1 << 30
+#: Bytes a saved VM state may take beyond the VM's RAM (device state), for
+#: the room a fork live copy claims.
+STATE_SLACK = 64 << 20
 #: A VM's id: "vm-" and 12 hex digits (new_server_id).
 SERVER_ID = re.compile(r"vm-[0-9a-f]{12}")
 USER_NET = Network("net-user", "user", "10.0.2.0/24", "active")
@@ -454,6 +457,14 @@ def _rotate(current: Path, old: Path, keep: int) -> None:
     with os.fdopen(fd, "wb") as f:
         f.write(tail)
     os.truncate(current, 0)
+
+
+def _allocated(path: Path) -> int:
+    """Blocking: the bytes ``path`` holds on disk (st_blocks × 512); 0 if it is gone."""
+    try:
+        return os.stat(path).st_blocks * 512
+    except FileNotFoundError:
+        return 0
 
 
 def _task_ticks(pid: int, tid: int) -> int | None:
@@ -1251,18 +1262,21 @@ class QemuDriver(ComputeDriver):
             if not running:
                 raise DriverError(f"server {vm.id} is not running: only a running VM is copied", errno=errno.EBUSY)
             t0 = time.monotonic()
-            try:
-                info = save_state(vm.qmp, d / "state")
-                p = subprocess.run(["cp", "--sparse=always", "--reflink=auto", str(vm.scratch),
-                                    str(d / "scratch.img")], capture_output=True, timeout=300)
-                if p.returncode != 0:
-                    raise DriverError(f"copying the scratch disk: {p.stderr.decode(errors='replace').strip()}")
-            finally:
-                if running:
-                    try:
-                        qmp_command(vm.qmp, "cont")
-                    except QmpError as e:
-                        log.warning("%s: cannot resume after copying it: %s", vm.id, e)
+            # the copy takes the disk's data and at most the RAM plus device state
+            need = _allocated(vm.scratch) + (FLAVORS.get(vm.flavor, (1024, 1))[0] << 20) + STATE_SLACK
+            with self._room.claim(need, f"a fork live copy of {vm.id}"):
+                try:
+                    info = save_state(vm.qmp, d / "state")
+                    p = subprocess.run(["cp", "--sparse=always", "--reflink=auto", str(vm.scratch),
+                                        str(d / "scratch.img")], capture_output=True, timeout=300)
+                    if p.returncode != 0:
+                        raise DriverError(f"copying the scratch disk: {p.stderr.decode(errors='replace').strip()}")
+                finally:
+                    if running:
+                        try:
+                            qmp_command(vm.qmp, "cont")
+                        except QmpError as e:
+                            log.warning("%s: cannot resume after copying it: %s", vm.id, e)
             paused_ms = info.get("downtime") if isinstance(info, dict) else None
             qemusnap.write_json(d / "meta.json", qemusnap.SnapshotMeta(
                 self.bound(), vm.id, vm.image, vm.flavor, vm.accel, time.time()).to_dict())

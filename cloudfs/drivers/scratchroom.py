@@ -15,9 +15,11 @@ disk exists (:meth:`ScratchRoom.claim`), so concurrent creates cannot both
 take the last room; while both the claim and the file exist the disk is
 counted twice, which errs on the side of refusing.
 
-What is outside the state dir's ``vms`` directory (images, boot templates,
-``fork live`` copies, other programs) is counted only as it uses space
-now; a second state dir on the same filesystem is not seen.
+A ``fork live`` copy claims its size the same way while it is made (the
+disk's data and the VM's RAM); once made it, like everything else outside
+the ``vms`` directory (images, boot templates, other programs), counts only
+as the space it uses.  A second state dir on the same filesystem is not
+seen.
 """
 
 from __future__ import annotations

@@ -161,13 +161,20 @@ async def test_qemu_create_refuses_to_overcommit_the_state_dir(tiny_image, tmp_p
             # 1 GiB scratch disks: two fit in 2.5 GiB with 256 MiB kept free, a third does not,
             # however little the first two hold now
             first = await d.create(spec(2))
-            await d.create(spec(3))
+            second = await d.create(spec(3))
             with pytest.raises(DriverError) as e:
                 await d.create(spec(4))
             assert e.value.errno == errno.ENOSPC and "not enough disk for a m1.tiny VM's scratch disk" \
                 in e.value.message, e.value.message
             assert len(list((state / "vms").iterdir())) == 2  # nothing left of the refused one
+            # nor is there room for a fork live copy (its RAM, 256 MiB, and device state)
+            with pytest.raises(DriverError) as e:
+                await d.snapshot(first.id)
+            assert e.value.errno == errno.ENOSPC and "a fork live copy of" in e.value.message, e.value.message
+            assert list((state / "snapshots").iterdir()) == []
             await d.delete(first.id)
+            copy = await d.snapshot(second.id)  # room again, for one of each
             await d.create(spec(4))
+            await d.discard_snapshot(copy)
         finally:
             await trio.to_thread.run_sync(d.kill_all)
