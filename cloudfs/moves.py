@@ -86,7 +86,7 @@ from ninep.errors import FsError
 from . import decisions as d
 from .drivers.base import DriverError, NotFound, Server
 from .drivers.extents import copy_ranges
-from .drivers.qemu import FLAVORS, SERVER_ID, QemuDriver
+from .drivers.qemu import FLAVORS, SERVER_ID, STATE_SLACK, QemuDriver
 from .hosts import Hosts
 from .procdata import ProcData
 from .process import Desired, now_iso
@@ -107,7 +107,7 @@ HEADER_TIMEOUT = 10.0
 CONNECT_TIMEOUT = 10.0
 MOVE_TIMEOUT = 120.0
 #: Bytes a migration stream may hold beyond the VM's RAM (device state).
-STREAM_SLACK = 64 << 20
+STREAM_SLACK = STATE_SLACK
 #: Relay buffer (bytes): the most data one ``M`` frame carries.
 CHUNK = 1 << 16
 #: The most data one ``D`` frame carries (bytes).
@@ -308,7 +308,9 @@ class Moves:
                     except (MoveFailed, trio.BrokenResourceError, trio.ClosedResourceError):
                         pass
                 if why is None:
-                    raise MoveFailed(errno.EIO, f"the other daemon hung up mid-move ({_leaf(e)})") from None
+                    cut = next(x for x in _leaves(e) if isinstance(x, _HANG_UPS))
+                    raise MoveFailed(errno.EIO, f"the other daemon hung up mid-move ({cut or type(cut).__name__})") \
+                        from None
                 raise MoveFailed(errno.EIO, "the other daemon refused: " + _printable(why)) from None
             answer = await _line(stream, buf)
             if isinstance(stats.get("downtime"), int):
@@ -319,7 +321,7 @@ class Moves:
                 raise MoveFailed(errno.EIO, "the other daemon could not load the VM: " + _printable(answer))
             copy = answer[len(b"loaded "):].decode(errors="replace").strip()
             if not SERVER_ID.fullmatch(copy):
-                raise MoveFailed(errno.EIO, "the other daemon named its copy " + _printable(answer[7:], 40)
+                raise MoveFailed(errno.EIO, "the other daemon named its copy " + _printable(answer[len(b"loaded "):], 40)
                                  + ", which is no VM id")
             return copy, stats
 
@@ -684,20 +686,30 @@ class Moves:
 def _printable(raw: bytes, limit: int = 200) -> str:
     """What the other daemon said, fit for a status line: at most
     ``limit`` bytes of it, decoded as UTF-8 (U+FFFD for what is not), each
-    control character (C0, DEL, C1: terminal escapes, NUL) shown as "?"."""
-    text = raw[:limit].decode(errors="replace")
-    return text.translate(_CONTROLS)
+    character that is not printable (controls such as terminal escapes and
+    NUL, format characters such as U+202E, line separators) shown as "?"."""
+    return "".join(c if c.isprintable() else "?" for c in raw[:limit].decode(errors="replace"))
 
 
-_CONTROLS = {c: "?" for c in (*range(0x20), *range(0x7f, 0xa0))}
+_HANG_UPS = (trio.BrokenResourceError, trio.ClosedResourceError)
+
+
+def _leaves(e: BaseException):
+    """The exceptions in ``e``, groups opened (depth first)."""
+    if isinstance(e, BaseExceptionGroup):
+        for x in e.exceptions:
+            yield from _leaves(x)
+    else:
+        yield e
 
 
 def _hung_up(e: BaseException) -> bool:
     """Whether ``e`` (or an exception in the group ``e``) says the other
-    daemon closed the connection."""
-    if isinstance(e, BaseExceptionGroup):
-        return any(_hung_up(x) for x in e.exceptions)
-    return isinstance(e, (trio.BrokenResourceError, trio.ClosedResourceError))
+    daemon closed the connection, and nothing in it must go on up (an
+    exception that is not an Exception, bar a Cancelled beside it)."""
+    leaves = list(_leaves(e))
+    return any(isinstance(x, _HANG_UPS) for x in leaves) \
+        and all(isinstance(x, (Exception, trio.Cancelled)) for x in leaves)
 
 
 def _leaf(e: BaseException) -> BaseException:

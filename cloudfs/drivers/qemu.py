@@ -106,7 +106,7 @@ from ..ctl import valid_name
 from ..znodes import parse_pid
 from . import qemunet, qemusnap
 from .extents import data_extents
-from .scratchroom import ScratchRoom
+from .scratchroom import DISK_NAME, ScratchRoom
 from .qmp import QmpError, load_state, qmp_command, save_state, start_incoming
 from .netns import NetnsError, listen_in, netns_argv
 from .base import (
@@ -158,8 +158,10 @@ LOGS_KEEP = 256
 #: scratch disk full: a VM is made, moved in or forked live only then
 #: (cloudfs.drivers.scratchroom).
 DISK_RESERVE = 1 << 30
-#: Bytes a saved VM state may take beyond the VM's RAM (device state), for
-#: the room a fork live copy claims.
+#: Bytes a VM's saved state may take beyond its RAM (device state, pages
+#: sent twice): the room a fork live copy claims beyond the RAM, and (half
+#: of it) where its save is cancelled; a move's stream may pass the RAM by
+#: as much (cloudfs.moves.STREAM_SLACK).
 STATE_SLACK = 64 << 20
 #: A VM's id: "vm-" and 12 hex digits (new_server_id).
 SERVER_ID = re.compile(r"vm-[0-9a-f]{12}")
@@ -459,14 +461,6 @@ def _rotate(current: Path, old: Path, keep: int) -> None:
     os.truncate(current, 0)
 
 
-def _allocated(path: Path) -> int:
-    """Blocking: the bytes ``path`` holds on disk (st_blocks × 512); 0 if it is gone."""
-    try:
-        return os.stat(path).st_blocks * 512
-    except FileNotFoundError:
-        return 0
-
-
 def _task_ticks(pid: int, tid: int) -> int | None:
     """utime + stime (clock ticks) of thread ``tid`` of ``pid`` (proc(5))."""
     try:
@@ -546,7 +540,7 @@ class _Vm:
 
     @property
     def scratch(self) -> Path:
-        return self.dir / "scratch.img"
+        return self.dir / DISK_NAME
 
     @property
     def initramfs(self) -> Path:
@@ -644,7 +638,6 @@ class QemuDriver(ComputeDriver):
             raise ValueError(f"accel must be auto, tcg or kvm, not {accel!r}")
         self.state_dir = Path(state_dir).resolve()
         self.vms_dir = self.state_dir / "vms"
-        self._room = ScratchRoom(self.state_dir, self.vms_dir, DISK_RESERVE)
         self.logs_dir = self.state_dir / "logs"
         self.accel = accel
         self.kvm_probe_timeout = kvm_probe_timeout
@@ -673,6 +666,8 @@ class QemuDriver(ComputeDriver):
         self.snapshot_boot = snapshot_boot
         self.templates_dir = self.state_dir / "templates"
         self.snapshots_dir = self.state_dir / "snapshots"
+        # what guests may still write on the scratch disks here (copies' first: see ScratchRoom._owed)
+        self._room = ScratchRoom(self.state_dir, (self.snapshots_dir, self.vms_dir), DISK_RESERVE)
         shm = Path(shm) if shm is not None else Path("/dev/shm")
         self.shm_dir = qemusnap.shm_dir_for(shm if shm.is_dir() else self.templates_dir, self.state_dir)
         self._moving: set[str] = set()  # VMs being copied (fork live)
@@ -901,17 +896,21 @@ class QemuDriver(ComputeDriver):
         (``-incoming``; ``scratch`` then the disk saved with it, moved into
         the VM) and let it run; DriverError on failure (QmpError if the
         state does not load)."""
-        for p in (vm.qmp, vm.pidfile, vm.scratch):
+        for p in (vm.qmp, vm.pidfile):
             p.unlink(missing_ok=True)
         if scratch is not None:
             os.replace(scratch, vm.scratch)
         else:
-            gib = SCRATCH_GIB.get(vm.flavor, 1)
-            fd = os.open(vm.scratch, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            # made aside, then renamed over the old one (a rebuild's): there
+            # is always a disk to count (cloudfs.drivers.scratchroom)
+            new = vm.scratch.with_name(vm.scratch.name + ".new")
+            new.unlink(missing_ok=True)
+            fd = os.open(new, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             try:
-                os.ftruncate(fd, gib << 30)  # sparse: takes no space until the guest writes
+                os.ftruncate(fd, SCRATCH_GIB.get(vm.flavor, 1) << 30)  # sparse: no space until the guest writes
             finally:
                 os.close(fd)
+            os.replace(new, vm.scratch)
         fd = os.open(vm.console, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)  # the user-data's output
         how = "restoring" if state is not None else "starting"
         with os.fdopen(fd, "ab") as f:
@@ -974,7 +973,8 @@ class QemuDriver(ComputeDriver):
         deleted); otherwise write its directory and initramfs and start QEMU; returns
         it ``running`` (the guest is booting).  The tags go to meta.json;
         ``spec.secret`` is not used (the guest's channel is its identity).  NotFound
-        for an unknown image/flavor/network.
+        for an unknown image/flavor/network; DriverError ENOSPC without room
+        for its scratch disk (cloudfs.drivers.scratchroom).
 
         Snapshot boot: a VM on the user network alone is restored from its
         image and flavor's boot template when there is one (qemusnap),
@@ -1010,7 +1010,7 @@ class QemuDriver(ComputeDriver):
         eligible = self.snapshot_boot and networks == [USER_NET.name]
 
         def boot() -> tuple[Server, bool]:
-            with self._room.claim(SCRATCH_GIB.get(flavor, 1) << 30, f"a {flavor} VM's scratch disk"):
+            with self._room.claim(SCRATCH_GIB.get(flavor, 1) << 30, f"a {flavor} VM's scratch disk", vm.scratch):
                 vm.dir.mkdir(mode=0o700)
                 restored = False
                 try:
@@ -1230,7 +1230,10 @@ class QemuDriver(ComputeDriver):
         networks besides ``user`` (the copy would hold the parent's
         addresses) or of an image with a disk (its changes are in a
         temporary overlay); EBUSY while it is being copied; EAGAIN with
-        SNAPSHOT_MAX snapshots held; DriverError if it has exited."""
+        SNAPSHOT_MAX snapshots held or when its state passes its RAM plus
+        half STATE_SLACK; ENOSPC without room for the copy (its whole
+        scratch disk, its RAM and STATE_SLACK: cloudfs.drivers.scratchroom);
+        DriverError if it has exited."""
         vm = await trio.to_thread.run_sync(self._vm, server_id)
         if vm.nets or vm.networks != [USER_NET.name]:
             raise DriverError("fork live copies only VMs on the user network alone", errno=errno.EOPNOTSUPP)
@@ -1262,11 +1265,14 @@ class QemuDriver(ComputeDriver):
             if not running:
                 raise DriverError(f"server {vm.id} is not running: only a running VM is copied", errno=errno.EBUSY)
             t0 = time.monotonic()
-            # the copy takes the disk's data and at most the RAM plus device state
-            need = _allocated(vm.scratch) + (FLAVORS.get(vm.flavor, (1024, 1))[0] << 20) + STATE_SLACK
-            with self._room.claim(need, f"a fork live copy of {vm.id}"):
+            # The copy's disk is owed its whole size (its child's scratch
+            # disk), its state at most the RAM and the device state: save_state
+            # cancels a guest that rewrites its memory faster than it is saved.
+            ram = FLAVORS.get(vm.flavor, (1024, 1))[0] << 20
+            need = (SCRATCH_GIB.get(vm.flavor, 1) << 30) + ram + STATE_SLACK
+            with self._room.claim(need, f"a fork live copy of {vm.id}", d / "scratch.img"):
                 try:
-                    info = save_state(vm.qmp, d / "state")
+                    info = save_state(vm.qmp, d / "state", limit=ram + STATE_SLACK // 2)
                     p = subprocess.run(["cp", "--sparse=always", "--reflink=auto", str(vm.scratch),
                                         str(d / "scratch.img")], capture_output=True, timeout=300)
                     if p.returncode != 0:
@@ -1451,7 +1457,7 @@ class QemuDriver(ComputeDriver):
                  flavor=flavor, networks=[USER_NET.name],
                  metadata={**server_metadata(self.bound(), pid, ppid, self.deployment_root), "incoming": "1"},
                  created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), accel=accel)
-        with self._room.claim(SCRATCH_GIB.get(flavor, 1) << 30, f"a moved {flavor} VM's scratch disk"):
+        with self._room.claim(SCRATCH_GIB.get(flavor, 1) << 30, f"a moved {flavor} VM's scratch disk", vm.scratch):
             vm.dir.mkdir(mode=0o700)
             try:
                 self._write_fw(vm, userdata)
@@ -1564,19 +1570,18 @@ class QemuDriver(ComputeDriver):
                  created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), accel=snap.accel)
 
         def restore() -> Server:
-            with self._room.claim(0, f"the scratch disk of fork live copy {spec.snapshot}",
-                                  have=d / "scratch.img"):
-                vm.dir.mkdir(mode=0o700)
-                try:
-                    self._write_fw(vm, spec.userdata)
-                    self._launch(vm, img, initrd=img.initramfs, state=d / "state", scratch=d / "scratch.img")
-                except BaseException:
-                    with contextlib.suppress(DriverError):
-                        self._kill(vm)
-                    with contextlib.suppress(OSError):  # the snapshot stays whole for a retry
-                        os.replace(vm.scratch, d / "scratch.img")
-                    shutil.rmtree(vm.dir, ignore_errors=True)
-                    raise
+            # (no room to claim: a copy's disk was admitted, whole, when it was made)
+            vm.dir.mkdir(mode=0o700)
+            try:
+                self._write_fw(vm, spec.userdata)
+                self._launch(vm, img, initrd=img.initramfs, state=d / "state", scratch=d / "scratch.img")
+            except BaseException:
+                with contextlib.suppress(DriverError):
+                    self._kill(vm)
+                with contextlib.suppress(OSError):  # the snapshot stays whole for a retry
+                    os.replace(vm.scratch, d / "scratch.img")
+                shutil.rmtree(vm.dir, ignore_errors=True)
+                raise
             self._write_meta(vm)
             shutil.rmtree(d, ignore_errors=True)
             return Server(vm.id, vm.name, "running", self.host, (GUEST_ADDRESS,))

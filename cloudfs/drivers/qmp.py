@@ -9,6 +9,7 @@ QEMU answered an error.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import socket
@@ -85,7 +86,8 @@ def _capabilities(qmp: Path) -> None:
                 {"capabilities": [{"capability": "x-ignore-shared", "state": True}]})
 
 
-def save_state(qmp: Path, dest: Path | None, timeout: float = 60.0, fd: int | None = None) -> dict:
+def save_state(qmp: Path, dest: Path | None, timeout: float = 60.0, fd: int | None = None,
+               limit: int | None = None) -> dict:
     """Write the VM's state (devices, and the RAM not in a shared memory
     backend) to the new file ``dest`` (mode 0600) with QMP ``migrate``.  A
     running VM keeps running while its RAM is copied, then pauses for the
@@ -95,7 +97,11 @@ def save_state(qmp: Path, dest: Path | None, timeout: float = 60.0, fd: int | No
     bytes).  QmpError if the migration fails or takes longer than
     ``timeout`` seconds (it is then cancelled: the VM runs on).  Given
     ``fd`` (a socket: a move to another host) instead of ``dest``, the state
-    goes there; the caller keeps and closes ``fd``."""
+    goes there; the caller keeps and closes ``fd``.  ``limit`` (bytes): the
+    most RAM it may send (``ram.transferred``, checked every 5 ms, so it
+    may pass it by what is sent meanwhile): a guest that rewrites its
+    memory faster than it is saved makes each pass send it again; past the
+    limit the migration is cancelled (QmpError, EAGAIN: the VM runs on)."""
     _capabilities(qmp)
     qmp_command(qmp, "migrate-set-parameters", {"max-bandwidth": MIGRATE_BANDWIDTH})
     name = dest.name if dest is not None else "the other host"
@@ -118,13 +124,25 @@ def save_state(qmp: Path, dest: Path | None, timeout: float = 60.0, fd: int | No
         if status in ("failed", "cancelled", None):
             why = got.get("error-desc", "") if isinstance(got, dict) else ""
             raise QmpError(f"migration to {name} {status or 'gave no status'}" + (f": {why}" if why else ""))
+        ram = got.get("ram")
+        sent = ram.get("transferred") if isinstance(ram, dict) else None
+        if limit is not None and isinstance(sent, int) and sent > limit:
+            _cancel(qmp)
+            raise QmpError(f"migration to {name} sent {sent >> 20} MiB, more than the {limit >> 20} MiB it may "
+                           "(the guest rewrites its memory faster than it is saved); cancelled: try again",
+                           errno=errno.EAGAIN)
         if time.monotonic() > deadline:
-            try:
-                qmp_command(qmp, "migrate_cancel")
-            except QmpError:
-                pass
+            _cancel(qmp)
             raise QmpError(f"migration to {name} took more than {timeout:g} s; cancelled")
         time.sleep(0.005)
+
+
+def _cancel(qmp: Path) -> None:
+    """QMP ``migrate_cancel``, whatever it answers (the migration may have just ended)."""
+    try:
+        qmp_command(qmp, "migrate_cancel")
+    except QmpError:
+        pass
 
 
 def start_incoming(qmp: Path, fd: int) -> None:

@@ -8,18 +8,25 @@ scratch disk of the state dir, each filled to its size, would still leave
 
     free − Σ (size − allocated) over the disks there − claims under way ≥ need + reserve
 
-(``allocated``: st_blocks × 512, what the file holds now; a guest's writes
-move bytes from the sum to what is used, so the inequality stays true as
-guests fill their disks).  A claim is held from the check until the new
-disk exists (:meth:`ScratchRoom.claim`), so concurrent creates cannot both
-take the last room; while both the claim and the file exist the disk is
-counted twice, which errs on the side of refusing.
+``allocated`` is st_blocks × 512, what the file holds now: a guest's
+writes move bytes from the sum to what is used, so the inequality stays
+true as guests fill their disks.  The disks are the ``scratch.img`` of
+each directory under the given directories: the VMs' and the ``fork
+live`` copies' (a copy waiting to start is owed its whole disk, so its
+child never finds the room gone).  A claim (:meth:`ScratchRoom.claim`)
+is held from the check until the thing it admits exists; the file it
+names is not counted meanwhile (the claim stands for it), so concurrent
+admissions cannot both take the last room.
 
-A ``fork live`` copy claims its size the same way while it is made (the
-disk's data and the VM's RAM); once made it, like everything else outside
-the ``vms`` directory (images, boot templates, other programs), counts only
-as the space it uses.  A second state dir on the same filesystem is not
-seen.
+Not counted beyond the space they use now: images, boot templates, the
+state files of ``fork live`` copies once made (while one is made it
+claims the VM's RAM and device state), consoles (at most 1.5 MiB per VM,
+out of the reserve), an image disk's temporary overlay (QEMU
+``snapshot=on``, in ``$TMPDIR``), other programs, and a second state dir
+on the same filesystem.  On a copy-on-write filesystem (btrfs, XFS with
+reflink) a ``fork live`` copy shares its parent's blocks, which both
+report as allocated: what either guest then rewrites takes space that
+was not counted.
 """
 
 from __future__ import annotations
@@ -33,7 +40,10 @@ from pathlib import Path
 
 from .base import DriverError
 
-__all__ = ["ScratchRoom", "shortfall", "unwritten"]
+__all__ = ["ScratchRoom", "DISK_NAME", "shortfall", "unwritten"]
+
+#: The file name of a scratch disk in its VM's (or copy's) directory.
+DISK_NAME = "scratch.img"
 
 
 def shortfall(free: int, promised: int, need: int, reserve: int) -> int:
@@ -45,7 +55,8 @@ def shortfall(free: int, promised: int, need: int, reserve: int) -> int:
 
 def unwritten(path: Path) -> int:
     """Blocking: the bytes the sparse file ``path`` may still take, its size
-    less what it holds now (never below 0); 0 if it does not exist."""
+    less what it holds now (never below 0); 0 if it does not exist.
+    OSError as stat(2) raises it otherwise."""
     try:
         st = os.stat(path)
     except FileNotFoundError:
@@ -53,55 +64,67 @@ def unwritten(path: Path) -> int:
     return max(0, st.st_size - st.st_blocks * 512)
 
 
-def _free_bytes(path: Path) -> int:
-    st = os.statvfs(path)
-    return st.f_bavail * st.f_frsize
-
-
 class ScratchRoom:
     """The admission of scratch disks to ``state_dir``'s filesystem: the
-    disks are ``vms_dir/*/scratch.img``; ``reserve`` (bytes) stays free
-    when they are all full (module docstring).  Thread-safe; its methods
-    block (stat and statvfs), so call them from a worker thread."""
+    disks are ``*/scratch.img`` under each of ``disk_dirs``; ``reserve``
+    (bytes) stays free when they are all full (module docstring).
+    Thread-safe; its methods block (stat and statvfs), so call them from a
+    worker thread."""
 
-    def __init__(self, state_dir: Path, vms_dir: Path, reserve: int):
-        self.state_dir, self.vms_dir, self.reserve = Path(state_dir), Path(vms_dir), reserve
+    def __init__(self, state_dir: Path, disk_dirs: tuple[Path, ...], reserve: int):
+        self.state_dir, self.disk_dirs, self.reserve = Path(state_dir), tuple(map(Path, disk_dirs)), reserve
         self._lock = threading.Lock()
-        self._claims: dict[int, int] = {}
+        self._claims: dict[int, tuple[Path | None, int]] = {}
         self._next = 0
 
     def promised(self) -> int:
-        """Bytes the disks in ``vms_dir`` may still take, plus the claims under way."""
-        owed = sum(self._claims.values())
+        """Bytes the disks may still take plus the claims under way.
+        DriverError (EIO) if they cannot be listed."""
+        with self._lock:
+            return self._owed()
+
+    def _owed(self) -> int:
+        # (lock held) A file renamed from one directory to a later one
+        # during the scan is counted twice, never missed: copies are listed
+        # before VMs, and a copy only ever becomes a VM.
+        claimed = {p for p, _ in self._claims.values() if p is not None}
+        owed = sum(n for _, n in self._claims.values())
         try:
-            dirs = list(os.scandir(self.vms_dir))
-        except FileNotFoundError:
-            return owed
-        for d in dirs:
-            if d.is_dir(follow_symlinks=False):
-                owed += unwritten(Path(d.path) / "scratch.img")
+            for top in self.disk_dirs:
+                try:
+                    entries = list(os.scandir(top))
+                except FileNotFoundError:
+                    continue
+                for d in entries:
+                    disk = Path(d.path) / DISK_NAME
+                    if d.is_dir(follow_symlinks=False) and disk not in claimed:
+                        owed += unwritten(disk)
+        except OSError as e:
+            raise DriverError(f"cannot tell the room left for scratch disks: {e}") from None
         return owed
 
     @contextlib.contextmanager
-    def claim(self, size: int, what: str, have: Path | None = None) -> Iterator[None]:
-        """Hold room for a new disk of ``size`` bytes while the body makes
-        it (``what`` names it in the error).  ``have``: an existing file
-        that becomes the disk (a ``fork live`` copy's), whose data already
-        takes its space.  DriverError (ENOSPC) when the room is not there;
-        OSError as statvfs raises it."""
-        need = unwritten(have) if have is not None else size
+    def claim(self, need: int, what: str, path: Path | None = None) -> Iterator[None]:
+        """Hold room for ``need`` bytes while the body makes ``what`` (its
+        name in the error); ``path``: the disk it makes, not counted until
+        the claim ends (the claim stands for it).  DriverError: ENOSPC when
+        the room is not there, EIO when the disks or the free space cannot
+        be read."""
         with self._lock:
-            free = _free_bytes(self.state_dir)
-            promised = self.promised()
-            missing = shortfall(free, promised, need, self.reserve)
-            if missing > 0:
+            try:
+                st = os.statvfs(self.state_dir)
+            except OSError as e:
+                raise DriverError(f"cannot tell the free space in {self.state_dir}: {e}") from None
+            free = st.f_bavail * st.f_frsize
+            promised = self._owed()
+            if shortfall(free, promised, need, self.reserve) > 0:
                 raise DriverError(
                     f"not enough disk for {what}: {free >> 20} MiB free in {self.state_dir}, "
                     f"{promised >> 20} MiB of it owed to the scratch disks there, {need >> 20} MiB for this "
                     f"one and {self.reserve >> 20} MiB to keep free", errno=errno.ENOSPC)
             key = self._next
             self._next += 1
-            self._claims[key] = need
+            self._claims[key] = (Path(path) if path is not None else None, need)
         try:
             yield
         finally:
