@@ -309,7 +309,7 @@ class Moves:
                         pass
                 if why is None:
                     cut = next(x for x in _leaves(e) if isinstance(x, _HANG_UPS))
-                    raise MoveFailed(errno.EIO, f"the other daemon hung up mid-move ({cut or type(cut).__name__})") \
+                    raise MoveFailed(errno.EIO, f"the other daemon hung up mid-move ({str(cut) or type(cut).__name__})") \
                         from None
                 raise MoveFailed(errno.EIO, "the other daemon refused: " + _printable(why)) from None
             answer = await _line(stream, buf)

@@ -666,7 +666,7 @@ class QemuDriver(ComputeDriver):
         self.snapshot_boot = snapshot_boot
         self.templates_dir = self.state_dir / "templates"
         self.snapshots_dir = self.state_dir / "snapshots"
-        # what guests may still write on the scratch disks here (copies' first: see ScratchRoom._owed)
+        # what guests may still write on the scratch disks here: fork live copies' and VMs'
         self._room = ScratchRoom(self.state_dir, (self.snapshots_dir, self.vms_dir), DISK_RESERVE)
         shm = Path(shm) if shm is not None else Path("/dev/shm")
         self.shm_dir = qemusnap.shm_dir_for(shm if shm.is_dir() else self.templates_dir, self.state_dir)
@@ -898,19 +898,22 @@ class QemuDriver(ComputeDriver):
         state does not load)."""
         for p in (vm.qmp, vm.pidfile):
             p.unlink(missing_ok=True)
-        if scratch is not None:
-            os.replace(scratch, vm.scratch)
-        else:
-            # made aside, then renamed over the old one (a rebuild's): there
-            # is always a disk to count (cloudfs.drivers.scratchroom)
-            new = vm.scratch.with_name(vm.scratch.name + ".new")
-            new.unlink(missing_ok=True)
-            fd = os.open(new, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            try:
-                os.ftruncate(fd, SCRATCH_GIB.get(vm.flavor, 1) << 30)  # sparse: no space until the guest writes
-            finally:
-                os.close(fd)
-            os.replace(new, vm.scratch)
+        try:
+            if scratch is not None:
+                self._room.rename(scratch, vm.scratch)
+            else:
+                # made aside, then renamed over the old one (a rebuild's): there
+                # is always a disk to count (cloudfs.drivers.scratchroom)
+                new = vm.scratch.with_name(vm.scratch.name + ".new")
+                new.unlink(missing_ok=True)
+                fd = os.open(new, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                try:
+                    os.ftruncate(fd, SCRATCH_GIB.get(vm.flavor, 1) << 30)  # sparse: no space until written
+                finally:
+                    os.close(fd)
+                os.replace(new, vm.scratch)
+        except OSError as e:
+            raise DriverError(f"making the scratch disk of {vm.id}: {e.strerror or e}") from e
         fd = os.open(vm.console, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)  # the user-data's output
         how = "restoring" if state is not None else "starting"
         with os.fdopen(fd, "ab") as f:
@@ -1579,7 +1582,7 @@ class QemuDriver(ComputeDriver):
                 with contextlib.suppress(DriverError):
                     self._kill(vm)
                 with contextlib.suppress(OSError):  # the snapshot stays whole for a retry
-                    os.replace(vm.scratch, d / "scratch.img")
+                    self._room.rename(vm.scratch, d / "scratch.img")
                 shutil.rmtree(vm.dir, ignore_errors=True)
                 raise
             self._write_meta(vm)

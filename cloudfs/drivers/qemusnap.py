@@ -51,7 +51,8 @@ TEMPLATE_FORMAT = 1
 #: Seconds a template's guest may take to boot to its wait.
 TEMPLATE_BOOT_TIMEOUT = 120.0
 #: Snapshots a driver holds at once (each is the parent's RAM in use, tens
-#: to hundreds of MB, and its scratch disk's data): more is EAGAIN.
+#: to hundreds of MB, and its scratch disk's data; the room its whole disk
+#: may take is kept for it, cloudfs.drivers.scratchroom): more is EAGAIN.
 SNAPSHOT_MAX = 8
 #: Seconds after which an unused snapshot is removed (a child whose create
 #: never came: its daemon and process gone).

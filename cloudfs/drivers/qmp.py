@@ -86,6 +86,11 @@ def _capabilities(qmp: Path) -> None:
                 {"capabilities": [{"capability": "x-ignore-shared", "state": True}]})
 
 
+#: How near (bytes) a save with a ``limit`` may come to it before the
+#: guest is paused (save_state).
+STOP_HEADROOM = 16 << 20
+
+
 def save_state(qmp: Path, dest: Path | None, timeout: float = 60.0, fd: int | None = None,
                limit: int | None = None) -> dict:
     """Write the VM's state (devices, and the RAM not in a shared memory
@@ -101,7 +106,11 @@ def save_state(qmp: Path, dest: Path | None, timeout: float = 60.0, fd: int | No
     most RAM it may send (``ram.transferred``, checked every 5 ms, so it
     may pass it by what is sent meanwhile): a guest that rewrites its
     memory faster than it is saved makes each pass send it again; past the
-    limit the migration is cancelled (QmpError, EAGAIN: the VM runs on)."""
+    limit the migration is cancelled (QmpError, EAGAIN).  So that it need
+    not come to that, the guest is paused (QMP ``stop``) once what was sent
+    and what is left to send come within STOP_HEADROOM of the limit: its
+    last pass then takes longer.  A guest paused so stays paused, whatever
+    the outcome: the caller's ``cont`` resumes it."""
     _capabilities(qmp)
     qmp_command(qmp, "migrate-set-parameters", {"max-bandwidth": MIGRATE_BANDWIDTH})
     name = dest.name if dest is not None else "the other host"
@@ -116,31 +125,52 @@ def save_state(qmp: Path, dest: Path | None, timeout: float = 60.0, fd: int | No
         qmp_command(qmp, "getfd", {"fdname": "cloudfs-state"}, fds=[fd])
     qmp_command(qmp, "migrate", {"uri": "fd:cloudfs-state"})
     deadline = time.monotonic() + timeout
+    stopped = False
     while True:
         got = qmp_command(qmp, "query-migrate")
         status = got.get("status") if isinstance(got, dict) else None
-        if status == "completed":
-            return got
         if status in ("failed", "cancelled", None):
             why = got.get("error-desc", "") if isinstance(got, dict) else ""
             raise QmpError(f"migration to {name} {status or 'gave no status'}" + (f": {why}" if why else ""))
         ram = got.get("ram")
-        sent = ram.get("transferred") if isinstance(ram, dict) else None
+        sent, left = (ram.get("transferred"), ram.get("remaining")) if isinstance(ram, dict) else (None, None)
         if limit is not None and isinstance(sent, int) and sent > limit:
-            _cancel(qmp)
+            if status != "completed":
+                _cancel(qmp)
             raise QmpError(f"migration to {name} sent {sent >> 20} MiB, more than the {limit >> 20} MiB it may "
                            "(the guest rewrites its memory faster than it is saved); cancelled: try again",
                            errno=errno.EAGAIN)
+        if status == "completed":
+            return got
+        if limit is not None and not stopped and isinstance(sent, int) and isinstance(left, int) \
+                and sent + left > limit - STOP_HEADROOM:
+            # What is left would take it near the limit: pause the guest so
+            # that it stops dirtying pages and the next pass is the last
+            # (the VM ends paused either way: ``postmigrate``).
+            try:
+                qmp_command(qmp, "stop")
+                stopped = True
+            except QmpError:
+                pass
         if time.monotonic() > deadline:
             _cancel(qmp)
             raise QmpError(f"migration to {name} took more than {timeout:g} s; cancelled")
         time.sleep(0.005)
 
 
-def _cancel(qmp: Path) -> None:
-    """QMP ``migrate_cancel``, whatever it answers (the migration may have just ended)."""
+def _cancel(qmp: Path, wait: float = 2.0) -> None:
+    """QMP ``migrate_cancel``, whatever it answers (the migration may have
+    just ended), then up to ``wait`` seconds for it to be over, so that
+    another migration may start at once."""
     try:
         qmp_command(qmp, "migrate_cancel")
+        end = time.monotonic() + wait
+        while time.monotonic() < end:
+            got = qmp_command(qmp, "query-migrate")
+            if not isinstance(got, dict) or got.get("status") not in ("active", "cancelling", "setup", "device",
+                                                                     "pre-switchover"):
+                return
+            time.sleep(0.01)
     except QmpError:
         pass
 

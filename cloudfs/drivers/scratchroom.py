@@ -15,13 +15,16 @@ each directory under the given directories: the VMs' and the ``fork
 live`` copies' (a copy waiting to start is owed its whole disk, so its
 child never finds the room gone).  A claim (:meth:`ScratchRoom.claim`)
 is held from the check until the thing it admits exists; the file it
-names is not counted meanwhile (the claim stands for it), so concurrent
-admissions cannot both take the last room.
+names is counted as the claim less what the file holds meanwhile, so
+concurrent admissions cannot both take the last room.  Disks move between
+the directories only by :meth:`ScratchRoom.rename`, under the same lock as
+the count.
 
 Not counted beyond the space they use now: images, boot templates, the
 state files of ``fork live`` copies once made (while one is made it
-claims the VM's RAM and device state), consoles (at most 1.5 MiB per VM,
-out of the reserve), an image disk's temporary overlay (QEMU
+claims the VM's RAM and device state), each VM's initramfs and fw_cfg
+files (written once, about 1.5 MiB for the tiny image) and console (at
+most 1.5 MiB), all out of the reserve, an image disk's temporary overlay (QEMU
 ``snapshot=on``, in ``$TMPDIR``), other programs, and a second state dir
 on the same filesystem.  On a copy-on-write filesystem (btrfs, XFS with
 reflink) a ``fork live`` copy shares its parent's blocks, which both
@@ -64,6 +67,14 @@ def unwritten(path: Path) -> int:
     return max(0, st.st_size - st.st_blocks * 512)
 
 
+def _allocated(path: Path) -> int:
+    """Blocking: the bytes ``path`` holds (st_blocks × 512); 0 if it does not exist."""
+    try:
+        return os.stat(path).st_blocks * 512
+    except FileNotFoundError:
+        return 0
+
+
 class ScratchRoom:
     """The admission of scratch disks to ``state_dir``'s filesystem: the
     disks are ``*/scratch.img`` under each of ``disk_dirs``; ``reserve``
@@ -84,12 +95,10 @@ class ScratchRoom:
             return self._owed()
 
     def _owed(self) -> int:
-        # (lock held) A file renamed from one directory to a later one
-        # during the scan is counted twice, never missed: copies are listed
-        # before VMs, and a copy only ever becomes a VM.
+        # (lock held) A claim's file is owed the claim less what it holds.
         claimed = {p for p, _ in self._claims.values() if p is not None}
-        owed = sum(n for _, n in self._claims.values())
         try:
+            owed = sum(n if p is None else max(0, n - _allocated(p)) for p, n in self._claims.values())
             for top in self.disk_dirs:
                 try:
                     entries = list(os.scandir(top))
@@ -103,11 +112,18 @@ class ScratchRoom:
             raise DriverError(f"cannot tell the room left for scratch disks: {e}") from None
         return owed
 
+    def rename(self, src: Path, dst: Path) -> None:
+        """os.replace(``src``, ``dst``) with no count under way: a disk
+        moving between the directories is never missed nor counted twice.
+        OSError as rename(2) raises it."""
+        with self._lock:
+            os.replace(src, dst)
+
     @contextlib.contextmanager
     def claim(self, need: int, what: str, path: Path | None = None) -> Iterator[None]:
         """Hold room for ``need`` bytes while the body makes ``what`` (its
-        name in the error); ``path``: the disk it makes, not counted until
-        the claim ends (the claim stands for it).  DriverError: ENOSPC when
+        name in the error); ``path``: the disk it makes, counted as the
+        claim less what it holds until the claim ends.  DriverError: ENOSPC when
         the room is not there, EIO when the disks or the free space cannot
         be read."""
         with self._lock:
