@@ -32,7 +32,8 @@ address (its ``/hosts`` entry's ``migrate``):
    ``move`` line's ``paused N ms`` is QEMU's downtime plus the time from
    QEMU's end to ``loaded`` (at least the pause: the commit and the copy's
    ``cont`` come after it).  D checks each frame before it reads its data,
-   but learns that its QEMU could not load the state only after ``E``.
+   and after each ``D`` frame that its QEMU still runs: one that could not
+   load the state ends, and the move is refused then, not after ``E``.
 4. The commit is one compare-and-set of the process record: its VM, host
    and scope become D's (state as desired, ``move`` says ``from A to B at
    T``).  Then S deletes ``moves/<pid>`` and ends its copy; ownership passes
@@ -612,7 +613,7 @@ class Moves:
                         raise MoveFailed(errno.EPROTO, f"move: disk data of {n} bytes at {off} "
                                                        f"(the disk has {size}, {written} so far)")
                     data = await _exactly(stream, buf, n)
-                    await trio.to_thread.run_sync(_pwrite_all, disk, data, off)
+                    await trio.to_thread.run_sync(self._write_disk, copy, disk, data, off)
                     del data  # not held while the next frame is read (the buffer bound)
                     kind = await _exactly(stream, buf, 1)
                 if kind != b"E":
@@ -636,6 +637,14 @@ class Moves:
         assert self._nursery is not None
         self._nursery.start_soon(self._settle, pid, copy)  # whatever becomes of the answer
         await stream.send_all(f"loaded {copy}\n".encode())
+
+    def _write_disk(self, copy: str, fd: int, data: bytes, offset: int) -> None:
+        """Blocking: write a ``D`` frame's ``data`` at ``offset`` of the
+        copy's scratch disk ``fd``; MoveFailed if the copy's QEMU has ended
+        meanwhile (it could not load the state: no use taking the rest)."""
+        _pwrite_all(fd, data, offset)
+        if self.driver.qemu_pid(copy) is None:
+            raise MoveFailed(errno.EIO, "loading the moved VM failed: its QEMU ended")
 
     async def _settle(self, pid: int, copy: str) -> None:
         """Step 5: once ``moves/<pid>`` is gone, keep ``copy`` if the record

@@ -16,6 +16,7 @@ import pytest
 import trio
 
 from cloudfs import imagestore, moves
+from cloudfs.drivers.base import ServerSpec
 from cloudfs.drivers.qemu import FLAVORS, SCRATCH_GIB, QemuDriver
 from cloudfs.hosts import Host
 from cloudfs.namespace import open_cloudfs
@@ -24,6 +25,7 @@ from tests.cloudfs.fsops import ctl, eventually, status, vm
 pytestmark = pytest.mark.guest  # an incoming copy is a real (paused) QEMU
 
 TOKEN = "ab" * 16
+LOAD_FAILED = b"loading the moved VM failed"
 
 
 @pytest.fixture
@@ -77,6 +79,22 @@ async def _ask(port: int, request: bytes, after_ready: bytes | None = None) -> l
     return lines
 
 
+async def _a_saved_state(tiny_image, where) -> bytes:
+    """A migration stream of a running m1.tiny VM (a fork live copy's
+    state) made by a driver of its own state dir ``where``, whose VMs are
+    gone on return."""
+    imagestore.install_image(where, tiny_image)
+    src = QemuDriver(where, accel="tcg", snapshot_boot=False)
+    src.bind("s" * 32, "/test/source")
+    try:
+        vm = await src.create(ServerSpec(pid=2, ppid=1, name="source", image="tiny", flavor="m1.tiny",
+                                         networks=("user",), userdata=b""))
+        copy = await src.snapshot(vm.id)
+        return (where / "snapshots" / copy / "state").read_bytes()
+    finally:
+        await trio.to_thread.run_sync(src.kill_all)
+
+
 def _vms(state) -> list[str]:
     d = state / "vms"
     return sorted(p.name for p in d.iterdir()) if d.is_dir() else []
@@ -86,7 +104,8 @@ async def _no_vms(state) -> bool:
     return _vms(state) == []
 
 
-async def test_hostile_move_requests_are_refused_and_leave_nothing(zookeeper, zk_root, state, monkeypatch):
+async def test_hostile_move_requests_are_refused_and_leave_nothing(zookeeper, zk_root, state, monkeypatch, tiny_image,
+                                                                   tmp_path):
     monkeypatch.setattr(moves, "HEADER_TIMEOUT", 1.0)
     # the migration stream may hold 100 bytes (the RAM of m1.tiny, less itself, plus 100)
     monkeypatch.setattr(moves, "STREAM_SLACK", 100 - (FLAVORS["m1.tiny"][0] << 20))
@@ -134,19 +153,50 @@ async def test_hostile_move_requests_are_refused_and_leave_nothing(zookeeper, zk
             (struct.pack("<cQI", b"D", disk_end - 3, 4) + b"disk", b"disk data of 4 bytes"),
             (struct.pack("<cQI", b"D", 0, 0), b"disk data of 0 bytes"),
             (struct.pack("<cQI", b"D", 0, moves.DISK_CHUNK + 1), b"disk data of"),
-            (disk + struct.pack("<cI", b"M", 4) + b"junk", b"unknown frame b'M'"),  # the stream is over
+            # (after the stream, the copy's QEMU, which has no state to load,
+            # ends soon: a refusal may come first from that)
+            (disk + struct.pack("<cI", b"M", 4) + b"junk", (b"unknown frame b'M'", LOAD_FAILED)),
             (struct.pack("<cI", b"M", 4) + b"junk" + b"E", b"loading the moved VM"),  # QEMU cannot load it
-            (disk, b"closed the connection"),  # taken, then it hangs up
-            (struct.pack("<cQI", b"D", disk_end - 4, 4) + b"disk", b"closed the connection"),  # the last bytes
+            (disk, (b"closed the connection", LOAD_FAILED)),  # taken, then it hangs up
+            (struct.pack("<cQI", b"D", disk_end - 4, 4) + b"disk", (b"closed the connection", LOAD_FAILED)),
         )
         for body, why in cases:
             lines = await _ask(port, _header(pid), body)
             assert lines[0] == b"ready 2" and len(lines) == 2, (body[:20], lines)
-            assert lines[1].startswith(b"failed ") and why in lines[1], (body[:20], lines)
+            assert lines[1].startswith(b"failed ") and any(w in lines[1] for w in (why if isinstance(why, tuple)
+                                                                                    else (why,))), (body[:20], lines)
             await eventually(lambda: _no_vms(state), timeout=30)
 
+        # a stream the copy cannot load: refused while the disk data comes, before the end
+        async with await trio.open_tcp_stream("127.0.0.1", port) as s:
+            await s.send_all(_header(pid))
+            got = b""
+            with trio.fail_after(60):
+                while b"\n" not in got:
+                    got += await s.receive_some(100)
+                assert got == b"ready 2\n"
+                await s.send_all(struct.pack("<cI", b"M", 4) + b"junk")
+                sent = 0
+                answer = b""
+                while b"\n" not in answer:
+                    try:
+                        await s.send_all(struct.pack("<cQI", b"D", sent % (1 << 20), 4096) + bytes(4096))
+                        sent += 4096
+                    except trio.BrokenResourceError:
+                        pass
+                    with trio.move_on_after(0.2):
+                        more = await s.receive_some(1000)
+                        if not more:
+                            break
+                        answer += more
+        assert answer.startswith(b"failed ") and LOAD_FAILED in answer, answer
+        await eventually(lambda: _no_vms(state), timeout=30)
+
         # frames within the disk, but more than its size in all (a peer
-        # writing the same MiB over and over)
+        # writing the same MiB over and over), after a stream its QEMU loads
+        # (a fork live copy's state of a VM in another state dir)
+        monkeypatch.setattr(moves, "STREAM_SLACK", 64 << 20)
+        loadable = await _a_saved_state(tiny_image, tmp_path / "source")
         frame = struct.pack("<cQI", b"D", 0, moves.DISK_CHUNK) + bytes(moves.DISK_CHUNK)
         async with await trio.open_tcp_stream("127.0.0.1", port) as s:
             await s.send_all(_header(pid))
@@ -156,6 +206,9 @@ async def test_hostile_move_requests_are_refused_and_leave_nothing(zookeeper, zk
                     got += await s.receive_some(100)
                 assert got == b"ready 2\n"
                 try:
+                    for at in range(0, len(loadable), moves.CHUNK):
+                        piece = loadable[at:at + moves.CHUNK]
+                        await s.send_all(struct.pack("<cI", b"M", len(piece)) + piece)
                     for _ in range(disk_end // moves.DISK_CHUNK + 1):
                         await s.send_all(frame)
                 except trio.BrokenResourceError:
