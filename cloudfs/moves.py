@@ -76,6 +76,7 @@ import json
 import logging
 import os
 import secrets
+import select
 import socket
 import struct
 
@@ -586,6 +587,7 @@ class Moves:
         mine, theirs = socket.socketpair()
         copy = None
         disk = -1
+        qemu: int | None = None  # a pidfd of the copy's QEMU (_pidfd_of)
         try:
             copy = await trio.to_thread.run_sync(self.driver.incoming_start, pid, ppid, spec, userdata,
                                                  theirs.fileno())
@@ -605,6 +607,7 @@ class Moves:
                     await _send_all(sink, await _exactly(stream, buf, n))
                 mine.shutdown(socket.SHUT_WR)  # the end of the migration stream
                 disk, size = await trio.to_thread.run_sync(self.driver.scratch_in, copy)
+                qemu = await trio.to_thread.run_sync(lambda: _pidfd_of(self.driver.qemu_pid(copy)))
                 written = 0
                 while kind == b"D":
                     _, off, n = _D.unpack(kind + await _exactly(stream, buf, _D.size - 1))
@@ -612,8 +615,10 @@ class Moves:
                     if not 0 < n <= DISK_CHUNK or off + n > size or written > size:
                         raise MoveFailed(errno.EPROTO, f"move: disk data of {n} bytes at {off} "
                                                        f"(the disk has {size}, {written} so far)")
+                    if _ended(qemu):  # it could not load the state: no use taking the rest
+                        raise MoveFailed(errno.EIO, "loading the moved VM failed: its QEMU ended")
                     data = await _exactly(stream, buf, n)
-                    await trio.to_thread.run_sync(self._write_disk, copy, disk, data, off)
+                    await trio.to_thread.run_sync(_pwrite_all, disk, data, off)
                     del data  # not held while the next frame is read (the buffer bound)
                     kind = await _exactly(stream, buf, 1)
                 if kind != b"E":
@@ -633,18 +638,12 @@ class Moves:
         finally:
             if disk >= 0:
                 os.close(disk)
+            if qemu is not None and qemu >= 0:
+                os.close(qemu)
         mine.close()
         assert self._nursery is not None
         self._nursery.start_soon(self._settle, pid, copy)  # whatever becomes of the answer
         await stream.send_all(f"loaded {copy}\n".encode())
-
-    def _write_disk(self, copy: str, fd: int, data: bytes, offset: int) -> None:
-        """Blocking: write a ``D`` frame's ``data`` at ``offset`` of the
-        copy's scratch disk ``fd``; MoveFailed if the copy's QEMU has ended
-        meanwhile (it could not load the state: no use taking the rest)."""
-        _pwrite_all(fd, data, offset)
-        if self.driver.qemu_pid(copy) is None:
-            raise MoveFailed(errno.EIO, "loading the moved VM failed: its QEMU ended")
 
     async def _settle(self, pid: int, copy: str) -> None:
         """Step 5: once ``moves/<pid>`` is gone, keep ``copy`` if the record
@@ -742,6 +741,30 @@ async def _exactly(stream: trio.abc.ReceiveStream, buf: bytearray, n: int) -> by
         out = head.tobytes()
     del buf[:n]
     return out
+
+
+def _pidfd_of(pid: int | None) -> int | None:
+    """A pidfd (pidfd_open(2)) of process ``pid``: readable once it ends;
+    -1 when it is gone (or ``pid`` is None), None when it cannot be had
+    (then nothing is known)."""
+    if pid is None:
+        return -1
+    try:
+        return os.pidfd_open(pid)
+    except ProcessLookupError:
+        return -1
+    except (OSError, AttributeError):
+        return None
+
+
+def _ended(pidfd: int | None) -> bool:
+    """Whether the process of ``pidfd`` (:func:`_pidfd_of`) has ended; a
+    zero-timeout poll(2), some µs."""
+    if pidfd is None:
+        return False
+    if pidfd < 0:
+        return True
+    return bool(select.select([pidfd], [], [], 0)[0])
 
 
 def _pwrite_all(fd: int, data: bytes, offset: int) -> None:

@@ -912,13 +912,19 @@ class QemuDriver(ComputeDriver):
                 finally:
                     os.close(fd)
                 os.replace(new, vm.scratch)
+            fd = os.open(vm.console, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)  # the user-data's output
+            how = "restoring" if state is not None else "starting"
+            with os.fdopen(fd, "ab") as f:
+                f.write(f"--- cloudfs: {how} {vm.id} ({vm.accel}) at {time.strftime('%H:%M:%S')} ---\n".encode())
+            rw = os.open(vm.scratch, os.O_RDWR | os.O_CLOEXEC)
+            try:
+                ro = os.open(vm.scratch, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError:
+                os.close(rw)
+                raise
         except OSError as e:
-            raise DriverError(f"making the scratch disk of {vm.id}: {e.strerror or e}") from e
-        fd = os.open(vm.console, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)  # the user-data's output
-        how = "restoring" if state is not None else "starting"
-        with os.fdopen(fd, "ab") as f:
-            f.write(f"--- cloudfs: {how} {vm.id} ({vm.accel}) at {time.strftime('%H:%M:%S')} ---\n".encode())
-        fds = (os.open(vm.scratch, os.O_RDWR | os.O_CLOEXEC), os.open(vm.scratch, os.O_RDONLY | os.O_CLOEXEC))
+            raise DriverError(f"preparing the scratch disk and console of {vm.id}: {e.strerror or e}") from e
+        fds = (rw, ro)
         try:
             argv = self._argv(vm, image, initrd=initrd, memory=memory, scratch_fds=fds)
             if state is not None or incoming_fd is not None:
@@ -1270,7 +1276,8 @@ class QemuDriver(ComputeDriver):
             t0 = time.monotonic()
             # The copy's disk is owed its whole size (its child's scratch
             # disk), its state at most the RAM and the device state: save_state
-            # cancels a guest that rewrites its memory faster than it is saved.
+            # finishes early, or else cancels, the save of a guest that
+            # rewrites its memory faster than it is saved.
             ram = FLAVORS.get(vm.flavor, (1024, 1))[0] << 20
             need = (SCRATCH_GIB.get(vm.flavor, 1) << 30) + ram + STATE_SLACK
             with self._room.claim(need, f"a fork live copy of {vm.id}", d / "scratch.img"):

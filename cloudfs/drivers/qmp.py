@@ -86,9 +86,15 @@ def _capabilities(qmp: Path) -> None:
                 {"capabilities": [{"capability": "x-ignore-shared", "state": True}]})
 
 
-#: How near (bytes) a save with a ``limit`` may come to it before the
-#: guest is paused (save_state).
-STOP_HEADROOM = 16 << 20
+#: QEMU's default ``downtime-limit`` (ms): the pause its last pass aims at.
+#: Set by every save_state (a parameter outlives the migration that set it).
+DOWNTIME_MS = 300
+#: The largest ``downtime-limit`` QEMU takes (ms): with it, the next pass is
+#: the last, whatever is left.
+FINISH_DOWNTIME_MS = 2_000_000
+#: How near (bytes) what a save with a ``limit`` sent and what it has left
+#: may come to that limit before it is finished (save_state).
+CONVERGE_HEADROOM = 24 << 20
 
 
 def save_state(qmp: Path, dest: Path | None, timeout: float = 60.0, fd: int | None = None,
@@ -105,14 +111,15 @@ def save_state(qmp: Path, dest: Path | None, timeout: float = 60.0, fd: int | No
     goes there; the caller keeps and closes ``fd``.  ``limit`` (bytes): the
     most RAM it may send (``ram.transferred``, checked every 5 ms, so it
     may pass it by what is sent meanwhile): a guest that rewrites its
-    memory faster than it is saved makes each pass send it again; past the
-    limit the migration is cancelled (QmpError, EAGAIN).  So that it need
-    not come to that, the guest is paused (QMP ``stop``) once what was sent
-    and what is left to send come within STOP_HEADROOM of the limit: its
-    last pass then takes longer.  A guest paused so stays paused, whatever
-    the outcome: the caller's ``cont`` resumes it."""
+    memory faster than it is saved makes each pass send it again.  Once
+    what was sent and what is left to send come within CONVERGE_HEADROOM of
+    the limit, ``downtime-limit`` is raised to FINISH_DOWNTIME_MS, so that
+    QEMU pauses the guest for its last pass at once (within its 100 ms
+    bandwidth period; the pause is longer, and QEMU resumes the guest if
+    the save fails); past the limit the migration is cancelled (QmpError,
+    EAGAIN: the VM runs on)."""
     _capabilities(qmp)
-    qmp_command(qmp, "migrate-set-parameters", {"max-bandwidth": MIGRATE_BANDWIDTH})
+    qmp_command(qmp, "migrate-set-parameters", {"max-bandwidth": MIGRATE_BANDWIDTH, "downtime-limit": DOWNTIME_MS})
     name = dest.name if dest is not None else "the other host"
     if fd is None:
         assert dest is not None
@@ -125,7 +132,7 @@ def save_state(qmp: Path, dest: Path | None, timeout: float = 60.0, fd: int | No
         qmp_command(qmp, "getfd", {"fdname": "cloudfs-state"}, fds=[fd])
     qmp_command(qmp, "migrate", {"uri": "fd:cloudfs-state"})
     deadline = time.monotonic() + timeout
-    stopped = False
+    finishing = False
     while True:
         got = qmp_command(qmp, "query-migrate")
         status = got.get("status") if isinstance(got, dict) else None
@@ -142,14 +149,11 @@ def save_state(qmp: Path, dest: Path | None, timeout: float = 60.0, fd: int | No
                            errno=errno.EAGAIN)
         if status == "completed":
             return got
-        if limit is not None and not stopped and isinstance(sent, int) and isinstance(left, int) \
-                and sent + left > limit - STOP_HEADROOM:
-            # What is left would take it near the limit: pause the guest so
-            # that it stops dirtying pages and the next pass is the last
-            # (the VM ends paused either way: ``postmigrate``).
+        if limit is not None and not finishing and isinstance(sent, int) and isinstance(left, int) \
+                and sent + left > limit - CONVERGE_HEADROOM:
             try:
-                qmp_command(qmp, "stop")
-                stopped = True
+                qmp_command(qmp, "migrate-set-parameters", {"downtime-limit": FINISH_DOWNTIME_MS})
+                finishing = True
             except QmpError:
                 pass
         if time.monotonic() > deadline:
@@ -167,8 +171,7 @@ def _cancel(qmp: Path, wait: float = 2.0) -> None:
         end = time.monotonic() + wait
         while time.monotonic() < end:
             got = qmp_command(qmp, "query-migrate")
-            if not isinstance(got, dict) or got.get("status") not in ("active", "cancelling", "setup", "device",
-                                                                     "pre-switchover"):
+            if not isinstance(got, dict) or got.get("status") in (None, "completed", "failed", "cancelled"):
                 return
             time.sleep(0.01)
     except QmpError:
