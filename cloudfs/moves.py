@@ -608,6 +608,9 @@ class Moves:
                 mine.shutdown(socket.SHUT_WR)  # the end of the migration stream
                 disk, size = await trio.to_thread.run_sync(self.driver.scratch_in, copy)
                 qemu = await trio.to_thread.run_sync(lambda: _pidfd_of(self.driver.qemu_pid(copy)))
+                if qemu is None:
+                    log.info("pid %d: cannot watch the moved copy %s (pidfd_open failed): a state it "
+                             "cannot load is found out after the disk data", pid, copy)
                 written = 0
                 while kind == b"D":
                     _, off, n = _D.unpack(kind + await _exactly(stream, buf, _D.size - 1))
@@ -764,7 +767,9 @@ def _ended(pidfd: int | None) -> bool:
         return False
     if pidfd < 0:
         return True
-    return bool(select.select([pidfd], [], [], 0)[0])
+    p = select.poll()  # (not select(2): the daemon's descriptors may pass FD_SETSIZE)
+    p.register(pidfd, select.POLLIN)
+    return bool(p.poll(0))
 
 
 def _pwrite_all(fd: int, data: bytes, offset: int) -> None:

@@ -112,12 +112,14 @@ def save_state(qmp: Path, dest: Path | None, timeout: float = 60.0, fd: int | No
     most RAM it may send (``ram.transferred``, checked every 5 ms, so it
     may pass it by what is sent meanwhile): a guest that rewrites its
     memory faster than it is saved makes each pass send it again.  Once
-    what was sent and what is left to send come within CONVERGE_HEADROOM of
-    the limit, ``downtime-limit`` is raised to FINISH_DOWNTIME_MS, so that
-    QEMU pauses the guest for its last pass at once (within its 100 ms
-    bandwidth period; the pause is longer, and QEMU resumes the guest if
-    the save fails); past the limit the migration is cancelled (QmpError,
-    EAGAIN: the VM runs on)."""
+    what was sent and what is left to send (as of QEMU's last look at the
+    dirty pages) come within CONVERGE_HEADROOM of the limit,
+    ``downtime-limit`` is raised to FINISH_DOWNTIME_MS, so that QEMU pauses
+    the guest for its last pass within its 100 ms bandwidth period (the
+    pause is longer, and QEMU resumes the guest if the save fails).  What
+    the guest dirties until then is sent too, so the limit is not a hard
+    bound on the file: a save that passes it is cancelled, or, if it
+    completed meanwhile, refused (QmpError, EAGAIN: the VM runs on)."""
     _capabilities(qmp)
     qmp_command(qmp, "migrate-set-parameters", {"max-bandwidth": MIGRATE_BANDWIDTH, "downtime-limit": DOWNTIME_MS})
     name = dest.name if dest is not None else "the other host"

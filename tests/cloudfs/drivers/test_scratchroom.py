@@ -224,10 +224,12 @@ async def test_qemu_create_refuses_to_overcommit_the_state_dir(tiny_image, tmp_p
             assert e.value.errno == errno.EAGAIN and "more than the 1 MiB it may" in e.value.message, e.value.message
             assert list((state / "snapshots").iterdir()) == []
             assert (await d.status(second.id)).status == "running"
-            # a save that nears its limit is finished by QEMU at once (here at its first look):
-            # QEMU pauses the guest for the last pass itself and it runs on after
+            # a save that nears its limit is finished by QEMU at once (here at its first look,
+            # and saving at 16 MiB/s, so that it cannot be over before): QEMU pauses the guest for
+            # the last pass itself and it runs on after
             with monkeypatch.context() as m:
                 m.setattr(qmp, "CONVERGE_HEADROOM", 1 << 40)
+                m.setattr(qmp, "MIGRATE_BANDWIDTH", 16 << 20)
                 copy = await d.snapshot(second.id)
             got = await trio.to_thread.run_sync(qmp.qmp_command, state / "vms" / second.id / "qmp.sock",
                                                 "query-migrate-parameters")
