@@ -32,8 +32,9 @@ address (its ``/hosts`` entry's ``migrate``):
    ``move`` line's ``paused N ms`` is QEMU's downtime plus the time from
    QEMU's end to ``loaded`` (at least the pause: the commit and the copy's
    ``cont`` come after it).  D checks each frame before it reads its data,
-   and after each ``D`` frame that its QEMU still runs: one that could not
-   load the state ends, and the move is refused then, not after ``E``.
+   and, before it writes each ``D`` frame, that its QEMU still runs: one
+   that could not load the state ends, and the move is refused then, not
+   after ``E``.
 4. The commit is one compare-and-set of the process record: its VM, host
    and scope become D's (state as desired, ``move`` says ``from A to B at
    T``).  Then S deletes ``moves/<pid>`` and ends its copy; ownership passes
@@ -59,8 +60,8 @@ data of a frame being written, and the next one read).  Anything else (an
 unknown frame, a frame too long, disk data out of range, another protocol
 version) is refused with ``failed <why>`` and the copy removed.  The
 sender trusts the other daemon's answers no further: it shows what it says
-in ``move`` as printable text (at most 200 bytes, control characters as
-``?``), takes only a VM id (cloudfs.drivers.qemu.SERVER_ID) as its copy's,
+in ``move`` as printable text (at most 200 bytes, what is not printable
+as ``?``), takes only a VM id (cloudfs.drivers.qemu.SERVER_ID) as its copy's,
 and resumes its VM whatever the other daemon does (tests/cloudfs/test_moves.py).
 
 The guest's 9P connection does not survive a move (user-mode networking
@@ -311,8 +312,8 @@ class Moves:
                         pass
                 if why is None:
                     cut = next(x for x in _leaves(e) if isinstance(x, _HANG_UPS))
-                    raise MoveFailed(errno.EIO, f"the other daemon hung up mid-move ({str(cut) or type(cut).__name__})") \
-                        from None
+                    raise MoveFailed(errno.EIO, "the other daemon hung up mid-move "
+                                                f"({str(cut) or type(cut).__name__})") from None
                 raise MoveFailed(errno.EIO, "the other daemon refused: " + _printable(why)) from None
             answer = await _line(stream, buf)
             if isinstance(stats.get("downtime"), int):
@@ -323,8 +324,8 @@ class Moves:
                 raise MoveFailed(errno.EIO, "the other daemon could not load the VM: " + _printable(answer))
             copy = answer[len(b"loaded "):].decode(errors="replace").strip()
             if not SERVER_ID.fullmatch(copy):
-                raise MoveFailed(errno.EIO, "the other daemon named its copy " + _printable(answer[len(b"loaded "):], 40)
-                                 + ", which is no VM id")
+                raise MoveFailed(errno.EIO, "the other daemon named its copy "
+                                 + _printable(answer[len(b"loaded "):], 40) + ", which is no VM id")
             return copy, stats
 
     async def _stream_out(self, stream: trio.SocketStream, vm: str, stats: dict) -> None:
