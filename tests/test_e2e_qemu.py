@@ -684,7 +684,10 @@ async def test_fork_live_children_use_the_parents_memory(cloud):
         # the parent's VM ran on in the same QEMU
         rec = (await cloud.fs.records.require(pid)).value
         assert (await status(c, pid))["state"] == "running" and rec.vm == (await cloud.fs.records.require(pid)).value.vm
-        text = console(cloud, rec.vm)
+        # (the parent writes env/answer first, then its console line: wait for that)
+        with trio.move_on_after(60):
+            while "primes counted by" not in (text := console(cloud, rec.vm)):
+                await trio.sleep(0.5)
         assert "forklive parent" in text and "primes counted by" in text, text
         # each child wrote its share from the copied table, as its own process
         waits = []
