@@ -95,6 +95,16 @@ async def _a_saved_state(tiny_image, where) -> bytes:
         await trio.to_thread.run_sync(src.kill_all)
 
 
+async def _until_ready(s: trio.SocketStream, pid_: int) -> None:
+    """Ask ``s`` to take ``pid_`` and read its ``ready 2`` (within 60 s)."""
+    await s.send_all(_header(pid_))
+    got = b""
+    with trio.fail_after(60):
+        while b"\n" not in got:
+            got += await s.receive_some(100)
+    assert got == b"ready 2\n", got
+
+
 def _vms(state) -> list[str]:
     d = state / "vms"
     return sorted(p.name for p in d.iterdir()) if d.is_dir() else []
@@ -169,12 +179,8 @@ async def test_hostile_move_requests_are_refused_and_leave_nothing(zookeeper, zk
 
         # a stream the copy cannot load: refused while the disk data comes, before the end
         async with await trio.open_tcp_stream("127.0.0.1", port) as s:
-            await s.send_all(_header(pid))
-            got = b""
+            await _until_ready(s, pid)
             with trio.fail_after(60):
-                while b"\n" not in got:
-                    got += await s.receive_some(100)
-                assert got == b"ready 2\n"
                 await s.send_all(struct.pack("<cI", b"M", 4) + b"junk")
                 sent = 0
                 answer = b""
@@ -199,12 +205,8 @@ async def test_hostile_move_requests_are_refused_and_leave_nothing(zookeeper, zk
         loadable = await _a_saved_state(tiny_image, tmp_path / "source")
         frame = struct.pack("<cQI", b"D", 0, moves.DISK_CHUNK) + bytes(moves.DISK_CHUNK)
         async with await trio.open_tcp_stream("127.0.0.1", port) as s:
-            await s.send_all(_header(pid))
-            got = b""
+            await _until_ready(s, pid)
             with trio.fail_after(120):
-                while b"\n" not in got:
-                    got += await s.receive_some(100)
-                assert got == b"ready 2\n"
                 try:
                     for at in range(0, len(loadable), moves.CHUNK):
                         piece = loadable[at:at + moves.CHUNK]
